@@ -1,0 +1,229 @@
+"""The streaming engine: compute output tensors one at a time and write them as they come.
+
+A run is a list of `TensorJob`s (which input tensors each output tensor needs) and one
+`compute` function mapping those inputs to one tensor per output. Inputs are read one tensor
+at a time in input storage order, the math runs in float32 on `device`, and each result is
+appended to its atomic writer. Peak memory is about (inputs + outputs + 1) x the largest tensor
+in float32, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import RunError, UsageError
+from .io.card import write_aux_files
+from .io.reader import Checkpoint, warn_non_finite
+from .io.safetensors_format import DTYPE_NAMES
+from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Entry
+from .progress import make_reporter
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    name: str  # output tensor name
+    sources: tuple[tuple[int, str], ...]  # (input index, input tensor name), in compute order
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # dtype of the (first) input: the default output dtype
+
+
+# compute(job, inputs) -> one tensor per output; inputs are float32 on the run's device
+Compute = Callable[[TensorJob, list[Tensor]], list[Tensor]]
+
+
+@dataclass
+class OutputSpec:
+    path: Path
+    dtype: torch.dtype | None = None  # None: the inputs' dtype
+    single_file: bool = False  # write one .safetensors file instead of a checkpoint directory
+    aux_from: Checkpoint | None = None  # config / tokenizer source
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    card: str | None = None  # README.md model card
+    extra_files: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    device: str = "cpu"
+    max_shard_size: int = DEFAULT_MAX_SHARD
+    force: bool = False
+    progress: str = "auto"  # auto | plain | none
+
+
+@dataclass
+class RunSummary:
+    outputs: list[str]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'bfloat16' / 'bf16' / 'float16' / 'fp16' / 'float32' / 'fp32' -> torch dtype."""
+    if name is None:
+        return None
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+    }
+    if name.lower() not in table:
+        raise UsageError(f"unknown dtype '{name}': use one of bfloat16, float16, float32.")
+    return table[name.lower()]
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UsageError(f"unknown device '{device}' (use cpu, cuda or cuda:N).") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine.")
+    return dev
+
+
+def identity_jobs(first: Checkpoint, names: Sequence[str], n_inputs: int) -> list[TensorJob]:
+    """One job per tensor name, reading that name from every input."""
+    jobs = []
+    for name in names:
+        info = first.info(name)
+        jobs.append(
+            TensorJob(name, tuple((i, name) for i in range(n_inputs)), info.shape, info.dtype)
+        )
+    return jobs
+
+
+def out_dtype(job: TensorJob, spec: OutputSpec) -> torch.dtype:
+    if not job.dtype.is_floating_point:
+        return job.dtype  # integer buffers pass through unchanged
+    return spec.dtype or job.dtype
+
+
+def run_jobs(
+    inputs: Sequence[Checkpoint],
+    jobs: Sequence[TensorJob],
+    compute: Compute,
+    outputs: Sequence[OutputSpec],
+    options: RunOptions = RunOptions(),
+    label: str = "merging",
+) -> RunSummary:
+    """Stream every job through `compute` into the outputs; atomic, all or nothing."""
+    device = check_device(options.device)
+    t0 = time.time()
+    reporter = make_reporter(options.progress)
+    total = sum(inputs[i].info(n).nbytes for j in jobs for i, n in j.sources)
+    bytes_read = 0
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(_writer(spec, jobs, options)) for spec in outputs]
+        reporter.start(len(jobs), total, label)
+        try:
+            for job in jobs:
+                tensors, nbytes = _read_sources(inputs, job, device)
+                bytes_read += nbytes
+                results = _compute(job, tensors, compute, len(outputs))
+                for spec, writer, result in zip(outputs, writers, results, strict=True):
+                    _check_finite(result, job.name, spec.path)
+                    writer.add(job.name, result.to(out_dtype(job, spec)))
+                del tensors, results
+                reporter.advance(nbytes)
+        finally:
+            reporter.finish()
+        for spec, writer in zip(outputs, writers, strict=True):
+            _write_aux(writer, spec)
+    return RunSummary(
+        outputs=[str(s.path) for s in outputs],
+        tensors=len(jobs),
+        bytes_read=bytes_read,
+        bytes_written=sum(w.bytes_written for w in writers),
+        seconds=round(time.time() - t0, 3),
+        peak_rss_mb=round(peak_rss_mb(), 1),
+    )
+
+
+def _writer(spec: OutputSpec, jobs: Sequence[TensorJob], options: RunOptions) -> CheckpointWriter:
+    entries: list[Entry] = [(j.name, j.shape, out_dtype(j, spec)) for j in jobs]
+    return CheckpointWriter(
+        spec.path,
+        entries,
+        metadata=spec.metadata,
+        max_shard_size=options.max_shard_size,
+        single_file=spec.single_file,
+        force=options.force,
+    )
+
+
+def _read_sources(
+    inputs: Sequence[Checkpoint], job: TensorJob, device: torch.device
+) -> tuple[list[Tensor], int]:
+    tensors, nbytes = [], 0
+    for i, name in job.sources:
+        raw = inputs[i].read(name)
+        nbytes += raw.numel() * raw.element_size()
+        if raw.is_floating_point():
+            warn_non_finite(raw, name, inputs[i].source.ref)
+            tensors.append(raw.to(device=device, dtype=torch.float32))
+        else:
+            tensors.append(raw.to(device))
+    return tensors, nbytes
+
+
+def _compute(job: TensorJob, tensors: list[Tensor], compute: Compute, n_out: int) -> list[Tensor]:
+    if not job.dtype.is_floating_point:  # integer buffers: copied from the first input
+        return [tensors[0]] * n_out
+    results = compute(job, tensors)
+    if len(results) != n_out:
+        raise RunError(f"internal: {len(results)} results for {n_out} outputs at '{job.name}'.")
+    for r in results:
+        if tuple(r.shape) != job.shape:
+            raise RunError(
+                f"tensor '{job.name}': the merge produced shape {list(r.shape)}, "
+                f"expected {list(job.shape)}."
+            )
+    return results
+
+
+def _check_finite(t: Tensor, name: str, out: Path) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise RunError(
+            f"output tensor '{name}' for {out} contains NaN or Inf; nothing was written. Check "
+            "the inputs (a warning names any non-finite input tensor) and the merge parameters."
+        )
+
+
+def _write_aux(writer: CheckpointWriter, spec: OutputSpec) -> None:
+    if spec.single_file:
+        return
+    write_aux_files(writer, spec.aux_from, spec.dtype, spec.config_updates)
+    if spec.card is not None:
+        writer.add_file("README.md", spec.card)
+    for relpath, content in spec.extra_files.items():
+        writer.add_file(relpath, content)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype))

@@ -1,0 +1,138 @@
+"""Files that travel with an output: config, generation config, tokenizer, model card."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .reader import Checkpoint
+from .safetensors_format import DTYPE_NAMES
+from .writer import CheckpointWriter
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_TORCH_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def write_aux_files(
+    writer: CheckpointWriter,
+    source: Checkpoint | None,
+    dtype: torch.dtype | None,
+    config_updates: dict[str, Any] | None = None,
+) -> None:
+    """Copy config.json (dtype and updates applied), generation config and tokenizer files."""
+    if source is None or source.source.is_file:
+        return
+    root = source.source.root
+    if source.config is not None:
+        config = dict(source.config)
+        if dtype in _TORCH_DTYPE_NAMES:
+            key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+            config[key] = _TORCH_DTYPE_NAMES[dtype]
+        config.update(config_updates or {})
+        writer.add_file("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        if (root / name).is_file():
+            writer.copy_file(root / name)
+
+
+def read_license(source: Checkpoint) -> str | None:
+    """The `license:` of a model's README front matter, if any."""
+    readme = source.source.root / "README.md"
+    if source.source.is_file or not readme.is_file():
+        return None
+    m = re.match(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+    if not m:
+        return None
+    lic = re.search(r"^license:\s*(\S+)\s*$", m.group(1), re.M)
+    return lic.group(1).strip("'\"") if lic else None
+
+
+def provenance(command: str, inputs: Sequence[Checkpoint]) -> dict[str, str]:
+    """String map stored in every output shard's safetensors __metadata__."""
+    return {
+        "format": "pt",
+        "rlmerge_version": __version__,
+        "rlmerge_command": command,
+        "rlmerge_inputs": json.dumps([_input_record(c) for c in inputs]),
+    }
+
+
+def _input_record(c: Checkpoint) -> dict[str, str | None]:
+    return {"ref": c.source.ref, "resolved": c.source.identity, "revision": c.source.revision}
+
+
+def model_card(
+    title: str,
+    command: str,
+    inputs: Sequence[Checkpoint],
+    dtype: torch.dtype | None,
+    recipe: str | None = None,
+    notes: str = "",
+) -> str:
+    """README.md for an output: how it was made, from what, and the license if all inputs agree."""
+    licenses = {read_license(c) for c in inputs}
+    license_line = (
+        f"license: {licenses.pop()}\n" if len(licenses) == 1 and None not in licenses else ""
+    )
+    lines = [
+        "---",
+        f"{license_line}library_name: transformers",
+        "tags:",
+        "- rlmerge",
+        "- merge",
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"Made with [rlmerge](https://github.com/rlmerge/rlmerge) {__version__}.",
+        "",
+        "## Command",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+        "## Inputs",
+        "",
+    ]
+    for c in inputs:
+        rev = f" (revision `{c.source.revision}`)" if c.source.revision else ""
+        lines.append(f"- `{c.source.ref}`{rev}")
+    if dtype is not None:
+        lines += ["", f"Output dtype: `{DTYPE_NAMES.get(dtype, str(dtype))}`."]
+    if recipe:
+        lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```"]
+    if notes:
+        lines += ["", notes]
+    return "\n".join(lines) + "\n"
+
+
+def output_is_complete(path: Path) -> bool:
+    """A finished rlmerge output: weights present and every indexed shard on disk."""
+    if path.is_file():
+        return path.suffix == ".safetensors"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return all((path / s).is_file() for s in shards)
+    return (path / "model.safetensors").is_file()

@@ -1,0 +1,144 @@
+"""Resolve a model reference to local weight files.
+
+A reference is a local Hugging Face directory (config.json with model.safetensors, or shards
+listed by model.safetensors.index.json), a single .safetensors file, or a hub id
+`org/name[@revision]` fetched with huggingface_hub (safetensors, json and tokenizer files only;
+HF_HUB_OFFLINE and the local cache are honoured). Pickle checkpoints are refused unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputNotFoundError, PickleRefusedError, UsageError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are. `root` holds config.json / tokenizer files when present."""
+
+    ref: str  # as the user wrote it
+    root: Path  # directory of the checkpoint (the parent directory for a bare file)
+    weight_files: tuple[Path, ...]  # in shard order
+    is_file: bool = False  # a bare .safetensors / pickle file, no config directory
+    pickle: bool = False
+    revision: str | None = None  # resolved commit hash for hub models
+
+    @property
+    def identity(self) -> str:
+        """A stable name for provenance: repo@commit for hub models, the absolute path locally."""
+        if self.revision:
+            return f"{self.ref.partition('@')[0]}@{self.revision}"
+        return str((self.weight_files[0] if self.is_file else self.root).resolve())
+
+    @property
+    def display(self) -> str:
+        return f"{self.ref}@{self.revision[:12]}" if self.revision else self.ref
+
+
+def resolve(ref: str | Path, allow_pickle: bool = False) -> ModelSource:
+    """Find the weight files of a model reference, downloading hub models if needed."""
+    ref_str = str(ref)
+    path = Path(ref_str).expanduser()
+    if path.exists():
+        return _resolve_local(ref_str, path.resolve(), allow_pickle)
+    if _HUB_ID.match(ref_str) and not ref_str.startswith((".", "/", "~")):
+        return _resolve_hub(ref_str, allow_pickle)
+    raise InputNotFoundError(
+        f"model '{ref_str}' not found: it is not an existing local path, nor a hub id of the form "
+        "org/name[@revision]. Check the path."
+    )
+
+
+def _resolve_local(
+    ref: str, path: Path, allow_pickle: bool, revision: str | None = None
+) -> ModelSource:
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return ModelSource(ref, path.parent, (path,), is_file=True, revision=revision)
+        if path.suffix in PICKLE_SUFFIXES:
+            _check_pickle(ref, path, allow_pickle)
+            return ModelSource(ref, path.parent, (path,), is_file=True, pickle=True)
+        raise UsageError(
+            f"'{ref}' is not a checkpoint: expected a directory, a .safetensors file or a hub id."
+        )
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return ModelSource(ref, path, _shards_from_index(index), revision=revision)
+    single = path / "model.safetensors"
+    if single.exists():
+        return ModelSource(ref, path, (single,), revision=revision)
+    others = sorted(path.glob("*.safetensors"))
+    if others:
+        return ModelSource(ref, path, tuple(others), revision=revision)
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        _check_pickle(ref, pickles[0], allow_pickle)
+        pt_index = path / "pytorch_model.bin.index.json"
+        files = _shards_from_index(pt_index) if pt_index.exists() else tuple(pickles)
+        return ModelSource(ref, path, files, pickle=True, revision=revision)
+    raise InputNotFoundError(
+        f"'{ref}' holds no weights: expected model.safetensors, model.safetensors.index.json "
+        "with its shards, or another .safetensors file."
+    )
+
+
+def _shards_from_index(index: Path) -> tuple[Path, ...]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{index}: not a valid shard index ({e}).") from e
+    names: list[str] = []
+    for shard in weight_map.values():  # first-appearance order, then natural order
+        if shard not in names:
+            names.append(shard)
+    files = tuple(index.parent / n for n in sorted(names, key=natural_key))
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise InputNotFoundError(f"{index} lists shard files that do not exist: {missing[:3]}.")
+    return files
+
+
+def _check_pickle(ref: str, path: Path, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"'{ref}' is a pickle checkpoint ({path.name}). Unpickling can run arbitrary code, so "
+            "rlmerge refuses it by default. Convert it to safetensors, or pass --allow-pickle to "
+            "load it with torch.load(weights_only=True)."
+        )
+
+
+def _resolve_hub(ref: str, allow_pickle: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, _, revision = ref.partition("@")
+    try:
+        local = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
+        raise InputNotFoundError(f"hub model '{ref}' not found or not accessible: {e}") from e
+    except LocalEntryNotFoundError as e:
+        raise InputNotFoundError(
+            f"hub model '{ref}' is not in the local cache and the hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or there is no network). Download it first or give a local path."
+        ) from e
+    local_path = Path(local)
+    # snapshot folders are named after the resolved commit hash
+    return _resolve_local(ref, local_path, allow_pickle, revision=local_path.name)
+
+
+def natural_key(s: str) -> list[int | str]:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergekit_rl.errors import InputNotFoundError, MismatchError, PickleRefusedError, UsageError
+from mergekit_rl.io.reader import check_compatible, open_checkpoint
+from mergekit_rl.io.reference import natural_key, resolve
+from tests.conftest import load_state
+
+
+def test_lists_headers_and_reads_every_tensor(family: dict[str, Path]) -> None:
+    ref = load_state(family["sft1"])
+    with open_checkpoint(family["sft1"]) as ckpt:
+        assert set(ckpt.names()) == set(ref)
+        for name in ckpt.names():
+            info = ckpt.info(name)
+            assert info.shape == tuple(ref[name].shape) and info.dtype == ref[name].dtype
+            assert torch.equal(ckpt.read(name), ref[name])
+        assert ckpt.config is not None and ckpt.config["model_type"] == "llama"
+        assert ckpt.nbytes == sum(t.numel() * t.element_size() for t in ref.values())
+
+
+def test_reads_shards_in_natural_order(tmp_path: Path) -> None:
+    tensors = {f"model.layers.{i}.w": torch.full((3,), float(i)) for i in (0, 2, 10)}
+    save_file(
+        {k: v for k, v in tensors.items() if "10" in k},
+        tmp_path / "model-00002-of-00002.safetensors",
+    )
+    save_file(
+        {k: v for k, v in tensors.items() if "10" not in k},
+        tmp_path / "model-00001-of-00002.safetensors",
+    )
+    index = {
+        "metadata": {},
+        "weight_map": {
+            k: (
+                "model-00002-of-00002.safetensors"
+                if "10" in k
+                else "model-00001-of-00002.safetensors"
+            )
+            for k in tensors
+        },
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.names()[-1] == "model.layers.10.w"
+        assert torch.equal(
+            ckpt.read("model.layers.10.w", torch.float64),
+            torch.full((3,), 10.0, dtype=torch.float64),
+        )
+    assert sorted(["layers.10", "layers.2"], key=natural_key) == ["layers.2", "layers.10"]
+
+
+def test_single_file_and_missing_shard(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(2)}, tmp_path / "x.safetensors")
+    src = resolve(tmp_path / "x.safetensors")
+    assert src.is_file and src.weight_files == ((tmp_path / "x.safetensors").resolve(),)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "nope.safetensors"}})
+    )
+    with pytest.raises(InputNotFoundError, match="nope.safetensors"):
+        resolve(bad)
+
+
+def test_missing_model_names_the_reference() -> None:
+    with pytest.raises(InputNotFoundError, match="no/such-model"):
+        resolve("no/such-model")  # hub id: offline and not cached
+    with pytest.raises(InputNotFoundError, match="./nowhere"):
+        resolve("./nowhere")
+
+
+def test_pickle_refused_then_allowed(tmp_path: Path) -> None:
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(PickleRefusedError, match="--allow-pickle"):
+        open_checkpoint(tmp_path)
+    with open_checkpoint(tmp_path, allow_pickle=True) as ckpt:
+        assert torch.equal(ckpt.read("w"), torch.arange(4.0))
+
+
+def test_corrupt_file_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(UsageError, match="model.safetensors"):
+        open_checkpoint(tmp_path)
+
+
+def test_hub_id_resolves_from_offline_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: dict[str, Path]
+) -> None:
+    """A cached hub snapshot resolves offline, and its commit hash is recorded."""
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--org--tiny" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in family["sft1"].iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    src = resolve("org/tiny")
+    assert src.revision == commit and src.identity == f"org/tiny@{commit}"
+    with open_checkpoint("org/tiny") as ckpt:
+        assert "model.embed_tokens.weight" in ckpt.names()
+
+
+def test_check_compatible_reports_names_and_shapes(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(2), "b": torch.ones(3)}, tmp_path / "x.safetensors")
+    save_file({"a": torch.ones(2), "c": torch.ones(3)}, tmp_path / "y.safetensors")
+    save_file({"a": torch.ones(4), "b": torch.ones(3)}, tmp_path / "z.safetensors")
+    x, y, z = (open_checkpoint(tmp_path / f"{n}.safetensors") for n in "xyz")
+    with pytest.raises(MismatchError, match="'b' is in .*x.safetensors but not in"):
+        check_compatible([x, y])
+    with pytest.raises(MismatchError, match=r"'a' has shape \[2\]"):
+        check_compatible([x, z])
+
+
+def test_tied_checkpoint_matches_untied_twin(tied_family: dict[str, Path], tmp_path: Path) -> None:
+    with open_checkpoint(tied_family["base"]) as tied:
+        assert tied.tied_embeddings and "lm_head.weight" not in tied.names()
+        state = load_state(tied_family["base"])
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        save_file(state, tmp_path / "untied.safetensors")
+        with open_checkpoint(tmp_path / "untied.safetensors") as untied:
+            names = check_compatible([tied, untied])
+            assert "lm_head.weight" in names
+            assert torch.equal(tied.read("lm_head.weight"), state["model.embed_tokens.weight"])
