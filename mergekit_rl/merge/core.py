@@ -23,14 +23,14 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     if len(tensors) != len(weights) or not tensors:
         raise ValueError("weighted_sum needs one weight per tensor and at least one tensor")
     out = tensors[0] * weights[0]
-    for x, w in zip(tensors[1:], weights[1:]):
+    for x, w in zip(tensors[1:], weights[1:], strict=True):
         out.add_(x, alpha=float(w))
     return out
 
 
-def lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
-    """(1 - t) * a + t * b."""
-    return torch.lerp(a, b, float(t))
+def lerp(a: Tensor, b: Tensor, t: float | Tensor) -> Tensor:
+    """(1 - t) * a + t * b; t is a number or a tensor broadcasting against a (per-row t)."""
+    return torch.lerp(a, b, t if isinstance(t, Tensor) else float(t))
 
 
 def ema_update_(ema: Tensor, x: Tensor, decay: float) -> Tensor:
@@ -56,6 +56,24 @@ def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
     s0 = float(torch.sin((1.0 - t) * theta) / sin_theta)
     s1 = float(torch.sin(t * theta) / sin_theta)
     return a * s0 + b * s1
+
+
+def slerp_rows(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
+    """`slerp` applied independently to every row (last dimension) of a [R, D] pair.
+
+    Same rules as `slerp` per row: angle from the L2-normalised rows in float64, rows that are
+    nearly (anti)parallel or have a zero norm fall back to lerp. Returns [R, D] like a.
+    """
+    a64, b64 = a.double(), b.double()
+    na, nb = a64.norm(dim=-1, keepdim=True), b64.norm(dim=-1, keepdim=True)  # [R, 1]
+    degenerate = (na < eps) | (nb < eps)
+    cos = ((a64 * b64).sum(-1, keepdim=True) / (na * nb).clamp_min(eps)).clamp(-1.0, 1.0)
+    use_lerp = degenerate | (cos.abs() > SLERP_PARALLEL_COS)
+    theta = torch.arccos(cos)
+    sin_theta = torch.where(use_lerp, 1.0, torch.sin(theta))
+    s0 = torch.where(use_lerp, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
+    s1 = torch.where(use_lerp, t, torch.sin(t * theta) / sin_theta)
+    return (a * s0.to(a.dtype) + b * s1.to(b.dtype)).to(a.dtype)
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -88,8 +106,16 @@ def magnitude_mask(x: Tensor, density: float) -> Tensor:
     Entries tied with the k-th magnitude are all kept. density >= 1 keeps everything; k == 0
     keeps nothing.
     """
+    return top_k_magnitude_mask(x, int(density * x.numel()))
+
+
+def top_k_magnitude_mask(x: Tensor, k: int) -> Tensor:
+    """Bool mask keeping the k entries of largest |x| (ties with the k-th are all kept).
+
+    Takes a count rather than a density so that callers combining two cuts (breadcrumbs: drop
+    the top n_top, keep the next n_keep) get exact counts, free of float rounding.
+    """
     n = x.numel()
-    k = int(density * n)
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
@@ -122,6 +148,17 @@ def bernoulli_mask(
     return mask.to(device)
 
 
+def bernoulli_mask_like(probs: Tensor, seed: int, *keys: str) -> Tensor:
+    """Independent keep mask with a per-entry keep probability (DELLA), seeded from (seed, keys).
+
+    Uses the same CPU generator stream as `bernoulli_mask`: with a constant `probs` equal to
+    density the two give the identical mask. Returned on probs' device.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, *keys))
+    u = torch.rand(tuple(probs.shape), generator=gen)
+    return u.to(probs.device) < probs
+
+
 def random_mask(x: Tensor, density: float, generator: torch.Generator) -> Tensor:
     """Bernoulli(density) keep mask from a caller-owned generator (fresh every call).
 
@@ -131,6 +168,31 @@ def random_mask(x: Tensor, density: float, generator: torch.Generator) -> Tensor
     if density >= 1.0:
         return torch.ones_like(x, dtype=torch.bool)
     return torch.rand(x.shape, generator=generator, device=x.device) < density
+
+
+def random_indices(numel: int, density: float, generator: torch.Generator) -> Tensor:
+    """Sorted flat indices kept by an i.i.d. Bernoulli(density) mask over numel entries.
+
+    Same distribution as `random_mask`, drawn as geometric gaps between kept entries: about
+    density * numel random numbers instead of numel (100x fewer at density 0.01, which is what
+    makes a fresh mask per optimizer step cheap). Returned as int64 on the generator's device.
+    """
+    device = generator.device
+    if density >= 1.0:
+        return torch.arange(numel, device=device)
+    if density <= 0.0 or numel == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    chunks, last = [], -1  # last: index of the last kept entry drawn so far
+    while last < numel:
+        expected = (numel - last) * density
+        n = int(expected + 8.0 * expected**0.5 + 16)  # rarely needs a second round
+        gaps = torch.empty(n, dtype=torch.float64, device=device)
+        gaps.geometric_(density, generator=generator).clamp_(max=numel + 1)  # u=0 gives inf
+        idx = gaps.to(torch.int64).cumsum_(0).add_(last)  # gap g >= 1 skips g - 1 entries
+        chunks.append(idx)
+        last = int(idx[-1])
+    idx = torch.cat(chunks)
+    return idx[idx < numel]
 
 
 def elect_sign(deltas: Tensor) -> Tensor:

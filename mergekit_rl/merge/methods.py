@@ -1,0 +1,298 @@
+"""The built-in merge methods that are not task-vector pipelines, and the `BUILTINS` table.
+
+Every method here is a pure function of one output tensor:
+fn(ctx, tensors, base, model_params, global_params) -> Tensor, float32, shape of the inputs.
+Formulas: design notes section 1 and docs/methods.md. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ..errors import UsageError
+from . import core
+from .registry import MergeMethod, MethodParams, NoParams, TensorContext
+from .task_vectors import TASK_VECTOR_METHODS, WeightParams
+
+# ---- linear ------------------------------------------------------------------------------------
+
+
+class LinearGlobals(MethodParams):
+    normalize: bool = True
+
+
+def _weight_sum(ctx: TensorContext, weights: list[float], method: str) -> float:
+    total = sum(weights)
+    if abs(total) < 1e-8:
+        raise UsageError(
+            f"{method}, tensor '{ctx.name}': the model weights {weights} sum to {total:g}, so "
+            "normalizing would divide by zero; change the weights (or set normalize: false)."
+        )
+    return total
+
+
+def linear(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    model_params: list[WeightParams],
+    global_params: LinearGlobals,
+) -> Tensor:
+    """sum_i w_i x_i, divided by sum_i w_i if normalize. A base tensor is ignored: the recipe
+    layer passes the base as one of the models when the recipe lists it."""
+    weights = [p.weight for p in model_params]
+    out = core.weighted_sum(tensors, weights)
+    if global_params.normalize:
+        out /= _weight_sum(ctx, weights, "linear")  # out is ours: weighted_sum made it
+    return out
+
+
+# ---- slerp / nuslerp ---------------------------------------------------------------------------
+
+
+class SlerpGlobals(MethodParams):
+    t: float  # required: 0 gives the base, 1 the other model
+
+
+def slerp(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    model_params: list[NoParams],
+    global_params: SlerpGlobals,
+) -> Tensor:
+    """Spherical interpolation from the base (t=0) to the other model (t=1)."""
+    assert base is not None
+    return core.slerp(base, tensors[0], global_params.t)
+
+
+class NuslerpGlobals(MethodParams):
+    nuslerp_flatten: bool = True
+    nuslerp_row_wise: bool = False
+
+
+def _vectors(x: Tensor, row_wise: bool) -> Tensor:
+    """[R, D] view of x whose rows are the vectors nuslerp interpolates: slices along the last
+    dimension (x[i, :] of a matrix), or along the first one if row_wise (x[:, j])."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    if row_wise:
+        x = x.movedim(0, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unvectors(rows: Tensor, like: Tensor, row_wise: bool) -> Tensor:
+    if like.dim() == 0 or not row_wise:
+        return rows.reshape(like.shape)
+    moved = like.movedim(0, -1).shape
+    return rows.reshape(moved).movedim(-1, 0)
+
+
+def nuslerp(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    model_params: list[WeightParams],
+    global_params: NuslerpGlobals,
+) -> Tensor:
+    """Slerp between two models with t = w_2 / (w_1 + w_2); with a base, slerp their task
+    vectors and add the base. Whole tensor (flatten) or one vector at a time."""
+    weights = [p.weight for p in model_params]
+    t = weights[1] / _weight_sum(ctx, weights, "nuslerp")
+    a, b = (tensors[0], tensors[1]) if base is None else (tensors[0] - base, tensors[1] - base)
+    if global_params.nuslerp_flatten:
+        out = core.slerp(a, b, t)
+    else:
+        row_wise = global_params.nuslerp_row_wise
+        rows = core.slerp_rows(_vectors(a, row_wise), _vectors(b, row_wise), t)
+        out = _unvectors(rows, a, row_wise)
+    return out if base is None else base + out
+
+
+# ---- karcher -----------------------------------------------------------------------------------
+
+
+class KarcherGlobals(MethodParams):
+    max_iter: int = Field(10, ge=0)
+    tol: float = Field(1e-5, gt=0.0)
+
+
+def karcher(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    model_params: list[NoParams],
+    global_params: KarcherGlobals,
+) -> Tensor:
+    """Karcher (Riemannian) mean of the models' directions on the unit sphere, scaled by the
+    mean of their norms. Uniform weights; a base tensor is ignored, as for linear.
+
+    Directions u_i = x_i / |x_i| (inputs with |x_i| <= tol drop out of the direction but count
+    in the norm mean). Start from the normalised Euclidean mean, then repeat: step along the
+    mean of the log maps, g = mean_i theta_i / sin(theta_i) * (u_i - cos(theta_i) m), with the
+    exponential map m <- cos|g| m + sin|g| g/|g|, until |g| < tol or max_iter steps.
+    Computed in float64 (the tensors are flattened to vectors).
+    """
+    tol = global_params.tol
+    xs = [x.reshape(-1).double() for x in tensors]
+    norms = [float(x.norm()) for x in xs]
+    units = [x / r for x, r in zip(xs, norms, strict=True) if r > tol]
+    if not units:
+        return torch.zeros_like(tensors[0])
+    alpha = 1.0 / len(units)
+
+    m = core.weighted_sum(units, [alpha] * len(units))
+    m_norm = float(m.norm())
+    m = units[0].clone() if m_norm < tol else m / m_norm
+    for _ in range(global_params.max_iter):
+        g = torch.zeros_like(m)
+        for u in units:
+            cos = min(max(float(torch.dot(m, u)), -1.0), 1.0)
+            theta = math.acos(cos)
+            if theta < tol or math.sin(theta) < tol:  # same point, or antipodal (no log map)
+                continue
+            g.add_(u - cos * m, alpha=alpha * theta / math.sin(theta))
+        g_norm = float(g.norm())
+        if g_norm < tol:
+            break
+        m = math.cos(g_norm) * m + math.sin(g_norm) * (g / g_norm)
+        m = m / m.norm()
+    scale = sum(norms) / len(norms)
+    return (scale * m).reshape(tensors[0].shape).to(tensors[0].dtype)
+
+
+# ---- model stock -------------------------------------------------------------------------------
+
+
+class ModelStockGlobals(MethodParams):
+    filter_wise: bool = False
+
+
+def model_stock(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    model_params: list[NoParams],
+    global_params: ModelStockGlobals,
+) -> Tensor:
+    """Model Stock: cos = mean pairwise cosine of the task vectors (per tensor, or per row of
+    the last dimension if filter_wise); t = N cos / (1 + (N - 1) cos);
+    result t * mean(x_i) + (1 - t) * base."""
+    assert base is not None
+    n = len(tensors)
+
+    def rows(x: Tensor) -> Tensor:  # [R, D]: one row, or the last-dimension slices
+        if not global_params.filter_wise or x.dim() == 0:
+            return x.reshape(1, -1)
+        return x.reshape(-1, x.shape[-1])
+
+    deltas = [rows(x - base).double() for x in tensors]
+    norms = [d.norm(dim=-1) for d in deltas]  # each [R]
+    cos_pairs = [
+        ((deltas[i] * deltas[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1, 1)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    cos = torch.stack(cos_pairs).mean(0)  # [R]
+    denom = 1.0 + (n - 1) * cos  # >= 0 by construction; 0 only if the task vectors cancel out
+    t = torch.where(denom > 1e-12, n * cos / denom.clamp_min(1e-12), 0.0)  # [R]
+
+    mean = core.weighted_sum(tensors, [1.0 / n] * n)
+    t_b = t.to(base.dtype).reshape(-1, 1)  # [R, 1], broadcast over each row
+    out = core.lerp(rows(base), rows(mean), t_b)
+    return out.reshape(base.shape)
+
+
+# ---- passthrough -------------------------------------------------------------------------------
+
+
+class PassthroughParams(MethodParams):
+    scale: float = 1.0
+
+
+def passthrough(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    model_params: list[PassthroughParams],
+    global_params: NoParams,
+) -> Tensor:
+    """The one input tensor, times scale (a new tensor)."""
+    return tensors[0] * model_params[0].scale
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+BUILTINS: tuple[MergeMethod, ...] = (
+    MergeMethod(
+        name="linear",
+        fn=linear,
+        global_params=LinearGlobals,
+        model_params=WeightParams,
+        needs_base=False,
+        min_models=1,
+        max_models=None,
+        paper="https://arxiv.org/abs/2203.05482",
+        description="weighted average of the models (model soup)",
+    ),
+    MergeMethod(
+        name="slerp",
+        fn=slerp,
+        global_params=SlerpGlobals,
+        model_params=NoParams,
+        needs_base=True,
+        min_models=1,
+        max_models=1,
+        paper="https://en.wikipedia.org/wiki/Slerp",
+        description="spherical interpolation from the base model (t=0) to one other model (t=1)",
+    ),
+    MergeMethod(
+        name="nuslerp",
+        fn=nuslerp,
+        global_params=NuslerpGlobals,
+        model_params=WeightParams,
+        needs_base=False,
+        min_models=2,
+        max_models=2,
+        paper=None,
+        description="slerp of two models (or of their task vectors), weighted, per tensor or row",
+    ),
+    *TASK_VECTOR_METHODS,
+    MergeMethod(
+        name="model_stock",
+        fn=model_stock,
+        global_params=ModelStockGlobals,
+        model_params=NoParams,
+        needs_base=True,
+        min_models=2,
+        max_models=None,
+        paper="https://arxiv.org/abs/2403.19522",
+        description="interpolate base and model average with a ratio from task-vector angles",
+    ),
+    MergeMethod(
+        name="karcher",
+        fn=karcher,
+        global_params=KarcherGlobals,
+        model_params=NoParams,
+        needs_base=False,
+        min_models=1,
+        max_models=None,
+        paper="https://en.wikipedia.org/wiki/Karcher_mean",
+        description="Riemannian (Karcher) mean of the models on the sphere, mean norm",
+    ),
+    MergeMethod(
+        name="passthrough",
+        fn=passthrough,
+        global_params=NoParams,
+        model_params=PassthroughParams,
+        needs_base=False,
+        min_models=1,
+        max_models=1,
+        paper=None,
+        description="copy one model's tensor, optionally scaled (layer stacking)",
+    ),
+)

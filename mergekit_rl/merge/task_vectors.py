@@ -1,0 +1,267 @@
+"""Task-vector methods: task_arithmetic, TIES, DARE, Model Breadcrumbs and DELLA.
+
+All eight are configurations of one engine, `task_vector_merge`: a sparsifier (none, magnitude,
+random, breadcrumbs, della) and sign election on or off. Per output tensor, in this order:
+
+1. delta_i = x_i - base
+2. sparsify each delta_i on its own, with that model's density
+3. rescale the kept entries if `rescale` (L1-norm matching, or 1 / keep probability)
+4. weight: w_i * delta_i
+5. sign election (TIES family): majority sign = sign(sum_i w_i delta_i), 0 counts as +;
+   keep the entries of each weighted delta that carry it
+6. mix: sum of the kept weighted deltas; divide by the matching sum of weights if `normalize`;
+   multiply by `lambda`; add base
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from ..errors import UsageError
+from . import core, sparsify
+from .registry import MergeMethod, MethodParams, TensorContext
+
+# ---- parameters --------------------------------------------------------------------------------
+
+
+class WeightParams(MethodParams):
+    weight: float = 1.0
+
+
+class DensityParams(WeightParams):
+    density: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class BreadcrumbsParams(DensityParams):
+    gamma: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class DellaParams(DensityParams):
+    epsilon: float = Field(0.15, ge=0.0, le=0.5)
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self) -> DellaParams:
+        lo, hi = self.density - self.epsilon, self.density + self.epsilon
+        if self.density < 1.0 and (lo < 0.0 or hi > 1.0):
+            raise ValueError(
+                f"epsilon={self.epsilon} with density={self.density} gives keep probabilities "
+                f"[{lo:g}, {hi:g}] outside [0, 1]; lower epsilon to at most "
+                f"{min(self.density, 1.0 - self.density):g}"
+            )
+        return self
+
+
+class TaskArithmeticGlobals(MethodParams):
+    normalize: bool = False
+    lambda_: float = Field(1.0, alias="lambda")
+    int8_mask: bool = False  # mergekit memory option, accepted and ignored (masks are bool here)
+
+
+class SparseGlobals(TaskArithmeticGlobals):
+    rescale: bool = True
+    rescale_mode: Literal["l1", "inverse_density"] = "l1"
+
+
+class TiesGlobals(SparseGlobals):
+    normalize: bool = True
+    rescale: bool = False
+
+
+class BreadcrumbsGlobals(SparseGlobals):
+    rescale: bool = False
+
+
+class DellaGlobals(SparseGlobals):
+    normalize: bool = True
+    rescale_mode: Literal["l1", "inverse_density"] = "inverse_density"
+
+
+class DellaLinearGlobals(SparseGlobals):
+    rescale_mode: Literal["l1", "inverse_density"] = "inverse_density"
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+# sparsifier(delta, params of that model, ctx, model index) -> kept entries
+Sparsifier = Callable[[Tensor, MethodParams, TensorContext, int], sparsify.Kept]
+
+
+def _model_id(ctx: TensorContext, i: int) -> str:
+    if len(ctx.model_ids) <= i:
+        raise UsageError(
+            f"tensor '{ctx.name}': random masks need one model id per input model "
+            f"(TensorContext.model_ids has {len(ctx.model_ids)})."
+        )
+    return ctx.model_ids[i]
+
+
+def _magnitude(delta: Tensor, p: DensityParams, ctx: TensorContext, i: int) -> sparsify.Kept:
+    return sparsify.magnitude(delta, p.density)
+
+
+def _random(delta: Tensor, p: DensityParams, ctx: TensorContext, i: int) -> sparsify.Kept:
+    return sparsify.bernoulli(delta, p.density, ctx.seed, _model_id(ctx, i), ctx.name)
+
+
+def _breadcrumbs(delta: Tensor, p: BreadcrumbsParams, ctx: TensorContext, i: int) -> sparsify.Kept:
+    return sparsify.breadcrumbs(delta, p.density, p.gamma)
+
+
+def _della(delta: Tensor, p: DellaParams, ctx: TensorContext, i: int) -> sparsify.Kept:
+    return sparsify.della(delta, p.density, p.epsilon, ctx.seed, _model_id(ctx, i), ctx.name)
+
+
+def task_vector_merge(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    model_params: list[WeightParams],
+    global_params: TaskArithmeticGlobals,
+    *,
+    sparsifier: Sparsifier | None,
+    elect: bool,
+) -> Tensor:
+    assert base is not None  # needs_base=True: checked by MergeMethod.run
+    weights = [p.weight for p in model_params]
+    rescale = getattr(global_params, "rescale", False)
+    mode = getattr(global_params, "rescale_mode", "l1")
+
+    weighted = []  # w_i * (sparsified, rescaled) delta_i, each of base's shape
+    for i, (x, p) in enumerate(zip(tensors, model_params, strict=True)):
+        delta = x - base  # 1
+        if sparsifier is not None:
+            kept = sparsifier(delta, p, ctx, i)  # 2
+            delta = sparsify.rescale(delta, kept, mode) if rescale else delta * kept.mask  # 3
+        weighted.append(delta * p.weight)  # 4
+
+    if elect:
+        stacked = torch.stack(weighted)  # [N, ...]
+        sign = core.elect_sign(stacked)  # 5
+        keep = [core.agrees_with(d, sign) for d in weighted]
+        kept = [d * k for d, k in zip(weighted, keep, strict=True)]
+        mixed = core.weighted_sum(kept, [1.0] * len(kept))
+        # per-entry divisor: the weights of the models that contributed there (0 -> 1)
+        divisor = core.weighted_sum([k.float() for k in keep], weights)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = core.weighted_sum(weighted, [1.0] * len(weighted))  # 6
+        divisor = sum(weights)
+        if global_params.normalize and abs(divisor) < 1e-8:
+            raise UsageError(
+                f"tensor '{ctx.name}': the model weights sum to {divisor:g}, so `normalize: "
+                "true` would divide by zero; set normalize: false or change the weights."
+            )
+    if global_params.normalize:
+        mixed = mixed / divisor
+    return base + mixed * global_params.lambda_
+
+
+def _method(
+    name: str,
+    *,
+    sparsifier: Sparsifier | None,
+    elect: bool,
+    model_params: type[MethodParams],
+    global_params: type[MethodParams],
+    paper: str,
+    description: str,
+) -> MergeMethod:
+    return MergeMethod(
+        name=name,
+        fn=partial(task_vector_merge, sparsifier=sparsifier, elect=elect),
+        global_params=global_params,
+        model_params=model_params,
+        needs_base=True,
+        min_models=1,
+        max_models=None,
+        paper=paper,
+        description=description,
+    )
+
+
+TASK_ARITHMETIC_PAPER = "https://arxiv.org/abs/2212.04089"
+TIES_PAPER = "https://arxiv.org/abs/2306.01708"
+DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
+
+TASK_VECTOR_METHODS: tuple[MergeMethod, ...] = (
+    _method(
+        "task_arithmetic",
+        sparsifier=None,
+        elect=False,
+        model_params=WeightParams,
+        global_params=TaskArithmeticGlobals,
+        paper=TASK_ARITHMETIC_PAPER,
+        description="base + lambda * weighted sum of task vectors",
+    ),
+    _method(
+        "ties",
+        sparsifier=_magnitude,
+        elect=True,
+        model_params=DensityParams,
+        global_params=TiesGlobals,
+        paper=TIES_PAPER,
+        description="keep the largest task-vector entries, elect a sign per entry, average",
+    ),
+    _method(
+        "dare_linear",
+        sparsifier=_random,
+        elect=False,
+        model_params=DensityParams,
+        global_params=SparseGlobals,
+        paper=DARE_PAPER,
+        description="randomly drop task-vector entries, rescale, add",
+    ),
+    _method(
+        "dare_ties",
+        sparsifier=_random,
+        elect=True,
+        model_params=DensityParams,
+        global_params=SparseGlobals,
+        paper=DARE_PAPER,
+        description="randomly drop task-vector entries, rescale, elect a sign per entry",
+    ),
+    _method(
+        "breadcrumbs",
+        sparsifier=_breadcrumbs,
+        elect=False,
+        model_params=BreadcrumbsParams,
+        global_params=BreadcrumbsGlobals,
+        paper=BREADCRUMBS_PAPER,
+        description="drop the largest (outlier) and smallest task-vector entries, add",
+    ),
+    _method(
+        "breadcrumbs_ties",
+        sparsifier=_breadcrumbs,
+        elect=True,
+        model_params=BreadcrumbsParams,
+        global_params=BreadcrumbsGlobals,
+        paper=BREADCRUMBS_PAPER,
+        description="breadcrumbs pruning followed by TIES sign election",
+    ),
+    _method(
+        "della",
+        sparsifier=_della,
+        elect=True,
+        model_params=DellaParams,
+        global_params=DellaGlobals,
+        paper=DELLA_PAPER,
+        description="drop entries with magnitude-ranked probabilities, rescale, elect a sign",
+    ),
+    _method(
+        "della_linear",
+        sparsifier=_della,
+        elect=False,
+        model_params=DellaParams,
+        global_params=DellaLinearGlobals,
+        paper=DELLA_PAPER,
+        description="drop entries with magnitude-ranked probabilities, rescale, add",
+    ),
+)
