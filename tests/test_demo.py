@@ -16,7 +16,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = paths["outputs"]
     s1, s2 = load_state(paths["sft1"]), load_state(paths["sft2"])
     soup = load_state(out / "salsa_ref")
-    torch.testing.assert_close(soup["model.norm.weight"], (s1["model.norm.weight"] + s2["model.norm.weight"]) / 2)
+    torch.testing.assert_close(
+        soup["model.norm.weight"], (s1["model.norm.weight"] + s2["model.norm.weight"]) / 2
+    )
     assert any("alpha=1 reproduces the RLHF model" in line and "0.00e+00" in line for line in lines)
     assert any(line.startswith("$ rlmerge soup") for line in lines)
     with pytest.raises(UsageError, match="not empty"):

@@ -40,10 +40,14 @@ def test_uniform_and_weighted_soup(family: dict[str, Path], tmp_path: Path) -> N
     torch.testing.assert_close(_logits(tmp_path / "w"), _logits(family["sft1"], want))
 
 
-def test_interpolation_sweep_writes_every_alpha_in_one_pass(family: dict[str, Path], tmp_path: Path) -> None:
+def test_interpolation_sweep_writes_every_alpha_in_one_pass(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
     s, r = load_state(family["sft1"]), load_state(family["rlhf"])
     alphas = [0.0, 0.25, 1.0, 1.5]
-    summary = ops.interpolate(family["sft1"], family["rlhf"], tmp_path / "sweep", alphas, opts=QUIET)
+    summary = ops.interpolate(
+        family["sft1"], family["rlhf"], tmp_path / "sweep", alphas, opts=QUIET
+    )
     assert summary.bytes_read == 2 * sum(t.numel() * 4 for t in s.values())  # one read pass
     for a in alphas:
         got = load_state(tmp_path / "sweep" / ops.alpha_dirname(a))
@@ -69,7 +73,9 @@ def test_slerp_interpolation(family: dict[str, Path], tmp_path: Path) -> None:
 def test_task_vector_extract_and_apply(family: dict[str, Path], tmp_path: Path) -> None:
     base, s1, s2 = (load_state(family[k]) for k in ("base", "sft1", "sft2"))
     for name in ("sft1", "sft2"):
-        ops.extract_task_vector(family["base"], family[name], tmp_path / f"{name}.safetensors", QUIET)
+        ops.extract_task_vector(
+            family["base"], family[name], tmp_path / f"{name}.safetensors", QUIET
+        )
     tau1 = load_state(tmp_path / "sft1.safetensors")
     assert_states_close(tau1, {k: s1[k] - base[k] for k in base})
     with safe_open(tmp_path / "sft1.safetensors", "pt") as f:
@@ -86,17 +92,23 @@ def test_task_vector_extract_and_apply(family: dict[str, Path], tmp_path: Path) 
 def test_apply_to_other_base_warns(family: dict[str, Path], tmp_path: Path) -> None:
     ops.extract_task_vector(family["base"], family["sft1"], tmp_path / "t.safetensors", QUIET)
     with pytest.warns(UserWarning, match="extracted against base"):
-        ops.apply_task_vectors(family["sft2"], [tmp_path / "t.safetensors"], tmp_path / "o", opts=QUIET)
+        ops.apply_task_vectors(
+            family["sft2"], [tmp_path / "t.safetensors"], tmp_path / "o", opts=QUIET
+        )
 
 
 def test_output_dtype_config_card_and_tokenizer(family: dict[str, Path], tmp_path: Path) -> None:
-    opts = ops.WriteOptions(run=RunOptions(progress="none"), dtype=torch.bfloat16, command="rlmerge soup x")
+    opts = ops.WriteOptions(
+        run=RunOptions(progress="none"), dtype=torch.bfloat16, command="rlmerge soup x"
+    )
     ops.soup([family["sft1"], family["sft2"]], tmp_path / "o", opts=opts)
     out = tmp_path / "o"
     assert all(t.dtype == torch.bfloat16 for t in load_state(out).values())
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     card = (out / "README.md").read_text()
-    assert "rlmerge soup x" in card and "license: apache-2.0" in card and str(family["sft2"]) in card
+    assert (
+        "rlmerge soup x" in card and "license: apache-2.0" in card and str(family["sft2"]) in card
+    )
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
     with safe_open(out / "model.safetensors", "pt") as f:
         assert json.loads(f.metadata()["rlmerge_inputs"])[1]["ref"] == str(family["sft2"])
@@ -124,7 +136,9 @@ def test_tied_embeddings_stay_tied(tied_family: dict[str, Path], tmp_path: Path)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_mismatched_inputs_are_refused_before_writing(family: dict[str, Path], tmp_path: Path) -> None:
+def test_mismatched_inputs_are_refused_before_writing(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
     from safetensors.torch import save_file
 
     state = load_state(family["sft1"])
@@ -137,7 +151,9 @@ def test_mismatched_inputs_are_refused_before_writing(family: dict[str, Path], t
     assert not (tmp_path / "o").exists()
 
 
-def test_non_finite_output_is_an_error_and_writes_nothing(family: dict[str, Path], tmp_path: Path) -> None:
+def test_non_finite_output_is_an_error_and_writes_nothing(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
     from safetensors.torch import save_file
 
     state = load_state(family["sft1"])
@@ -145,7 +161,10 @@ def test_non_finite_output_is_an_error_and_writes_nothing(family: dict[str, Path
     bad = tmp_path / "bad"
     bad.mkdir()
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="'model.norm.weight' contains NaN or Inf"), pytest.raises(RunError, match="model.norm.weight"):
+    with (
+        pytest.warns(UserWarning, match="'model.norm.weight' contains NaN or Inf"),
+        pytest.raises(RunError, match="model.norm.weight"),
+    ):
         ops.soup([family["sft1"], bad], tmp_path / "o", opts=QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 

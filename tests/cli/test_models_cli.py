@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from mergekit_rl.cli.app import app
 from typer.testing import CliRunner
 
-from mergekit_rl.cli.app import app
 from tests.conftest import assert_states_close, load_state
 
 runner = CliRunner()
@@ -25,15 +25,23 @@ def rl(*args: object) -> tuple[int, str, str]:
 def test_version_and_help_on_every_command() -> None:
     code, out, _ = rl("--version")
     assert code == 0 and out.startswith("rlmerge ")
-    for cmd in (["soup"], ["interpolate"], ["task-vector", "extract"], ["task-vector", "apply"],
-                ["inspect"], ["diff"], ["demo"]):
+    for cmd in (
+        ["soup"],
+        ["interpolate"],
+        ["task-vector", "extract"],
+        ["task-vector", "apply"],
+        ["inspect"],
+        ["diff"],
+        ["demo"],
+    ):
         code, out, _ = rl(*cmd, "--help")
         assert code == 0 and "Example: rlmerge" in out, cmd
 
 
 def test_soup_json_summary(family: dict[str, Path], tmp_path: Path) -> None:
-    code, out, err = rl("soup", family["sft1"], family["sft2"], "-o", tmp_path / "o",
-                        "--weights", "1,3", "--json")
+    code, out, err = rl(
+        "soup", family["sft1"], family["sft2"], "-o", tmp_path / "o", "--weights", "1,3", "--json"
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["outputs"] == [str(tmp_path / "o")] and summary["tensors"] == 21
@@ -43,15 +51,26 @@ def test_soup_json_summary(family: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_interpolate_sweep_and_task_vectors(family: dict[str, Path], tmp_path: Path) -> None:
-    code, _, err = rl("interpolate", family["sft1"], family["rlhf"], "-o", tmp_path / "sweep",
-                      "--alpha", "0,0.5", "--quiet", "--dtype", "bf16")
+    code, _, err = rl(
+        "interpolate",
+        family["sft1"],
+        family["rlhf"],
+        "-o",
+        tmp_path / "sweep",
+        "--alpha",
+        "0,0.5",
+        "--quiet",
+        "--dtype",
+        "bf16",
+    )
     assert code == 0, err
     assert (tmp_path / "sweep" / "alpha-0.5" / "config.json").exists()
     assert next(iter(load_state(tmp_path / "sweep" / "alpha-0").values())).dtype == torch.bfloat16
     tv = tmp_path / "tv.safetensors"
     assert rl("task-vector", "extract", family["base"], family["sft1"], "-o", tv, "-q")[0] == 0
-    code, _, err = rl("task-vector", "apply", family["base"], tv, "-o", tmp_path / "neg",
-                      "--scale", "-1", "-q")
+    code, _, err = rl(
+        "task-vector", "apply", family["base"], tv, "-o", tmp_path / "neg", "--scale", "-1", "-q"
+    )
     assert code == 0, err
     base, sft = load_state(family["base"]), load_state(family["sft1"])
     assert_states_close(load_state(tmp_path / "neg"), {k: 2 * base[k] - sft[k] for k in base})
@@ -89,7 +108,9 @@ def test_inspect_and_diff_json(family: dict[str, Path]) -> None:
         (["soup", "{sft1}", "{sft2}", "--weights", "1,1"], 2, "--output"),
     ],
 )
-def test_error_paths(family: dict[str, Path], tmp_path: Path, args: list[str], code: int, needle: str) -> None:
+def test_error_paths(
+    family: dict[str, Path], tmp_path: Path, args: list[str], code: int, needle: str
+) -> None:
     if "cuda" in " ".join(args) and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     subst = {"sft1": family["sft1"], "sft2": family["sft2"], "tmp": tmp_path}
@@ -113,5 +134,7 @@ def test_console_script_exit_codes(family: dict[str, Path], tmp_path: Path) -> N
     exe = [sys.executable, "-m", "mergekit_rl.cli.app"]
     bad = subprocess.run([*exe, "inspect", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
-    ok = subprocess.run([*exe, "inspect", str(family["base"]), "--json"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [*exe, "inspect", str(family["base"]), "--json"], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and json.loads(ok.stdout)["tensors"] == 21

@@ -1,0 +1,93 @@
+"""The streaming engine: order, memory-relevant behaviour, multiple outputs, devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergekit_rl.engine import (
+    OutputSpec,
+    RunOptions,
+    TensorJob,
+    identity_jobs,
+    parse_dtype,
+    run_jobs,
+)
+from mergekit_rl.errors import RunError, UsageError
+from mergekit_rl.io.reader import open_checkpoint
+from tests.conftest import load_state
+
+QUIET = RunOptions(progress="none")
+
+
+def _ckpt(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]):
+    save_file(tensors, tmp_path / f"{name}.safetensors")
+    return open_checkpoint(tmp_path / f"{name}.safetensors")
+
+
+def test_jobs_follow_storage_order_and_integers_pass_through(tmp_path: Path) -> None:
+    a = _ckpt(tmp_path, "a", {"w": torch.ones(4), "ids": torch.arange(3), "b": torch.zeros(2)})
+    seen: list[str] = []
+
+    def compute(job: TensorJob, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        seen.append(job.name)
+        assert all(x.dtype == torch.float32 for x in xs)
+        return [xs[0] * 2, xs[0] * 3]
+
+    jobs = identity_jobs(a, a.names(), 1)
+    specs = [
+        OutputSpec(tmp_path / "x2.safetensors", single_file=True),
+        OutputSpec(tmp_path / "x3", dtype=torch.bfloat16),
+    ]
+    summary = run_jobs([a], jobs, compute, specs, QUIET)
+    assert seen == [n for n in a.names() if n != "ids"]  # integer tensors skip the math
+    x2, x3 = load_state(tmp_path / "x2.safetensors"), load_state(tmp_path / "x3")
+    assert torch.equal(x2["ids"], torch.arange(3)) and torch.equal(x3["ids"], torch.arange(3))
+    assert torch.equal(x2["w"], torch.full((4,), 2.0)) and x3["w"].dtype == torch.bfloat16
+    assert summary.tensors == 3 and summary.bytes_written == (16 + 24 + 8) + (8 + 24 + 4)
+
+
+def test_failure_midway_leaves_no_output(tmp_path: Path) -> None:
+    a = _ckpt(tmp_path, "a", {f"t{i}": torch.ones(2) for i in range(5)})
+
+    def compute(job: TensorJob, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if job.name == "t3":
+            raise RunError("boom at t3")
+        return [xs[0]]
+
+    with pytest.raises(RunError, match="t3"):
+        run_jobs([a], identity_jobs(a, a.names(), 1), compute, [OutputSpec(tmp_path / "o")], QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_wrong_result_shape_is_a_run_error(tmp_path: Path) -> None:
+    a = _ckpt(tmp_path, "a", {"w": torch.ones(4)})
+    with pytest.raises(RunError, match="shape"):
+        run_jobs(
+            [a],
+            identity_jobs(a, ["w"], 1),
+            lambda j, xs: [xs[0][:2]],
+            [OutputSpec(tmp_path / "o")],
+            QUIET,
+        )
+
+
+def test_dtype_names() -> None:
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(None) is None
+    with pytest.raises(UsageError, match="int4"):
+        parse_dtype("int4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(family: dict[str, Path], tmp_path: Path) -> None:
+    from mergekit_rl import ops
+
+    for dev in ("cpu", "cuda"):
+        opts = ops.WriteOptions(run=RunOptions(device=dev, progress="none"))
+        ops.soup([family["sft1"], family["sft2"], family["rlhf"]], tmp_path / dev, None, opts)
+    a, b = load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
