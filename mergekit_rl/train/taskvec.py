@@ -1,0 +1,136 @@
+"""Task vectors for the online merging optimizers, streamed from disk one tensor at a time.
+
+tau = theta_SFT - theta_base, per tensor, computed in float32 and stored in a compact dtype
+(bf16 by default). The optimizer asks for one tensor at a time through `TaskVectorSource.get`,
+so a lazy source never holds more than one float32 tensor of each checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..errors import MismatchError
+from ..io.reader import Checkpoint, open_checkpoint
+from ..merge import core
+
+
+class TaskVectorSource(Protocol):
+    """Anything that gives tau for a parameter name, or None when it has no counterpart.
+
+    A plain `dict[str, Tensor]` qualifies (its `get`), and so do the lazy readers below.
+    """
+
+    def get(self, name: str) -> Tensor | None: ...
+
+
+def _has(ckpt: Checkpoint, name: str) -> bool:
+    # a tied lm_head is served by the input embedding even though the file does not store it
+    return name in ckpt or (name == "lm_head.weight" and ckpt.tied_embeddings)
+
+
+class CheckpointTaskVectors:
+    """Lazy tau = sft - base, read from two checkpoints when asked for (one tensor at a time)."""
+
+    def __init__(
+        self,
+        base_ref: str,
+        sft_ref: str,
+        dtype: torch.dtype = torch.bfloat16,
+        allow_pickle: bool = False,
+    ):
+        self.dtype = dtype
+        self.base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
+        try:
+            self.sft = open_checkpoint(sft_ref, allow_pickle=allow_pickle)
+        except BaseException:
+            self.base.close()
+            raise
+
+    def get(self, name: str) -> Tensor | None:
+        if not (_has(self.base, name) and _has(self.sft, name)):
+            return None
+        base_shape = tuple(self.base.info(name).shape)
+        sft_shape = tuple(self.sft.info(name).shape)
+        if base_shape != sft_shape:
+            raise MismatchError(
+                f"tensor '{name}' has shape {list(base_shape)} in the base model "
+                f"({self.base.source.ref}) but {list(sft_shape)} in the SFT model "
+                f"({self.sft.source.ref}); a task vector needs the two to match."
+            )
+        sft = self.sft.read(name, dtype=torch.float32)
+        base = self.base.read(name, dtype=torch.float32)
+        return core.weighted_sum([sft, base], [1.0, -1.0]).to(self.dtype)
+
+    def close(self) -> None:
+        self.base.close()
+        self.sft.close()
+
+    def __enter__(self) -> CheckpointTaskVectors:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class TaskVectorFile:
+    """Lazy tau read from a task-vector file (a checkpoint whose tensors are tau)."""
+
+    def __init__(
+        self, tv_ref: str, dtype: torch.dtype = torch.bfloat16, allow_pickle: bool = False
+    ):
+        self.dtype = dtype
+        self.ckpt = open_checkpoint(tv_ref, allow_pickle=allow_pickle)
+
+    def get(self, name: str) -> Tensor | None:
+        if not _has(self.ckpt, name):
+            return None
+        return self.ckpt.read(name, dtype=self.dtype)
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+    def __enter__(self) -> TaskVectorFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _collect(source: TaskVectorSource, names: Iterable[str]) -> dict[str, Tensor]:
+    out = {}
+    for name in names:
+        tau = source.get(name)
+        if tau is not None:
+            out[name] = tau
+    return out
+
+
+def task_vectors_from_checkpoints(
+    base_ref: str, sft_ref: str, names: Iterable[str], dtype: torch.dtype = torch.bfloat16
+) -> dict[str, Tensor]:
+    """tau = sft - base for each of `names` present in both checkpoints (others are left out)."""
+    with CheckpointTaskVectors(base_ref, sft_ref, dtype) as source:
+        return _collect(source, names)
+
+
+def task_vectors_from_file(
+    tv_ref: str, names: Iterable[str], dtype: torch.dtype = torch.bfloat16
+) -> dict[str, Tensor]:
+    """tau read from a task-vector file for each of `names` it holds (others are left out)."""
+    with TaskVectorFile(tv_ref, dtype) as source:
+        return _collect(source, names)

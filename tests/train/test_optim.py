@@ -1,0 +1,436 @@
+"""OnlineMergingAdamW against independent dense references (design notes section 2 oracles)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mergekit_rl.errors import MismatchError, UsageError
+from mergekit_rl.merge import core
+from mergekit_rl.train import optim as om
+from mergekit_rl.train.optim import OnlineMergingAdamW
+
+# eps well above rounding: the first Adam step gives |Delta| ~ lr everywhere, and top-k tests need
+# magnitudes that are distinct in both the optimizer and the reference
+LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-3
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def random_tau(model: nn.Module, scale: float = 0.05, seed: int = 1) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g) * scale for n, p in model.named_parameters()}
+
+
+def grads_for(step: int, model: nn.Module) -> dict[str, Tensor]:
+    """Fixed pseudo-gradients per step, independent of the weights (so runs can be replayed)."""
+    g = torch.Generator().manual_seed(100 + step)
+    return {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+def set_grads(model: nn.Module, grads: dict[str, Tensor]) -> None:
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+
+
+class RefAdam:
+    """Independent HF-style AdamW moments and update (the formulas of design notes section 2)."""
+
+    def __init__(self, shapes: dict[str, torch.Size]):
+        self.m = {n: torch.zeros(s) for n, s in shapes.items()}
+        self.v = {n: torch.zeros(s) for n, s in shapes.items()}
+        self.t = 0
+
+    def deltas(self, grads: dict[str, Tensor], lr: float = LR) -> dict[str, Tensor]:
+        self.t += 1
+        b1, b2 = BETAS
+        step_size = lr * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        out = {}
+        for n, g in grads.items():
+            self.m[n].mul_(b1).add_(g, alpha=1 - b1)
+            self.v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+            out[n] = -step_size * self.m[n] / (self.v[n].sqrt() + EPS)
+        return out
+
+
+def ref_topk_mask(x: Tensor, density: float) -> Tensor:
+    """|x| >= its k-th largest value, k = int(density * n): entries tied with the k-th are kept
+    (the first Adam step has many ties: |Delta| is about lr everywhere)."""
+    n = x.numel()
+    if density >= 1 or density * n < 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    kth = x.reshape(-1).abs().topk(int(density * n)).values[-1]
+    return x.abs() >= kth
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_params(model: nn.Module, expected: dict[str, Tensor], atol: float = 1e-7) -> None:
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], atol=atol, rtol=0, msg=n)
+
+
+# -- oracles -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wd,after", [(0.0, True), (0.1, True), (0.1, False)])
+def test_ondare_full_keep_alpha0_is_hf_adamw(wd: float, after: bool) -> None:
+    model = tiny_model()
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), random_tau(model), lr=LR, eps=EPS, reserve_p=1.0, alpha=0.0,
+        weight_decay=wd, decay_after_update=after,
+    )  # fmt: skip
+    ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
+    for step in range(5):
+        grads = grads_for(step, model)
+        set_grads(model, grads)
+        opt.step()
+        for n, d in ref.deltas(grads).items():
+            if not after:
+                expected[n] = expected[n] * (1 - LR * wd)
+            expected[n] = expected[n] + d
+            if after:
+                expected[n] = expected[n] - LR * wd * expected[n]
+    assert_params(model, expected)
+
+
+def test_ondare_full_keep_alpha0_matches_torch_adamw_on_a_loss() -> None:
+    # torch.optim.AdamW adds eps after the bias correction (HF-style before it): with a tiny eps
+    # the two agree to rounding
+    model, twin = tiny_model(), tiny_model()
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), random_tau(model), lr=LR, reserve_p=1.0, alpha=0.0,
+        weight_decay=0.05, decay_after_update=False, eps=1e-14,
+    )  # fmt: skip
+    ref = torch.optim.AdamW(twin.parameters(), lr=LR, weight_decay=0.05, eps=1e-14, foreach=True)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    for _ in range(10):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6, msg=n)
+
+
+def test_full_keep_alpha_adds_alpha_tau_each_step() -> None:
+    model, alpha = tiny_model(), 0.3
+    tau = random_tau(model)
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), tau, lr=LR, eps=EPS, reserve_p=1.0, alpha=alpha, clip_val=None
+    )
+    tau16 = {n: t.to(torch.bfloat16).float() for n, t in tau.items()}  # stored in bf16
+    ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
+    for step in range(4):
+        grads = grads_for(step, model)
+        set_grads(model, grads)
+        opt.step()
+        for n, d in ref.deltas(grads).items():
+            expected[n] = expected[n] + alpha * tau16[n] + (1 - alpha) * d
+    assert_params(model, expected)
+
+
+def test_onties_zero_tau_is_topk_masked_adam() -> None:
+    model, alpha, p_keep = tiny_model(), 0.25, 0.2
+    zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    opt = OnlineMergingAdamW(
+        model.named_parameters(),
+        zeros,
+        mode="onties",
+        lr=LR,
+        eps=EPS,
+        reserve_p=p_keep,
+        alpha=alpha,
+    )
+    ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
+    for step in range(4):
+        grads = grads_for(step, model)
+        set_grads(model, grads)
+        opt.step()
+        for n, d in ref.deltas(grads).items():
+            expected[n] = expected[n] + (1 - alpha) * d * ref_topk_mask(d, p_keep)
+    # the [4] bias keeps 0.8 < 1 entry: left dense, as tau would be
+    assert ref_topk_mask(torch.ones(4), p_keep).all()
+    assert_params(model, expected)
+
+
+def test_ondare_by_hand_over_three_steps() -> None:
+    model, alpha, p_keep, seed = tiny_model(), 0.2, 0.4, 7
+    tau = random_tau(model, scale=0.5)  # some entries / 0.4 exceed the 1.0 clamp
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), tau, lr=LR, eps=EPS, reserve_p=p_keep, alpha=alpha, seed=seed
+    )
+    # tau: one seeded Bernoulli mask per tensor, / p, clamped to +-1, stored in bf16
+    tau_ref = {}
+    for n, t in tau.items():
+        keep = core.bernoulli_mask(t.shape, p_keep, seed, "tau", n)
+        tau_ref[n] = (t * keep / p_keep).clamp(-1, 1).to(torch.bfloat16).float()
+    assert any((tau_ref[n].abs() == 1).any() for n in tau)
+    # Delta masks: redrawn from a generator in the optimizer's starting state, in parameter order
+    gen = torch.Generator().manual_seed(core.tensor_seed(seed, "delta-masks", "cpu"))
+    ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
+    for step in range(3):
+        grads = grads_for(step, model)
+        set_grads(model, grads)
+        opt.step()
+        for n, d in ref.deltas(grads).items():
+            keep = torch.zeros(d.numel(), dtype=torch.bool)
+            keep[core.random_indices(d.numel(), p_keep, gen)] = True
+            dropped = d * keep.view_as(d) / p_keep
+            expected[n] = expected[n] + alpha * tau_ref[n] + (1 - alpha) * dropped
+    assert_params(model, expected)
+
+
+def test_onties_by_hand_over_three_steps() -> None:
+    model, alpha, p_keep = tiny_model(), 0.4, 0.3
+    tau = random_tau(model, scale=0.02)  # same scale as the updates: the election matters
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), tau, mode="onties", lr=LR, eps=EPS, reserve_p=p_keep, alpha=alpha
+    )
+    tau_ref = {n: (t * ref_topk_mask(t, p_keep)).bfloat16().float() for n, t in tau.items()}
+    ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
+    n_disagree = 0
+    for step in range(3):
+        grads = grads_for(step, model)
+        set_grads(model, grads)
+        opt.step()
+        for n, d in ref.deltas(grads).items():
+            d = d * ref_topk_mask(d, p_keep)
+            s = torch.where(tau_ref[n] + d >= 0, 1.0, -1.0)
+            keep_t, keep_d = tau_ref[n] * s > 0, d * s > 0
+            n_disagree += int((tau_ref[n] * d < 0).sum())
+            expected[n] = expected[n] + alpha * tau_ref[n] * keep_t + (1 - alpha) * d * keep_d
+    assert n_disagree > 0
+    assert_params(model, expected)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_onties_merge_election_on_numbers(weighted: bool) -> None:
+    # 6 entries, keep the top 3 |Delta|: indices 0, 1, 2 (3..5 are dropped, tau alone there)
+    delta = torch.tensor([0.5, -0.4, 0.3, 0.01, -0.02, 0.0])
+    tau = torch.tensor([-0.2, -0.6, 0.1, 0.3, 0.0, -0.7])
+    alpha = 0.2
+    state = {"tau": tau.bfloat16()}
+    flat = torch.zeros(6)
+    om.onties_merge_(flat, state, lambda idx: om.gather(delta, idx), 0.5, alpha, weighted)
+    t = tau.bfloat16().float()
+    if weighted:  # sign(0.2 tau + 0.8 Delta): entry 0 is 0.36 > 0, Delta wins
+        expected = [0.8 * 0.5, alpha * t[1] + 0.8 * -0.4, alpha * t[2] + 0.8 * 0.3]
+    else:  # sign(tau + Delta): entry 0 is 0.3 > 0, Delta wins; entry 1 both negative
+        expected = [0.8 * 0.5, alpha * t[1] + 0.8 * -0.4, alpha * t[2] + 0.8 * 0.3]
+    expected += [alpha * t[3], 0.0, alpha * t[5]]
+    torch.testing.assert_close(flat, torch.tensor(expected), atol=1e-7, rtol=0)
+    # entry 0 flips with a strong tau: tau wins the unweighted vote, Delta the weighted one
+    flat = torch.zeros(6)
+    state = {"tau": torch.tensor([-0.9, 0, 0, 0, 0, 0]).bfloat16()}
+    om.onties_merge_(flat, state, lambda idx: om.gather(delta, idx), 0.5, alpha, weighted)
+    want0 = 0.8 * 0.5 if weighted else alpha * -0.8984375  # bf16(-0.9)
+    torch.testing.assert_close(flat[0], torch.tensor(want0), atol=1e-7, rtol=0)
+
+
+def test_sparse_and_dense_tau_storage_agree() -> None:
+    torch.manual_seed(0)
+    tau = torch.randn(1000)
+    idx = torch.tensor([3, 10, 500, 999])
+    val = tau[idx]
+    sparse = {"tau": val, "tau_idx": idx}
+    dense = {"tau": torch.zeros(1000).index_copy_(0, idx, val)}
+    want = torch.tensor([0, 2, 3, 10, 11, 999])
+    like = torch.zeros(1)
+    for state in (sparse, dense):
+        got = om.tau_at(state, want, 1000, like)
+        torch.testing.assert_close(got, torch.tensor([0, 0, val[0], val[1], 0, val[3]]))
+        flat = torch.ones(1000)
+        om.add_tau_(flat, state, 0.5)
+        torch.testing.assert_close(flat, 1 + 0.5 * dense["tau"])
+
+
+# -- merge_every -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+def test_merge_every_k_accumulates_then_merges(mode: str) -> None:
+    model, alpha, k, wd = tiny_model(), 0.1, 3, 0.05
+    tau = random_tau(model)
+    p_keep = 1.0 if mode == "ondare" else 0.25
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), tau, mode=mode, lr=LR, eps=EPS, reserve_p=p_keep, alpha=alpha,
+        clip_val=None, merge_every=k, weight_decay=wd,
+    )  # fmt: skip
+    tau16 = {n: t.bfloat16().float() for n, t in tau.items()}
+    if mode == "onties":
+        tau16 = {n: (t * ref_topk_mask(t, p_keep)).bfloat16().float() for n, t in tau.items()}
+    ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
+    acc = {n: torch.zeros_like(t) for n, t in expected.items()}
+    merged = snapshot(model)
+    for step in range(1, 2 * k + 1):
+        grads = grads_for(step, model)
+        set_grads(model, grads)
+        opt.step()
+        for n, d in ref.deltas(grads).items():
+            acc[n] += d
+        if step % k:  # parameters stay put between merges
+            assert_params(model, merged, atol=0)
+            continue
+        for n, a in acc.items():
+            if mode == "ondare":
+                upd = alpha * tau16[n] + (1 - alpha) * a
+            else:
+                a = a * ref_topk_mask(a, p_keep)
+                s = torch.where(tau16[n] + a >= 0, 1.0, -1.0)
+                upd = alpha * tau16[n] * (tau16[n] * s > 0) + (1 - alpha) * a * (a * s > 0)
+            expected[n] = expected[n] + upd
+            expected[n] = expected[n] - k * LR * wd * expected[n]  # summed decay, after
+            acc[n] = torch.zeros_like(a)
+        assert_params(model, expected)
+        merged = snapshot(model)
+
+
+# -- tau sources -------------------------------------------------------------------------------
+
+
+def test_missing_tau_zero_or_error() -> None:
+    model = tiny_model()
+    tau = random_tau(model)
+    del tau["2.bias"]
+    with pytest.raises(UsageError, match="'2.bias'"):
+        OnlineMergingAdamW(model.named_parameters(), tau, missing="error")
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), tau, reserve_p=1.0, alpha=0.5, lr=LR, eps=EPS, clip_val=None
+    )
+    bias = model[2].bias
+    assert "tau" not in opt.state[bias]
+    # tau = 0: the bias moves by (1 - alpha) * Delta only
+    ref, before = RefAdam({"b": bias.shape}), bias.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    expected = before + 0.5 * ref.deltas({"b": torch.ones_like(bias)})["b"]
+    torch.testing.assert_close(bias.detach(), expected, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [10, 6])
+def test_resized_embedding_uses_overlapping_rows(rows: int) -> None:
+    emb = nn.Embedding(rows, 4)
+    tau = torch.randn(8, 4) * 0.1
+    opt = OnlineMergingAdamW([("emb.weight", emb.weight)], {"emb.weight": tau}, reserve_p=1.0)
+    got = opt.state[emb.weight]["tau"].float().view(rows, 4)
+    expected = torch.zeros(rows, 4)
+    expected[: min(rows, 8)] = tau[: min(rows, 8)]
+    torch.testing.assert_close(got, expected.bfloat16().float())
+    with pytest.raises(MismatchError, match="emb.weight"):
+        OnlineMergingAdamW([("emb.weight", emb.weight)], {"emb.weight": torch.zeros(8, 5)})
+
+
+def test_tau_is_stored_sparse_in_bf16() -> None:
+    lin = nn.Linear(256, 256, bias=False)
+    tau = {"w": torch.randn(256, 256)}
+    for mode in ("ondare", "onties"):
+        opt = OnlineMergingAdamW([("w", lin.weight)], tau, mode=mode)  # reserve_p = 0.01
+        state = opt.state[lin.weight]
+        assert state["tau"].dtype == torch.bfloat16
+        assert 0.005 * 65536 < state["tau_idx"].numel() < 0.015 * 65536
+        # a bf16 dense copy is 2 bytes per parameter; sparse is ~10 bytes per kept entry
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        assert nbytes < 0.2 * 2 * 65536
+
+
+def test_unnamed_params_and_bad_options_are_usage_errors() -> None:
+    model = tiny_model()
+    with pytest.raises(UsageError, match="named"):
+        OnlineMergingAdamW(model.parameters(), None)
+    for kwargs in ({"reserve_p": 0.0}, {"alpha": 2.0}, {"mode": "dare"}, {"merge_every": 0}):
+        with pytest.raises(UsageError):
+            OnlineMergingAdamW(model.named_parameters(), None, **kwargs)
+
+
+def test_param_groups_and_lr_scheduler() -> None:
+    model = tiny_model()
+    named = list(model.named_parameters())
+    groups = [
+        {"params": named[:2], "lr": 0.0},  # frozen by lr, still pushed by alpha * tau
+        {"params": named[2:], "lr": LR, "eps": EPS, "reserve_p": 1.0},
+    ]
+    tau = random_tau(model)
+    opt = OnlineMergingAdamW(groups, tau, reserve_p=1.0, alpha=0.5, clip_val=None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    before = snapshot(model)
+    set_grads(model, grads_for(0, model))
+    opt.step()
+    sched.step()
+    w0 = model[0].weight.detach()
+    torch.testing.assert_close(w0, before["0.weight"] + 0.5 * tau["0.weight"].bfloat16().float())
+    assert opt.param_groups[1]["lr"] == pytest.approx(LR / 2)
+
+
+# -- checkpointing -----------------------------------------------------------------------------
+
+
+def run_steps(model: nn.Module, opt: OnlineMergingAdamW, steps: range) -> None:
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    for step in steps:
+        opt.zero_grad()
+        (model(x) * (step + 1)).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "ondare", "reserve_p": 0.3},
+        {"mode": "onties", "reserve_p": 0.3, "weight_decay": 0.1},
+        {"mode": "ondare", "reserve_p": 0.5, "merge_every": 2},
+    ],
+)
+def test_state_dict_round_trip_resumes_exactly(kwargs: dict) -> None:
+    opts = dict(lr=LR, eps=EPS, alpha=0.01, **kwargs)
+    full = tiny_model()
+    opt_full = OnlineMergingAdamW(full.named_parameters(), random_tau(full), **opts)
+    run_steps(full, opt_full, range(7))
+
+    part = tiny_model()
+    opt = OnlineMergingAdamW(part.named_parameters(), random_tau(part), **opts)
+    run_steps(part, opt, range(3))  # 3 is odd: resumes in the middle of a 2-step accumulation
+    buf = io.BytesIO()
+    torch.save({"model": part.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+
+    resumed = tiny_model(seed=5)
+    resumed.load_state_dict(saved["model"])
+    opt2 = OnlineMergingAdamW(resumed.named_parameters(), None, **opts)
+    opt2.load_state_dict(saved["optim"])
+    assert opt2.state[resumed[0].weight]["tau"].dtype == torch.bfloat16
+    run_steps(resumed, opt2, range(3, 7))
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+# -- core.random_indices (the sparse fresh-mask primitive) --------------------------------------
+
+
+def test_random_indices_is_a_bernoulli_mask() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, p = 200_000, 0.01
+    idx = core.random_indices(n, p, gen)
+    assert idx.dtype == torch.int64 and (idx.diff() > 0).all() and idx[0] >= 0 and idx[-1] < n
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(idx.numel() - n * p) < 5 * sd
+    # uniform over positions: each tenth of the range holds about a tenth of the kept entries
+    per_block = torch.bincount(idx // (n // 10), minlength=10).float()
+    assert (per_block - n * p / 10).abs().max() < 5 * math.sqrt(n * p / 10)
+    # deterministic given the generator state, and covers the full range at p = 1 / p = 0
+    a = core.random_indices(1000, 0.3, torch.Generator().manual_seed(1))
+    b = core.random_indices(1000, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(core.random_indices(5, 1.0, gen), torch.arange(5))
+    assert core.random_indices(5, 0.0, gen).numel() == 0
