@@ -27,7 +27,9 @@ def demo(
     with boundary():
         root = directory or Path(tempfile.mkdtemp(prefix="rlmerge-demo-"))
         run_demo(
-            root, echo=lambda s: err_console.print(s, highlight=False, markup=False, soft_wrap=True), force=force
+            root,
+            echo=lambda s: err_console.print(s, highlight=False, markup=False, soft_wrap=True),
+            force=force,
         )
 
 

@@ -9,6 +9,7 @@ ends in an underscore.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -100,28 +101,53 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     return torch.kthvalue(inside, inside.numel() - (k - n_higher) + 1).values
 
 
+def magnitude_threshold(x: Tensor, k: int) -> float | None:
+    """The k-th largest |x|: keeping entries with |x| >= it keeps the top k (and any ties).
+
+    None when k >= numel (keep everything); +inf when k <= 0 (keep nothing).
+    """
+    n = x.numel()
+    if k >= n:
+        return None
+    if k <= 0:
+        return math.inf
+    return float(kth_largest(x.abs(), k))
+
+
+def zero_below(x: Tensor, threshold: float | None) -> Tensor:
+    """A copy of x with the entries |x| < threshold set to 0 (None keeps all, inf keeps none).
+
+    One fused pass (hardshrink drops |x| <= lambd, so lambd is the float just below threshold):
+    about 3x cheaper than multiplying by a bool mask on the CPU.
+    """
+    if threshold is None:
+        return x.clone()
+    if math.isinf(threshold):
+        return torch.zeros_like(x)
+    if x.dtype not in (torch.float32, torch.float64):
+        return torch.where(x.abs() >= threshold, x, 0.0)
+    # the largest value of x's dtype below threshold; a Python-float nextafter would round back
+    # up to threshold when the kernel casts it to float32 and drop the k-th entry itself
+    t = torch.tensor(threshold, dtype=x.dtype)
+    below = float(torch.nextafter(t, torch.zeros_like(t)))
+    return torch.nn.functional.hardshrink(x, below)
+
+
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
     """Bool mask keeping the top k = int(density * numel) entries of |x| over the whole tensor.
 
     Entries tied with the k-th magnitude are all kept. density >= 1 keeps everything; k == 0
     keeps nothing.
     """
-    return top_k_magnitude_mask(x, int(density * x.numel()))
-
-
-def top_k_magnitude_mask(x: Tensor, k: int) -> Tensor:
-    """Bool mask keeping the k entries of largest |x| (ties with the k-th are all kept).
-
-    Takes a count rather than a density so that callers combining two cuts (breadcrumbs: drop
-    the top n_top, keep the next n_keep) get exact counts, free of float rounding.
-    """
-    n = x.numel()
-    if k >= n:
+    thr = magnitude_threshold(x, int(density * x.numel()))
+    if thr is None:
         return torch.ones_like(x, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    mag = x.abs()
-    return mag >= kth_largest(mag, k)
+    return x.abs() >= thr
+
+
+def magnitude_prune(x: Tensor, density: float) -> Tensor:
+    """x * magnitude_mask(x, density), computed in one pass (TIES sparsification)."""
+    return zero_below(x, magnitude_threshold(x, int(density * x.numel())))
 
 
 def tensor_seed(seed: int, *keys: str) -> int:
@@ -195,18 +221,42 @@ def random_indices(numel: int, density: float, generator: torch.Generator) -> Te
     return idx[idx < numel]
 
 
-def elect_sign(deltas: Tensor) -> Tensor:
-    """Majority sign per entry of stacked deltas [N, ...]: sign of the sum, a zero sum counts as +.
+def elect_sign(deltas: Tensor | Sequence[Tensor]) -> Tensor:
+    """Majority sign per entry of deltas (stacked [N, ...] or a list): sign of the sum, a zero
+    sum counts as +.
 
     Returns a float tensor of +1/-1 with the shape of one delta.
     """
-    total = deltas.sum(dim=0)
-    return torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)
+    if isinstance(deltas, Tensor):
+        total = deltas.sum(dim=0)
+    else:
+        total = weighted_sum(deltas, [1.0] * len(deltas))
+    # in place on our own sum: 1.0 where >= 0, else 0.0, then 2s - 1
+    return torch.ge(total, 0, out=total).mul_(2.0).sub_(1.0)
 
 
 def agrees_with(delta: Tensor, sign: Tensor) -> Tensor:
-    """Bool mask of entries whose sign equals the elected sign; zeros never agree."""
-    return torch.where(sign > 0, delta > 0, delta < 0)
+    """Bool mask of entries whose sign equals the elected sign (+1/-1); zeros never agree."""
+    return (delta * sign) > 0  # exact: sign is +-1, so the product only flips the sign bit
+
+
+def sign_consensus_(weighted: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """TIES mixing of weighted deltas w_i * delta_i: elect the sign (elect_sign), keep in each
+    term the entries that agree with it (agrees_with), and return
+
+        (sum_i of the agreeing entries, per-entry sum of w_i over the agreeing terms).
+
+    Fused and in place: the input tensors are overwritten (the name ends in an underscore).
+    """
+    sign = elect_sign(weighted)
+    mixed = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign)
+    scratch = torch.empty_like(sign)
+    for d, w in zip(weighted, weights, strict=True):
+        d.mul_(sign).clamp_min_(0.0)  # |d| where d agrees with sign, else 0
+        mixed.add_(d)
+        divisor.add_(torch.sign(d, out=scratch), alpha=float(w))  # 1 where it agreed
+    return mixed.mul_(sign), divisor
 
 
 def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:

@@ -1,9 +1,10 @@
 """Sparsifiers for task vectors: which entries of one delta to keep, and how likely each was.
 
-Each returns a `Kept(mask, prob)`: the bool keep mask (shape of the delta) and the keep
-probability (a number, or a per-entry tensor for DELLA), which the "inverse_density" rescale
+Each returns a `Kept(values, prob)`: the delta with the dropped entries set to 0, and the keep
+probability (a number, or a per-entry tensor for DELLA) that the "inverse_density" rescale
 divides by. Random masks are seeded from (recipe seed, model id, tensor name), never from a
 global generator, so a merge is bit-identical whatever the order, threads or device.
+Inputs are never modified; `values` is always a new tensor.
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ from . import core
 
 @dataclass(frozen=True)
 class Kept:
-    mask: Tensor  # bool, shape of the delta
+    values: Tensor  # the delta with dropped entries zeroed (a new tensor)
     prob: float | Tensor  # keep probability: a number or a per-entry float tensor
 
 
 def magnitude(delta: Tensor, density: float) -> Kept:
     """TIES: keep the top int(density * numel) entries by |delta| over the whole tensor."""
-    return Kept(core.magnitude_mask(delta, density), density)
+    return Kept(core.magnitude_prune(delta, density), density)
 
 
 def bernoulli(delta: Tensor, density: float, seed: int, model_id: str, name: str) -> Kept:
     """DARE: keep each entry independently with probability density."""
     mask = core.bernoulli_mask(delta.shape, density, seed, model_id, name, device=delta.device)
-    return Kept(mask, density)
+    return Kept(delta * mask, density)
 
 
 def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
@@ -44,11 +45,11 @@ def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
     n = delta.numel()
     n_keep = min(int(density * n), n)
     n_top = min(int(gamma * n), n - n_keep)
-    # top (n_top + n_keep) by magnitude, minus the top n_top outliers
-    keep = core.top_k_magnitude_mask(delta, n_top + n_keep)
+    # keep the top (n_top + n_keep) by magnitude, then remove the top n_top outliers from them
+    kept = core.zero_below(delta, core.magnitude_threshold(delta, n_top + n_keep))
     if n_top > 0:
-        keep &= ~core.top_k_magnitude_mask(delta, n_top)
-    return Kept(keep, density)
+        kept -= core.zero_below(kept, core.magnitude_threshold(delta, n_top))  # x - x = 0 exactly
+    return Kept(kept, density)
 
 
 def della_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -72,23 +73,22 @@ def della(
 ) -> Kept:
     """DELLA: keep each entry with its own magnitude-rank probability (see della_keep_prob)."""
     if density >= 1.0:
-        return Kept(torch.ones_like(delta, dtype=torch.bool), 1.0)
+        return Kept(delta.clone(), 1.0)
     probs = della_keep_prob(delta, density, epsilon)
-    return Kept(core.bernoulli_mask_like(probs, seed, model_id, name), probs)
+    return Kept(delta * core.bernoulli_mask_like(probs, seed, model_id, name), probs)
 
 
 def rescale(delta: Tensor, kept: Kept, mode: str) -> Tensor:
-    """The masked delta, rescaled to make up for what was dropped.
+    """The kept values, rescaled to make up for what was dropped (a new tensor).
 
-    "l1": match the L1 norm of the unmasked delta (mergekit). "inverse_density": divide every
+    "l1": match the L1 norm of the unpruned delta (mergekit). "inverse_density": divide every
     kept entry by its keep probability (DARE paper, PEFT, DELLA paper): unbiased in expectation.
     """
-    masked = delta * kept.mask
     if mode == "l1":
-        return core.l1_rescale(delta, masked)
+        return core.l1_rescale(delta, kept.values)
     if mode == "inverse_density":
         if isinstance(kept.prob, Tensor):
-            # dropped entries may have prob 0; only kept entries are divided
-            return torch.where(kept.mask, delta / kept.prob.clamp_min(1e-12), 0.0)
-        return masked / kept.prob if kept.prob > 0 else masked
+            # dropped entries are 0 and may have prob 0: 0 / tiny stays 0
+            return kept.values / kept.prob.clamp_min(1e-30)
+        return kept.values / kept.prob if kept.prob > 0 else kept.values.clone()
     raise ValueError(f"unknown rescale mode {mode!r}")

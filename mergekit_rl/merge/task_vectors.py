@@ -19,7 +19,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -132,23 +131,19 @@ def task_vector_merge(
     rescale = getattr(global_params, "rescale", False)
     mode = getattr(global_params, "rescale_mode", "l1")
 
-    weighted = []  # w_i * (sparsified, rescaled) delta_i, each of base's shape
+    weighted = []  # w_i * (sparsified, rescaled) delta_i: new tensors, ours to modify in place
     for i, (x, p) in enumerate(zip(tensors, model_params, strict=True)):
         delta = x - base  # 1
         if sparsifier is not None:
             kept = sparsifier(delta, p, ctx, i)  # 2
-            delta = sparsify.rescale(delta, kept, mode) if rescale else delta * kept.mask  # 3
-        weighted.append(delta * p.weight)  # 4
+            delta = sparsify.rescale(delta, kept, mode) if rescale else kept.values  # 3
+        weighted.append(delta.mul_(p.weight))  # 4
 
     if elect:
-        stacked = torch.stack(weighted)  # [N, ...]
-        sign = core.elect_sign(stacked)  # 5
-        keep = [core.agrees_with(d, sign) for d in weighted]
-        kept = [d * k for d, k in zip(weighted, keep, strict=True)]
-        mixed = core.weighted_sum(kept, [1.0] * len(kept))
-        # per-entry divisor: the weights of the models that contributed there (0 -> 1)
-        divisor = core.weighted_sum([k.float() for k in keep], weights)
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+        # 5-6: sum of the entries agreeing with the elected sign; per-entry divisor is the sum
+        # of the weights of the models that contributed there (0 -> 1)
+        mixed, divisor = core.sign_consensus_(weighted, weights)
+        divisor = divisor.masked_fill_(divisor == 0, 1.0)
     else:
         mixed = core.weighted_sum(weighted, [1.0] * len(weighted))  # 6
         divisor = sum(weights)
@@ -158,8 +153,8 @@ def task_vector_merge(
                 "true` would divide by zero; set normalize: false or change the weights."
             )
     if global_params.normalize:
-        mixed = mixed / divisor
-    return base + mixed * global_params.lambda_
+        mixed /= divisor
+    return base + mixed.mul_(global_params.lambda_)
 
 
 def _method(

@@ -1,0 +1,173 @@
+"""Merge primitives against straightforward float64 / sorting references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergekit_rl.merge import core
+
+
+def _top_k_ref(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest |x| by a full sort (no ties in the random data used)."""
+    flat = x.reshape(-1).abs()
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    return keep.reshape(x.shape)
+
+
+# ---- kth_largest / magnitude ---------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(min_value=0.0, max_value=float(torch.tensor(1e30)), allow_nan=False, width=32),
+        min_size=1,
+    ),
+    data=st.data(),
+)
+def test_kth_largest_equals_sorted_reference(values: list[float], data: st.DataObject) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, x.numel()))
+    assert float(core.kth_largest(x, k)) == float(torch.sort(x, descending=True).values[k - 1])
+
+
+@pytest.mark.parametrize("k", [1, 2, 1000, 45_000, 89_999, 90_000])
+def test_kth_largest_radix_path_with_ties_and_zeros(k: int) -> None:
+    # 90,000 values (radix path), with many exact duplicates and zeros
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(0, 500, (90_000,), generator=g).float() * 0.01
+    x[:7000] = 0.0
+    expected = torch.sort(x, descending=True).values[k - 1]
+    assert core.kth_largest(x, k) == expected
+
+
+def test_kth_largest_rejects_bad_k() -> None:
+    with pytest.raises(ValueError):
+        core.kth_largest(torch.ones(3), 0)
+    with pytest.raises(ValueError):
+        core.kth_largest(torch.ones(3), 4)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (300, 301)])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.999, 1.0])
+def test_magnitude_mask_and_prune_match_argsort(shape: tuple[int, ...], density: float) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ref = _top_k_ref(x, int(density * x.numel()))
+    assert torch.equal(core.magnitude_mask(x, density), ref)
+    assert torch.equal(core.magnitude_prune(x, density), x * ref)
+
+
+def test_magnitude_keeps_ties_and_handles_zeros() -> None:
+    x = torch.tensor([3.0, -2.0, 2.0, 0.0, 1.0, -2.0])
+    # k = 2: the 2nd largest |x| is 2, tied three times: all kept
+    assert core.magnitude_mask(x, 2 / 6).tolist() == [True, True, True, False, False, True]
+    assert core.magnitude_prune(torch.zeros(5), 0.4).abs().sum() == 0
+
+
+def test_threshold_edges_and_zero_below() -> None:
+    x = torch.tensor([0.5, -4.0, 1e-42, -1e-42, 2.0])  # includes subnormals
+    assert core.magnitude_threshold(x, 5) is None
+    assert core.magnitude_threshold(x, 0) == math.inf
+    assert core.magnitude_threshold(x, 2) == 2.0
+    assert core.zero_below(x, 2.0).tolist() == [0.0, -4.0, 0.0, 0.0, 2.0]
+    assert torch.equal(core.zero_below(x, None), x)
+    assert core.zero_below(x, math.inf).abs().sum() == 0
+    sub = core.zero_below(x, float(torch.tensor(1e-42)))
+    assert torch.equal(sub, x)  # |x| >= the smallest subnormal-ish threshold: all kept
+    y = x.clone()
+    core.zero_below(y, 1.0)
+    assert torch.equal(y, x)  # input untouched
+
+
+# ---- signs -----------------------------------------------------------------------------------
+
+
+def test_elect_sign_zero_counts_as_plus_list_and_stack_agree() -> None:
+    d = [torch.tensor([1.0, -1.0, 2.0, 0.0]), torch.tensor([-1.0, -1.0, -3.0, 0.0])]
+    expected = [1.0, -1.0, -1.0, 1.0]
+    assert core.elect_sign(d).tolist() == expected
+    assert core.elect_sign(torch.stack(d)).tolist() == expected
+    assert d[0].tolist() == [1.0, -1.0, 2.0, 0.0]  # not modified
+
+
+def test_agrees_with_zeros_never_agree() -> None:
+    delta = torch.tensor([1.0, -1.0, 0.0, 0.0, 1e-40])
+    sign = torch.tensor([1.0, 1.0, 1.0, -1.0, 1.0])
+    assert core.agrees_with(delta, sign).tolist() == [True, False, False, False, True]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_sign_consensus_matches_elementwise_reference(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    weights = [0.5 + i for i in range(n)]
+    weighted = [torch.randn(40, 9, generator=g) * (torch.rand(40, 9, generator=g) > 0.3)]
+    weighted += [torch.randn(40, 9, generator=g) for _ in range(n - 1)]
+    total = sum(d.double() for d in weighted)
+    sign = torch.where(total >= 0, 1.0, -1.0).double()
+    keep = [torch.sign(d.double()) == sign for d in weighted]
+    mixed_ref = sum(d.double() * k for d, k in zip(weighted, keep, strict=True))
+    div_ref = sum(w * k.double() for w, k in zip(weights, keep, strict=True))
+    mixed, divisor = core.sign_consensus_([d.clone() for d in weighted], weights)
+    torch.testing.assert_close(mixed.double(), mixed_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(divisor.double(), div_ref, rtol=0, atol=1e-6)
+
+
+# ---- interpolation ---------------------------------------------------------------------------
+
+
+def test_slerp_rows_matches_slerp_per_row() -> None:
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
+    b[1] = a[1] * 3.0  # parallel -> lerp
+    b[2] = -a[2]  # anti-parallel -> lerp
+    a[3] = 0.0  # zero norm -> lerp
+    for t in (0.0, 0.3, 1.0):
+        rows = core.slerp_rows(a, b, t)
+        for i in range(6):
+            torch.testing.assert_close(rows[i], core.slerp(a[i], b[i], t), rtol=1e-6, atol=1e-7)
+
+
+def test_lerp_accepts_tensor_t() -> None:
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    t = torch.tensor([[0.25], [0.75]])
+    assert core.lerp(a, b, t).tolist() == [[0.25] * 3, [0.75] * 3]
+
+
+# ---- random masks ----------------------------------------------------------------------------
+
+
+def test_bernoulli_mask_like_matches_bernoulli_mask_for_constant_probs() -> None:
+    m1 = core.bernoulli_mask((50, 7), 0.3, 5, "model-a", "w")
+    m2 = core.bernoulli_mask_like(torch.full((50, 7), 0.3), 5, "model-a", "w")
+    assert torch.equal(m1, m2)
+    assert not torch.equal(m1, core.bernoulli_mask((50, 7), 0.3, 5, "model-a", "w2"))
+    assert abs(m1.float().mean().item() - 0.3) < 0.08
+
+
+def test_bernoulli_mask_like_follows_per_entry_probs() -> None:
+    probs = torch.tensor([0.0, 1.0]).repeat(500)
+    m = core.bernoulli_mask_like(probs, 0, "x")
+    assert not m[0::2].any() and m[1::2].all()
+
+
+def test_tensor_seed_is_stable() -> None:
+    # a fixed value: masks of saved recipes must not change between releases
+    assert core.tensor_seed(0, "a", "b") == core.tensor_seed(0, "a", "b")
+    assert core.tensor_seed(0, "a", "b") != core.tensor_seed(0, "ab")
+    assert core.tensor_seed(1, "a") != core.tensor_seed(0, "a")
+    assert 0 <= core.tensor_seed(123, "m") < 2**63
+
+
+def test_l1_rescale_matches_norm_and_keeps_zero() -> None:
+    x = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    masked = x * torch.tensor([0.0, 1.0, 0.0, 1.0])
+    out = core.l1_rescale(x, masked)
+    assert out.abs().sum().item() == pytest.approx(10.0)
+    assert out.tolist() == pytest.approx([0.0, -10 / 3, 0.0, -40 / 6])
+    assert core.l1_rescale(x, torch.zeros(4)).abs().sum() == 0
