@@ -28,8 +28,8 @@ class TaskVectorSource(Protocol):
     def get(self, name: str) -> Tensor | None: ...
 
 
-def _has(ckpt: Checkpoint, name: str) -> bool:
-    # a tied lm_head is served by the input embedding even though the file does not store it
+def has_tensor(ckpt: Checkpoint, name: str) -> bool:
+    """True when ckpt holds name (a tied lm_head counts: the input embedding serves it)."""
     return name in ckpt or (name == "lm_head.weight" and ckpt.tied_embeddings)
 
 
@@ -52,7 +52,7 @@ class CheckpointTaskVectors:
             raise
 
     def get(self, name: str) -> Tensor | None:
-        if not (_has(self.base, name) and _has(self.sft, name)):
+        if not (has_tensor(self.base, name) and has_tensor(self.sft, name)):
             return None
         base_shape = tuple(self.base.info(name).shape)
         sft_shape = tuple(self.sft.info(name).shape)
@@ -92,7 +92,7 @@ class TaskVectorFile:
         self.ckpt = open_checkpoint(tv_ref, allow_pickle=allow_pickle)
 
     def get(self, name: str) -> Tensor | None:
-        if not _has(self.ckpt, name):
+        if not has_tensor(self.ckpt, name):
             return None
         return self.ckpt.read(name, dtype=self.dtype)
 

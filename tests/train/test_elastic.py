@@ -1,0 +1,203 @@
+"""Elastic Reset: EMA, resets and checkpoints against a float64 hand computation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mergekit_rl.errors import InputNotFoundError, MismatchError, UsageError
+from mergekit_rl.train.elastic import META_FILE, STATE_FILE, ElasticResetCallback
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def update(step: int, names: list[str], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """A deterministic stand-in for an optimizer step (float64)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return {n: 0.1 * torch.randn(shapes[n], generator=gen, dtype=torch.float64) for n in names}
+
+
+def fake_step(model: nn.Module, step: int) -> None:
+    params = dict(model.named_parameters())
+    shapes = {n: p.shape for n, p in params.items()}
+    with torch.no_grad():
+        for n, d in update(step, list(params), shapes).items():
+            params[n].add_(d.float())
+
+
+def hand_run(theta0: dict[str, Tensor], steps: int, decay: float, ema_every: int, reset_every: int):
+    """The algorithm in float64 (notes section 3): EMA update, then reset on reset steps."""
+    theta = {n: t.double().clone() for n, t in theta0.items()}
+    ema = {n: t.double().clone() for n, t in theta0.items()}
+    shapes = {n: t.shape for n, t in theta0.items()}
+    for t in range(1, steps + 1):
+        # the model itself is float32: apply each step's update as float32 does
+        for n, d in update(t, list(theta), shapes).items():
+            theta[n] = (theta[n].float() + d.float()).double()
+        if t % ema_every == 0:
+            ema = {n: decay * ema[n] + (1 - decay) * theta[n] for n in ema}
+        if t % reset_every == 0:
+            theta = {n: ema[n].float().double() for n in ema}
+            ema = {n: theta0[n].double().clone() for n in theta0}
+    return theta, ema
+
+
+@pytest.mark.parametrize("ema_every,reset_every", [(1, 3), (2, 3)])
+def test_ema_and_resets_match_hand_computation(
+    tmp_path: Path, ema_every: int, reset_every: int
+) -> None:
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = ElasticResetCallback(init, ema_decay=0.9, ema_every=ema_every, reset_every=reset_every)
+    cb.attach(model)
+    for step in range(1, 8):
+        fake_step(model, step)
+        cb.on_step(model, None, step)
+    want_theta, want_ema = hand_run(theta0, 7, 0.9, ema_every, reset_every)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.double(), want_theta[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(cb.ema[n].double(), want_ema[n], atol=1e-6, rtol=0)
+    assert cb.num_resets == 7 // reset_every
+    assert all(e.dtype == torch.float32 for e in cb.ema.values())
+
+
+@pytest.mark.parametrize("keep_init_on_cpu", [False, True])
+def test_reset_reads_initial_weights_from_disk(tmp_path: Path, keep_init_on_cpu: bool) -> None:
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = ElasticResetCallback(init, reset_every=2, keep_init_on_cpu=keep_init_on_cpu)
+    cb.attach(model)
+    # a different theta_0 on disk after attach: only a run that reads the disk at reset sees it
+    on_disk = small_model(seed=5)
+    save_weights(on_disk, init)
+    for step in (1, 2):
+        fake_step(model, step)
+        cb.on_step(model, None, step)
+    want = original if keep_init_on_cpu else dict(on_disk.named_parameters())
+    for n in original:
+        torch.testing.assert_close(cb.ema[n], want[n].detach(), atol=0, rtol=0)
+    assert cb.init.keys() == (original.keys() if keep_init_on_cpu else set())
+
+
+def test_parameters_missing_from_checkpoint_keep_their_attach_value(tmp_path: Path) -> None:
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    model.add_module("value_head", nn.Linear(3, 1))  # a head the checkpoint does not hold
+    head0 = model.value_head.weight.detach().clone()
+    cb = ElasticResetCallback(init, reset_every=1)
+    cb.attach(model)
+    fake_step(model, 1)
+    cb.on_step(model, None, 1)
+    torch.testing.assert_close(cb.ema["value_head.weight"], head0, atol=0, rtol=0)
+
+
+def test_kl_anchor_ema_reference_follows_the_ema(tmp_path: Path) -> None:
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    ref = small_model(seed=3)
+    cb = ElasticResetCallback(init, ema_decay=0.8, ema_every=2, reset_every=5, kl_anchor="ema")
+    cb.attach(model)
+    cb.bind_reference(ref)
+    for step in range(1, 8):
+        fake_step(model, step)
+        cb.on_step(model, None, step)
+        for n, p in ref.named_parameters():
+            assert torch.equal(p, cb.ema[n]), (step, n)
+    assert cb.num_resets == 1
+
+
+def test_kl_anchor_errors(tmp_path: Path) -> None:
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    with pytest.raises(UsageError, match="kl_anchor='init'"):
+        ElasticResetCallback(init, reset_every=2).bind_reference(small_model())
+    cb = ElasticResetCallback(init, reset_every=2, kl_anchor="ema")
+    cb.attach(model)
+    with pytest.raises(UsageError, match="bind_reference"):
+        cb.on_step(model, None, 1)
+
+
+@pytest.mark.parametrize("reset_optimizer", [False, True])
+def test_reset_optimizer_option(tmp_path: Path, reset_optimizer: bool) -> None:
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cb = ElasticResetCallback(init, reset_every=2, reset_optimizer=reset_optimizer)
+    cb.attach(model)
+    for step in (1, 2):
+        model(torch.ones(2, 5)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        cb.on_step(model, opt, step)
+    steps = [float(s.get("step", 0)) for s in opt.state.values()]
+    assert steps == [0.0 if reset_optimizer else 2.0] * 4
+    model(torch.ones(2, 5)).sum().backward()
+    opt.step()  # a cleared state re-initialises lazily
+
+
+def test_save_load_resumes_exactly(tmp_path: Path) -> None:
+    init = save_weights(small_model(), tmp_path / "init.safetensors")
+    kwargs = dict(ema_decay=0.9, ema_every=1, reset_every=4)
+
+    straight = small_model()
+    cb = ElasticResetCallback(init, **kwargs)
+    cb.attach(straight)
+    for step in range(1, 10):
+        fake_step(straight, step)
+        cb.on_step(straight, None, step)
+
+    first = small_model()
+    cb1 = ElasticResetCallback(init, **kwargs)
+    cb1.attach(first)
+    for step in range(1, 6):
+        fake_step(first, step)
+        cb1.on_step(first, None, step)
+    cb1.save(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / META_FILE).read_text())
+    assert meta["step"] == 5 and meta["num_resets"] == 1
+
+    resumed = small_model(seed=9)
+    resumed.load_state_dict(first.state_dict())  # what the Trainer restores itself
+    cb2 = ElasticResetCallback(init, **kwargs)
+    cb2.attach(resumed)
+    cb2.load(tmp_path / "ckpt")
+    for step in range(6, 10):
+        fake_step(resumed, step)
+        cb2.on_step(resumed, None, step)
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    for n in cb.ema:
+        assert torch.equal(cb.ema[n], cb2.ema[n]), n
+    assert cb2.num_resets == cb.num_resets == 2
+
+
+def test_bad_options_and_inputs(tmp_path: Path) -> None:
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    for bad in ({"ema_decay": 1.0}, {"ema_every": 0}, {"reset_every": 0}, {"kl_anchor": "x"}):
+        with pytest.raises(UsageError):
+            ElasticResetCallback(init, **{"reset_every": 3, **bad})
+    with pytest.raises(InputNotFoundError):
+        ElasticResetCallback(tmp_path / "nope", reset_every=3)
+    wide = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    with pytest.raises(MismatchError, match="'0.weight'"):
+        ElasticResetCallback(init, reset_every=3).attach(wide)
+    cb = ElasticResetCallback(init, reset_every=3)
+    cb.attach(model)
+    with pytest.raises(InputNotFoundError, match=STATE_FILE):
+        cb.load(tmp_path)
