@@ -8,6 +8,7 @@ for the tool and for the IO floor.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,13 +17,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-WORK = BENCH_DIR / "_work"
+WORK = Path(os.environ.get("RLMERGE_BENCH_WORK", BENCH_DIR / "_work"))  # models + logs
 RLMERGE = [sys.executable, "-m", "mergekit_rl.cli.app"]  # the console script's code, no shim
 FLOOR = [sys.executable, str(BENCH_DIR / "floor.py")]
 IDLE_TORCH = [sys.executable, "-c", "import torch"]
@@ -74,6 +75,26 @@ def settle(*outputs: Path) -> None:
         elif out.exists():
             out.unlink()
     os.sync()
+
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def can_drop_caches() -> bool:
+    """True when this process may empty the page cache (root, with a writable /proc/sys/vm)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        drop_caches()
+    except OSError:
+        return False
+    return True
+
+
+def drop_caches() -> None:
+    """Flush dirty pages, then drop the page cache, dentries and inodes (needs root)."""
+    os.sync()
+    DROP_CACHES.write_text("3\n")
 
 
 def wait_for_quiet(max_load: float = 0.7, max_wait_s: float = 120.0) -> float:
@@ -166,8 +187,12 @@ def tool_seconds(stdout: str) -> float | None:
         return None
 
 
-def run_cases(cases: Sequence[Case], repeats: int, log: list[dict]) -> None:
-    """Alternate floor and tool runs (order flipped every repeat) and log every run."""
+def run_cases(cases: Sequence[Case], repeats: int, log: list[dict], cold: bool) -> None:
+    """Alternate floor and tool runs (order flipped every repeat) and log every run.
+
+    cold: drop the page cache before every measured command (every input byte comes from disk);
+    otherwise the caller has warmed the cache and every command reads from memory.
+    """
     floor_out = WORK / "out" / "floor"
     for rep in range(repeats):
         for case in cases:
@@ -177,6 +202,8 @@ def run_cases(cases: Sequence[Case], repeats: int, log: list[dict]) -> None:
             ]
             for kind, cmd, outs in pair if rep % 2 == 0 else pair[::-1]:
                 settle(*outs)
+                if cold:
+                    drop_caches()
                 m = measure(cmd)
                 settle(*outs)
                 log.append(
@@ -204,25 +231,35 @@ def idle_torch_rss(repeats: int = 3) -> float:
 RSS_BUDGET_MIB = 1.5e9 / 2**20  # "1.5 GB above idle torch", read conservatively as 1.5e9 bytes
 
 
+def spread(xs: Sequence[float]) -> str:
+    """'median (min-max)' of a few repeats."""
+    return f"{median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
 def summarize(size: str, cases: Sequence[Case], log: list[dict], idle: float) -> list[dict]:
+    """One row per case: medians over the repeats, the spread, and the targets met or not."""
     rows = []
     for case in cases:
         runs = [r for r in log if r["case"] == case.name]
-        floor = median([r["seconds"] for r in runs if r["kind"] == "floor"])
+        floor_s = [r["seconds"] for r in runs if r["kind"] == "floor"]
         tool_runs = [r for r in runs if r["kind"] == "tool"]
-        tool = median([r["seconds"] for r in tool_runs])
+        tool_s = [r["seconds"] for r in tool_runs]
         engine = [r["engine_seconds"] for r in tool_runs if r["engine_seconds"] is not None]
         rss = max(r["peak_rss_mb"] for r in tool_runs)
+        ratio = median(tool_s) / median(floor_s)
         rows.append(
             {
                 "size": size,
                 "case": case.name,
-                "floor_s": round(floor, 2),
-                "tool_s": round(tool, 2),
+                "repeats": len(tool_s),
+                "floor_s": round(median(floor_s), 2),
+                "floor_spread": spread(floor_s),
+                "tool_s": round(median(tool_s), 2),
+                "tool_spread": spread(tool_s),
                 "engine_s": round(median(engine), 2) if engine else None,
-                "ratio": round(tool / floor, 2),
+                "ratio": round(ratio, 2),
                 "target": case.target,
-                "time_ok": tool / floor <= case.target,
+                "time_ok": ratio <= case.target,
                 "floor_rss_mib": round(max(r["peak_rss_mb"] for r in runs if r["kind"] == "floor")),
                 "peak_rss_mib": round(rss),
                 "above_idle_mib": round(rss - idle),
@@ -234,13 +271,84 @@ def summarize(size: str, cases: Sequence[Case], log: list[dict], idle: float) ->
 
 def markdown(rows: Sequence[dict]) -> str:
     head = (
-        "| size | case | floor s | tool s | engine s | ratio | target | time | peak RSS MiB "
-        "| above idle MiB | RSS |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| size | case | floor s | tool s | engine s | ratio | target | time "
+        "| peak RSS MiB | above idle torch MiB | RSS |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     ok = {True: "met", False: "**missed**"}
     return head + "".join(
-        f"| {r['size']} | {r['case']} | {r['floor_s']} | {r['tool_s']} | {r['engine_s']} "
-        f"| {r['ratio']}x | {r['target']}x | {ok[r['time_ok']]} | {r['peak_rss_mib']} "
-        f"| {r['above_idle_mib']} | {ok[r['rss_ok']]} |\n"
+        f"| {r['size']} | {r['case']} | {r['floor_spread']} | {r['tool_spread']} "
+        f"| {r['engine_s']} | {r['ratio']}x | {r['target']}x | {ok[r['time_ok']]} "
+        f"| {r['peak_rss_mib']} | {r['above_idle_mib']} | {ok[r['rss_ok']]} |\n"
         for r in rows
     )
+
+
+# -- one entry point for the command benchmarks (bench_io.py, bench_merge.py) ----------------
+def add_common_args(ap: argparse.ArgumentParser, default_repeats: int = 3) -> None:
+    ap.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B"], help="tiny, 0.5B, 1.5B")
+    ap.add_argument("--repeats", type=int, default=default_repeats)
+    ap.add_argument("--cases", default="", help="only cases whose name contains this")
+    ap.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for load < 0.7")
+    ap.add_argument(
+        "--cache",
+        choices=["auto", "cold", "warm"],
+        default="auto",
+        help="cold: drop the page cache before every command (needs root); warm: read the "
+        "inputs once first; auto: cold when possible",
+    )
+
+
+def resolve_cache(choice: str) -> bool:
+    """True for cold runs; fails when cold is asked for without the rights to drop caches."""
+    possible = can_drop_caches()
+    if choice == "cold" and not possible:
+        raise SystemExit("--cache cold needs root (writing /proc/sys/vm/drop_caches)")
+    return possible if choice == "auto" else choice == "cold"
+
+
+def bench_sizes(
+    tag: str,
+    make_cases: Callable[[str], list[Case]],
+    sizes: Sequence[str],
+    repeats: int,
+    cold: bool,
+    only: str = "",
+    max_wait: float = 120.0,
+) -> list[dict]:
+    """Run every case of every size; save all runs to _work/<tag>-<size>.json; return the rows."""
+    rows = []
+    for size in sizes:
+        cases = [c for c in make_cases(size) if only in c.name]
+        inputs = sorted({p for c in cases for p in c.floor_inputs})
+        missing = [p for p in inputs if not (p / "config.json").exists()]
+        if missing:
+            raise SystemExit(f"missing {missing[0]}: run bench/make_models.py --size {size} first")
+        if not cold:
+            print(f"{size}: warmed {warm_cache(inputs) / 1e9:.1f} GB", flush=True)
+        print(f"{size}: load {wait_for_quiet(max_wait_s=max_wait):.2f}", flush=True)
+        idle = idle_torch_rss()
+        print(f"{size}: idle torch {idle:.0f} MiB", flush=True)
+        log: list[dict] = []
+        run_cases(cases, repeats, log, cold)
+        size_rows = summarize(size, cases, log, idle)
+        data = {"cache": "cold" if cold else "warm", "idle_torch_mib": idle, "runs": log}
+        save_json(WORK / f"{tag}-{size}.json", {**data, "rows": size_rows})
+        rows += size_rows
+    return rows
+
+
+def main_for(tag: str, make_cases: Callable[[str], list[Case]], doc: str) -> None:
+    """Parse the common options, run the cases, print and save the markdown table."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    add_common_args(ap)
+    args = ap.parse_args()
+    cold = resolve_cache(args.cache)
+    info = machine()
+    print(info, f"cache: {'cold' if cold else 'warm'}", flush=True)
+    rows = bench_sizes(tag, make_cases, args.sizes, args.repeats, cold, args.cases, args.max_wait)
+    table = markdown(rows)
+    print(table)
+    cache = "cold (page cache dropped before every command)" if cold else "warm"
+    header = "".join(f"- {k}: {v}\n" for k, v in info.items()) + f"- cache: {cache}\n\n"
+    (WORK / f"{tag}.md").write_text(header + table)

@@ -26,6 +26,9 @@ from mergekit_rl.io.writer import CheckpointWriter, Entry
 
 # Llama-like shapes; vocab 32000, full multi-head attention, untied lm_head.
 SIZES: dict[str, dict[str, int]] = {
+    "micro": dict(  # ~8 MB, for the smoke test
+        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4
+    ),
     "tiny": dict(
         hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4
     ),
