@@ -14,7 +14,7 @@ import typer
 
 from mergekit_rl import __version__
 
-from . import demo, models
+from . import demo, merge, models
 from .errors import DEBUG
 
 app = typer.Typer(
@@ -44,6 +44,7 @@ def _main(
 
 
 models.register(app)
+merge.register(app)
 demo.register(app)
 
 

@@ -1,0 +1,309 @@
+"""Plan one recipe stage: every output tensor, what it reads, and its resolved parameters.
+
+A `Stage` (checks.py) plus its opened input checkpoints becomes a `StagePlan`: one engine
+`TensorJob` per output tensor with the method's parameters evaluated for that tensor. Planning
+reads headers only, so `--dry-run` can print it and the engine can stream it.
+
+Layers and depth:
+- A tensor is a layer tensor when its name holds `layers.N.` (also `h.N.`, `blocks.N.`).
+- A `models:` recipe is one slice over every layer. A `slices:` recipe stacks its slices: the
+  k-th layer of a slice is read at `start + k` of each source and written at `offset + k`
+  (layers are renumbered), and `num_hidden_layers` (and `layer_types`) of the output config
+  are rewritten.
+- Depth t of layer k in a slice of L layers is k / (L - 1) (1 for a one-layer slice). Gradients
+  are evaluated at t.
+- Tensors outside the layers: embeddings (`embed`, `wte`, `wpe` in the name) are merged from
+  the first slice's sources at t = 0; every other one (final norm, lm_head) from the last
+  slice's sources at t = 1. mergekit evaluates gradients at t = 0 for both ends; we differ on
+  purpose, so that a gradient's last value applies to the top of the model.
+- Filters (`{filter: ..., value: ...}`) match substrings of the output tensor name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..engine import TensorJob
+from ..errors import RecipeError
+from ..io.reader import TIED_PAIR, Checkpoint, check_compatible
+from ..merge.registry import MergeMethod
+from .checks import SliceSpec, Source, Stage
+from .params import resolve
+
+# prefix ends with the container name and a dot; group 2 is the layer index
+_LAYER = re.compile(r"^((?:.*?\.)?(?:layers|h|blocks)\.)(\d+)(\..+)$")
+_PRE = ("embed", "wte", "wpe")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+PEAK_CONSTANT_BYTES = 400 * 2**20  # python + torch + the reader's buffers, measured roughly
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: the engine job plus what the method needs besides the tensors."""
+
+    job: TensorJob  # sources: base first (when has_base), then one per model
+    has_base: bool
+    model_ids: tuple[str, ...]  # one per non-base source: seeds random masks
+    model_params: tuple[dict[str, Any], ...]  # as resolved from the recipe (defaults left out)
+    global_params: dict[str, Any]
+    t: float  # depth used for gradients
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    inputs: list[Checkpoint]  # job source indices point here
+    refs: list[str]  # the recipe reference of each input
+    tensors: list[TensorPlan]
+    aux_from: Checkpoint | None  # config and tokenizer source
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> MergeMethod:
+        return self.stage.method
+
+    def jobs(self) -> list[TensorJob]:
+        return [p.job for p in self.tensors]
+
+    def peak_memory_bytes(self) -> int:
+        """(inputs + 2) x the largest tensor in float32, plus a constant (the engine holds a
+        tensor's inputs, the result and one temporary at a time)."""
+        worst = max(
+            ((len(p.job.sources) + 2) * _numel(p.job.shape) for p in self.tensors), default=0
+        )
+        return 4 * worst + PEAK_CONSTANT_BYTES
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---- names -------------------------------------------------------------------------------------
+
+
+def split_layer(name: str) -> tuple[str, int, str] | None:
+    """'model.layers.3.mlp.up.weight' -> ('model.layers.', 3, '.mlp.up.weight'); None outside."""
+    m = _LAYER.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def layer_names(ckpt: Checkpoint) -> dict[int, list[tuple[str, str]]]:
+    """layer index -> (prefix, suffix) of each of its tensors, in storage order."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for name in ckpt.names():
+        parts = split_layer(name)
+        if parts:
+            out.setdefault(parts[1], []).append((parts[0], parts[2]))
+    return out
+
+
+def num_layers(ckpt: Checkpoint) -> int:
+    layers = layer_names(ckpt)
+    return max(layers) + 1 if layers else 0
+
+
+def outer_names(ckpt: Checkpoint, want_lm_head: bool) -> tuple[list[str], list[str]]:
+    """Tensors outside the layers: (embeddings, the rest) in storage order. A tied lm_head is
+    added to the rest when another input stores it (`want_lm_head`)."""
+    pre, post = [], []
+    for name in ckpt.names():
+        if split_layer(name) is None:
+            (pre if any(k in name for k in _PRE) else post).append(name)
+    if want_lm_head and TIED_PAIR[0] not in post:
+        post.append(TIED_PAIR[0])
+    return pre, post
+
+
+# ---- planning ----------------------------------------------------------------------------------
+
+
+class _Builder:
+    """Accumulates tensor plans and problems for one stage."""
+
+    def __init__(self, stage: Stage, ckpts: dict[str, Checkpoint]):
+        self.stage = stage
+        self.method = stage.method
+        self.ckpts = ckpts  # recipe reference -> opened checkpoint
+        self.inputs: list[Checkpoint] = []
+        self.refs: list[str] = []
+        self.tensors: list[TensorPlan] = []
+        self.problems: list[tuple[str, str]] = []
+
+    def index(self, ref: str) -> int:
+        if ref not in self.refs:
+            self.refs.append(ref)
+            self.inputs.append(self.ckpts[ref])
+        return self.refs.index(ref)
+
+    def add(self, out_name: str, spec: SliceSpec, reads: Sequence[tuple[Source, str]], t: float):
+        """One output tensor from (source, input tensor name) pairs, base first if any."""
+        shape = self._check_shapes(out_name, reads)
+        if shape is None:
+            return
+        first = self.ckpts[reads[0][0].ref].info(reads[0][1])
+        sources = tuple((self.index(src.ref), name) for src, name in reads)
+        models = [src for src, _ in reads[1:]] if spec.base else [src for src, _ in reads]
+        model_names = sorted(self.method.model_param_names())
+        global_names = sorted(self.method.global_param_names())
+        mps = tuple(
+            resolve(model_names, [src.params, spec.params, self.stage.global_params], out_name, t)
+            for src in models
+        )
+        gp = resolve(global_names, [spec.params, self.stage.global_params], out_name, t)
+        self._check_values(out_name, mps, gp)
+        plan = TensorPlan(
+            job=TensorJob(out_name, sources, shape, first.dtype),
+            has_base=spec.base is not None,
+            model_ids=_model_ids([src.ref for src in models]),
+            model_params=mps,
+            global_params=gp,
+            t=t,
+        )
+        self.tensors.append(plan)
+
+    def _check_shapes(
+        self, out_name: str, reads: Sequence[tuple[Source, str]]
+    ) -> tuple[int, ...] | None:
+        shapes = {}
+        for src, name in reads:
+            ckpt = self.ckpts[src.ref]
+            if name not in ckpt and not (name == TIED_PAIR[0] and ckpt.tied_embeddings):
+                self.problems.append((src.path, f"'{src.ref}' has no tensor '{name}'"))
+                return None
+            shapes[src.ref] = ckpt.info(name).shape
+        if len(set(shapes.values())) > 1:
+            listed = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
+            vocab = (
+                " (vocabulary sizes differ)"
+                if any(k in out_name for k in ("embed", "lm_head"))
+                else ""
+            )
+            self.problems.append(("", f"tensor '{out_name}' has different shapes{vocab}: {listed}"))
+            return None
+        return next(iter(shapes.values()))
+
+    def _check_values(self, out_name: str, mps: Sequence[dict], gp: dict) -> None:
+        """Cross-field checks need the values of one tensor (e.g. della's epsilon vs density)."""
+        checks = [(self.method.global_params, gp)] + [(self.method.model_params, p) for p in mps]
+        for model, values in checks:
+            try:
+                model.model_validate(values)
+            except ValidationError as e:
+                err = e.errors()[0]
+                msg = err.get("ctx", {}).get("error", err["msg"])
+                self.problems.append(("parameters", f"tensor '{out_name}': {msg}"))
+                return
+
+
+def _model_ids(refs: Sequence[str]) -> tuple[str, ...]:
+    """The reference of each model; a model listed twice gets '#2', '#3' (distinct masks)."""
+    out: list[str] = []
+    for ref in refs:
+        n = sum(1 for r in refs[: len(out)] if r == ref)
+        out.append(ref if n == 0 else f"{ref}#{n + 1}")
+    return tuple(out)
+
+
+def _reads(spec: SliceSpec, names: str | dict[str, str]) -> list[tuple[Source, str]]:
+    """(source, tensor name) for the base (if any) and each model; names: one name for all,
+    or reference -> name."""
+    srcs = ([spec.base] if spec.base else []) + list(spec.sources)
+    return [(s, names if isinstance(names, str) else names[s.ref]) for s in srcs]
+
+
+def _full_range(spec: SliceSpec, ckpts: dict[str, Checkpoint]) -> dict[str, tuple[int, int]]:
+    srcs = ([spec.base] if spec.base else []) + list(spec.sources)
+    return {s.ref: s.layer_range or (0, num_layers(ckpts[s.ref])) for s in srcs}
+
+
+def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe") -> StagePlan:
+    """Every output tensor of a stage; raises RecipeError (with every problem) or
+    MismatchError when the inputs do not fit together."""
+    b = _Builder(stage, ckpts)
+    if not stage.sliced:
+        check_compatible([ckpts[r] for r in stage.refs()])
+    ranges = [_full_range(spec, ckpts) for spec in stage.slices]
+    first, last = stage.slices[0], stage.slices[-1]
+    all_refs = [
+        s.ref
+        for spec in stage.slices
+        for s in ([spec.base] if spec.base else []) + list(spec.sources)
+    ]
+    any_untied = any(not ckpts[r].tied_embeddings for r in all_refs)
+    template = ckpts[first.sources[0].ref]
+    pre, post = outer_names(template, any_untied and template.tied_embeddings)
+    for name in pre:
+        b.add(name, first, _reads(first, name), 0.0)
+    offset = 0
+    for spec, rng in zip(stage.slices, ranges, strict=True):
+        offset += _plan_slice_layers(b, spec, rng, offset)
+    tmpl_last = ckpts[last.sources[0].ref]
+    _, post_last = outer_names(tmpl_last, any_untied and tmpl_last.tied_embeddings)
+    for name in post_last:
+        b.add(name, last, _reads(last, name), 1.0)
+    if b.problems:
+        raise RecipeError(
+            source, [(stage.label + p if p else stage.label.rstrip(), m) for p, m in b.problems]
+        )
+    aux = _aux_source(stage, ckpts)
+    updates = _config_updates(aux, stage, ranges, offset) if stage.sliced else {}
+    return StagePlan(stage, b.inputs, b.refs, b.tensors, aux, updates)
+
+
+def _plan_slice_layers(
+    b: _Builder, spec: SliceSpec, rng: dict[str, tuple[int, int]], offset: int
+) -> int:
+    """Add the layer tensors of one slice written from layer `offset` on; returns its length."""
+    tmpl = spec.sources[0]
+    start, end = rng[tmpl.ref]
+    layers = layer_names(b.ckpts[tmpl.ref])
+    n = end - start
+    for k in range(n):
+        if start + k not in layers:
+            have = num_layers(b.ckpts[tmpl.ref])
+            b.problems.append(
+                (tmpl.path, f"'{tmpl.ref}' has {have} layers; layer {start + k} does not exist")
+            )
+            return n
+        t = k / (n - 1) if n > 1 else 1.0
+        for prefix, suffix in layers[start + k]:
+            names = {ref: f"{prefix}{a + k}{suffix}" for ref, (a, _) in rng.items()}
+            b.add(f"{prefix}{offset + k}{suffix}", spec, _reads(spec, names), t)
+    return n
+
+
+def _aux_source(stage: Stage, ckpts: dict[str, Checkpoint]) -> Checkpoint | None:
+    """Config and tokenizer come from tokenizer_source, else the base, else the first model."""
+    tok = stage.recipe.tokenizer_source
+    if tok not in (None, "base") and tok in ckpts:
+        return ckpts[tok]
+    if stage.recipe.base_model is not None and stage.recipe.base_model in ckpts:
+        return ckpts[stage.recipe.base_model]
+    return ckpts[stage.slices[0].sources[0].ref]
+
+
+def _config_updates(
+    aux: Checkpoint | None, stage: Stage, ranges: list[dict[str, tuple[int, int]]], total: int
+) -> dict[str, Any]:
+    """num_hidden_layers (whichever key the config uses) and per-layer lists like layer_types."""
+    config = (aux.config if aux else None) or {}
+    updates: dict[str, Any] = {k: total for k in LAYER_COUNT_KEYS if k in config}
+    if not updates:
+        updates["num_hidden_layers"] = total
+    old_n = next((config[k] for k in LAYER_COUNT_KEYS if k in config), None)
+    for key, value in config.items():
+        if isinstance(value, list) and old_n and len(value) == old_n and key.startswith("layer"):
+            picked = []
+            for spec, rng in zip(stage.slices, ranges, strict=True):
+                a, e = rng[spec.sources[0].ref]
+                picked += value[a:e]
+            updates[key] = picked
+    return updates

@@ -1,0 +1,336 @@
+"""Run a recipe file: one merge, or a pipeline of merges, on the streaming engine.
+
+Where things are read and written:
+- A model reference is the name of an earlier pipeline stage (its output is used), else a local
+  path (relative to the current working directory, like mergekit) or a hub id
+  `org/name[@revision]`. Every reference is resolved before anything is written; a missing one
+  is reported with its YAML path.
+- A one-document recipe writes OUT.
+- A pipeline (documents separated by `---`) writes each intermediate stage to `OUT/<name>` and
+  the last stage to OUT itself, beside those folders. A stage whose output already exists and
+  is complete is skipped and its output reused; `force` reruns every stage.
+- Every output holds `rlmerge_recipe.yaml` (the stage's recipe with defaults filled in and
+  the resolved inputs) and a model card quoting it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from .. import __version__
+from ..engine import (
+    Compute,
+    OutputSpec,
+    RunSummary,
+    TensorJob,
+    dtype_name,
+    out_dtype,
+    parse_dtype,
+    run_jobs,
+)
+from ..errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError
+from ..io.card import output_is_complete
+from ..io.reader import Checkpoint
+from ..io.reference import ModelSource, resolve
+from ..io.safetensors_format import TensorInfo
+from ..io.writer import DEFAULT_MAX_SHARD, check_output_path, plan_shards
+from ..merge.registry import TensorContext
+from ..ops import WriteOptions, output_spec
+from .checks import Stage, load_pipeline
+from .plan import StagePlan, plan_stage
+
+RECIPE_FILE = "rlmerge_recipe.yaml"
+FINAL_STAGING = ".rlmerge-final"  # the last pipeline stage is written here, then moved into OUT
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    write: WriteOptions = WriteOptions()  # engine options, output dtype (overrides the recipe)
+    max_shard_size: int | None = None  # None: the recipe's max_shard_size, else 5 GB
+
+
+@dataclass
+class StageResult:
+    name: str | None
+    output: str
+    status: str  # "merged" or "skipped" (output already complete)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def load_recipe(path: str | Path) -> list[Stage]:
+    """Read and validate a recipe file (RecipeError lists every problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"recipe file '{path}' does not exist.")
+    return load_pipeline(path.read_text(), str(path))
+
+
+def stage_outputs(stages: Sequence[Stage], out: Path) -> list[Path]:
+    """OUT for a single recipe; OUT/<name> for intermediate stages and OUT for the last one."""
+    return [out / s.name if i < len(stages) - 1 else out for i, s in enumerate(stages)]  # type: ignore[operator]
+
+
+# ---- resolving inputs --------------------------------------------------------------------------
+
+
+def resolve_inputs(
+    stages: Sequence[Stage], source: str, allow_pickle: bool
+) -> dict[str, ModelSource]:
+    """Every reference that is not a stage name -> its files; RecipeError naming each missing
+    one with its YAML path (nothing has been written yet)."""
+    found: dict[str, ModelSource] = {}
+    problems: list[tuple[str, str]] = []
+    names: set[str] = set()
+    for stage in stages:
+        for ref, paths in stage.ref_paths().items():
+            if ref in names or ref in found:
+                continue
+            try:
+                found[ref] = resolve(ref, allow_pickle=allow_pickle)
+            except UsageError as e:
+                problems += [(stage.label + p, str(e)) for p in paths]
+        if stage.name:
+            names.add(stage.name)
+    if problems:
+        raise RecipeError(source, problems)
+    return found
+
+
+class PlannedCheckpoint(Checkpoint):
+    """Headers of a stage output that a dry run has planned but not written."""
+
+    def __init__(self, plan: StagePlan, path: Path, dtype: torch.dtype | None):
+        self.source = ModelSource(str(path), path, ())
+        base_config = (plan.aux_from.config if plan.aux_from else None) or {}
+        self.config = {**base_config, **plan.config_updates}
+        self.metadata = {}
+        self._files, self._pickled = {}, {}
+        self._infos = {}
+        for p in plan.tensors:
+            dt = out_dtype(p.job, OutputSpec(path, dtype))
+            nbytes = _numel(p.job.shape) * torch.empty((), dtype=dt).element_size()
+            self._infos[p.job.name] = TensorInfo(p.job.name, p.job.shape, dt, path, 0, nbytes)
+        if self.config.get("tie_word_embeddings") and "lm_head.weight" in self._infos:
+            self.config["tie_word_embeddings"] = False
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---- one stage ---------------------------------------------------------------------------------
+
+
+def make_compute(plan: StagePlan, seed: int) -> Compute:
+    """compute(job, xs) for the engine: xs are the job's sources, base first when it has one."""
+    by_name = {p.job.name: p for p in plan.tensors}
+    method = plan.method
+
+    def compute(job: TensorJob, xs: list[Tensor]) -> list[Tensor]:
+        p = by_name[job.name]
+        base, models = (xs[0], xs[1:]) if p.has_base else (None, xs)
+        ctx = TensorContext(job.name, p.model_ids, seed)
+        return [method.run(ctx, models, base, list(p.model_params), p.global_params)]
+
+    return compute
+
+
+def stage_dtype(stage: Stage, opts: MergeOptions) -> torch.dtype | None:
+    """--dtype, else the recipe's out_dtype, else its dtype, else the inputs' dtype."""
+    return opts.write.dtype or parse_dtype(stage.recipe.out_dtype or stage.recipe.dtype)
+
+
+def shard_size(stage: Stage, opts: MergeOptions) -> int:
+    return opts.max_shard_size or stage.max_shard_size or DEFAULT_MAX_SHARD
+
+
+def resolved_recipe(stage: Stage, plan: StagePlan) -> str:
+    """The stage's recipe as YAML (defaults filled in), with the resolved inputs as comments."""
+    lines = [f"# resolved by rlmerge {__version__}; inputs:"]
+    for ref, ckpt in zip(plan.refs, plan.inputs, strict=True):
+        lines.append(f"#   {ref} -> {ckpt.source.identity}")
+    data = stage.recipe.model_dump(mode="json", exclude_none=True)
+    return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def run_stage(plan: StagePlan, target: Path, opts: MergeOptions, force: bool) -> RunSummary:
+    stage = plan.stage
+    dtype = stage_dtype(stage, opts)
+    wopts = replace(opts.write, dtype=dtype)
+    names = [p.job.name for p in plan.tensors]
+    title = f"{stage.method.name} merge" + (f" ({stage.name})" if stage.name else "")
+    recipe = resolved_recipe(stage, plan)
+    spec = output_spec(target, plan.inputs, plan.aux_from, wopts, title, names, recipe=recipe)
+    spec.config_updates.update(plan.config_updates)
+    spec.extra_files[RECIPE_FILE] = recipe
+    run = replace(opts.write.run, max_shard_size=shard_size(stage, opts), force=force)
+    compute = make_compute(plan, stage.recipe.seed)
+    label = f"merging {stage.name}" if stage.name else "merging"
+    return run_jobs(plan.inputs, plan.jobs(), compute, [spec], run, label)
+
+
+# ---- the pipeline ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _opened(
+    stage: Stage,
+    sources: dict[str, ModelSource],
+    planned: dict[str, Checkpoint],
+) -> Iterator[dict[str, Checkpoint]]:
+    """Reference -> checkpoint for one stage: earlier stage outputs first, then files."""
+    with ExitStack() as stack:
+        ckpts: dict[str, Checkpoint] = {}
+        for ref in stage.refs():
+            if ref in planned:
+                ckpts[ref] = planned[ref]
+            else:
+                ckpts[ref] = stack.enter_context(Checkpoint(sources[ref]))
+        yield ckpts
+
+
+def _check_outputs(
+    stages: Sequence[Stage], outs: Sequence[Path], sources: dict[str, ModelSource], force: bool
+) -> None:
+    files = list(sources.values())
+    if len(stages) == 1:
+        check_output_path(outs[0], files, force)
+        return
+    for p in outs:  # a pipeline owns OUT and its stage folders: only overlaps are refused
+        check_output_path(p, files, force=True)
+    if outs[-1].exists() and not outs[-1].is_dir():
+        raise OutputExistsError(f"output '{outs[-1]}' is a file; a pipeline writes a folder.")
+
+
+def _is_done(stages: Sequence[Stage], out: Path, force: bool) -> bool:
+    return len(stages) > 1 and not force and output_is_complete(out)
+
+
+def merge_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> list[StageResult]:
+    """Run every stage of a recipe file; return what each stage did."""
+    stages = load_recipe(recipe_path)
+    source = str(recipe_path)
+    sources = resolve_inputs(stages, source, opts.write.allow_pickle)
+    outs = stage_outputs(stages, Path(out))
+    force = opts.write.run.force
+    _check_outputs(stages, outs, sources, force)
+    results: list[StageResult] = []
+    done: dict[str, Checkpoint] = {}
+    with ExitStack() as stack:
+        for i, (stage, path) in enumerate(zip(stages, outs, strict=True)):
+            last = i == len(stages) - 1
+            if _is_done(stages, path, force):
+                results.append(StageResult(stage.name, str(path), "skipped"))
+            else:
+                with _opened(stage, sources, done) as ckpts:
+                    plan = plan_stage(stage, ckpts, source)
+                    target = path / FINAL_STAGING if last and len(stages) > 1 else path
+                    summary = run_stage(plan, target, opts, force or len(stages) > 1)
+                if target != path:
+                    publish(target, path)
+                results.append(StageResult(stage.name, str(path), "merged", summary.to_dict()))
+            if stage.name and not last:
+                done[stage.name] = stack.enter_context(Checkpoint(resolve(str(path))))
+    return results
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move a finished output from `staging` into `out` (which holds the stage folders):
+    weights last, so that `out` counts as complete only once everything is in place."""
+    for old in list(out.glob("*.safetensors")) + list(out.glob("*.index.json")):
+        old.unlink()
+    items = sorted(staging.iterdir(), key=lambda p: (p.suffix == ".safetensors", "index" in p.name))
+    for item in items:
+        dest = out / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    staging.rmdir()
+
+
+# ---- dry run -----------------------------------------------------------------------------------
+
+
+def plan_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> dict[str, Any]:
+    """What `merge_file` would do, as a JSON-able dict; reads headers only, writes nothing."""
+    stages = load_recipe(recipe_path)
+    source = str(recipe_path)
+    sources = resolve_inputs(stages, source, opts.write.allow_pickle)
+    outs = stage_outputs(stages, Path(out))
+    force = opts.write.run.force
+    _check_outputs(stages, outs, sources, force)
+    described: list[dict[str, Any]] = []
+    done: dict[str, Checkpoint] = {}
+    with ExitStack() as stack:
+        for i, (stage, path) in enumerate(zip(stages, outs, strict=True)):
+            skip = _is_done(stages, path, force)
+            with _opened(stage, sources, done) as ckpts:
+                plan = plan_stage(stage, ckpts, source)
+                described.append(describe(plan, path, opts, "skip" if skip else "merge"))
+            if stage.name and i < len(stages) - 1:
+                if skip:
+                    done[stage.name] = stack.enter_context(Checkpoint(resolve(str(path))))
+                else:
+                    done[stage.name] = PlannedCheckpoint(plan, path, stage_dtype(stage, opts))
+    return {"recipe": source, "output": str(out), "stages": described}
+
+
+def describe(plan: StagePlan, out: Path, opts: MergeOptions, action: str) -> dict[str, Any]:
+    """One stage's plan: inputs, per-tensor method and values, shards, bytes, peak memory."""
+    stage = plan.stage
+    method = plan.method
+    dtype = stage_dtype(stage, opts)
+    spec = OutputSpec(out, dtype)
+    tensors = []
+    for p in plan.tensors:
+        gp = method.global_params.model_validate(p.global_params).model_dump(by_alias=True)
+        mps = [
+            method.model_params.model_validate(m).model_dump(by_alias=True) for m in p.model_params
+        ]
+        tensors.append(
+            {
+                "name": p.job.name,
+                "shape": list(p.job.shape),
+                "dtype": dtype_name(out_dtype(p.job, spec)),
+                "t": round(p.t, 6),
+                "sources": [[plan.refs[i], name] for i, name in p.job.sources],
+                "base": p.has_base,
+                "global_params": gp,
+                "model_params": dict(zip(p.model_ids, mps, strict=True)),
+            }
+        )
+    entries = [(p.job.name, p.job.shape, out_dtype(p.job, spec)) for p in plan.tensors]
+    shards = plan_shards(entries, shard_size(stage, opts))
+    return {
+        "name": stage.name,
+        "action": action,
+        "output": str(out),
+        "method": method.name,
+        "seed": stage.recipe.seed,
+        "dtype": dtype_name(dtype) if dtype else "as inputs",
+        "inputs": [
+            {"ref": r, "resolved": c.source.identity, "revision": c.source.revision}
+            for r, c in zip(plan.refs, plan.inputs, strict=True)
+        ],
+        "config_from": plan.aux_from.source.ref if plan.aux_from else None,
+        "config_updates": plan.config_updates,
+        "tensors": tensors,
+        "shards": [
+            {"file": s.filename, "tensors": len(s.entries), "bytes": s.nbytes} for s in shards
+        ],
+        "bytes": sum(s.nbytes for s in shards),
+        "peak_memory_bytes": plan.peak_memory_bytes(),
+    }
