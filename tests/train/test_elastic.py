@@ -201,3 +201,66 @@ def test_bad_options_and_inputs(tmp_path: Path) -> None:
     cb.attach(model)
     with pytest.raises(InputNotFoundError, match=STATE_FILE):
         cb.load(tmp_path)
+
+
+# -- with a real transformers Trainer -----------------------------------------------------------
+
+
+class _StopAt:
+    """A callback that stops training after optimizer step n (the save at n still happens)."""
+
+    def __init__(self, n: int):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+                if state.global_step == n:
+                    control.should_training_stop = True
+
+        self.callback = Stop()
+
+
+def _train(family: dict[str, Path], out: Path, stop_at: int | None, resume: bool):
+    """Six steps of causal-LM training on tiny Llama sft1 with Elastic Reset (reset every 2)."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from mergekit_rl.tiny import CORPUS, build_tokenizer
+
+    tok = build_tokenizer()
+    rows = [tok(text)["input_ids"][:12] for text in CORPUS[:24]]
+    data = [{"input_ids": r, "labels": r} for r in rows if len(r) == 12]
+    model = AutoModelForCausalLM.from_pretrained(family["sft1"], dtype=torch.float32)
+    cb = ElasticResetCallback(family["sft1"], ema_decay=0.7, reset_every=2)
+    args = TrainingArguments(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to="none",
+        max_steps=6,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=3,
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    callbacks = [cb] + ([_StopAt(stop_at).callback] if stop_at else [])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-3") if resume else None)
+    return model, cb
+
+
+def test_trainer_stopped_and_resumed_equals_uninterrupted(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    straight, cb = _train(family, tmp_path / "a", stop_at=None, resume=False)
+    assert cb.num_resets == 3
+    _, cb_first = _train(family, tmp_path / "b", stop_at=3, resume=False)
+    assert cb_first.last_step == 3 and (tmp_path / "b" / "checkpoint-3" / STATE_FILE).is_file()
+    resumed, cb_resumed = _train(family, tmp_path / "b", stop_at=None, resume=True)
+    assert cb_resumed.num_resets == 3
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    for n in cb.ema:
+        assert torch.equal(cb.ema[n], cb_resumed.ema[n]), n
