@@ -115,7 +115,8 @@ def load_pipeline(text: str, source: str) -> list[Stage]:
         label = _label(i, doc, len(docs))
         recipe, more = parse_recipe(doc)
         if recipe is not None:
-            stage, more = check_recipe(recipe, label)
+            stage, checked = check_recipe(recipe, label)
+            more += checked
             more += _check_stage_name(recipe, i, len(docs), names)
             more += _check_stage_refs(recipe, stage, names, docs)
             if stage is not None:

@@ -9,6 +9,7 @@ file itself; problems are collected with their YAML path and raised together (ch
 
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Any
 
@@ -120,4 +121,27 @@ def parse_recipe(doc: Any) -> tuple[Recipe | None, list[tuple[str, str]]]:
     try:
         return Recipe.model_validate(doc), []
     except ValidationError as e:
-        return None, schema_problems(e)
+        problems = schema_problems(e)
+        locs = [tuple(err["loc"]) for err in e.errors()]
+    # Drop the offending keys and validate again, so that checks further on (methods,
+    # parameters) still report their problems in the same run; None if that fails too.
+    try:
+        return Recipe.model_validate(_without(doc, locs)), problems
+    except ValidationError:
+        return None, problems
+
+
+def _without(doc: dict[str, Any], locs: list[tuple[str | int, ...]]) -> dict[str, Any]:
+    """A deep copy of `doc` without the mapping keys at `locs` (list items are kept)."""
+    out = copy.deepcopy(doc)
+    for loc in locs:
+        parent: Any = out
+        for part in loc[:-1]:
+            try:
+                parent = parent[part]
+            except (KeyError, IndexError, TypeError):
+                parent = None
+                break
+        if isinstance(parent, dict):
+            parent.pop(loc[-1], None)
+    return out

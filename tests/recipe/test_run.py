@@ -1,0 +1,351 @@
+"""Recipe runs on tiny models, checked against naive full-state-dict computations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergekit_rl.errors import OutputExistsError, RecipeError
+from mergekit_rl.recipe.run import RECIPE_FILE, MergeOptions, merge_file, plan_file
+from mergekit_rl.tiny import build_family
+from tests.conftest import assert_states_close, load_state
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-layer family, so that a gradient has a value strictly inside its range."""
+    return build_family(tmp_path_factory.mktemp("deep"), layers=LAYERS, hidden=32)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run(recipe: Path, out: Path, **kw) -> list:
+    return merge_file(recipe, out, MergeOptions(**kw))
+
+
+def layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+# ---- naive references (float64, whole state dicts) -------------------------------------------
+
+
+def naive_ties(base, models, weights, densities):
+    """TIES on one tensor: top-k |delta| per model, majority sign of the weighted sum (0 -> +),
+    mean over agreeing models weighted by w, added to base."""
+    b = base.double()
+    kept = []
+    for x, d in zip(models, densities, strict=True):
+        delta = x.double() - b
+        k = int(d * delta.numel())
+        mask = torch.zeros(delta.numel(), dtype=torch.bool)
+        if k > 0:
+            mask[delta.abs().flatten().topk(k).indices] = True
+        kept.append(delta * mask.reshape(delta.shape))
+    weighted = [w * k for w, k in zip(weights, kept, strict=True)]
+    sign = torch.where(sum(weighted) >= 0, 1.0, -1.0).double()
+    num = sum(wk * (torch.sign(wk) == sign) for wk in weighted)
+    den = sum(w * (torch.sign(wk) == sign) for w, wk in zip(weights, weighted, strict=True))
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    return b + num / den
+
+
+def naive_slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cos = float(torch.dot(a64 / a64.norm(), b64 / b64.norm()))
+    if abs(cos) > 0.9995:
+        out = (1 - t) * a64 + t * b64
+    else:
+        theta = math.acos(cos)
+        out = (math.sin((1 - t) * theta) * a64 + math.sin(t * theta) * b64) / math.sin(theta)
+    return out.reshape(a.shape)
+
+
+# ---- single merges -------------------------------------------------------------------------
+
+
+def test_linear_with_relative_paths(family, tmp_path, monkeypatch):
+    monkeypatch.chdir(family["base"].parent)
+    recipe = write(
+        tmp_path / "r.yaml",
+        "merge_method: linear\nmodels:\n"
+        "  - {model: sft1, parameters: {weight: 3}}\n"
+        "  - {model: ./sft2, parameters: {weight: 1}}\n",
+    )
+    out = tmp_path / "out"
+    [result] = run(recipe, out)
+    assert result.status == "merged"
+    a, b = load_state(family["sft1"]), load_state(family["sft2"])
+    want = {k: (3 * a[k].double() + b[k].double()) / 4 for k in a}
+    assert_states_close(load_state(out), want)
+    assert "merge_method: linear" in (out / RECIPE_FILE).read_text()
+    assert "merge_method: linear" in (out / "README.md").read_text()
+
+
+def test_ties_matches_naive(family, tmp_path):
+    recipe = write(
+        tmp_path / "ties.yaml",
+        f"""
+merge_method: ties
+base_model: {family["base"]}
+models:
+  - model: {family["sft1"]}
+    parameters: {{weight: 0.7, density: 0.4}}
+  - model: {family["sft2"]}
+    parameters: {{weight: 0.3, density: 0.8}}
+""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    base, s1, s2 = (load_state(family[k]) for k in ("base", "sft1", "sft2"))
+    want = {k: naive_ties(base[k], [s1[k], s2[k]], [0.7, 0.3], [0.4, 0.8]) for k in base}
+    assert_states_close(load_state(out), want, atol=1e-5)
+
+
+def test_slerp_gradient_per_layer(deep_family, tmp_path):
+    """t: [0.2, 0.8] gives 0.2, 0.5, 0.8 on the three layers; embeddings take t = 0 (0.2),
+    the final norm and lm_head t = 1 (0.8)."""
+    recipe = write(
+        tmp_path / "slerp.yaml",
+        f"""
+merge_method: slerp
+base_model: {deep_family["base"]}
+models: [{{model: {deep_family["rlhf"]}}}]
+parameters: {{t: [0.2, 0.8]}}
+""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    base, rl = load_state(deep_family["base"]), load_state(deep_family["rlhf"])
+    got = load_state(out)
+    for name in base:
+        layer = layer_of(name)
+        if layer is not None:
+            t = 0.2 + 0.6 * layer / (LAYERS - 1)
+        else:
+            t = 0.2 if "embed" in name else 0.8
+        torch.testing.assert_close(
+            got[name].double(), naive_slerp(base[name], rl[name], t), atol=1e-6, rtol=1e-5
+        )
+
+
+def test_filter_list_and_precedence(family, tmp_path):
+    """A per-model value beats the global one; a filter entry applies to matching tensors."""
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: task_arithmetic
+base_model: {family["base"]}
+models:
+  - model: {family["sft1"]}
+    parameters:
+      weight: [{{filter: mlp, value: 2.0}}, {{value: 1.0}}]
+  - model: {family["sft2"]}
+parameters: {{weight: 0.5}}
+""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    base, s1, s2 = (load_state(family[k]) for k in ("base", "sft1", "sft2"))
+    want = {
+        k: base[k].double()
+        + (2.0 if "mlp" in k else 1.0) * (s1[k].double() - base[k].double())
+        + 0.5 * (s2[k].double() - base[k].double())
+        for k in base
+    }
+    assert_states_close(load_state(out), want, atol=1e-5)
+
+
+def test_tied_inputs_stay_tied(tied_family, tmp_path):
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels:\n  - model: {tied_family['sft1']}\n"
+        f"  - model: {tied_family['sft2']}\ndtype: bfloat16\n",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    got = load_state(out)
+    assert "lm_head.weight" not in got
+    assert got["model.embed_tokens.weight"].dtype == torch.bfloat16
+    import json
+
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+# ---- reproducibility -----------------------------------------------------------------------
+
+
+def test_dare_is_bit_identical_per_seed(family, tmp_path):
+    def recipe(seed: int) -> Path:
+        return write(
+            tmp_path / f"dare{seed}.yaml",
+            f"""
+merge_method: dare_ties
+base_model: {family["base"]}
+models:
+  - {{model: {family["sft1"]}, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {family["sft2"]}, parameters: {{weight: 0.5, density: 0.5}}}}
+seed: {seed}
+""",
+        )
+
+    run(recipe(1), tmp_path / "a")
+    run(recipe(1), tmp_path / "b")
+    run(recipe(2), tmp_path / "c")
+    a, b, c = (load_state(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (
+        tmp_path / "b/model.safetensors"
+    ).read_bytes()
+    assert not torch.equal(
+        a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+# ---- slices --------------------------------------------------------------------------------
+
+
+def test_slices_load_with_transformers(deep_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = write(
+        tmp_path / "frank.yaml",
+        f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {deep_family["sft1"]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {deep_family["sft2"]}, layer_range: [1, 3]}}]
+""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    got = model.state_dict()
+    s1, s2 = load_state(deep_family["sft1"]), load_state(deep_family["sft2"])
+    key = "model.layers.{}.self_attn.q_proj.weight"
+    for out_layer, (src, in_layer) in enumerate([(s1, 0), (s1, 1), (s2, 1), (s2, 2)]):
+        assert torch.equal(got[key.format(out_layer)], src[key.format(in_layer)])
+    assert torch.equal(got["model.embed_tokens.weight"], s1["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], s2["model.norm.weight"])
+
+
+def test_slice_gradient_is_per_slice(deep_family, tmp_path):
+    """Two sources in one slice: depth runs over the slice's own layers."""
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: linear
+slices:
+  - sources:
+      - {{model: {deep_family["sft1"]}, layer_range: [1, 3], parameters: {{weight: [1.0, 0.0]}}}}
+      - {{model: {deep_family["sft2"]}, layer_range: [0, 2], parameters: {{weight: [0.0, 1.0]}}}}
+""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    got = load_state(out)
+    s1, s2 = load_state(deep_family["sft1"]), load_state(deep_family["sft2"])
+    key = "model.layers.{}.mlp.up_proj.weight"
+    torch.testing.assert_close(got[key.format(0)], s1[key.format(1)])
+    torch.testing.assert_close(got[key.format(1)], s2[key.format(1)])
+    assert set(got) == {k for k in s1 if layer_of(k) in (None, 0, 1)}
+
+
+# ---- pipelines, dry runs, errors -----------------------------------------------------------
+
+
+def pipeline(family: dict[str, Path], tmp_path: Path) -> Path:
+    return write(
+        tmp_path / "pipe.yaml",
+        f"""
+name: soup
+merge_method: linear
+models: [{{model: {family["sft1"]}}}, {{model: {family["sft2"]}}}]
+---
+name: final
+merge_method: task_arithmetic
+base_model: {family["base"]}
+models: [{{model: soup, parameters: {{weight: 2.0}}}}]
+""",
+    )
+
+
+def test_pipeline_runs_then_skips(family, tmp_path):
+    recipe, out = pipeline(family, tmp_path), tmp_path / "out"
+    first = run(recipe, out)
+    assert [r.status for r in first] == ["merged", "merged"]
+    base, s1, s2 = (load_state(family[k]) for k in ("base", "sft1", "sft2"))
+    soup = {k: (s1[k].double() + s2[k].double()) / 2 for k in base}
+    assert_states_close(load_state(out / "soup"), soup)
+    want = {k: base[k].double() + 2 * (soup[k] - base[k].double()) for k in base}
+    got = {k: v for k, v in load_state(out).items()}  # top-level files only
+    assert_states_close(got, want, atol=1e-5)
+    assert (out / "soup" / RECIPE_FILE).is_file()
+
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = run(recipe, out)
+    assert [r.status for r in again] == ["skipped", "skipped"]
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    forced = run(recipe, out, write=_forced())
+    assert [r.status for r in forced] == ["merged", "merged"]
+    assert (out / "soup" / "model.safetensors").is_file()
+
+
+def _forced():
+    from mergekit_rl.engine import RunOptions
+    from mergekit_rl.ops import WriteOptions
+
+    return WriteOptions(run=RunOptions(force=True, progress="none"))
+
+
+def test_dry_run_writes_nothing_and_plans_pipeline(family, tmp_path):
+    recipe, out = pipeline(family, tmp_path), tmp_path / "out"
+    plan = plan_file(recipe, out, MergeOptions())
+    assert not out.exists()
+    soup, final = plan["stages"]
+    assert soup["output"] == str(out / "soup") and final["output"] == str(out)
+    assert [i["ref"] for i in final["inputs"]] == [str(family["base"]), "soup"]
+    names = [t["name"] for t in final["tensors"]]
+    assert names[0] == "model.embed_tokens.weight" and len(names) == 21
+    assert final["tensors"][0]["model_params"] == {"soup": {"weight": 2.0}}
+    assert final["bytes"] == sum(s["bytes"] for s in final["shards"])
+    largest = max(math.prod(t["shape"]) for t in final["tensors"])
+    assert final["peak_memory_bytes"] == 4 * 4 * largest + 400 * 2**20  # (2 inputs + 2) x f32
+
+
+def test_missing_inputs_named_before_writing(family, tmp_path):
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: ties
+base_model: {family["base"]}
+models:
+  - model: {tmp_path / "nowhere"}
+  - model: someorg/not-cached@main
+""",
+    )
+    with pytest.raises(RecipeError) as err:
+        run(recipe, tmp_path / "out")
+    paths = [p for p, _ in err.value.problems]
+    assert paths == ["models[0].model", "models[1].model"]
+    assert "someorg/not-cached@main" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_refused(family, tmp_path):
+    recipe = write(
+        tmp_path / "r.yaml", f"merge_method: linear\nmodels: [{{model: {family['sft1']}}}]\n"
+    )
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError):
+        run(recipe, tmp_path / "out")
