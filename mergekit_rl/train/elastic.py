@@ -46,7 +46,7 @@ from transformers import TrainerCallback
 from ..errors import InputNotFoundError, MismatchError, UsageError
 from ..io.reader import Checkpoint, open_checkpoint
 from ..merge import core
-from .taskvec import has_tensor
+from .taskvec import has_tensor, name_candidates
 
 KlAnchor = Literal["init", "ema"]
 STATE_FILE = "elastic_reset.safetensors"
@@ -62,12 +62,7 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def checkpoint_name(name: str, ckpt: Checkpoint) -> str | None:
     """The checkpoint tensor behind a parameter name, dropping wrapper prefixes ("module.")."""
-    parts = name.split(".")
-    for i in range(len(parts)):
-        candidate = ".".join(parts[i:])
-        if has_tensor(ckpt, candidate):
-            return candidate
-    return None
+    return next((c for c in name_candidates(name) if has_tensor(ckpt, c)), None)
 
 
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:

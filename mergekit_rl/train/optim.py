@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from ..errors import MismatchError, UsageError
 from ..merge import core
-from .taskvec import TaskVectorSource
+from .taskvec import TaskVectorSource, find_task_vector
 
 Mode = Literal["ondare", "onties"]
 SignOn = Literal["unweighted", "weighted"]
@@ -224,7 +224,8 @@ class OnlineMergingAdamW(Optimizer):
     """AdamW that merges every update with a task vector (OnDARE / OnTIES).
 
     named_params: `model.named_parameters()` (or param groups whose "params" are (name, param)
-    pairs): names match parameters to tau. task_vectors: a {name: tau} mapping or a lazy
+    pairs): names match parameters to tau (a wrapper prefix such as "module." is dropped when
+    the source lacks the full name). task_vectors: a {name: tau} mapping or a lazy
     `TaskVectorSource` (read one tensor at a time here, at construction); None means tau = 0
     everywhere (for instance before `load_state_dict` restores a saved tau).
 
@@ -282,7 +283,7 @@ class OnlineMergingAdamW(Optimizer):
             )
             for name, p in zip(names, group["params"], strict=True):
                 _check(p.is_contiguous(), "named_params", f"parameter '{name}' is not contiguous.")
-                tau = None if task_vectors is None else task_vectors.get(name)
+                tau = None if task_vectors is None else find_task_vector(task_vectors, name)
                 if tau is None and task_vectors is not None and missing == "error":
                     raise UsageError(
                         f"parameter '{name}' has no task vector (no tensor of that name in the "

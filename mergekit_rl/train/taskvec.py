@@ -33,6 +33,25 @@ def has_tensor(ckpt: Checkpoint, name: str) -> bool:
     return name in ckpt or (name == "lm_head.weight" and ckpt.tied_embeddings)
 
 
+def name_candidates(name: str) -> list[str]:
+    """name, then name without its leading components ("module.x.w" -> "x.w" -> "w").
+
+    Wrappers (DDP's "module.", PEFT's "base_model.model.") prefix parameter names; the checkpoint
+    stores the bare names. The first candidate a source holds is the parameter's counterpart.
+    """
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def find_task_vector(source: TaskVectorSource, name: str) -> Tensor | None:
+    """tau for a parameter name, matching wrapper-prefixed names (see `name_candidates`)."""
+    for candidate in name_candidates(name):
+        tau = source.get(candidate)
+        if tau is not None:
+            return tau
+    return None
+
+
 class CheckpointTaskVectors:
     """Lazy tau = sft - base, read from two checkpoints when asked for (one tensor at a time)."""
 

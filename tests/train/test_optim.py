@@ -434,3 +434,53 @@ def test_random_indices_is_a_bernoulli_mask() -> None:
     assert torch.equal(a, b)
     assert torch.equal(core.random_indices(5, 1.0, gen), torch.arange(5))
     assert core.random_indices(5, 0.0, gen).numel() == 0
+
+
+# -- tau from checkpoints on disk ----------------------------------------------------------------
+
+
+def _stored_tau(opt: OnlineMergingAdamW, p: Tensor) -> Tensor:
+    return opt.state[p]["tau"].float().view(p.shape)
+
+
+@pytest.mark.parametrize("source", ["checkpoints", "extract_file"])
+def test_tau_from_disk_is_sft_minus_base(family, tmp_path, source: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_rl import ops
+    from mergekit_rl.train.taskvec import CheckpointTaskVectors, TaskVectorFile
+    from tests.conftest import load_state
+
+    if source == "checkpoints":
+        tvs = CheckpointTaskVectors(str(family["base"]), str(family["sft1"]))
+    else:
+        out = tmp_path / "tv.safetensors"
+        ops.extract_task_vector(
+            family["base"], family["sft1"], out
+        )  # `rlmerge task-vector extract`
+        tvs = TaskVectorFile(str(out))
+    policy = AutoModelForCausalLM.from_pretrained(family["sft1"], dtype=torch.float32)
+    # a wrapper prefix ("module.", as under DDP) still finds each tensor by its bare name
+    named = [(f"module.{n}", p) for n, p in policy.named_parameters()]
+    with tvs:
+        opt = OnlineMergingAdamW(named, tvs, reserve_p=1.0, clip_val=None, missing="error")
+    base, sft = load_state(family["base"]), load_state(family["sft1"])
+    for name, p in policy.named_parameters():
+        want = (sft[name].double() - base[name].double()).bfloat16()
+        assert torch.equal(_stored_tau(opt, p), want.float()), name
+
+
+def test_value_head_without_counterpart_on_disk(family) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_rl.train.taskvec import CheckpointTaskVectors
+
+    policy = AutoModelForCausalLM.from_pretrained(family["sft1"], dtype=torch.float32)
+    head = nn.Linear(policy.config.hidden_size, 1)
+    named = [*policy.named_parameters(), ("v_head.weight", head.weight)]
+    with CheckpointTaskVectors(str(family["base"]), str(family["sft1"])) as tvs:
+        with pytest.raises(UsageError, match="'v_head.weight'"):
+            OnlineMergingAdamW(named, tvs, missing="error")
+        opt = OnlineMergingAdamW(named, tvs, reserve_p=1.0)
+    assert "tau" not in opt.state[head.weight]
+    assert "tau" in opt.state[policy.lm_head.weight]
