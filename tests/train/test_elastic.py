@@ -38,6 +38,13 @@ def fake_step(model: nn.Module, step: int) -> None:
             params[n].add_(d.float())
 
 
+def drive(model: nn.Module, cb: ElasticResetCallback, steps: range) -> None:
+    """fake optimizer steps, each followed by the callback (as on_step_end does)."""
+    for step in steps:
+        fake_step(model, step)
+        cb.on_step(model, None, step)
+
+
 def hand_run(theta0: dict[str, Tensor], steps: int, decay: float, ema_every: int, reset_every: int):
     """The algorithm in float64 (notes section 3): EMA update, then reset on reset steps."""
     theta = {n: t.double().clone() for n, t in theta0.items()}
@@ -64,9 +71,7 @@ def test_ema_and_resets_match_hand_computation(
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     cb = ElasticResetCallback(init, ema_decay=0.9, ema_every=ema_every, reset_every=reset_every)
     cb.attach(model)
-    for step in range(1, 8):
-        fake_step(model, step)
-        cb.on_step(model, None, step)
+    drive(model, cb, range(1, 8))
     want_theta, want_ema = hand_run(theta0, 7, 0.9, ema_every, reset_every)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.double(), want_theta[n], atol=1e-6, rtol=0)
@@ -85,9 +90,7 @@ def test_reset_reads_initial_weights_from_disk(tmp_path: Path, keep_init_on_cpu:
     # a different theta_0 on disk after attach: only a run that reads the disk at reset sees it
     on_disk = small_model(seed=5)
     save_weights(on_disk, init)
-    for step in (1, 2):
-        fake_step(model, step)
-        cb.on_step(model, None, step)
+    drive(model, cb, range(1, 3))
     want = original if keep_init_on_cpu else dict(on_disk.named_parameters())
     for n in original:
         torch.testing.assert_close(cb.ema[n], want[n].detach(), atol=0, rtol=0)
@@ -101,8 +104,7 @@ def test_parameters_missing_from_checkpoint_keep_their_attach_value(tmp_path: Pa
     head0 = model.value_head.weight.detach().clone()
     cb = ElasticResetCallback(init, reset_every=1)
     cb.attach(model)
-    fake_step(model, 1)
-    cb.on_step(model, None, 1)
+    drive(model, cb, range(1, 2))
     torch.testing.assert_close(cb.ema["value_head.weight"], head0, atol=0, rtol=0)
 
 
@@ -114,8 +116,7 @@ def test_kl_anchor_ema_reference_follows_the_ema(tmp_path: Path) -> None:
     cb.attach(model)
     cb.bind_reference(ref)
     for step in range(1, 8):
-        fake_step(model, step)
-        cb.on_step(model, None, step)
+        drive(model, cb, range(step, step + 1))
         for n, p in ref.named_parameters():
             assert torch.equal(p, cb.ema[n]), (step, n)
     assert cb.num_resets == 1
@@ -157,16 +158,12 @@ def test_save_load_resumes_exactly(tmp_path: Path) -> None:
     straight = small_model()
     cb = ElasticResetCallback(init, **kwargs)
     cb.attach(straight)
-    for step in range(1, 10):
-        fake_step(straight, step)
-        cb.on_step(straight, None, step)
+    drive(straight, cb, range(1, 10))
 
     first = small_model()
     cb1 = ElasticResetCallback(init, **kwargs)
     cb1.attach(first)
-    for step in range(1, 6):
-        fake_step(first, step)
-        cb1.on_step(first, None, step)
+    drive(first, cb1, range(1, 6))
     cb1.save(tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / META_FILE).read_text())
     assert meta["step"] == 5 and meta["num_resets"] == 1
@@ -176,9 +173,7 @@ def test_save_load_resumes_exactly(tmp_path: Path) -> None:
     cb2 = ElasticResetCallback(init, **kwargs)
     cb2.attach(resumed)
     cb2.load(tmp_path / "ckpt")
-    for step in range(6, 10):
-        fake_step(resumed, step)
-        cb2.on_step(resumed, None, step)
+    drive(resumed, cb2, range(6, 10))
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     for n in cb.ema:
