@@ -14,7 +14,7 @@ import typer
 
 from mergekit_rl import __version__
 
-from . import demo, merge, models
+from . import demo, merge, models, train
 from .errors import DEBUG
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ def _main(
 models.register(app)
 merge.register(app)
 demo.register(app)
+train.register(app)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -1,0 +1,90 @@
+"""`rlmerge train RECIPE.yaml`: preference / RL training on TRL with online merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import Force, Json, command_line, console, err_console, print_json
+from .errors import boundary
+
+
+def train(
+    recipe: Annotated[Path, typer.Argument(help="The train recipe (YAML).")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Where the final model goes (default OUTPUT_DIR/final)."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Override training.max_steps (smoke runs).", min=1)
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and print the resolved recipe; no training.")
+    ] = False,
+    allow_code: Annotated[
+        bool,
+        typer.Option(
+            "--allow-code", help="Allow reward.function (imports Python code named by the recipe)."
+        ),
+    ] = False,
+    force: Force = False,
+    json: Json = False,
+) -> None:
+    """Train with DPO, KTO, GRPO or RLOO (TRL), with OnDARE / OnTIES, Elastic Reset or a soup
+    reference, as the recipe says. Metrics go to OUTPUT_DIR/metrics.jsonl.
+
+    Example: rlmerge demo demo && cd demo && rlmerge train ../recipes/train/dpo-ondare.yaml --max-steps 5
+
+    Several GPUs: accelerate launch -m mergekit_rl.cli.app train RECIPE.yaml
+    """
+    with boundary():
+        from mergekit_rl.train.recipe import read_train_recipe
+
+        parsed, text = read_train_recipe(recipe, allow_code=allow_code)
+        if dry_run:
+            resolved = parsed.model_dump(mode="json")
+            if max_steps is not None:
+                resolved["training"]["max_steps"] = max_steps
+            if json:
+                print_json(resolved)
+            else:
+                import yaml
+
+                console.print(yaml.safe_dump(resolved, sort_keys=False), end="", markup=False)
+            return
+        from mergekit_rl.train.run import TrainOptions
+        from mergekit_rl.train.run import train as run_train
+
+        opts = TrainOptions(
+            output=output,
+            resume=resume,
+            max_steps=max_steps,
+            force=force,
+            command=command_line(),
+            echo=lambda s: err_console.print(s, highlight=False, markup=False, soft_wrap=True),
+        )
+        result = run_train(parsed, text, opts)
+        summary = {
+            "final": str(result.final),
+            "metrics": str(result.metrics),
+            "steps": result.steps,
+            "seconds": result.seconds,
+        }
+        if json:
+            print_json(summary)
+        else:
+            err_console.print(
+                f"[green]trained[/green] {result.steps} steps in {result.seconds:.1f}s; "
+                f"final model: {result.final}; metrics: {result.metrics}"
+            )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)

@@ -1,0 +1,360 @@
+"""The train recipe (`rlmerge train RECIPE.yaml`): schema, defaults and validation.
+
+One YAML document describes one training run on a TRL trainer:
+
+    algorithm: dpo                      # dpo | kto | grpo | rloo
+    policy: models/sft1                 # the initial checkpoint (path or hub id)
+    base: models/base                   # tau = policy - base, for ondare / onties
+    reference: {soup: [models/sft1, models/sft2]}   # or a checkpoint path (SALSA: a soup)
+    optimizer: {name: ondare, reserve_p: 0.01, alpha: 1.0e-7}
+    elastic_reset: {ema_decay: 0.995, reset_every: 50}
+    dataset: {path: data/prefs.jsonl}
+    reward: {keyword: {words: [merge]}, length: {target: 20}}   # grpo / rloo only
+    training: {learning_rate: 1.0e-6, max_steps: 100, output_dir: runs/dpo}
+    evaluation: {perplexity_text: data/heldout.txt, prompts: data/prompts.jsonl, eval_every: 10}
+
+Like merge recipes: unknown keys are errors (with a did-you-mean), every problem is reported at
+once with its YAML path, and loading never runs code. A `reward.function` (Python
+`module:function`) is accepted only when the caller allows code (`rlmerge train --allow-code`).
+Paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import InputNotFoundError, RecipeError
+from ..recipe.schema import load_documents, schema_problems
+
+Algorithm = Literal["dpo", "kto", "grpo", "rloo"]
+ONLINE_MERGING = ("ondare", "onties")
+SAMPLING = ("grpo", "rloo")  # generate completions and score them with rewards
+Problems = list[tuple[str, str]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SoupReference(_Strict):
+    """A fixed checkpoint (`path`) or a weight-space soup of several (`soup`, SALSA)."""
+
+    path: str | None = None
+    soup: list[str] | None = Field(default=None, min_length=2)
+    weights: list[float] | None = None  # normalised; default uniform
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class OptimizerSpec(_Strict):
+    """AdamW, or OnlineMergingAdamW (train/optim.py) with its parameters."""
+
+    name: Literal["adamw", "ondare", "onties"] = "adamw"
+    lr: float | None = Field(default=None, ge=0)  # default: training.learning_rate
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, ge=0)
+    # online merging only (the paper's defaults, design notes section 2)
+    reserve_p: float = Field(default=0.01, gt=0, le=1)
+    alpha: float = Field(default=1e-7, ge=0, le=1)  # a per-step rate
+    rescale: bool = True  # 1/reserve_p on kept entries (the released code)
+    sign_on: Literal["unweighted", "weighted"] = "unweighted"
+    clip_val: float | None = Field(default=1.0, gt=0)
+    tau_l1_rescale: bool = False
+    merge_every: int = Field(default=1, ge=1)
+    decay_after_update: bool = True
+    tau_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    missing: Literal["zero", "error"] = "zero"  # parameters with no task vector
+
+
+ADAMW_KEYS = frozenset({"name", "lr", "weight_decay", "betas", "eps"})
+
+
+class ElasticResetSpec(_Strict):
+    ema_decay: float = Field(default=0.995, ge=0, lt=1)
+    ema_every: int = Field(default=1, ge=1)  # optimizer steps between EMA updates
+    reset_every: int = Field(ge=1)  # optimizer steps between resets
+    kl_anchor: Literal["init", "ema"] = "init"
+    reset_optimizer: bool = False
+    keep_init_on_cpu: bool = False
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(min_length=1)  # .json / .jsonl / .parquet / .csv file, or a hub dataset id
+    split: str = "train"
+    subset: str | None = None  # hub dataset configuration name
+    columns: dict[str, str] | None = None  # rename: {their_column: our_column}
+    max_examples: int | None = Field(default=None, ge=1)
+
+
+class KeywordReward(_Strict):
+    words: list[str] = Field(min_length=1)
+    mode: Literal["count", "presence"] = "presence"
+    case_sensitive: bool = False
+    weight: float = 1.0
+
+
+class RegexReward(_Strict):
+    pattern: str = Field(min_length=1)  # 1.0 when re.search finds it, else 0.0
+    weight: float = 1.0
+
+
+class LengthReward(_Strict):
+    target: int = Field(ge=1)  # completion length in tokens
+    penalty: float = Field(default=1.0, ge=0)  # reward = -penalty * |length - target| / target
+    weight: float = 1.0
+
+
+class ModelReward(_Strict):
+    path: str = Field(min_length=1)  # a sequence-classification checkpoint (one score)
+    weight: float = 1.0
+
+
+class FunctionReward(_Strict):
+    call: str = Field(pattern=r"^[\w.]+:\w+$")  # module:function, needs --allow-code
+    weight: float = 1.0
+
+
+class RewardSpec(_Strict):
+    """Each key given is one reward function; GRPO/RLOO sum them with their weights."""
+
+    keyword: KeywordReward | None = None
+    regex: RegexReward | None = None
+    length: LengthReward | None = None
+    model: ModelReward | None = None
+    function: FunctionReward | None = None
+
+    def entries(self) -> list[tuple[str, BaseModel]]:
+        return [(k, getattr(self, k)) for k in type(self).model_fields if getattr(self, k)]
+
+
+class TrainingSpec(_Strict):
+    output_dir: str = Field(min_length=1)
+    learning_rate: float = Field(default=1e-6, ge=0)
+    lr_scheduler: str = "cosine"  # any transformers SchedulerType: linear, cosine, constant, ...
+    warmup_steps: int = Field(default=0, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    num_epochs: float | None = Field(default=None, gt=0)  # default 1 when max_steps is unset
+    batch_size: int = Field(default=8, ge=1)  # per device
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=1024, ge=1)  # dpo / kto: prompt + completion tokens
+    max_prompt_length: int | None = Field(default=None, ge=1)  # prompts keep their last tokens
+    max_completion_length: int = Field(default=256, ge=1)  # grpo / rloo generation
+    num_generations: int = Field(default=4, ge=2)  # grpo / rloo completions per prompt
+    temperature: float = Field(default=1.0, gt=0)  # grpo / rloo sampling
+    beta: float | None = Field(default=None, ge=0)  # KL weight; default: the trainer's
+    loss_type: str | None = None  # e.g. ipo for DPO; default: the trainer's
+    seed: int = 0
+    logging_steps: int = Field(default=1, ge=1)
+    save_steps: int | None = Field(default=500, ge=1)  # None: no intermediate checkpoints
+    save_total_limit: int | None = Field(default=None, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # policy load dtype
+    deepspeed: str | None = None  # a DeepSpeed JSON config (refused with online merging)
+
+
+class EvaluationSpec(_Strict):
+    perplexity_text: str | None = None  # held-out text file, one document per line (drift)
+    prompts: str | None = None  # held-out prompts (.jsonl with "prompt", or one per line)
+    kl: bool = True  # KL(policy || initial policy) on the prompts' greedy completions
+    reward: bool = True  # mean reward of those completions (grpo / rloo)
+    eval_every: int = Field(default=50, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    max_examples: int = Field(default=64, ge=1)
+
+
+class TrainRecipe(_Strict):
+    algorithm: Algorithm
+    policy: str = Field(min_length=1)
+    base: str | None = None
+    task_vector: str | None = None  # from `rlmerge task-vector extract` (instead of base)
+    reference: SoupReference | None = None
+    optimizer: OptimizerSpec = OptimizerSpec()
+    elastic_reset: ElasticResetSpec | None = None
+    dataset: DatasetSpec
+    reward: RewardSpec | None = None
+    training: TrainingSpec
+    evaluation: EvaluationSpec | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.lr if self.optimizer.lr is not None else self.training.learning_rate
+
+
+# -- did-you-mean hints ----------------------------------------------------------------------
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (X, X | None, list[X])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def known_keys(loc: tuple[str | int, ...]) -> list[str]:
+    """Keys valid beside the last element of `loc`, walking TrainRecipe's nested models."""
+    model: type[BaseModel] | None = TrainRecipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _submodel(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def train_schema_problems(err: ValidationError) -> Problems:
+    """schema_problems, with did-you-mean hints taken from the train recipe's keys."""
+    problems = []
+    for e, (path, message) in zip(err.errors(), schema_problems(err), strict=True):
+        if e["type"] == "extra_forbidden":
+            loc = tuple(e["loc"])
+            hint = difflib.get_close_matches(str(loc[-1]), known_keys(loc), n=1)
+            message = f"unknown key (did you mean {hint[0]}?)" if hint else "unknown key"
+        problems.append((path, message))
+    return problems
+
+
+# -- checks across keys (on the raw YAML, so they run even when the schema fails) -----------
+
+
+def _get(doc: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(k)
+    return doc
+
+
+def cross_problems(doc: dict[str, Any], allow_code: bool) -> Problems:
+    """Rules that involve several keys: what each algorithm and optimizer needs."""
+    problems: Problems = []
+    algorithm, opt = doc.get("algorithm"), _get(doc, "optimizer", "name") or "adamw"
+    reward, training = doc.get("reward"), doc.get("training")
+    if algorithm in SAMPLING and not reward:
+        problems.append(
+            (
+                "reward",
+                f"required for algorithm {algorithm}: give keyword, regex, length, model "
+                "or function (see `rlmerge train --help`).",
+            )
+        )
+    if algorithm in ("dpo", "kto") and reward:
+        problems.append(("reward", f"used only by grpo and rloo; {algorithm} learns from data."))
+    if _get(reward, "function") is not None and not allow_code:
+        problems.append(
+            (
+                "reward.function",
+                "runs Python code named by the recipe; pass --allow-code if you "
+                "trust this recipe, or use a built-in reward.",
+            )
+        )
+    if opt in ONLINE_MERGING and not (doc.get("base") or doc.get("task_vector")):
+        problems.append(
+            (
+                "base",
+                f"optimizer {opt} needs the task vector tau = policy - base: give base "
+                "(the pretrained checkpoint) or task_vector (from `rlmerge task-vector extract`).",
+            )
+        )
+    if doc.get("base") and doc.get("task_vector"):
+        problems.append(("task_vector", "give base or task_vector, not both."))
+    if opt == "adamw" and isinstance(doc.get("optimizer"), dict):
+        for key in sorted(set(doc["optimizer"]) - ADAMW_KEYS):
+            if key in OptimizerSpec.model_fields:
+                problems.append((f"optimizer.{key}", "used only by ondare and onties."))
+    problems += _training_problems(algorithm, doc, training)
+    return problems
+
+
+def _training_problems(algorithm: Any, doc: dict[str, Any], training: Any) -> Problems:
+    problems: Problems = []
+    if not isinstance(training, dict):
+        return problems
+    lr, opt_lr = training.get("learning_rate"), _get(doc, "optimizer", "lr")
+    if lr is not None and opt_lr is not None and lr != opt_lr:
+        problems.append(("optimizer.lr", f"differs from training.learning_rate ({lr}); give one."))
+    if training.get("max_steps") is not None and training.get("num_epochs") is not None:
+        problems.append(("training.num_epochs", "give max_steps or num_epochs, not both."))
+    beta = training.get("beta")
+    if algorithm == "grpo" and doc.get("reference") and not beta:
+        problems.append(
+            (
+                "training.beta",
+                "grpo ignores the reference unless beta > 0 (its default is 0); "
+                "set beta, e.g. 0.04.",
+            )
+        )
+    if algorithm in SAMPLING:
+        gen = training.get("num_generations", 4)
+        sizes = (training.get("batch_size", 8), training.get("gradient_accumulation_steps", 1))
+        batch = sizes[0] * sizes[1] if all(isinstance(n, int) for n in sizes) else 0
+        if isinstance(gen, int) and gen >= 1 and batch % gen:
+            problems.append(
+                (
+                    "training.num_generations",
+                    f"must divide batch_size x "
+                    f"gradient_accumulation_steps ({batch}): each prompt gets {gen} completions.",
+                )
+            )
+    if _get(doc, "elastic_reset", "kl_anchor") == "ema" and doc.get("reference"):
+        problems.append(
+            (
+                "elastic_reset.kl_anchor",
+                "ema makes the EMA the KL reference; drop `reference` or use kl_anchor: init.",
+            )
+        )
+    if training.get("deepspeed") and (
+        doc.get("elastic_reset") or _get(doc, "optimizer", "name") in ONLINE_MERGING
+    ):
+        problems.append(("training.deepspeed", DEEPSPEED_REFUSED))
+    return problems
+
+
+DEEPSPEED_REFUSED = (
+    "DeepSpeed ZeRO keeps its own flattened fp32 weights, so the online merging optimizers and "
+    "Elastic Reset cannot edit the weights in place; use DDP or FSDP (accelerate launch) instead."
+)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def parse_train_recipe(text: str, source: str, allow_code: bool = False) -> TrainRecipe:
+    """Validate a train recipe's text: the recipe, or one RecipeError with every problem."""
+    docs, problems = load_documents(text, source)
+    recipe = None
+    if len(docs) > 1:
+        problems.append(("", f"a train recipe is one YAML document; {source} holds {len(docs)}."))
+    elif docs and not isinstance(docs[0], dict):
+        problems.append(
+            ("", f"a train recipe is a mapping of keys (algorithm, ...), got {docs[0]!r}")
+        )
+    elif docs:
+        try:
+            recipe = TrainRecipe.model_validate(docs[0])
+        except ValidationError as e:
+            problems += train_schema_problems(e)
+        problems += cross_problems(docs[0], allow_code)
+    if problems or recipe is None:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def read_train_recipe(path: str | Path, allow_code: bool = False) -> tuple[TrainRecipe, str]:
+    """The validated recipe in `path` and its text (quoted in the model card)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"train recipe '{path}' not found; check the path.")
+    text = path.read_text()
+    return parse_train_recipe(text, str(path), allow_code), text

@@ -1,0 +1,397 @@
+"""Run a train recipe on a TRL trainer (DPO, KTO, GRPO, RLOO) with rlmerge's merging plug-ins.
+
+    recipe -> policy + tokenizer + dataset (+ reference, rewards)
+           -> TRL config and trainer, with OnlineMergingAdamW (create_optimizer) and callbacks
+              (metrics log, held-out evaluation, Elastic Reset)
+           -> trainer.train(resume_from_checkpoint=...)
+           -> OUTPUT_DIR/final through the atomic checkpoint writer (model card, recipe)
+
+Several GPUs: `accelerate launch -m mergekit_rl.cli.app train RECIPE.yaml` runs it under DDP with
+no change (every process builds the same trainer; only the main process writes the metrics and
+the final model). FSDP: the optimizer is created in `create_optimizer`, after wrapping, which
+FSDP allows; use `fsdp_use_orig_params: true` so that parameter names (and so tau) still match
+the checkpoint, and the final model is gathered with `accelerator.get_state_dict`. DeepSpeed ZeRO
+(a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true` from `accelerate config`)
+keeps its own flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and
+works with plain AdamW.
+
+On a machine without a GPU the trainer runs on CPU in float32 (`use_cpu`, no bf16); nothing is
+reported to external services (`report_to="none"`); HF_HUB_OFFLINE is honoured by every load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import OutputExistsError, RunError, UsageError
+from ..io.card import model_card, provenance, write_aux_files
+from ..io.reader import open_checkpoint
+from ..io.writer import CheckpointWriter, check_output_path
+from .data import load_train_dataset, truncate_prompts
+from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, TrainRecipe
+
+Echo = Callable[[str], None]
+TRL_CLASSES = {
+    "dpo": ("DPOConfig", "DPOTrainer"),
+    "kto": ("KTOConfig", "KTOTrainer"),
+    "grpo": ("GRPOConfig", "GRPOTrainer"),
+    "rloo": ("RLOOConfig", "RLOOTrainer"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METRICS_FILE = "metrics.jsonl"
+REFERENCE_DIR = "reference"  # OUTPUT_DIR/reference: the soup, when the recipe asks for one
+
+
+@dataclass
+class TrainOptions:
+    """What the command line adds to a recipe."""
+
+    output: Path | None = None  # the final model (default OUTPUT_DIR/final)
+    resume: bool = False  # continue from the last checkpoint in OUTPUT_DIR
+    max_steps: int | None = None  # overrides training.max_steps (smoke runs)
+    force: bool = False  # replace an existing final model / start over in OUTPUT_DIR
+    command: str = ""  # the command line, for the model card
+    echo: Echo = print
+    callbacks: Sequence[Any] = field(default_factory=tuple)  # extra TrainerCallbacks
+
+
+@dataclass
+class TrainResult:
+    final: Path
+    metrics: Path
+    steps: int
+    seconds: float
+
+
+def train(
+    recipe: TrainRecipe, recipe_text: str, opts: TrainOptions = TrainOptions()
+) -> TrainResult:
+    """Run the recipe to the end and write the final model; see the module docstring."""
+    t0 = time.time()
+    check_deepspeed(recipe)
+    out_dir = Path(recipe.training.output_dir)
+    final = opts.output or out_dir / "final"
+    resume_from = resume_checkpoint(out_dir, opts.resume, opts.force)
+    with open_checkpoint(recipe.policy) as policy:
+        check_output_path(final, [policy.source], opts.force)
+    tokenizer, model = load_policy(recipe)
+    dataset = load_train_dataset(recipe.dataset, recipe.algorithm)
+    if recipe.training.max_prompt_length is not None:
+        dataset = truncate_prompts(dataset, tokenizer, recipe.training.max_prompt_length)
+    reference = reference_model(recipe, out_dir, opts.force)
+
+    from transformers import PrinterCallback
+
+    from .callbacks import EvalCallback, MetricsLog
+
+    metrics = MetricsLog(out_dir / METRICS_FILE, opts.echo, append=resume_from is not None)
+    callbacks: list[Any] = [metrics, *opts.callbacks]
+    if recipe.evaluation is not None:
+        callbacks.append(EvalCallback(recipe, metrics))
+    elastic = elastic_callback(recipe)
+    if elastic is not None:
+        callbacks.append(elastic)
+    trainer = build_trainer(recipe, model, tokenizer, dataset, reference, callbacks, opts.max_steps)
+    trainer.remove_callback(PrinterCallback)  # MetricsLog prints a shorter line
+    if elastic is not None and recipe.elastic_reset and recipe.elastic_reset.kl_anchor == "ema":
+        if getattr(trainer, "ref_model", None) is None:
+            raise UsageError(
+                "elastic_reset.kl_anchor: ema needs a trainer with a reference model; for "
+                f"{recipe.algorithm} set training.beta > 0."
+            )
+        elastic.bind_reference(trainer.ref_model)
+
+    trainer.train(resume_from_checkpoint=resume_from)
+    write_final(trainer, recipe, recipe_text, final, opts)
+    return TrainResult(final, metrics.path, trainer.state.global_step, round(time.time() - t0, 2))
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+
+def check_deepspeed(recipe: TrainRecipe) -> None:
+    """Refuse DeepSpeed ZeRO with in-place weight editing (recipe key or accelerate env)."""
+    env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    merging = recipe.optimizer.name in ONLINE_MERGING or recipe.elastic_reset is not None
+    if merging and (env or recipe.training.deepspeed):
+        where = "training.deepspeed" if recipe.training.deepspeed else "ACCELERATE_USE_DEEPSPEED"
+        raise UsageError(f"{where}: {DEEPSPEED_REFUSED}")
+
+
+def resume_checkpoint(out_dir: Path, resume: bool, force: bool) -> str | None:
+    """The checkpoint to resume from (--resume), refusing to silently restart a started run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    if resume and last is None:
+        raise UsageError(
+            f"--resume: no checkpoint-* directory in {out_dir} (training.output_dir); the run "
+            "saved none yet (see training.save_steps). Start without --resume."
+        )
+    if not resume and last is not None and not force:
+        raise OutputExistsError(
+            f"{out_dir} (training.output_dir) already holds checkpoints of a run ({last}); pass "
+            "--resume to continue it, or --force to start over."
+        )
+    if not resume and last is not None:
+        for old in out_dir.glob("checkpoint-*"):
+            shutil.rmtree(old)  # start over: the Trainer would otherwise mix old checkpoints
+    return last if resume else None
+
+
+def load_policy(recipe: TrainRecipe) -> tuple[Any, nn.Module]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.policy)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs one; no new embedding row
+    dtype = DTYPES[recipe.training.dtype]
+    model = AutoModelForCausalLM.from_pretrained(recipe.policy, dtype=dtype)
+    return tokenizer, model
+
+
+def reference_model(recipe: TrainRecipe, out_dir: Path, force: bool) -> nn.Module | None:
+    """The KL reference the recipe names (a checkpoint, or a soup built into OUTPUT_DIR)."""
+    ref = recipe.reference
+    if ref is None:
+        return None
+    from .reference import build_soup_reference, load_reference
+
+    path = ref.path
+    if ref.soup is not None:
+        path = str(
+            build_soup_reference(ref.soup, out_dir / REFERENCE_DIR, ref.weights, force=force)
+        )
+    if path is None:
+        raise UsageError("reference: give a checkpoint path or {soup: [model, model, ...]}.")
+    return load_reference(path, DTYPES[recipe.training.dtype])
+
+
+def elastic_callback(recipe: TrainRecipe) -> Any:
+    spec = recipe.elastic_reset
+    if spec is None:
+        return None
+    from .elastic import ElasticResetCallback
+
+    return ElasticResetCallback(
+        recipe.policy,
+        ema_decay=spec.ema_decay,
+        ema_every=spec.ema_every,
+        reset_every=spec.reset_every,
+        kl_anchor=spec.kl_anchor,
+        reset_optimizer=spec.reset_optimizer,
+        keep_init_on_cpu=spec.keep_init_on_cpu,
+    )
+
+
+def trainer_config(recipe: TrainRecipe, max_steps: int | None) -> Any:
+    """The TRL config (a TrainingArguments) for the recipe's algorithm."""
+    import trl
+
+    t, opt = recipe.training, recipe.optimizer
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        output_dir=t.output_dir,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        max_steps=max_steps or t.max_steps or -1,
+        num_train_epochs=t.num_epochs or 1.0,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.betas[0],
+        adam_beta2=opt.betas[1],
+        adam_epsilon=opt.eps,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported() and t.dtype != "float16",
+        report_to="none",
+        disable_tqdm=True,
+        deepspeed=t.deepspeed,
+    )
+    if t.beta is not None:
+        kwargs["beta"] = t.beta
+    if t.loss_type is not None:
+        kwargs["loss_type"] = t.loss_type
+    if recipe.algorithm in SAMPLING:
+        kwargs |= dict(
+            num_generations=t.num_generations,
+            max_completion_length=t.max_completion_length,
+            temperature=t.temperature,
+        )
+    else:
+        kwargs["max_length"] = t.max_length
+    config_name = TRL_CLASSES[recipe.algorithm][0]
+    try:
+        return getattr(trl, config_name)(**kwargs)
+    except ValueError as e:  # TRL / transformers check their settings in __post_init__
+        raise UsageError(f"training: {config_name} rejects the settings: {e}") from e
+
+
+def make_optimizer(recipe: TrainRecipe, model: nn.Module, decay_names: Sequence[str]) -> Any:
+    """OnlineMergingAdamW over the trainable parameters, tau streamed from disk."""
+    from .optim import OnlineMergingAdamW
+    from .taskvec import CheckpointTaskVectors, TaskVectorFile
+
+    opt = recipe.optimizer
+    decay = set(decay_names)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [(n, p) for n, p in named if n in decay], "weight_decay": opt.weight_decay},
+        {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    tau_dtype = DTYPES[opt.tau_dtype]
+    source = (
+        TaskVectorFile(recipe.task_vector, tau_dtype)
+        if recipe.task_vector
+        else CheckpointTaskVectors(str(recipe.base), recipe.policy, tau_dtype)
+    )
+    with source:
+        return OnlineMergingAdamW(
+            [g for g in groups if g["params"]],
+            source,
+            lr=recipe.learning_rate,
+            betas=opt.betas,
+            eps=opt.eps,
+            mode=opt.name,
+            reserve_p=opt.reserve_p,
+            alpha=opt.alpha,
+            rescale=opt.rescale,
+            sign_on=opt.sign_on,
+            clip_val=opt.clip_val,
+            tau_l1_rescale=opt.tau_l1_rescale,
+            merge_every=opt.merge_every,
+            decay_after_update=opt.decay_after_update,
+            tau_dtype=tau_dtype,
+            missing=opt.missing,
+            seed=recipe.training.seed,
+        )
+
+
+def trainer_class(recipe: TrainRecipe) -> type:
+    """The TRL trainer class; with ondare/onties a subclass whose create_optimizer builds ours.
+
+    Overriding create_optimizer (rather than passing optimizers=) keeps FSDP legal: it runs
+    after the model is wrapped.
+    """
+    import trl
+
+    base = getattr(trl, TRL_CLASSES[recipe.algorithm][1])
+    if recipe.optimizer.name not in ONLINE_MERGING:
+        return base
+
+    def create_optimizer(self: Any, model: nn.Module | None = None) -> Any:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            names = self.get_decay_parameter_names(model)
+            self.optimizer = make_optimizer(recipe, model, names)
+        return self.optimizer
+
+    return type(f"OnlineMerging{base.__name__}", (base,), {"create_optimizer": create_optimizer})
+
+
+def build_trainer(
+    recipe: TrainRecipe,
+    model: nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    reference: nn.Module | None,
+    callbacks: list[Any],
+    max_steps: int | None,
+) -> Any:
+    args = trainer_config(recipe, max_steps)
+    cls = trainer_class(recipe)
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if recipe.algorithm in SAMPLING:
+        from .rewards import build_rewards
+
+        assert recipe.reward is not None  # the recipe checks guarantee it
+        funcs, weights = build_rewards(recipe.reward)
+        args.reward_weights = weights
+        trainer = cls(reward_funcs=funcs, **common)
+        if reference is not None:
+            from .reference import use_reference
+
+            use_reference(trainer, reference)
+        return trainer
+    return cls(ref_model=reference, **common)
+
+
+# -- the final model -------------------------------------------------------------------------
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop names that share storage with an earlier one (tied embeddings are saved once)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def write_final(
+    trainer: Any, recipe: TrainRecipe, recipe_text: str, out: Path, opts: TrainOptions
+) -> None:
+    """The trained weights (in the policy checkpoint's dtypes) + config, tokenizer, card, recipe."""
+    state = trainer.accelerator.get_state_dict(trainer.model)  # gathered under FSDP
+    if trainer.accelerator.is_main_process:
+        _write(unique_tensors(state), recipe, recipe_text, out, opts)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _write(
+    state: dict[str, torch.Tensor],
+    recipe: TrainRecipe,
+    recipe_text: str,
+    out: Path,
+    opts: TrainOptions,
+) -> None:
+    with open_checkpoint(recipe.policy) as policy:
+        dtypes = {n: policy.info(n).dtype if n in policy else t.dtype for n, t in state.items()}
+        entries = [(n, tuple(t.shape), dtypes[n]) for n, t in state.items()]
+        command = opts.command or f"rlmerge train ({recipe.algorithm})"
+        card = model_card(
+            f"{recipe.algorithm.upper()} training ({recipe.optimizer.name})",
+            command,
+            [policy],
+            None,
+            recipe=recipe_text,
+        )
+        writer = CheckpointWriter(
+            out, entries, metadata=provenance(command, [policy]), force=opts.force
+        )
+        with writer:
+            for name, t in state.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise RunError(
+                        f"trained tensor '{name}' contains NaN or Inf; no final model was "
+                        "written. Lower training.learning_rate or optimizer.alpha."
+                    )
+                writer.add(name, t.detach().to(dtypes[name]))
+            write_aux_files(writer, policy, None)
+            writer.add_file("README.md", card)
+            writer.add_file("rlmerge_recipe.yaml", recipe_text)
