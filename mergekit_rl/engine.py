@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .errors import RunError, UsageError
 from .io.card import write_aux_files
-from .io.reader import Checkpoint, warn_non_finite
+from .io.reader import Checkpoint, all_finite, warn_non_finite
 from .io.safetensors_format import DTYPE_NAMES
 from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Entry
 from .progress import make_reporter
@@ -203,7 +203,7 @@ def _compute(job: TensorJob, tensors: list[Tensor], compute: Compute, n_out: int
 
 
 def _check_finite(t: Tensor, name: str, out: Path) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise RunError(
             f"output tensor '{name}' for {out} contains NaN or Inf; nothing was written. Check "
             "the inputs (a warning names any non-finite input tensor) and the merge parameters."

@@ -179,6 +179,18 @@ def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list
     return names
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """True when a tensor holds no NaN or Inf (integer and empty tensors always do).
+
+    One min/max reduction: NaN propagates into both and an Inf shows as one of them. About 10x
+    faster on CPU than `isfinite(t).all()`, which builds a bool tensor (measured in bench/).
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def warn_non_finite(tensor: Tensor, name: str, where: str) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         warnings.warn(f"{where}: tensor '{name}' contains NaN or Inf values.", stacklevel=2)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit_rl.errors import InputNotFoundError, MismatchError, PickleRefusedError, UsageError
-from mergekit_rl.io.reader import check_compatible, open_checkpoint
+from mergekit_rl.io.reader import all_finite, check_compatible, open_checkpoint
 from mergekit_rl.io.reference import natural_key, resolve
 from tests.conftest import load_state
 
@@ -133,3 +133,16 @@ def test_tied_checkpoint_matches_untied_twin(tied_family: dict[str, Path], tmp_p
             names = check_compatible([tied, untied])
             assert "lm_head.weight" in names
             assert torch.equal(tied.read("lm_head.weight"), state["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_all_finite_matches_isfinite(dtype: torch.dtype, bad: float | None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(), (1,), (7, 5), (3, 4, 6)]:
+        x = torch.randn(shape, generator=gen).to(dtype)
+        if bad is not None:
+            x.view(-1)[-1] = bad  # the last entry: a reduction must see every element
+        assert all_finite(x) == bool(torch.isfinite(x).all()) == (bad is None)
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    assert all_finite(torch.arange(5))  # integers are always finite
