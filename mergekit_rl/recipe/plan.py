@@ -32,7 +32,7 @@ from ..engine import TensorJob
 from ..errors import RecipeError
 from ..io.reader import TIED_PAIR, Checkpoint, check_compatible
 from ..merge.registry import MergeMethod
-from .checks import SliceSpec, Source, Stage
+from .checks import SliceSpec, Source, Stage, same_ref
 from .params import resolve
 
 # prefix ends with the container name and a dot; group 2 is the layer index
@@ -136,6 +136,7 @@ class _Builder:
         self.refs: list[str] = []
         self.tensors: list[TensorPlan] = []
         self.problems: list[tuple[str, str]] = []
+        self.missing: set[str] = set()  # YAML paths already reported for a missing tensor
 
     def index(self, ref: str) -> int:
         if ref not in self.refs:
@@ -176,7 +177,9 @@ class _Builder:
         for src, name in reads:
             ckpt = self.ckpts[src.ref]
             if name not in ckpt and not (name == TIED_PAIR[0] and ckpt.tied_embeddings):
-                self.problems.append((src.path, f"'{src.ref}' has no tensor '{name}'"))
+                if src.path not in self.missing:  # one line per source, not one per tensor
+                    self.missing.add(src.path)
+                    self.problems.append((src.path, f"'{src.ref}' has no tensor '{name}'"))
                 return None
             shapes[src.ref] = ckpt.info(name).shape
         if len(set(shapes.values())) > 1:
@@ -283,10 +286,10 @@ def _plan_slice_layers(
 def _aux_source(stage: Stage, ckpts: dict[str, Checkpoint]) -> Checkpoint | None:
     """Config and tokenizer come from tokenizer_source, else the base, else the first model."""
     tok = stage.recipe.tokenizer_source
-    if tok not in (None, "base") and tok in ckpts:
-        return ckpts[tok]
-    if stage.recipe.base_model is not None and stage.recipe.base_model in ckpts:
-        return ckpts[stage.recipe.base_model]
+    want = stage.recipe.base_model if tok in (None, "base") else tok
+    for ref, ckpt in ckpts.items():
+        if want is not None and same_ref(ref, want):
+            return ckpt
     return ckpts[stage.slices[0].sources[0].ref]
 
 

@@ -162,8 +162,12 @@ def resolved_recipe(stage: Stage, plan: StagePlan) -> str:
     lines = [f"# resolved by rlmerge {__version__}; inputs:"]
     for ref, ckpt in zip(plan.refs, plan.inputs, strict=True):
         lines.append(f"#   {ref} -> {ckpt.source.identity}")
+    return "\n".join(lines) + "\n" + recipe_body(stage)
+
+
+def recipe_body(stage: Stage) -> str:
     data = stage.recipe.model_dump(mode="json", exclude_none=True)
-    return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def run_stage(plan: StagePlan, target: Path, opts: MergeOptions, force: bool) -> RunSummary:
@@ -215,8 +219,17 @@ def _check_outputs(
         raise OutputExistsError(f"output '{outs[-1]}' is a file; a pipeline writes a folder.")
 
 
-def _is_done(stages: Sequence[Stage], out: Path, force: bool) -> bool:
-    return len(stages) > 1 and not force and output_is_complete(out)
+def reusable(stage: Stage, out: Path, pipeline: bool, force: bool, remade: set[str]) -> bool:
+    """A pipeline stage's existing output is reused when it is complete, was made by the same
+    recipe (its saved rlmerge_recipe.yaml), and no stage it reads is being merged again."""
+    if not pipeline or force or not output_is_complete(out) or remade & set(stage.refs()):
+        return False
+    saved = out / RECIPE_FILE
+    return saved.is_file() and _body(saved.read_text()) == recipe_body(stage)
+
+
+def _body(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
 
 
 def merge_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> list[StageResult]:
@@ -229,16 +242,19 @@ def merge_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> list[S
     _check_outputs(stages, outs, sources, force)
     results: list[StageResult] = []
     done: dict[str, Checkpoint] = {}
+    remade: set[str] = set()  # stages merged in this run: the stages reading them rerun too
+    pipeline = len(stages) > 1
     with ExitStack() as stack:
         for i, (stage, path) in enumerate(zip(stages, outs, strict=True)):
             last = i == len(stages) - 1
-            if _is_done(stages, path, force):
+            if reusable(stage, path, pipeline, force, remade):
                 results.append(StageResult(stage.name, str(path), "skipped"))
             else:
+                remade.add(stage.name or "")
                 with _opened(stage, sources, done) as ckpts:
                     plan = plan_stage(stage, ckpts, source)
-                    target = path / FINAL_STAGING if last and len(stages) > 1 else path
-                    summary = run_stage(plan, target, opts, force or len(stages) > 1)
+                    target = path / FINAL_STAGING if last and pipeline else path
+                    summary = run_stage(plan, target, opts, force or pipeline)
                 if target != path:
                     publish(target, path)
                 results.append(StageResult(stage.name, str(path), "merged", summary.to_dict()))
@@ -274,9 +290,12 @@ def plan_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> dict[st
     _check_outputs(stages, outs, sources, force)
     described: list[dict[str, Any]] = []
     done: dict[str, Checkpoint] = {}
+    remade: set[str] = set()
     with ExitStack() as stack:
         for i, (stage, path) in enumerate(zip(stages, outs, strict=True)):
-            skip = _is_done(stages, path, force)
+            skip = reusable(stage, path, len(stages) > 1, force, remade)
+            if not skip:
+                remade.add(stage.name or "")
             with _opened(stage, sources, done) as ckpts:
                 plan = plan_stage(stage, ckpts, source)
                 described.append(describe(plan, path, opts, "skip" if skip else "merge"))
@@ -303,6 +322,7 @@ def describe(plan: StagePlan, out: Path, opts: MergeOptions, action: str) -> dic
         tensors.append(
             {
                 "name": p.job.name,
+                "method": method.name,
                 "shape": list(p.job.shape),
                 "dtype": dtype_name(out_dtype(p.job, spec)),
                 "t": round(p.t, 6),

@@ -349,3 +349,61 @@ def test_existing_output_refused(family, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError):
         run(recipe, tmp_path / "out")
+
+
+def test_pipeline_reruns_changed_stages_and_their_readers(family, tmp_path):
+    recipe, out = pipeline(family, tmp_path), tmp_path / "out"
+    run(recipe, out)
+    text = recipe.read_text()
+    write(recipe, text.replace("weight: 2.0", "weight: 3.0"))  # the last stage only
+    assert [r.status for r in run(recipe, out)] == ["skipped", "merged"]
+    base, soup = load_state(family["base"]), load_state(out / "soup")
+    want = {k: base[k].double() + 3 * (soup[k].double() - base[k].double()) for k in base}
+    assert_states_close(load_state(out), want, atol=1e-5)
+    # the first stage changes: the stage reading it reruns although its own text is unchanged
+    write(recipe, recipe.read_text().replace("name: soup\n", "name: soup\nout_dtype: float16\n"))
+    assert [r.status for r in run(recipe, out)] == ["merged", "merged"]
+    assert load_state(out / "soup")["model.norm.weight"].dtype == torch.float16
+
+
+def test_shards_and_tokenizer_source(family, tmp_path):
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: task_arithmetic
+base_model: {family["base"]}
+models: [{{model: {family["sft1"]}}}, {{model: {family["rlhf"]}}}]
+tokenizer_source: {family["rlhf"]}
+max_shard_size: 200KB
+""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    import json
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    base, s1, rl = (load_state(family[k]) for k in ("base", "sft1", "rlhf"))
+    want = {k: s1[k].double() + rl[k].double() - base[k].double() for k in base}
+    assert_states_close(load_state(out), want, atol=1e-5)
+    inputs = (out / RECIPE_FILE).read_text()
+    assert f"{family['rlhf']} -> {family['rlhf'].resolve()}" in inputs
+    assert (out / "tokenizer.json").read_bytes() == (family["rlhf"] / "tokenizer.json").read_bytes()
+
+
+def test_layer_range_past_the_model_is_named(family, tmp_path):
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {family["sft1"]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {family["sft2"]}, layer_range: [1, 3]}}]
+""",
+    )
+    with pytest.raises(RecipeError) as err:
+        run(recipe, tmp_path / "out")
+    assert err.value.problems == [
+        ("slices[1].sources[0].model", f"'{family['sft2']}' has 2 layers; layer 2 does not exist")
+    ]
+    assert not (tmp_path / "out").exists()
