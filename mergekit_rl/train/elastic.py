@@ -20,7 +20,9 @@ Where things live, and why:
   the reference alone: the trainer's own frozen reference is the initial model.
 
 Parameters are matched by name (`named_parameters()`, which lists tied weights once); only
-trainable parameters are tracked (frozen ones never move, so their EMA is themselves).
+trainable parameters are tracked (frozen ones never move, so their EMA is themselves). With
+LoRA the trainable parameters are the A and B factors, so their EMAs are taken separately (not
+of the product), as the authors do; their initial values are the host copies taken at attach.
 
 Checkpoints: `on_save` writes `elastic_reset.safetensors` (the EMA, and any host copies of
 theta_0) and `elastic_reset.json` (step, number of resets, settings) into
@@ -312,6 +314,12 @@ class ElasticResetCallback(TrainerCallback):
         if getattr(args, "should_save", True):
             self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
-    def state_summary(self) -> Mapping[str, Any]:
-        """Numbers worth logging: resets so far and the last step seen."""
-        return {"elastic/num_resets": self.num_resets, "elastic/step": self.last_step}
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):
+        # the Trainer hands every callback the same dict: callbacks listed after this one
+        # (a metrics logger) see the count
+        if logs is not None:
+            logs.update(self.metrics())
+
+    def metrics(self) -> Mapping[str, float]:
+        """What is worth logging: the number of resets so far."""
+        return {"elastic/num_resets": float(self.num_resets)}

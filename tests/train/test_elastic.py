@@ -259,3 +259,13 @@ def test_trainer_stopped_and_resumed_equals_uninterrupted(
         assert torch.equal(a, b), n
     for n in cb.ema:
         assert torch.equal(cb.ema[n], cb_resumed.ema[n]), n
+
+
+def test_log_hook_adds_the_reset_count(tmp_path: Path) -> None:
+    model = small_model()
+    cb = ElasticResetCallback(save_weights(model, tmp_path / "init.safetensors"), reset_every=2)
+    cb.attach(model)
+    drive(model, cb, range(1, 5))
+    logs = {"loss": 1.0}
+    cb.on_log(None, None, None, logs=logs)
+    assert logs == {"loss": 1.0, "elastic/num_resets": 2.0}
