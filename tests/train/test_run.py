@@ -1,0 +1,261 @@
+"""Training runs on the tiny family: losses move, resume equals an uninterrupted run, the final
+model loads; and the pieces (rewards, data, held-out measures, optimizer wiring) on their own."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mergekit_rl.errors import InputNotFoundError, OutputExistsError, UsageError
+from mergekit_rl.train import evaluate, rewards
+from mergekit_rl.train.data import load_train_dataset, read_lines, truncate_prompts
+from mergekit_rl.train.recipe import (
+    DatasetSpec,
+    KeywordReward,
+    LengthReward,
+    RegexReward,
+    RewardSpec,
+    parse_train_recipe,
+)
+from mergekit_rl.train.run import TrainOptions, make_optimizer, train, unique_tensors
+from tests.conftest import load_state
+
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "train" / "data"
+
+
+def dpo_text(family: dict[str, Path], out: Path, **training: object) -> str:
+    doc = {
+        "algorithm": "dpo",
+        "policy": str(family["sft1"]),
+        "base": str(family["base"]),
+        "optimizer": {"name": "ondare", "reserve_p": 0.5, "alpha": 1e-4},
+        "dataset": {"path": str(DATA / "prefs.jsonl")},
+        "training": {
+            "output_dir": str(out),
+            "learning_rate": 1e-3,
+            "lr_scheduler": "constant",
+            "max_steps": 4,
+            "batch_size": 4,
+            "max_length": 48,
+            "save_steps": 2,
+            **training,
+        },
+    }
+    return yaml.safe_dump(doc)
+
+
+def run(text: str, **opts: object) -> None:
+    train(parse_train_recipe(text, "r.yaml"), text, TrainOptions(echo=lambda s: None, **opts))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def test_dpo_ondare_loss_moves_and_final_model_loads(family: dict[str, Path], tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    text = dpo_text(family, out)
+    run(text)
+    logged = [m for m in metrics(out) if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
+    assert logged[-1]["loss"] < logged[0]["loss"] - 0.05  # the preference is being learned
+    assert all("lr" in m and "rewards/margins" in m for m in logged)
+
+    final = out / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    start = load_state(family["sft1"])
+    got = {k: v for k, v in model.state_dict().items() if k in start}
+    assert any(not torch.equal(got[k], start[k]) for k in start)  # trained
+    assert (final / "rlmerge_recipe.yaml").read_text() == text
+    card = (final / "README.md").read_text()
+    assert "## Recipe" in card and "ondare" in card
+    assert (final / "tokenizer.json").is_file()
+
+
+def test_resumed_run_equals_uninterrupted_run(family: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    text = dpo_text(family, out)
+    run(text)  # steps 1-4, checkpoints at 2 and 4
+    full = load_state(out / "final")
+    # pretend the run died after step 2's checkpoint
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "final")
+    run(text, resume=True)
+    resumed = load_state(out / "final")
+    assert set(resumed) == set(full)
+    for k in full:
+        assert torch.equal(resumed[k], full[k]), k
+    steps = [m["step"] for m in metrics(out) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 3, 4]  # the log is appended to on resume
+
+
+def test_restart_needs_resume_or_force(family: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    text = dpo_text(family, out, max_steps=1, save_steps=1)
+    with pytest.raises(UsageError, match="no checkpoint"):
+        run(text, resume=True)
+    run(text)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        run(text)
+    shutil.rmtree(out / "final")
+    run(text, force=True)  # starts over
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1]
+
+
+def test_deepspeed_with_online_merging_is_refused(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UsageError, match="ACCELERATE_USE_DEEPSPEED: DeepSpeed ZeRO"):
+        run(dpo_text(family, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_optimizer_gets_tau_from_the_policy_and_base(family: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    doc = yaml.safe_load(dpo_text(family, Path("unused")))
+    doc["optimizer"] = {"name": "onties", "reserve_p": 1.0, "tau_dtype": "float32", "lr": 1e-3}
+    recipe = parse_train_recipe(yaml.safe_dump(doc), "r")
+    model = AutoModelForCausalLM.from_pretrained(family["sft1"])
+    opt = make_optimizer(recipe, model, decay_names=[])
+    base, sft = load_state(family["base"]), load_state(family["sft1"])
+    for name, p in model.named_parameters():
+        tau = opt.state[p]["tau"]
+        torch.testing.assert_close(tau, (sft[name] - base[name]).reshape(tau.shape), msg=name)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.mode == "onties"
+
+
+def test_unique_tensors_drops_tied_twins() -> None:
+    emb = torch.zeros(4, 2)
+    state = {"embed.weight": emb, "lm_head.weight": emb, "norm.weight": torch.ones(2)}
+    assert list(unique_tensors(state)) == ["embed.weight", "norm.weight"]
+
+
+# -- rewards ---------------------------------------------------------------------------------
+
+
+def test_builtin_rewards() -> None:
+    texts = [
+        "Merge the soup, merge again",
+        "nothing here",
+        [{"role": "assistant", "content": "a soup"}],
+    ]
+    count = rewards.keyword_reward(KeywordReward(words=["merge", "soup"], mode="count"))
+    assert count([], texts) == [3.0, 0.0, 1.0]
+    presence = rewards.keyword_reward(KeywordReward(words=["MERGE"], case_sensitive=True))
+    assert presence([], texts) == [0.0, 0.0, 0.0]
+    regex = rewards.regex_reward(RegexReward(pattern=r"^noth"))
+    assert regex([], texts) == [0.0, 1.0, 0.0]
+    length = rewards.length_reward(LengthReward(target=4, penalty=2.0))
+    assert length([], ["x"] * 3, completion_ids=[[1] * 4, [1] * 2, [1] * 10]) == [0.0, -1.0, -3.0]
+    assert length([], ["one two", "a b c d"]) == [-1.0, 0.0]  # words when no ids
+
+
+def test_build_rewards_order_weights_and_score() -> None:
+    spec = RewardSpec.model_validate(
+        {
+            "length": {"target": 2, "weight": 0.5},
+            "keyword": {"words": ["a"], "weight": 2.0},
+            "model": {"path": "rm"},
+        }
+    )
+    funcs, weights = rewards.build_rewards(spec)
+    assert [getattr(f, "__name__", f) for f in funcs] == ["keyword", "length", "rm"]
+    assert weights == [2.0, 0.5, 1.0]
+    # 2 * [a present] + 0.5 * (-|n - 2| / 2); the reward model is skipped offline
+    got = rewards.score(funcs, weights, ["p", "p"], ["a b", "c"], [[1, 2], [1, 2, 3, 4]])
+    assert got == [2.0, -0.5]
+
+
+def test_python_reward_import_errors() -> None:
+    assert rewards.import_function("math:sqrt") is math.sqrt
+    with pytest.raises(UsageError, match="cannot be imported"):
+        rewards.import_function("no_such_module_xyz:f")
+    with pytest.raises(UsageError, match="not callable"):
+        rewards.import_function("math:pi")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def test_load_dataset_renames_checks_and_limits(tmp_path: Path) -> None:
+    ds = load_train_dataset(DatasetSpec(path=str(DATA / "prefs.jsonl"), max_examples=5), "dpo")
+    assert len(ds) == 5 and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    with pytest.raises(UsageError, match=r"lacks column\(s\) \['completion', 'label'\]"):
+        load_train_dataset(DatasetSpec(path=str(DATA / "prefs.jsonl")), "kto")
+    renamed = DatasetSpec(path=str(DATA / "prefs.jsonl"), columns={"chosen": "completion"})
+    with pytest.raises(UsageError, match="'label'"):
+        load_train_dataset(renamed, "kto")
+    with pytest.raises(UsageError, match="renames"):
+        load_train_dataset(DatasetSpec(path=str(DATA / "prefs.jsonl"), columns={"x": "y"}), "dpo")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(UsageError, match="unknown file type"):
+        load_train_dataset(DatasetSpec(path=str(tmp_path / "d.txt")), "grpo")
+    with pytest.raises(InputNotFoundError, match="dataset.path"):
+        load_train_dataset(DatasetSpec(path=str(tmp_path / "missing.jsonl")), "grpo")
+
+
+def test_truncate_prompts_keeps_the_end(family: dict[str, Path]) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(family["sft1"])
+    long = "the policy model learns from human preferences"
+    ds = truncate_prompts(Dataset.from_list([{"prompt": long}, {"prompt": "a"}]), tok, 3)
+    ids = tok(long, add_special_tokens=False)["input_ids"]
+    assert ds[0]["prompt"] == tok.decode(ids[-3:]) and ds[1]["prompt"] == "a"
+
+
+def test_read_lines(tmp_path: Path) -> None:
+    assert read_lines(DATA / "prompts.jsonl", "p", limit=2)[0] == "Tell me about merging weights."
+    (tmp_path / "t.txt").write_text("one\n\ntwo\n")
+    assert read_lines(tmp_path / "t.txt", "t") == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(UsageError, match="line 1"):
+        read_lines(tmp_path / "bad.jsonl", "evaluation.prompts")
+
+
+# -- held-out measures -----------------------------------------------------------------------
+
+
+def test_perplexity_and_kl_against_independent_references(family: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(family["sft1"])
+    policy = AutoModelForCausalLM.from_pretrained(family["sft1"]).eval()
+    other = AutoModelForCausalLM.from_pretrained(family["rlhf"]).eval()
+    texts = ["a reward model scores each answer", "merging weights keeps the tax small"]
+    # reference: HF's own mean loss, token-weighted across texts
+    losses, counts = [], []
+    for t in texts:
+        ids = tok(t, return_tensors="pt")["input_ids"]
+        losses.append(policy(input_ids=ids, labels=ids).loss.item())
+        counts.append(ids.shape[1] - 1)
+    want = math.exp(sum(x * n for x, n in zip(losses, counts, strict=True)) / sum(counts))
+    assert evaluate.perplexity(policy, tok, texts, 64) == pytest.approx(want, rel=1e-5)
+
+    done = evaluate.greedy_completions(policy, tok, ["the policy"], max_new_tokens=5)
+    assert done[0].completion_ids.numel() == 5
+    assert evaluate.kl_to(policy, policy, done) == pytest.approx(0.0, abs=1e-6)
+    seq = torch.cat([done[0].prompt_ids, done[0].completion_ids])[None]
+    n = done[0].prompt_ids.numel()
+    with torch.no_grad():
+        logp = F.log_softmax(policy(input_ids=seq).logits[0, n - 1 : -1], -1)
+        logq = F.log_softmax(other(input_ids=seq).logits[0, n - 1 : -1], -1)
+    want_kl = F.kl_div(logq, logp, log_target=True, reduction="sum").item()
+    got_kl = evaluate.kl_to(policy, other, done)
+    assert got_kl > 0 and got_kl == pytest.approx(want_kl, rel=1e-4)
