@@ -122,26 +122,47 @@ def parse_recipe(doc: Any) -> tuple[Recipe | None, list[tuple[str, str]]]:
         return Recipe.model_validate(doc), []
     except ValidationError as e:
         problems = schema_problems(e)
-        locs = [tuple(err["loc"]) for err in e.errors()]
-    # Drop the offending keys and validate again, so that checks further on (methods,
-    # parameters) still report their problems in the same run; None if that fails too.
-    try:
-        return Recipe.model_validate(_without(doc, locs)), problems
-    except ValidationError:
-        return None, problems
+        errors = [(tuple(err["loc"]), err["type"]) for err in e.errors()]
+    # Repair a copy (drop bad keys, stand in for broken list items) and validate again, so
+    # that the checks further on (methods, parameters) still report their problems in this
+    # run. The repaired recipe is only used for checking; None if it cannot be repaired.
+    repaired = copy.deepcopy(doc)
+    for _ in range(3):
+        for loc, kind in errors:
+            _repair(repaired, loc, kind == "missing")
+        try:
+            return Recipe.model_validate(repaired), problems
+        except ValidationError as e:
+            errors = [(tuple(err["loc"]), err["type"]) for err in e.errors()]
+    return None, problems
 
 
-def _without(doc: dict[str, Any], locs: list[tuple[str | int, ...]]) -> dict[str, Any]:
-    """A deep copy of `doc` without the mapping keys at `locs` (list items are kept)."""
-    out = copy.deepcopy(doc)
-    for loc in locs:
-        parent: Any = out
-        for part in loc[:-1]:
-            try:
-                parent = parent[part]
-            except (KeyError, IndexError, TypeError):
-                parent = None
-                break
-        if isinstance(parent, dict):
-            parent.pop(loc[-1], None)
-    return out
+# stand-ins for a list item that misses a required key (keeps the indices of later items)
+_STAND_INS: dict[str, dict[str, Any]] = {
+    "models": {"model": "?"},
+    "sources": {"model": "?", "layer_range": [0, 1]},
+    "slices": {"sources": [{"model": "?", "layer_range": [0, 1]}]},
+}
+
+
+def _repair(doc: Any, loc: tuple[str | int, ...], missing: bool) -> None:
+    """Drop the key at `loc`; for a missing key, replace the innermost list item on `loc` by
+    a stand-in."""
+    parent: Any = doc
+    for i, part in enumerate(loc[:-1]):
+        if (
+            missing
+            and isinstance(part, int)
+            and isinstance(loc[i - 1], str)
+            and loc[i - 1] in _STAND_INS
+        ):
+            inner = [p for p in loc[i + 1 :] if isinstance(p, int)]
+            if not inner and isinstance(parent, list) and part < len(parent):
+                parent[part] = copy.deepcopy(_STAND_INS[str(loc[i - 1])])
+                return
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(parent, dict):
+        parent.pop(loc[-1], None)
