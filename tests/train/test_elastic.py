@@ -269,3 +269,21 @@ def test_log_hook_adds_the_reset_count(tmp_path: Path) -> None:
     logs = {"loss": 1.0}
     cb.on_log(None, None, None, logs=logs)
     assert logs == {"loss": 1.0, "elastic/num_resets": 2.0}
+
+
+def test_tied_bf16_policy_tracks_the_shared_embedding_once(tied_family: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tied_family["sft1"], dtype=torch.bfloat16)
+    cb = ElasticResetCallback(tied_family["sft1"], ema_decay=0.5, reset_every=1)
+    cb.attach(model)
+    assert "lm_head.weight" not in cb.ema and "model.embed_tokens.weight" in cb.ema
+    emb0 = model.model.embed_tokens.weight.detach().float().clone()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)
+    moved = model.model.embed_tokens.weight.detach().float().clone()  # theta_0 + 1 in bf16
+    cb.on_step(model, None, 1)  # EMA in float32, then theta <- EMA rounded to bf16
+    want = (0.5 * emb0 + 0.5 * moved).bfloat16()
+    assert torch.equal(model.model.embed_tokens.weight, want)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(cb.ema["model.embed_tokens.weight"], emb0)  # theta_0 from disk (bf16)
