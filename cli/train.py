@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import Force, Json, command_line, console, err_console, print_json
+from .common import Force, Json, command_line, err_console, print_json
 from .errors import boundary
 
 
@@ -57,7 +58,7 @@ def train(
             else:
                 import yaml
 
-                console.print(yaml.safe_dump(resolved, sort_keys=False), end="", markup=False)
+                sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
             return
         from mergekit_rl.train.run import TrainOptions
         from mergekit_rl.train.run import train as run_train

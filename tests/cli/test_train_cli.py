@@ -1,0 +1,86 @@
+"""`rlmerge train` through the CLI: help, dry runs, and refusals with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from mergekit_rl.cli.app import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+GRPO = {
+    "algorithm": "grpo",
+    "policy": "models/sft1",
+    "dataset": {"path": "prompts.jsonl"},
+    "reward": {"length": {"target": 8}},
+    "training": {"output_dir": "runs/g", "batch_size": 4},
+}
+
+
+def rl(*args: object) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_help_has_an_example() -> None:
+    code, out, _ = rl("train", "--help")
+    assert code == 0
+    for words in ("Example: rlmerge", "--resume", "--max-steps", "--dry-run", "--allow-code"):
+        assert words in out, words
+
+
+def test_dry_run_prints_the_resolved_recipe(tmp_path: Path) -> None:
+    code, out, _ = rl("train", write(tmp_path, GRPO), "--dry-run", "--max-steps", 3)
+    assert code == 0
+    resolved = yaml.safe_load(out)
+    assert resolved["training"]["max_steps"] == 3
+    assert resolved["optimizer"]["name"] == "adamw"  # a default, filled in
+    assert resolved["reward"]["length"] == {"target": 8, "penalty": 1.0, "weight": 1.0}
+    code, out, _ = rl("train", write(tmp_path, GRPO), "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["training"]["num_generations"] == 4
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_recipe_exits_2_with_every_path(tmp_path: Path) -> None:
+    doc = {**GRPO, "reward": None, "optimizer": {"name": "ondare", "reserve_p": 0}}
+    doc["training"] = {**GRPO["training"], "lerning_rate": 1e-6}
+    code, _, err = rl("train", write(tmp_path, doc), "--dry-run")
+    assert code == 2
+    assert "invalid recipe" in err and "3 problems" not in err
+    for path in (
+        "optimizer.reserve_p",
+        "training.lerning_rate",
+        "did you mean learning_rate",
+        "reward:",
+        "base:",
+    ):
+        assert path in err, path
+
+
+def test_python_reward_needs_allow_code(tmp_path: Path) -> None:
+    doc = {**GRPO, "reward": {"function": {"call": "math:fsum"}}}
+    code, _, err = rl("train", write(tmp_path, doc), "--dry-run")
+    assert code == 2 and "reward.function" in err and "--allow-code" in err
+    code, _, _ = rl("train", write(tmp_path, doc), "--dry-run", "--allow-code")
+    assert code == 0
+
+
+def test_missing_recipe_and_deepspeed_refusal(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    code, _, err = rl("train", tmp_path / "nope.yaml")
+    assert code == 2 and "not found" in err
+    doc = {**GRPO, "elastic_reset": {"reset_every": 4}}
+    doc["training"] = {**GRPO["training"], "deepspeed": "ds.json"}
+    code, _, err = rl("train", write(tmp_path, doc))
+    assert code == 2 and "training.deepspeed" in err and "DeepSpeed ZeRO" in err
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    code, _, err = rl("train", write(tmp_path, {**GRPO, "elastic_reset": {"reset_every": 4}}))
+    assert code == 2 and "ACCELERATE_USE_DEEPSPEED" in err
