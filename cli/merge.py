@@ -100,7 +100,7 @@ def print_plan(plan: dict[str, Any]) -> None:
             reads = [f"{ref}:{n}" for ref, n in t["sources"] if n != t["name"]]
             params = "  ".join(x for x in (per_model, _kv(varying)) if x)
             _say(
-                f"  {t['name']} {t['shape']} {t['dtype']} t={t['t']:.3g}  {params}"
+                f"  {t['name']} {t['shape']} {t['dtype']} depth={t['depth']:.3g}  {params}"
                 + (f"  <- {', '.join(reads)}" if reads else "")
             )
         for s in stage["shards"]:

@@ -21,6 +21,7 @@ Layers and depth:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,16 +75,9 @@ class StagePlan:
         """(inputs + 2) x the largest tensor in float32, plus a constant (the engine holds a
         tensor's inputs, the result and one temporary at a time)."""
         worst = max(
-            ((len(p.job.sources) + 2) * _numel(p.job.shape) for p in self.tensors), default=0
+            ((len(p.job.sources) + 2) * math.prod(p.job.shape) for p in self.tensors), default=0
         )
         return 4 * worst + PEAK_CONSTANT_BYTES
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---- names -------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Where things are read and written:
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -118,17 +119,10 @@ class PlannedCheckpoint(Checkpoint):
         self._infos = {}
         for p in plan.tensors:
             dt = out_dtype(p.job, OutputSpec(path, dtype))
-            nbytes = _numel(p.job.shape) * torch.empty((), dtype=dt).element_size()
+            nbytes = math.prod(p.job.shape) * torch.empty((), dtype=dt).element_size()
             self._infos[p.job.name] = TensorInfo(p.job.name, p.job.shape, dt, path, 0, nbytes)
         if self.config.get("tie_word_embeddings") and "lm_head.weight" in self._infos:
             self.config["tie_word_embeddings"] = False
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---- one stage ---------------------------------------------------------------------------------
@@ -232,14 +226,21 @@ def _body(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
 
 
+def prepare(
+    recipe_path: str | Path, out: Path, opts: MergeOptions
+) -> tuple[list[Stage], list[Path], dict[str, ModelSource]]:
+    """Validate the recipe, resolve every input and check the outputs, before any writing."""
+    stages = load_recipe(recipe_path)
+    sources = resolve_inputs(stages, str(recipe_path), opts.write.allow_pickle)
+    outs = stage_outputs(stages, out)
+    _check_outputs(stages, outs, sources, opts.write.run.force)
+    return stages, outs, sources
+
+
 def merge_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> list[StageResult]:
     """Run every stage of a recipe file; return what each stage did."""
-    stages = load_recipe(recipe_path)
-    source = str(recipe_path)
-    sources = resolve_inputs(stages, source, opts.write.allow_pickle)
-    outs = stage_outputs(stages, Path(out))
-    force = opts.write.run.force
-    _check_outputs(stages, outs, sources, force)
+    stages, outs, sources = prepare(recipe_path, Path(out), opts)
+    source, force = str(recipe_path), opts.write.run.force
     results: list[StageResult] = []
     done: dict[str, Checkpoint] = {}
     remade: set[str] = set()  # stages merged in this run: the stages reading them rerun too
@@ -282,12 +283,8 @@ def publish(staging: Path, out: Path) -> None:
 
 def plan_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> dict[str, Any]:
     """What `merge_file` would do, as a JSON-able dict; reads headers only, writes nothing."""
-    stages = load_recipe(recipe_path)
-    source = str(recipe_path)
-    sources = resolve_inputs(stages, source, opts.write.allow_pickle)
-    outs = stage_outputs(stages, Path(out))
-    force = opts.write.run.force
-    _check_outputs(stages, outs, sources, force)
+    stages, outs, sources = prepare(recipe_path, Path(out), opts)
+    source, force = str(recipe_path), opts.write.run.force
     described: list[dict[str, Any]] = []
     done: dict[str, Checkpoint] = {}
     remade: set[str] = set()
@@ -325,7 +322,7 @@ def describe(plan: StagePlan, out: Path, opts: MergeOptions, action: str) -> dic
                 "method": method.name,
                 "shape": list(p.job.shape),
                 "dtype": dtype_name(out_dtype(p.job, spec)),
-                "t": round(p.t, 6),
+                "depth": round(p.t, 6),
                 "sources": [[plan.refs[i], name] for i, name in p.job.sources],
                 "base": p.has_base,
                 "global_params": gp,

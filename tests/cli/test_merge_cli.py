@@ -57,7 +57,7 @@ def test_dry_run_prints_plan_and_writes_nothing(family, tmp_path) -> None:
     out = tmp_path / "out"
     code, stdout, err = rl("merge", recipe, "-o", out, "--dry-run")
     assert code == 0, err
-    assert "model.layers.1.mlp.up_proj.weight [128, 64] F32 t=1" in stdout
+    assert "model.layers.1.mlp.up_proj.weight [128, 64] F32 depth=1" in stdout
     assert "estimated peak memory" in stdout and "shard model.safetensors" in stdout
     code, stdout, _ = rl("merge", recipe, "-o", out, "--dry-run", "--json")
     plan = json.loads(stdout)
