@@ -39,18 +39,20 @@ def ema_update_(ema: Tensor, x: Tensor, decay: float) -> Tensor:
     return ema.lerp_(x.to(ema.dtype), 1.0 - float(decay))
 
 
-def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
+def slerp(
+    a: Tensor, b: Tensor, t: float, eps: float = 1e-8, parallel_cos: float = SLERP_PARALLEL_COS
+) -> Tensor:
     """Spherical interpolation from a (t=0) to b (t=1) of two same-shape tensors.
 
     The angle comes from the flattened, L2-normalised tensors; the interpolation is applied to the
-    unnormalised tensors. Nearly (anti)parallel tensors fall back to lerp.
+    unnormalised tensors. Nearly (anti)parallel tensors (|cos| > parallel_cos) fall back to lerp.
     """
     a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
     na, nb = a64.norm(), b64.norm()
     if na < eps or nb < eps:
         return lerp(a, b, t)
     cos = float(torch.dot(a64 / na, b64 / nb).clamp(-1.0, 1.0))
-    if abs(cos) > SLERP_PARALLEL_COS:
+    if abs(cos) > parallel_cos:
         return lerp(a, b, t)
     theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
     sin_theta = torch.sin(theta)
@@ -59,7 +61,9 @@ def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
     return a * s0 + b * s1
 
 
-def slerp_rows(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
+def slerp_rows(
+    a: Tensor, b: Tensor, t: float, eps: float = 1e-8, parallel_cos: float = SLERP_PARALLEL_COS
+) -> Tensor:
     """`slerp` applied independently to every row (last dimension) of a [R, D] pair.
 
     Same rules as `slerp` per row: angle from the L2-normalised rows in float64, rows that are
@@ -69,7 +73,7 @@ def slerp_rows(a: Tensor, b: Tensor, t: float, eps: float = 1e-8) -> Tensor:
     na, nb = a64.norm(dim=-1, keepdim=True), b64.norm(dim=-1, keepdim=True)  # [R, 1]
     degenerate = (na < eps) | (nb < eps)
     cos = ((a64 * b64).sum(-1, keepdim=True) / (na * nb).clamp_min(eps)).clamp(-1.0, 1.0)
-    use_lerp = degenerate | (cos.abs() > SLERP_PARALLEL_COS)
+    use_lerp = degenerate | (cos.abs() > parallel_cos)
     theta = torch.arccos(cos)
     sin_theta = torch.where(use_lerp, 1.0, torch.sin(theta))
     s0 = torch.where(use_lerp, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)

@@ -70,6 +70,13 @@ def slerp(
     return core.slerp(base, tensors[0], global_params.t)
 
 
+# nuslerp lerps only (anti)parallel pairs, as mergekit's nuslerp does (|sin theta| <= 1e-8; in
+# float32 that is cos^2 rounding to 1): near-parallel rows, such as the norm weights of two
+# fine-tunes, still take the spherical path. Coefficients are computed in float64, so small
+# angles are accurate.
+NUSLERP_PARALLEL_COS = 1.0 - 1e-12
+
+
 class NuslerpGlobals(MethodParams):
     nuslerp_flatten: bool = True
     nuslerp_row_wise: bool = False
@@ -105,10 +112,11 @@ def nuslerp(
     t = weights[1] / _weight_sum(ctx, weights, "nuslerp")
     a, b = (tensors[0], tensors[1]) if base is None else (tensors[0] - base, tensors[1] - base)
     if global_params.nuslerp_flatten:
-        out = core.slerp(a, b, t)
+        out = core.slerp(a, b, t, parallel_cos=NUSLERP_PARALLEL_COS)
     else:
         row_wise = global_params.nuslerp_row_wise
-        rows = core.slerp_rows(_vectors(a, row_wise), _vectors(b, row_wise), t)
+        va, vb = _vectors(a, row_wise), _vectors(b, row_wise)
+        rows = core.slerp_rows(va, vb, t, parallel_cos=NUSLERP_PARALLEL_COS)
         out = _unvectors(rows, a, row_wise)
     return out if base is None else base + out
 

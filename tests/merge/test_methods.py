@@ -269,6 +269,21 @@ def test_nuslerp(with_base: bool, flatten: bool, row_wise: bool) -> None:
     assert_matches(got, want + base.double() if with_base else want)
 
 
+def test_nuslerp_slerps_near_parallel_vectors() -> None:
+    # cos ~ 0.99995: nuslerp takes the spherical path (as mergekit's nuslerp does), where
+    # `slerp` would fall back to lerp (|cos| > 0.9995)
+    a = _randn(64, seed=80)
+    b = a + _randn(64, seed=81, scale=0.01)
+    got = merge("nuslerp", [a, b], None, [{"weight": 1.0}, {"weight": 1.0}])
+    a64, b64 = a.double(), b.double()
+    cos = float(a64 @ b64 / (a64.norm() * b64.norm()))
+    assert 0.9995 < cos < 1.0
+    theta = math.acos(cos)
+    want = (math.sin(0.5 * theta) * a64 + math.sin(0.5 * theta) * b64) / math.sin(theta)
+    assert_matches(got, want)
+    assert float((got.double() - (a64 + b64) / 2).abs().max()) > 1e-5 * float(want.abs().max())
+
+
 # ---- task-vector family -------------------------------------------------------------------------
 
 
