@@ -167,7 +167,8 @@ def methods(json: Json = False) -> None:
     if json:
         print_json(rows)
         return
-    table = Table("method", "base", "models", "per-model parameters", "global parameters", "paper")
+    table = Table("method", "base", "models", "per-model parameters", "global parameters")
+    table.add_column("paper", overflow="fold")
     for r in rows:
         table.add_row(
             r["name"],

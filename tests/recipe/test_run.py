@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mergekit_rl.errors import OutputExistsError, RecipeError
+from mergekit_rl.recipe.checks import load_pipeline
 from mergekit_rl.recipe.run import RECIPE_FILE, MergeOptions, merge_file, plan_file
 from mergekit_rl.tiny import build_family
 from tests.conftest import assert_states_close, load_state
@@ -87,8 +88,12 @@ def test_linear_with_relative_paths(family, tmp_path, monkeypatch):
     a, b = load_state(family["sft1"]), load_state(family["sft2"])
     want = {k: (3 * a[k].double() + b[k].double()) / 4 for k in a}
     assert_states_close(load_state(out), want)
-    assert "merge_method: linear" in (out / RECIPE_FILE).read_text()
-    assert "merge_method: linear" in (out / "README.md").read_text()
+    saved = (out / RECIPE_FILE).read_text()
+    [stage] = load_pipeline(saved, "saved")  # the saved recipe is itself a valid recipe
+    assert [s.ref for s in stage.slices[0].sources] == ["sft1", "./sft2"]
+    assert stage.recipe.seed == 0 and "seed: 0" in saved
+    assert f"sft1 -> {family['sft1'].resolve()}" in saved
+    assert saved.split("\n", 1)[1] in (out / "README.md").read_text()
 
 
 def test_ties_matches_naive(family, tmp_path):
