@@ -173,7 +173,7 @@ def run_stage(plan: StagePlan, target: Path, opts: MergeOptions, force: bool) ->
     recipe = resolved_recipe(stage, plan)
     spec = output_spec(target, plan.inputs, plan.aux_from, wopts, title, names, recipe=recipe)
     spec.config_updates.update(plan.config_updates)
-    spec.extra_files[RECIPE_FILE] = recipe
+    spec.metadata["rlmerge_recipe"] = recipe  # in the weights too: a single file has no folder
     run = replace(opts.write.run, max_shard_size=shard_size(stage, opts), force=force)
     compute = make_compute(plan, stage.recipe.seed)
     label = f"merging {stage.name}" if stage.name else "merging"

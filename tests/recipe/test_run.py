@@ -412,3 +412,19 @@ slices:
         ("slices[1].sources[0].model", f"'{family['sft2']}' has 2 layers; layer 2 does not exist")
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_single_file_output_keeps_the_recipe_in_metadata(family, tmp_path):
+    from safetensors import safe_open
+
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels: [{{model: {family['sft1']}}}, {{model: {family['sft2']}}}]\n",
+    )
+    out = tmp_path / "soup.safetensors"
+    run(recipe, out)
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert "merge_method: linear" in meta["rlmerge_recipe"]
+    a, b = load_state(family["sft1"]), load_state(family["sft2"])
+    assert_states_close(load_state(out), {k: (a[k] + b[k]) / 2 for k in a})
