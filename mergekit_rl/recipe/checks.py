@@ -208,26 +208,47 @@ def _check_options(recipe: Recipe, method: MergeMethod) -> Problems:
             problems.append(("max_shard_size", str(e)))
     if method.needs_base and recipe.base_model is None:
         problems.append(("base_model", f"{method.name} needs a base_model; add `base_model:`"))
-    tok = recipe.tokenizer_source
-    if tok == "union":
-        problems.append(
-            (
-                "tokenizer_source",
-                "'union' (merging vocabularies) is not supported yet; use 'base' or one of the "
-                "models, whose tokenizer and config are copied",
-            )
-        )
-    elif tok == "base" and recipe.base_model is None:
-        problems.append(("tokenizer_source", "'base' needs a base_model"))
-    elif tok not in (None, "base") and not any(same_ref(tok, r) for r in _all_refs(recipe)):
-        problems.append(
-            ("tokenizer_source", f"{tok!r} is not a model of this recipe; use 'base' or a model")
-        )
+    problems += _check_tokenizer(recipe)
     for path, ref in _ref_entries(recipe):
         if "+" in ref and not os.path.exists(ref):
             problems.append((path, f"{ref!r}: LoRA references (model+adapter) are not supported"))
     if (recipe.models is None) == (recipe.slices is None):
         problems.append(("models", "give exactly one of `models:` and `slices:`"))
+    return problems
+
+
+def _check_tokenizer(recipe: Recipe) -> Problems:
+    key = "tokenizer.source" if recipe.tokenizer_source is None else "tokenizer_source"
+    tok = recipe.token_source
+    problems: Problems = []
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        problems.append(("tokenizer", "give tokenizer_source or tokenizer.source, not both"))
+    for extra in sorted(set(recipe.tokenizer or {}) - {"source"}):
+        problems.append(
+            (f"tokenizer.{extra}", "not supported yet; only tokenizer.source is (no added tokens)")
+        )
+    if recipe.chat_template is not None:
+        problems.append(
+            (
+                "chat_template",
+                "not supported yet: the tokenizer source's chat template is copied; remove the "
+                "key (edit tokenizer_config.json after merging to change it)",
+            )
+        )
+    if tok == "union":
+        problems.append(
+            (
+                key,
+                "'union' (merging vocabularies) is not supported yet; use 'base' or one of the "
+                "models, whose tokenizer and config are copied",
+            )
+        )
+    elif tok == "base" and recipe.base_model is None:
+        problems.append((key, "'base' needs a base_model"))
+    elif tok not in (None, "base") and not any(same_ref(tok, r) for r in _all_refs(recipe)):
+        problems.append((key, f"{tok!r} is not a model of this recipe; use 'base' or a model"))
+    elif recipe.tokenizer is not None and tok is None:
+        problems.append(("tokenizer.source", "required key is missing"))
     return problems
 
 

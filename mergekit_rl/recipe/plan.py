@@ -279,7 +279,7 @@ def _plan_slice_layers(
 
 def _aux_source(stage: Stage, ckpts: dict[str, Checkpoint]) -> Checkpoint | None:
     """Config and tokenizer come from tokenizer_source, else the base, else the first model."""
-    tok = stage.recipe.tokenizer_source
+    tok = stage.recipe.token_source
     want = stage.recipe.base_model if tok in (None, "base") else tok
     for ref, ckpt in ckpts.items():
         if want is not None and same_ref(ref, want):

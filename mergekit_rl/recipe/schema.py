@@ -54,10 +54,20 @@ class Recipe(_Strict):
     # use it as the output dtype when out_dtype is not set
     out_dtype: str | None = None
     tokenizer_source: str | None = None  # "base", a model reference; "union" is not supported
+    tokenizer: dict[str, Any] | None = None  # mergekit's newer form: only `source` is supported
+    chat_template: str | None = None  # accepted by the schema, refused with a clear message
     # ours
     name: str | None = None  # pipeline stage name
     seed: int = 0  # seeds every random mask, with the model and the tensor name
     max_shard_size: int | str | None = None  # bytes, or "5GB" / "500MB"
+
+    @property
+    def token_source(self) -> str | None:
+        """Where config and tokenizer come from: tokenizer_source or `tokenizer: {source: ..}`."""
+        if self.tokenizer_source is not None:
+            return self.tokenizer_source
+        source = (self.tokenizer or {}).get("source")
+        return source if isinstance(source, str) else None
 
 
 def yaml_path(loc: tuple[str | int, ...] | list[str | int]) -> str:

@@ -142,3 +142,16 @@ def test_parse_size() -> None:
         parse_size("lots")
     with pytest.raises(ValueError):
         parse_size(0)
+
+
+def test_mergekit_tokenizer_block() -> None:
+    [stage] = load_pipeline(
+        "merge_method: linear\nmodels: [{model: a}, {model: b}]\ntokenizer: {source: b}\n", "r"
+    )
+    assert stage.recipe.token_source == "b"
+    got = problems(
+        "merge_method: linear\nmodels: [{model: a}]\n"
+        "tokenizer: {source: union, tokens: {x: 1}}\nchat_template: chatml\n"
+    )
+    assert [p for p, _ in got] == ["tokenizer.tokens", "chat_template", "tokenizer.source"]
+    assert all("not supported yet" in m for _, m in got)
