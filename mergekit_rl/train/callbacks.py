@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,18 @@ SHOWN = (
 
 
 class MetricsLog(TrainerCallback):
-    def __init__(self, path: Path, echo: Any, append: bool = False):
+    def __init__(self, path: Path, echo: Any, resumed_at: int | None = None):
+        """A fresh log, or on resume the old one cut after step `resumed_at` (the steps after
+        the checkpoint are run again and logged anew)."""
         self.path, self.echo = Path(path), echo
         self.pending: dict[str, float] = {}
+        self.sources: list[Callable[[], Mapping[str, Any]]] = []  # polled at every record
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append:
-            self.path.write_text("")
+        kept = []
+        if resumed_at is not None and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= resumed_at]
+        self.path.write_text("".join(x + "\n" for x in kept))
 
     def add(self, metrics: dict[str, float]) -> None:
         """Metrics to include in the next record (held-out evaluation, resets)."""
@@ -50,6 +57,8 @@ class MetricsLog(TrainerCallback):
         if not state.is_world_process_zero:
             return
         record = {"step": state.global_step, **(logs or {}), **self.pending}
+        for source in self.sources:
+            record.update(source())
         if "learning_rate" in record:
             record["lr"] = record["learning_rate"]
         self.pending = {}

@@ -99,7 +99,7 @@ def test_resumed_run_equals_uninterrupted_run(family: dict[str, Path], tmp_path:
     for k in full:
         assert torch.equal(resumed[k], full[k]), k
     steps = [m["step"] for m in metrics(out) if "loss" in m]
-    assert steps == [1, 2, 3, 4, 3, 4]  # the log is appended to on resume
+    assert steps == [1, 2, 3, 4]  # the log is cut after step 2, then steps 3-4 logged anew
 
 
 def test_restart_needs_resume_or_force(family: dict[str, Path], tmp_path: Path) -> None:
@@ -113,6 +113,34 @@ def test_restart_needs_resume_or_force(family: dict[str, Path], tmp_path: Path) 
     shutil.rmtree(out / "final")
     run(text, force=True)  # starts over
     assert [m["step"] for m in metrics(out) if "loss" in m] == [1]
+
+
+def test_rloo_with_a_reference_checkpoint_and_output_option(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    doc = {
+        "algorithm": "rloo",
+        "policy": str(family["sft1"]),
+        "reference": str(family["sft2"]),
+        "dataset": {"path": str(DATA / "prompts.jsonl")},
+        "reward": {"keyword": {"words": ["soup"]}, "length": {"target": 4, "weight": 0.5}},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 1,
+            "batch_size": 2,
+            "num_generations": 2,
+            "max_completion_length": 4,
+            "learning_rate": 1e-3,
+        },
+    }
+    text = yaml.safe_dump(doc)
+    run(text, output=tmp_path / "model")
+    assert not (tmp_path / "run" / "final").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    (record,) = [m for m in metrics(tmp_path / "run") if "loss" in m]
+    assert {"rewards/keyword/mean", "rewards/length/mean", "kl"} <= set(record)
 
 
 def test_deepspeed_with_online_merging_is_refused(

@@ -57,5 +57,7 @@ def test_recipe_runs_on_the_tiny_family(recipe: Path, demo_dir: Path, family: di
     assert (final / "rlmerge_recipe.yaml").read_text() == recipe.read_text()
     records = [json.loads(x) for x in Path(summary["metrics"]).read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    if "elastic_reset:" in recipe.read_text():  # reset_every: 2 in the shipped recipe
+        assert [r.get("elastic/num_resets") for r in records if "loss" in r] == [0, 1]
     if "evaluation:" in recipe.read_text():
         assert any("eval/perplexity" in r and "eval/kl" in r for r in records)
