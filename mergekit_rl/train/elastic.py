@@ -30,6 +30,10 @@ theta_0) and `elastic_reset.json` (step, number of resets, settings) into
 otherwise, whenever the Trainer starts at a step > 0 (`trainer.train(resume_from_checkpoint=...)`
 restores its state before this hook), from `args.resume_from_checkpoint` when it is a path, else
 `output_dir/checkpoint-<global_step>`. A resumed run then continues exactly.
+
+Distributed: under DDP every rank applies the same EMA updates and resets to its replica, and only
+the main process writes the files. DeepSpeed ZeRO is refused (its flattened fp32 master weights
+would undo in-place edits); FSDP's sharded parameters fail the shape check at attach.
 """
 
 from __future__ import annotations

@@ -287,3 +287,35 @@ def test_tied_bf16_policy_tracks_the_shared_embedding_once(tied_family: dict[str
     assert torch.equal(model.model.embed_tokens.weight, want)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(cb.ema["model.embed_tokens.weight"], emb0)  # theta_0 from disk (bf16)
+
+
+def test_train_begin_finds_the_checkpoint_to_resume(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    saved = ElasticResetCallback(init, reset_every=2)
+    saved.attach(model)
+    drive(model, saved, range(1, 4))
+    saved.save(tmp_path / "out" / "checkpoint-3")
+    saved.save(tmp_path / "elsewhere")
+
+    def begin(state_step: int, resume_arg: str | None = None, **kw) -> ElasticResetCallback:
+        cb = ElasticResetCallback(init, reset_every=2, **kw)
+        args = SimpleNamespace(output_dir=str(tmp_path / "out"), resume_from_checkpoint=resume_arg)
+        cb.on_train_begin(args, SimpleNamespace(global_step=state_step), None, model=model)
+        return cb
+
+    assert begin(0).last_step == 0  # a fresh run loads nothing
+    assert begin(3).num_resets == 1  # output_dir/checkpoint-3
+    assert begin(3, str(tmp_path / "elsewhere")).last_step == 3
+    assert begin(3, resume_from=tmp_path / "elsewhere").last_step == 3
+    with pytest.raises(MismatchError, match="step 3"):
+        begin(5, str(tmp_path / "elsewhere"))
+    with pytest.raises(InputNotFoundError):
+        begin(4)  # no checkpoint-4 with Elastic Reset state
+    deepspeed = SimpleNamespace(deepspeed="ds.json", output_dir=str(tmp_path))
+    with pytest.raises(UsageError, match="DeepSpeed"):
+        ElasticResetCallback(init, reset_every=2).on_train_begin(
+            deepspeed, SimpleNamespace(global_step=0), None, model=model
+        )
