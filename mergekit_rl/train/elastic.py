@@ -33,7 +33,8 @@ restores its state before this hook), from `args.resume_from_checkpoint` when it
 
 Distributed: under DDP every rank applies the same EMA updates and resets to its replica, and only
 the main process writes the files. DeepSpeed ZeRO is refused (its flattened fp32 master weights
-would undo in-place edits); FSDP's sharded parameters fail the shape check at attach.
+would undo in-place edits). FSDP is untested: sharded parameters do not match the checkpoint's
+shapes, which attach reports as a MismatchError rather than resetting a shard wrongly.
 """
 
 from __future__ import annotations
