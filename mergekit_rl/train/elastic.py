@@ -33,8 +33,8 @@ restores its state before this hook), from `args.resume_from_checkpoint` when it
 
 Distributed: under DDP every rank applies the same EMA updates and resets to its replica, and only
 the main process writes the files. DeepSpeed ZeRO is refused (its flattened fp32 master weights
-would undo in-place edits). FSDP is untested: sharded parameters do not match the checkpoint's
-shapes, which attach reports as a MismatchError rather than resetting a shard wrongly.
+would undo in-place edits). FSDP is untested and unsupported for now: its flattened, sharded
+parameters do not line up with the checkpoint's tensors.
 """
 
 from __future__ import annotations
