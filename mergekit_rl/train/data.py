@@ -64,7 +64,7 @@ def _load(spec: DatasetSpec) -> Any:
         if path.is_dir():
             return datasets.load_dataset(str(path), spec.subset, split=spec.split)
         return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
-    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise InputNotFoundError(
             f"dataset.path '{spec.path}' is neither a local file nor a reachable hub dataset "
             f"({e}). Check the path (relative to the working directory)."

@@ -286,13 +286,13 @@ def _training_problems(algorithm: Any, doc: dict[str, Any], training: Any) -> Pr
         problems.append(("optimizer.lr", f"differs from training.learning_rate ({lr}); give one."))
     if training.get("max_steps") is not None and training.get("num_epochs") is not None:
         problems.append(("training.num_epochs", "give max_steps or num_epochs, not both."))
-    beta = training.get("beta")
-    if algorithm == "grpo" and doc.get("reference") and not beta:
+    ema_anchor = _get(doc, "elastic_reset", "kl_anchor") == "ema"
+    if algorithm == "grpo" and (doc.get("reference") or ema_anchor) and not training.get("beta"):
+        what = "reference" if doc.get("reference") else "EMA anchor (elastic_reset.kl_anchor)"
         problems.append(
             (
                 "training.beta",
-                "grpo ignores the reference unless beta > 0 (its default is 0); "
-                "set beta, e.g. 0.04.",
+                f"grpo ignores the {what} unless beta > 0 (its default is 0); set beta, e.g. 0.04.",
             )
         )
     if algorithm in SAMPLING:
@@ -307,7 +307,7 @@ def _training_problems(algorithm: Any, doc: dict[str, Any], training: Any) -> Pr
                     f"gradient_accumulation_steps ({batch}): each prompt gets {gen} completions.",
                 )
             )
-    if _get(doc, "elastic_reset", "kl_anchor") == "ema" and doc.get("reference"):
+    if ema_anchor and doc.get("reference"):
         problems.append(
             (
                 "elastic_reset.kl_anchor",
@@ -319,6 +319,34 @@ def _training_problems(algorithm: Any, doc: dict[str, Any], training: Any) -> Pr
     ):
         problems.append(("training.deepspeed", DEEPSPEED_REFUSED))
     return problems
+
+
+# keys naming files that must exist locally (checked before any model is loaded)
+LOCAL_FILES = (
+    ("evaluation", "perplexity_text"),
+    ("evaluation", "prompts"),
+    ("training", "deepspeed"),
+)
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+def missing_files(recipe: TrainRecipe) -> Problems:
+    """Local files the recipe names that do not exist (paths relative to the working dir).
+
+    Model references may be hub ids, so only the reader can judge them; data files with a
+    file suffix and the evaluation / DeepSpeed files are always local.
+    """
+    named = [(".".join(keys), _get(recipe.model_dump(), *keys)) for keys in LOCAL_FILES]
+    if recipe.dataset.path.lower().endswith(DATA_SUFFIXES):
+        named.append(("dataset.path", recipe.dataset.path))
+    return [
+        (
+            key,
+            f"file '{value}' not found (paths are relative to the working directory {Path.cwd()}).",
+        )
+        for key, value in named
+        if value and not Path(value).is_file()
+    ]
 
 
 DEEPSPEED_REFUSED = (
@@ -357,4 +385,8 @@ def read_train_recipe(path: str | Path, allow_code: bool = False) -> tuple[Train
     if not path.is_file():
         raise InputNotFoundError(f"train recipe '{path}' not found; check the path.")
     text = path.read_text()
-    return parse_train_recipe(text, str(path), allow_code), text
+    recipe = parse_train_recipe(text, str(path), allow_code)
+    problems = missing_files(recipe)
+    if problems:
+        raise RecipeError(str(path), problems)
+    return recipe, text

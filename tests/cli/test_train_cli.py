@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from mergekit_rl.cli.app import app
 from typer.testing import CliRunner
@@ -18,6 +19,13 @@ GRPO = {
     "reward": {"length": {"target": 8}},
     "training": {"output_dir": "runs/g", "batch_size": 4},
 }
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from tmp_path, where the recipes' dataset file exists (relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hello"}\n')
 
 
 def rl(*args: object) -> tuple[int, str, str]:
@@ -74,7 +82,9 @@ def test_python_reward_needs_allow_code(tmp_path: Path) -> None:
     assert code == 0
 
 
-def test_missing_recipe_and_deepspeed_refusal(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_missing_recipe_and_deepspeed_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     code, _, err = rl("train", tmp_path / "nope.yaml")
     assert code == 2 and "not found" in err
     doc = {**GRPO, "elastic_reset": {"reset_every": 4}}

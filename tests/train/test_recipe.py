@@ -161,6 +161,8 @@ def test_sampling_rules() -> None:
     found = problems(grpo)
     assert "beta > 0" in found["training.beta"]
     assert "must divide" in found["training.num_generations"]
+    ema = with_(grpo, reference=None, elastic_reset={"reset_every": 2, "kl_anchor": "ema"})
+    assert "EMA anchor" in problems(ema)["training.beta"]
     ok = with_(grpo, training={"output_dir": "o", "batch_size": 8, "beta": 0.04})
     assert parse_train_recipe(yaml.safe_dump(ok), "r").training.num_generations == 4
 
@@ -172,7 +174,24 @@ def test_not_a_mapping_empty_and_several_documents() -> None:
     assert "not valid YAML" in problems("a: [1, 2\n")["line 2"]
 
 
-def test_read_train_recipe(tmp_path: Path) -> None:
+def test_missing_local_files_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "held.txt").write_text("some text\n")
+    doc = with_(DPO, evaluation={"perplexity_text": "held.txt", "prompts": "p.jsonl"})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(RecipeError) as info:
+        read_train_recipe(tmp_path / "r.yaml")
+    found = dict(info.value.problems)
+    assert set(found) == {"evaluation.prompts", "dataset.path"}
+    assert "'p.jsonl' not found" in found["evaluation.prompts"]
+    # a hub dataset id is not a local file and is not checked here
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(with_(DPO, dataset={"path": "org/prefs"})))
+    assert read_train_recipe(tmp_path / "r.yaml")[0].dataset.path == "org/prefs"
+
+
+def test_read_train_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prefs.jsonl").write_text("")
     with pytest.raises(InputNotFoundError, match="not found"):
         read_train_recipe(tmp_path / "nope.yaml")
     path = tmp_path / "r.yaml"
@@ -181,7 +200,11 @@ def test_read_train_recipe(tmp_path: Path) -> None:
     assert isinstance(recipe, TrainRecipe) and text == path.read_text()
 
 
-def test_shipped_recipes_are_valid() -> None:
+def test_shipped_recipes_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the demo layout: run from DIR with the recipes at DIR/../recipes (data files must exist)
+    (tmp_path / "recipes").symlink_to(RECIPES.parent, target_is_directory=True)
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path / "demo")
     paths = sorted(RECIPES.glob("*.yaml"))
     assert len(paths) >= 5
     for path in paths:
