@@ -33,8 +33,8 @@ restores its state before this hook), from `args.resume_from_checkpoint` when it
 
 Distributed: under DDP every rank applies the same EMA updates and resets to its replica, and only
 the main process writes the files. DeepSpeed ZeRO is refused (its flattened fp32 master weights
-would undo in-place edits). FSDP is untested and unsupported for now: its flattened, sharded
-parameters do not line up with the checkpoint's tensors.
+would undo in-place edits), and so is FSDP for now (its flattened, sharded parameters do not
+line up with the checkpoint's tensors).
 """
 
 from __future__ import annotations
@@ -289,6 +289,11 @@ class ElasticResetCallback(TrainerCallback):
             raise UsageError(
                 "elastic reset does not support DeepSpeed ZeRO (it keeps its own flattened fp32 "
                 "weights, so in-place resets would be lost); use DDP or FSDP."
+            )
+        if getattr(args, "fsdp", None):
+            raise UsageError(
+                "elastic reset does not support FSDP yet (sharded parameters do not line up with "
+                "the initial checkpoint's tensors); use DDP."
             )
         self.attach(model)
         resume = self._resume_dir(args, state)

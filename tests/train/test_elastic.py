@@ -314,8 +314,12 @@ def test_train_begin_finds_the_checkpoint_to_resume(tmp_path: Path) -> None:
         begin(5, str(tmp_path / "elsewhere"))
     with pytest.raises(InputNotFoundError):
         begin(4)  # no checkpoint-4 with Elastic Reset state
-    deepspeed = SimpleNamespace(deepspeed="ds.json", output_dir=str(tmp_path))
-    with pytest.raises(UsageError, match="DeepSpeed"):
-        ElasticResetCallback(init, reset_every=2).on_train_begin(
-            deepspeed, SimpleNamespace(global_step=0), None, model=model
-        )
+    for key, value, message in (
+        ("deepspeed", "ds.json", "DeepSpeed"),
+        ("fsdp", "full_shard", "FSDP"),
+    ):
+        args = SimpleNamespace(output_dir=str(tmp_path), **{key: value})
+        with pytest.raises(UsageError, match=message):
+            ElasticResetCallback(init, reset_every=2).on_train_begin(
+                args, SimpleNamespace(global_step=0), None, model=model
+            )
