@@ -131,6 +131,7 @@ class _Builder:
         self.tensors: list[TensorPlan] = []
         self.problems: list[tuple[str, str]] = []
         self.missing: set[str] = set()  # YAML paths already reported for a missing tensor
+        self.bad_values: dict[str, list[str]] = {}  # message -> tensors whose values fail
 
     def index(self, ref: str) -> int:
         if ref not in self.refs:
@@ -138,7 +139,9 @@ class _Builder:
             self.inputs.append(self.ckpts[ref])
         return self.refs.index(ref)
 
-    def add(self, out_name: str, spec: SliceSpec, reads: Sequence[tuple[Source, str]], t: float):
+    def add(
+        self, out_name: str, spec: SliceSpec, reads: Sequence[tuple[Source, str]], t: float
+    ) -> None:
         """One output tensor from (source, input tensor name) pairs, base first if any."""
         shape = self._check_shapes(out_name, reads)
         if shape is None:
@@ -195,9 +198,17 @@ class _Builder:
                 model.model_validate(values)
             except ValidationError as e:
                 err = e.errors()[0]
-                msg = err.get("ctx", {}).get("error", err["msg"])
-                self.problems.append(("parameters", f"tensor '{out_name}': {msg}"))
+                msg = str(err.get("ctx", {}).get("error", err["msg"]))
+                self.bad_values.setdefault(msg, []).append(out_name)
                 return
+
+    def all_problems(self) -> list[tuple[str, str]]:
+        """The problems, with a bad value reported once with the tensors it hits."""
+        out = list(self.problems)
+        for msg, names in self.bad_values.items():
+            more = f" (and {len(names) - 1} more tensors)" if len(names) > 1 else ""
+            out.append(("parameters", f"tensor '{names[0]}'{more}: {msg}"))
+        return out
 
 
 def _model_ids(refs: Sequence[str]) -> tuple[str, ...]:
@@ -246,9 +257,10 @@ def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe
     _, post_last = outer_names(tmpl_last, any_untied and tmpl_last.tied_embeddings)
     for name in post_last:
         b.add(name, last, _reads(last, name), 1.0)
-    if b.problems:
+    problems = b.all_problems()
+    if problems:
         raise RecipeError(
-            source, [(stage.label + p if p else stage.label.rstrip(), m) for p, m in b.problems]
+            source, [(stage.label + p if p else stage.label.rstrip(), m) for p, m in problems]
         )
     aux = _aux_source(stage, ckpts)
     updates = _config_updates(aux, stage, ranges, offset) if stage.sliced else {}

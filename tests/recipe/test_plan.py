@@ -132,9 +132,9 @@ models: [{{model: {s1}, parameters: {{density: [0.1, 0.5], epsilon: 0.2}}}}]
 """
     with ExitStack() as stack, pytest.raises(RecipeError) as err:
         plan(text, stack)
-    msg = str(err.value)
-    assert "model.embed_tokens.weight" in msg and "lower epsilon" in msg
-    assert "model.layers.1." not in msg
+    [(path, msg)] = err.value.problems  # one line for the 10 tensors at depth 0
+    assert path == "parameters" and "lower epsilon" in msg
+    assert msg.startswith("tensor 'model.embed_tokens.weight' (and 9 more tensors)")
 
 
 def test_vocabulary_mismatch_is_an_error(family: dict[str, Path], tmp_path: Path) -> None:
