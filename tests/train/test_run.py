@@ -102,6 +102,20 @@ def test_resumed_run_equals_uninterrupted_run(family: dict[str, Path], tmp_path:
     assert steps == [1, 2, 3, 4]  # the log is cut after step 2, then steps 3-4 logged anew
 
 
+def test_trainer_steps_with_online_merging(family: dict[str, Path], tmp_path: Path) -> None:
+    """Oracle through the whole pipeline: with lr = 0 the Adam part is zero, so after T steps
+    OnDARE(reserve_p=1) has added exactly T * alpha * (sft1 - base) to every weight."""
+    doc = yaml.safe_load(dpo_text(family, tmp_path / "run", learning_rate=0.0, max_steps=3))
+    doc["optimizer"] = {"name": "ondare", "reserve_p": 1.0, "alpha": 0.01, "tau_dtype": "float32"}
+    doc["optimizer"]["clip_val"] = 100.0
+    text = yaml.safe_dump(doc)
+    run(text)
+    got = load_state(tmp_path / "run" / "final")
+    base, sft = load_state(family["base"]), load_state(family["sft1"])
+    for k in sft:
+        torch.testing.assert_close(got[k], sft[k] + 0.03 * (sft[k] - base[k]), atol=1e-6, rtol=0)
+
+
 def test_restart_needs_resume_or_force(family: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     text = dpo_text(family, out, max_steps=1, save_steps=1)
