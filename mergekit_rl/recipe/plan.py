@@ -178,7 +178,7 @@ class _Builder:
                     self.missing.add(src.path)
                     self.problems.append((src.path, f"'{src.ref}' has no tensor '{name}'"))
                 return None
-            shapes[src.ref] = ckpt.info(name).shape
+            shapes[f"{src.ref}:{name}"] = ckpt.info(name).shape
         if len(set(shapes.values())) > 1:
             listed = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
             vocab = (
@@ -222,14 +222,14 @@ def _model_ids(refs: Sequence[str]) -> tuple[str, ...]:
 
 def _reads(spec: SliceSpec, names: str | dict[str, str]) -> list[tuple[Source, str]]:
     """(source, tensor name) for the base (if any) and each model; names: one name for all,
-    or reference -> name."""
+    or source YAML path -> name (a model may appear twice in a slice with other layers)."""
     srcs = ([spec.base] if spec.base else []) + list(spec.sources)
-    return [(s, names if isinstance(names, str) else names[s.ref]) for s in srcs]
+    return [(s, names if isinstance(names, str) else names[s.path]) for s in srcs]
 
 
 def _full_range(spec: SliceSpec, ckpts: dict[str, Checkpoint]) -> dict[str, tuple[int, int]]:
     srcs = ([spec.base] if spec.base else []) + list(spec.sources)
-    return {s.ref: s.layer_range or (0, num_layers(ckpts[s.ref])) for s in srcs}
+    return {s.path: s.layer_range or (0, num_layers(ckpts[s.ref])) for s in srcs}
 
 
 def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe") -> StagePlan:
@@ -272,7 +272,7 @@ def _plan_slice_layers(
 ) -> int:
     """Add the layer tensors of one slice written from layer `offset` on; returns its length."""
     tmpl = spec.sources[0]
-    start, end = rng[tmpl.ref]
+    start, end = rng[tmpl.path]
     layers = layer_names(b.ckpts[tmpl.ref])
     n = end - start
     for k in range(n):
@@ -284,7 +284,7 @@ def _plan_slice_layers(
             return n
         t = k / (n - 1) if n > 1 else 1.0
         for prefix, suffix in layers[start + k]:
-            names = {ref: f"{prefix}{a + k}{suffix}" for ref, (a, _) in rng.items()}
+            names = {path: f"{prefix}{a + k}{suffix}" for path, (a, _) in rng.items()}
             b.add(f"{prefix}{offset + k}{suffix}", spec, _reads(spec, names), t)
     return n
 
@@ -312,7 +312,7 @@ def _config_updates(
         if isinstance(value, list) and old_n and len(value) == old_n and key.startswith("layer"):
             picked = []
             for spec, rng in zip(stage.slices, ranges, strict=True):
-                a, e = rng[spec.sources[0].ref]
+                a, e = rng[spec.sources[0].path]
                 picked += value[a:e]
             updates[key] = picked
     return updates

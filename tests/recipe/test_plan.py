@@ -113,7 +113,7 @@ slices:
         aux = p.aux_from
         assert aux is not None
         aux.config = {"num_hidden_layers": 2, "layer_types": ["a", "b"], "layers_other": 7}
-        ranges = [{s1: (1, 2)}, {s1: (0, 2)}]
+        ranges = [{"slices[0].sources[0].model": (1, 2)}, {"slices[1].sources[0].model": (0, 2)}]
         got = _config_updates(aux, p.stage, ranges, 3)
     assert got == {"num_hidden_layers": 3, "layer_types": ["b", "a", "b"]}
 

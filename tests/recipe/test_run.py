@@ -428,3 +428,25 @@ def test_single_file_output_keeps_the_recipe_in_metadata(family, tmp_path):
     assert "merge_method: linear" in meta["rlmerge_recipe"]
     a, b = load_state(family["sft1"]), load_state(family["sft2"])
     assert_states_close(load_state(out), {k: (a[k] + b[k]) / 2 for k in a})
+
+
+def test_one_model_twice_in_a_slice(deep_family, tmp_path):
+    """A self-merge: the same model's layers 0-1 and 1-2 averaged (sources are told apart)."""
+    m = deep_family["sft1"]
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: linear
+slices:
+  - sources:
+      - {{model: {m}, layer_range: [0, 2]}}
+      - {{model: {m}, layer_range: [1, 3]}}
+""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    s, got = load_state(m), load_state(out)
+    key = "model.layers.{}.mlp.up_proj.weight"
+    for k in (0, 1):
+        want = (s[key.format(k)].double() + s[key.format(k + 1)].double()) / 2
+        torch.testing.assert_close(got[key.format(k)].double(), want, atol=1e-6, rtol=1e-6)
