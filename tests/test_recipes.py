@@ -97,6 +97,14 @@ def _model_stock(m: dict[str, State], k: str) -> Tensor:
     return ref_model_stock([m["sft1"][k], m["sft2"][k]], m["base"][k])
 
 
+def _stack(m: dict[str, State], k: str) -> Tensor:
+    # layers 0-1 of sft1, then layer 1 of sft2 as layer 2; embeddings from sft1, the final
+    # norm and lm_head from sft2 (the last slice's model)
+    if ".layers.2." in k:
+        return m["sft2"][k.replace(".layers.2.", ".layers.1.")].double()
+    return m["sft1" if ".layers." in k or "embed" in k else "sft2"][k].double()
+
+
 EXPECTED: dict[str, Callable[[dict[str, State], str], Tensor]] = {
     "salsa-reference-soup": _linear({"sft1": 1.0, "sft2": 1.0}),
     "sft-to-rlhf-interpolation": _linear({"sft1": 0.7, "rlhf": 0.3}),
@@ -106,11 +114,18 @@ EXPECTED: dict[str, Callable[[dict[str, State], str], Tensor]] = {
     "dare-ties-sft": _dare(1234, 0.7, [1.0, 1.0], rescale="l1", elect=True),
     "dare-linear-sft": _dare(7, 0.5, [0.5, 0.5], rescale="inverse_density"),
     "model-stock": _model_stock,
+    "passthrough-layer-stack": _stack,
 }
+LAYERS = {"passthrough-layer-stack": 3}  # num_hidden_layers of the output, if not the inputs' 2
 
 
 def _id(p: Path) -> str:
     return str(p.relative_to(RECIPES))
+
+
+def test_validate_takes_every_recipe_at_once(demo: Path) -> None:
+    code, text = _in(demo, "validate", *map(str, ALL))
+    assert code == 0, text
 
 
 def test_recipes_are_found_and_documented() -> None:
@@ -145,7 +160,10 @@ def test_recipe_validates_dry_runs_and_merges(recipe: Path, demo: Path) -> None:
 
     got = load_state(out)
     models = _models(demo)
-    assert set(got) == set(models["base"])
+    layers = LAYERS.get(recipe.stem, 2)
+    assert model.config.num_hidden_layers == layers
+    per_layer = {k for k in models["base"] if ".layers.0." in k}
+    assert len(got) == len(models["base"]) + (layers - 2) * len(per_layer)
     want = EXPECTED.get(recipe.stem)
     for k, v in got.items():
         assert torch.isfinite(v).all(), k
