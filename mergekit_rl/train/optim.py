@@ -292,6 +292,14 @@ class OnlineMergingAdamW(Optimizer):
                     )
                 if tau is not None:
                     self._init_tau(name, p, tau, group)
+        first = self.param_groups[0]["param_names"][0]
+        if task_vectors is not None and not any("tau" in s for s in self.state.values()):
+            # every name missed: the wrong checkpoints, or a wrapper that renames parameters
+            # (FSDP's flat parameters); training on would silently be plain sparse Adam
+            raise UsageError(
+                f"no parameter matches a task vector (the first is '{first}'); give the base and "
+                "SFT checkpoints the policy was trained from, or run without FSDP flat parameters."
+            )
 
     def _init_tau(self, name: str, p: Tensor, tau: Tensor, group: Mapping[str, Any]) -> None:
         tau = align_rows(tau, p.shape, name).to(device=p.device, dtype=torch.float32)

@@ -484,3 +484,10 @@ def test_value_head_without_counterpart_on_disk(family) -> None:
         opt = OnlineMergingAdamW(named, tvs, reserve_p=1.0)
     assert "tau" not in opt.state[head.weight]
     assert "tau" in opt.state[policy.lm_head.weight]
+
+
+def test_no_matching_task_vector_at_all_is_an_error() -> None:
+    model = tiny_model()
+    renamed = {f"other.{n}": t for n, t in random_tau(model).items()}
+    with pytest.raises(UsageError, match="no parameter matches a task vector"):
+        OnlineMergingAdamW(model.named_parameters(), renamed)
