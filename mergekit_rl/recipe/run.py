@@ -209,8 +209,17 @@ def _check_outputs(
         return
     for p in outs:  # a pipeline owns OUT and its stage folders: only overlaps are refused
         check_output_path(p, files, force=True)
-    if outs[-1].exists() and not outs[-1].is_dir():
-        raise OutputExistsError(f"output '{outs[-1]}' is a file; a pipeline writes a folder.")
+    root = outs[-1]
+    if root.exists() and not root.is_dir():
+        raise OutputExistsError(f"output '{root}' is a file; a pipeline writes a folder.")
+    if root.is_dir() and not force and any(root.iterdir()):
+        # an earlier run of a pipeline left its recipe or a stage folder there; else refuse
+        ours = (root / RECIPE_FILE).is_file() or any((root / str(s.name)).is_dir() for s in stages)
+        if not ours:
+            raise OutputExistsError(
+                f"output '{root}' exists and was not written by an rlmerge pipeline. Pass "
+                "--force to replace it, or choose another path."
+            )
 
 
 def reusable(stage: Stage, out: Path, pipeline: bool, force: bool, remade: set[str]) -> bool:

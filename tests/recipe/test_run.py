@@ -354,6 +354,10 @@ def test_existing_output_refused(family, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputExistsError):
         run(recipe, tmp_path / "out")
+    (tmp_path / "out" / "notes.txt").write_text("mine")  # a folder a pipeline did not write
+    with pytest.raises(OutputExistsError, match="not written by an rlmerge pipeline"):
+        run(pipeline(family, tmp_path), tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
 def test_pipeline_reruns_changed_stages_and_their_readers(family, tmp_path):
