@@ -63,6 +63,8 @@ def train(
         from mergekit_rl.train.run import TrainOptions
         from mergekit_rl.train.run import train as run_train
 
+        _quiet_progress_bars()
+
         opts = TrainOptions(
             output=output,
             resume=resume,
@@ -83,8 +85,18 @@ def train(
         else:
             err_console.print(
                 f"[green]trained[/green] {result.steps} steps in {result.seconds:.1f}s; "
-                f"final model: {result.final}; metrics: {result.metrics}"
+                f"final model: {result.final}; metrics: {result.metrics}",
+                soft_wrap=True,
             )
+
+
+def _quiet_progress_bars() -> None:
+    """No per-file loading bars from transformers / datasets: the metrics lines are the output."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def register(app: typer.Typer) -> None:

@@ -82,5 +82,6 @@ def kl_to(policy: nn.Module, initial: nn.Module, completions: Sequence[Completio
         start = c.prompt_ids.numel() - 1  # logits at start predict the first completion token
         logp = F.log_softmax(policy(input_ids=seq).logits[0, start:-1].float(), dim=-1)  # [C, V]
         logq = F.log_softmax(initial(input_ids=seq).logits[0, start:-1].float(), dim=-1)
-        total += (logp.exp() * (logp - logq)).sum().item()
+        kl = (logp.exp() * (logp - logq)).sum(dim=-1)  # [C]
+        total += kl.clamp_min(0.0).sum().item()  # KL >= 0: only rounding goes below
     return total / max(len(completions), 1)
