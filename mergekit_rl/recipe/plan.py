@@ -107,7 +107,8 @@ def num_layers(ckpt: Checkpoint) -> int:
 def outer_names(ckpt: Checkpoint, want_lm_head: bool) -> tuple[list[str], list[str]]:
     """Tensors outside the layers: (embeddings, the rest) in storage order. A tied lm_head is
     added to the rest when another input stores it (`want_lm_head`)."""
-    pre, post = [], []
+    pre: list[str] = []
+    post: list[str] = []
     for name in ckpt.names():
         if split_layer(name) is None:
             (pre if any(k in name for k in _PRE) else post).append(name)

@@ -78,7 +78,7 @@ def yaml_path(loc: tuple[str | int, ...] | list[str | int]) -> str:
     return out
 
 
-_MODEL_FIELDS = {
+_MODEL_FIELDS: dict[tuple[str, ...], type[BaseModel]] = {
     (): Recipe,
     ("models",): ModelEntry,
     ("slices",): Slice,
