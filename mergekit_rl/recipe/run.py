@@ -78,7 +78,8 @@ def load_recipe(path: str | Path) -> list[Stage]:
 
 def stage_outputs(stages: Sequence[Stage], out: Path) -> list[Path]:
     """OUT for a single recipe; OUT/<name> for intermediate stages and OUT for the last one."""
-    return [out / s.name if i < len(stages) - 1 else out for i, s in enumerate(stages)]  # type: ignore[operator]
+    last = len(stages) - 1
+    return [out / str(s.name) if i < last else out for i, s in enumerate(stages)]
 
 
 # ---- resolving inputs --------------------------------------------------------------------------
