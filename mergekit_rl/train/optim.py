@@ -276,11 +276,11 @@ class OnlineMergingAdamW(Optimizer):
         for group in self.param_groups:
             _check_group(group)
             names = group.get("param_names")
-            _check(
-                names is not None,
-                "named_params",
-                "pass named parameters (model.named_parameters()) so tau can be matched by name.",
-            )
+            if names is None:
+                raise UsageError(
+                    "OnlineMergingAdamW option 'named_params': pass named parameters "
+                    "(model.named_parameters()) so tau can be matched by name."
+                )
             for name, p in zip(names, group["params"], strict=True):
                 _check(p.is_contiguous(), "named_params", f"parameter '{name}' is not contiguous.")
                 tau = None if task_vectors is None else find_task_vector(task_vectors, name)
@@ -324,7 +324,7 @@ class OnlineMergingAdamW(Optimizer):
         return self._generators[key]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -340,7 +340,7 @@ class OnlineMergingAdamW(Optimizer):
         return loss
 
     def _state(self, p: Tensor) -> dict[str, Any]:
-        if p.grad.is_sparse:
+        if p.grad is not None and p.grad.is_sparse:
             raise UsageError("OnlineMergingAdamW does not support sparse gradients.")
         state = self.state[p]
         if "step" not in state:
@@ -356,7 +356,7 @@ class OnlineMergingAdamW(Optimizer):
     def _update_moments(group: Mapping[str, Any], params: list[Tensor], states: list[dict]) -> None:
         """m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2 (in place, all parameters at once)."""
         b1, b2 = group["betas"]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]  # params all have one
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - b1)
