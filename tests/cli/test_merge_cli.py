@@ -131,3 +131,16 @@ def test_methods_table_and_json() -> None:
     assert rows["ties"]["paper"].startswith("https://arxiv.org/")
     code, stdout, _ = rl("methods")
     assert code == 0 and "dare_ties" in stdout and "model_stock" in stdout
+
+
+def test_weights_summing_to_zero_fail_cleanly(family, tmp_path) -> None:
+    recipe = write(
+        tmp_path / "r.yaml",
+        "merge_method: linear\nmodels:\n"
+        f"  - {{model: {family['sft1']}, parameters: {{weight: 1.0}}}}\n"
+        f"  - {{model: {family['sft2']}, parameters: {{weight: -1.0}}}}\n",
+    )
+    code, _, err = rl("merge", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "sum to 0" in err and "normalize: false" in err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))  # no temporary folder left behind
