@@ -33,6 +33,7 @@ IDLE_TORCH = [sys.executable, "-c", "import torch"]
 class Measurement:
     seconds: float
     peak_rss_mb: float  # ru_maxrss of the child process (Linux: KiB) / 1024
+    cpu_seconds: float  # user + system CPU time of the child: robust to other load
     load1: float  # 1-minute load average just before the run
     stdout: str
 
@@ -52,7 +53,8 @@ def measure(cmd: Sequence[str], cwd: Path = REPO) -> Measurement:
         raise RuntimeError(
             f"{' '.join(cmd)} exited with {proc.returncode}:\n{err_path.read_text()[-3000:]}"
         )
-    return Measurement(seconds, usage.ru_maxrss / 1024, load1, out_path.read_text())
+    cpu = usage.ru_utime + usage.ru_stime
+    return Measurement(seconds, usage.ru_maxrss / 1024, cpu, load1, out_path.read_text())
 
 
 def warm_cache(paths: Sequence[Path], chunk: int = 64 << 20) -> int:
@@ -82,13 +84,7 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 def can_drop_caches() -> bool:
     """True when this process may empty the page cache (root, with a writable /proc/sys/vm)."""
-    if os.geteuid() != 0:
-        return False
-    try:
-        drop_caches()
-    except OSError:
-        return False
-    return True
+    return os.geteuid() == 0 and os.access(DROP_CACHES, os.W_OK)
 
 
 def drop_caches() -> None:
@@ -182,7 +178,10 @@ def floor_cmd(case: Case, out: Path) -> list[str]:
 def tool_seconds(stdout: str) -> float | None:
     """The tool's own --json 'seconds' (engine time, without interpreter start)."""
     try:
-        return float(json.loads(stdout)["seconds"])
+        data = json.loads(stdout)
+        if isinstance(data, list):  # `rlmerge merge`: one entry per pipeline stage
+            return sum(float(stage["summary"]["seconds"]) for stage in data)
+        return float(data["seconds"])
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -212,6 +211,7 @@ def run_cases(cases: Sequence[Case], repeats: int, log: list[dict], cold: bool) 
                         "kind": kind,
                         "rep": rep,
                         "seconds": round(m.seconds, 3),
+                        "cpu_seconds": round(m.cpu_seconds, 2),
                         "engine_seconds": tool_seconds(m.stdout) if kind == "tool" else None,
                         "peak_rss_mb": round(m.peak_rss_mb, 1),
                         "load1": round(m.load1, 2),
@@ -219,7 +219,7 @@ def run_cases(cases: Sequence[Case], repeats: int, log: list[dict], cold: bool) 
                 )
                 print(
                     f"  {case.name:22s} {kind:5s} rep {rep}: {m.seconds:7.2f} s "
-                    f"{m.peak_rss_mb:7.0f} MiB (load {m.load1:.2f})",
+                    f"cpu {m.cpu_seconds:7.2f} s {m.peak_rss_mb:7.0f} MiB (load {m.load1:.2f})",
                     flush=True,
                 )
 
@@ -246,6 +246,8 @@ def summarize(size: str, cases: Sequence[Case], log: list[dict], idle: float) ->
         tool_s = [r["seconds"] for r in tool_runs]
         engine = [r["engine_seconds"] for r in tool_runs if r["engine_seconds"] is not None]
         rss = max(r["peak_rss_mb"] for r in tool_runs)
+        floor_cpu = median([r["cpu_seconds"] for r in runs if r["kind"] == "floor"])
+        tool_cpu = median([r["cpu_seconds"] for r in tool_runs])
         ratio = median(tool_s) / median(floor_s)
         rows.append(
             {
@@ -258,6 +260,8 @@ def summarize(size: str, cases: Sequence[Case], log: list[dict], idle: float) ->
                 "tool_spread": spread(tool_s),
                 "engine_s": round(median(engine), 2) if engine else None,
                 "ratio": round(ratio, 2),
+                "floor_cpu_s": round(floor_cpu, 2),
+                "tool_cpu_s": round(tool_cpu, 2),
                 "target": case.target,
                 "time_ok": ratio <= case.target,
                 "floor_rss_mib": round(max(r["peak_rss_mb"] for r in runs if r["kind"] == "floor")),
@@ -271,14 +275,15 @@ def summarize(size: str, cases: Sequence[Case], log: list[dict], idle: float) ->
 
 def markdown(rows: Sequence[dict]) -> str:
     head = (
-        "| size | case | floor s | tool s | engine s | ratio | target | time "
+        "| size | case | floor s | tool s | engine s | ratio | target | time | CPU s floor / tool "
         "| peak RSS MiB | above idle torch MiB | RSS |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     ok = {True: "met", False: "**missed**"}
     return head + "".join(
         f"| {r['size']} | {r['case']} | {r['floor_spread']} | {r['tool_spread']} "
         f"| {r['engine_s']} | {r['ratio']}x | {r['target']}x | {ok[r['time_ok']]} "
+        f"| {r['floor_cpu_s']} / {r['tool_cpu_s']} "
         f"| {r['peak_rss_mib']} | {r['above_idle_mib']} | {ok[r['rss_ok']]} |\n"
         for r in rows
     )

@@ -1,0 +1,88 @@
+"""The benchmark scripts in bench/ still run: each on an ~8 MB generated model, briefly.
+
+They are scripts, not package code, so they run here as subprocesses (as a user runs them),
+with RLMERGE_BENCH_WORK pointing at a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_script(work: Path, script: str, *args: str) -> str:
+    env = {**os.environ, "RLMERGE_BENCH_WORK": str(work), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(BENCH / script), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, f"{script} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("bench")
+    run_script(work, "make_models.py", "--size", "micro", "--n", "3", "--out", str(work / "micro"))
+    return work
+
+
+def tensor_bytes(shard: Path) -> int:
+    """Bytes of tensor data in a safetensors file: its size minus the 8-byte length and header."""
+    with open(shard, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    return shard.stat().st_size - 8 - header_len
+
+
+def test_floor_writes_one_models_tensor_bytes_per_copy(work: Path) -> None:
+    m1, m2 = work / "micro" / "m1", work / "micro" / "m2"
+    out = work / "floor"
+    printed = run_script(
+        work, "floor.py", "--inputs", str(m1), str(m2), "--out", str(out), "--copies", "2"
+    )
+    expected = sum(tensor_bytes(s) for s in m1.glob("*.safetensors"))
+    assert expected > 4_000_000  # the micro model is ~8 MB
+    for k in range(2):
+        assert sum(f.stat().st_size for f in (out / f"copy-{k}").iterdir()) == expected
+    assert json.loads(printed)["bytes_written"] == 2 * expected
+
+
+@pytest.mark.slow
+def test_bench_io_and_merge_record_every_run(work: Path) -> None:
+    common = ["--sizes", "micro", "--repeats", "1", "--cache", "warm", "--max-wait", "0"]
+    run_script(work, "bench_io.py", *common, "--cases", "a=0.5")
+    run_script(work, "bench_merge.py", *common, "--cases", "linear")
+    for tag, case in [("io", "interpolate a=0.5"), ("merge", "linear")]:
+        data = json.loads((work / f"{tag}-micro.json").read_text())
+        assert sorted(r["kind"] for r in data["runs"]) == ["floor", "tool"]
+        (row,) = data["rows"]
+        assert row["case"] == case
+        assert row["ratio"] == pytest.approx(row["tool_s"] / row["floor_s"], abs=0.01)
+        assert row["engine_s"] is not None and 0 < row["engine_s"] < row["tool_s"]
+        above = row["peak_rss_mib"] - data["idle_torch_mib"]
+        assert row["above_idle_mib"] == pytest.approx(above, abs=1)
+        assert case in (work / f"{tag}.md").read_text()
+    assert not (work / "out" / "linear").exists()  # outputs are removed after every run
+
+
+@pytest.mark.slow
+def test_bench_optim_counts_adamw_state_exactly(work: Path) -> None:
+    run_script(
+        work, "bench_optim.py", "--size", "tiny", "--rounds", "1", "--steps", "2", "--no-cold"
+    )
+    data = json.loads((work / "optim.json").read_text())
+    runs = {r["mode"]: r for r in data["runs"]}
+    assert set(runs) == {"adamw", "ondare", "onties"}
+    adamw = runs["adamw"]
+    n_tensors = 2 + 9 * 2 + 1  # embed, lm_head; 9 per layer x 2 layers; final norm
+    # two float32 moments per parameter and one float32 step counter per tensor
+    assert adamw["state_bytes"] == 8 * adamw["params"] + 4 * n_tensors
+    assert all(len(r["step_s"]) == 2 for r in runs.values())
+    (elastic,) = data["elastic"]
+    assert elastic["resets"] >= 3 and len(elastic["reset_step_s"]) == 3
