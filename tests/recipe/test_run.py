@@ -219,18 +219,23 @@ seed: {seed}
 # ---- slices --------------------------------------------------------------------------------
 
 
-def test_slices_load_with_transformers(deep_family, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    recipe = write(
-        tmp_path / "frank.yaml",
+def stack_recipe(models: dict[str, Path], tmp_path: Path) -> Path:
+    """sft1's layers 0-1 stacked under sft2's layers 1-2 (a passthrough frankenmerge)."""
+    return write(
+        tmp_path / "stack.yaml",
         f"""
 merge_method: passthrough
 slices:
-  - sources: [{{model: {deep_family["sft1"]}, layer_range: [0, 2]}}]
-  - sources: [{{model: {deep_family["sft2"]}, layer_range: [1, 3]}}]
+  - sources: [{{model: {models["sft1"]}, layer_range: [0, 2]}}]
+  - sources: [{{model: {models["sft2"]}, layer_range: [1, 3]}}]
 """,
     )
+
+
+def test_slices_load_with_transformers(deep_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = stack_recipe(deep_family, tmp_path)
     out = tmp_path / "out"
     run(recipe, out)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -401,15 +406,7 @@ max_shard_size: 200KB
 
 
 def test_layer_range_past_the_model_is_named(family, tmp_path):
-    recipe = write(
-        tmp_path / "r.yaml",
-        f"""
-merge_method: passthrough
-slices:
-  - sources: [{{model: {family["sft1"]}, layer_range: [0, 2]}}]
-  - sources: [{{model: {family["sft2"]}, layer_range: [1, 3]}}]
-""",
-    )
+    recipe = stack_recipe(family, tmp_path)  # layer 2 exists in deep_family only
     with pytest.raises(RecipeError) as err:
         run(recipe, tmp_path / "out")
     assert err.value.problems == [
