@@ -154,6 +154,27 @@ def magnitude_prune(x: Tensor, density: float) -> Tensor:
     return zero_below(x, magnitude_threshold(x, int(density * x.numel())))
 
 
+def top_magnitude_indices(x: Tensor, k: int) -> Tensor:
+    """Sorted flat indices of exactly k entries of x with the largest |x| (int64, x's device).
+
+    Entries tied with the k-th magnitude are taken in index order: exactly k are kept and the
+    choice is deterministic (torch.topk breaks ties arbitrarily). Online TIES needs exactly k:
+    the first Adam step has |Delta| ~ lr almost everywhere, and keeping every tie there would
+    make a 1% update nearly dense.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.arange(n, device=flat.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=flat.device)
+    mag = flat.abs()
+    kth = kth_largest(mag, k)
+    above = (mag > kth).nonzero().squeeze(1)
+    ties = (mag == kth).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
 def tensor_seed(seed: int, *keys: str) -> int:
     """A 63-bit seed derived from (seed, keys), stable across runs, processes and platforms."""
     h = hashlib.blake2b(digest_size=8)

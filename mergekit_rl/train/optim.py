@@ -58,7 +58,7 @@ def top_indices(flat: Tensor, density: float) -> Tensor | None:
     """
     if density >= 1.0 or density * flat.numel() < 1:
         return None
-    return core.magnitude_mask(flat, density).nonzero().squeeze(1)
+    return core.top_magnitude_indices(flat, int(density * flat.numel()))
 
 
 def align_rows(tau: Tensor, shape: torch.Size, name: str) -> Tensor:

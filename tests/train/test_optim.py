@@ -61,13 +61,19 @@ class RefAdam:
 
 
 def ref_topk_mask(x: Tensor, density: float) -> Tensor:
-    """|x| >= its k-th largest value, k = int(density * n): entries tied with the k-th are kept
-    (the first Adam step has many ties: |Delta| is about lr everywhere)."""
+    """Exactly the k = int(density * n) largest |x|, entries tied with the k-th taken in index
+    order (a stable descending sort); tensors with density * n < 1 are kept dense."""
     n = x.numel()
     if density >= 1 or density * n < 1:
         return torch.ones_like(x, dtype=torch.bool)
-    kth = x.reshape(-1).abs().topk(int(density * n)).values[-1]
-    return x.abs() >= kth
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[ref_topk_indices(x, int(density * n))] = True
+    return mask.view_as(x)
+
+
+def ref_topk_indices(x: Tensor, k: int) -> Tensor:
+    order = torch.sort(x.reshape(-1).abs(), descending=True, stable=True).indices
+    return order[:k].sort().values
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -491,3 +497,29 @@ def test_no_matching_task_vector_at_all_is_an_error() -> None:
     renamed = {f"other.{n}": t for n, t in random_tau(model).items()}
     with pytest.raises(UsageError, match="no parameter matches a task vector"):
         OnlineMergingAdamW(model.named_parameters(), renamed)
+
+
+# -- exact top-k under ties ----------------------------------------------------------------------
+
+
+def test_top_magnitude_indices_keeps_exactly_k_under_ties() -> None:
+    x = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 0.0, 1.0, -3.0])
+    assert core.top_magnitude_indices(x, 4).tolist() == [1, 2, 3, 7]  # ties at 1.0: lowest first
+    assert core.top_magnitude_indices(x, 0).numel() == 0
+    assert core.top_magnitude_indices(x, 8).tolist() == list(range(8))
+    big = torch.randn(300_000).round(decimals=1)  # radix-select path, heavy ties
+    for k in (1, 2999, 150_000):
+        got = core.top_magnitude_indices(big, k)
+        assert torch.equal(got, ref_topk_indices(big, k)), k
+
+
+def test_onties_first_step_is_sparse_even_when_every_update_ties() -> None:
+    # one Adam step with |g| >> eps gives |Delta| = lr for every entry: exactly k must move
+    lin = nn.Linear(100, 100, bias=False)
+    opt = OnlineMergingAdamW(
+        [("w", lin.weight)], {"w": torch.zeros(100, 100)}, mode="onties", reserve_p=0.01, lr=LR
+    )
+    before = lin.weight.detach().clone()
+    lin.weight.grad = torch.randn(100, 100).sign()
+    opt.step()
+    assert int((lin.weight != before).sum()) == 100
