@@ -184,15 +184,8 @@ def elastic_callback(recipe: TrainRecipe) -> Any:
         return None
     from .elastic import ElasticResetCallback
 
-    return ElasticResetCallback(
-        recipe.policy,
-        ema_decay=spec.ema_decay,
-        ema_every=spec.ema_every,
-        reset_every=spec.reset_every,
-        kl_anchor=spec.kl_anchor,
-        reset_optimizer=spec.reset_optimizer,
-        keep_init_on_cpu=spec.keep_init_on_cpu,
-    )
+    # the spec's keys are the callback's keyword arguments
+    return ElasticResetCallback(recipe.policy, **spec.model_dump())
 
 
 def trainer_config(recipe: TrainRecipe, max_steps: int | None) -> Any:
@@ -263,24 +256,15 @@ def make_optimizer(recipe: TrainRecipe, model: nn.Module, decay_names: Sequence[
         else CheckpointTaskVectors(str(recipe.base), recipe.policy, tau_dtype)
     )
     with source:
+        # the spec's keys are the optimizer's keyword arguments, but for these four
         return OnlineMergingAdamW(
             [g for g in groups if g["params"]],
             source,
             lr=recipe.learning_rate,
-            betas=opt.betas,
-            eps=opt.eps,
             mode=opt.name,
-            reserve_p=opt.reserve_p,
-            alpha=opt.alpha,
-            rescale=opt.rescale,
-            sign_on=opt.sign_on,
-            clip_val=opt.clip_val,
-            tau_l1_rescale=opt.tau_l1_rescale,
-            merge_every=opt.merge_every,
-            decay_after_update=opt.decay_after_update,
             tau_dtype=tau_dtype,
-            missing=opt.missing,
             seed=recipe.training.seed,
+            **opt.model_dump(exclude={"name", "lr", "weight_decay", "tau_dtype"}),
         )
 
 
