@@ -77,12 +77,8 @@ class BreadcrumbsGlobals(SparseGlobals):
 
 
 class DellaGlobals(SparseGlobals):
+    # rescale_mode stays "l1" (mergekit's DELLA); the paper's 1/p_i is rescale_mode: inverse_density
     normalize: bool = True
-    rescale_mode: Literal["l1", "inverse_density"] = "inverse_density"
-
-
-class DellaLinearGlobals(SparseGlobals):
-    rescale_mode: Literal["l1", "inverse_density"] = "inverse_density"
 
 
 # ---- the engine --------------------------------------------------------------------------------
@@ -255,7 +251,7 @@ TASK_VECTOR_METHODS: tuple[MergeMethod, ...] = (
         sparsifier=_della,
         elect=False,
         model_params=DellaParams,
-        global_params=DellaLinearGlobals,
+        global_params=SparseGlobals,
         paper=DELLA_PAPER,
         description="drop entries with magnitude-ranked probabilities, rescale, add",
     ),

@@ -370,12 +370,14 @@ def test_breadcrumbs_gamma_zero_is_magnitude_pruning_not_zero() -> None:
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 @pytest.mark.parametrize("density,epsilon", [(0.5, 0.15), (0.3, 0.3), (0.7, 0.0), (1.0, 0.15)])
-def test_della(method: str, density: float, epsilon: float) -> None:
+@pytest.mark.parametrize("mode", [None, "inverse_density"])  # None: the default, l1
+def test_della(method: str, density: float, epsilon: float, mode: str | None) -> None:
     xs, base = family(3, shape=(8, 16))
     ws = [1.0, 0.5, 0.7]
     name = "model.layers.0.mlp.down_proj.weight"
     mps = [{"weight": w, "density": density, "epsilon": epsilon} for w in ws]
-    got = merge(method, xs, base, mps, {"lambda": 1.1}, seed=5, tensor=name)
+    gp: dict[str, Any] = {"lambda": 1.1, **({"rescale_mode": mode} if mode else {})}
+    got = merge(method, xs, base, mps, gp, seed=5, tensor=name)
     deltas = [x.double() - base.double() for x in xs]
     if density >= 1.0:
         probs: list[Tensor | float] = [1.0] * 3
@@ -388,7 +390,7 @@ def test_della(method: str, density: float, epsilon: float) -> None:
         ]
     elect = method == "della"
     want = ref_task_vectors(
-        xs, base, ws, keeps, probs, rescale="inverse_density", elect=elect, normalize=elect, lam=1.1
+        xs, base, ws, keeps, probs, rescale=mode or "l1", elect=elect, normalize=elect, lam=1.1
     )
     assert_matches(got, want)
 
