@@ -157,6 +157,60 @@ def test_rloo_with_a_reference_checkpoint_and_output_option(
     assert {"rewards/keyword/mean", "rewards/length/mean", "kl"} <= set(record)
 
 
+def test_tied_bf16_policy_stays_tied_and_bf16(tied_family: dict[str, Path], tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    text = dpo_text(tied_family, tmp_path / "run", max_steps=1, save_steps=None)
+    run(text)
+    final = tmp_path / "run" / "final"
+    got, start = load_state(final), load_state(tied_family["sft1"])
+    assert set(got) == set(start) and "lm_head.weight" not in got  # stored once, as before
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_grpo_with_a_reward_model_and_a_python_reward(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(family["base"], num_labels=1)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(family["base"]).save_pretrained(tmp_path / "rm")
+    (tmp_path / "my_rewards.py").write_text(
+        "calls = []\n"
+        "def shout(prompts, completions, **kw):\n"
+        "    calls.append(len(completions))\n"
+        "    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    doc = {
+        "algorithm": "grpo",
+        "policy": str(family["sft1"]),
+        "dataset": {"path": str(DATA / "prompts.jsonl")},
+        "reward": {
+            "model": {"path": str(tmp_path / "rm")},
+            "function": {"call": "my_rewards:shout", "weight": 0.5},
+        },
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 1,
+            "batch_size": 2,
+            "num_generations": 2,
+            "max_completion_length": 4,
+        },
+    }
+    text = yaml.safe_dump(doc)
+    recipe = parse_train_recipe(text, "r.yaml", allow_code=True)
+    train(recipe, text, TrainOptions(echo=lambda s: None))
+    import my_rewards  # type: ignore[import-not-found]
+
+    assert my_rewards.calls == [2]  # one batch of 2 completions scored
+    (record,) = [m for m in metrics(tmp_path / "run") if "loss" in m]
+    assert record["rewards/shout/mean"] == 1.0 and "rewards/rm/mean" in record
+
+
 def test_deepspeed_with_online_merging_is_refused(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
