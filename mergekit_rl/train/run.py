@@ -96,12 +96,12 @@ def train(
     resumed_at = int(Path(resume_from).name.rpartition("-")[2]) if resume_from else None
     metrics = MetricsLog(out_dir / METRICS_FILE, opts.echo, resumed_at)
     callbacks: list[Any] = [metrics, *opts.callbacks]
-    if recipe.evaluation is not None:
-        callbacks.append(EvalCallback(recipe, metrics))
     elastic = elastic_callback(recipe)
-    if elastic is not None:
+    if elastic is not None:  # before evaluation: a step's measures see that step's reset
         callbacks.append(elastic)
         metrics.sources.append(elastic.metrics)
+    if recipe.evaluation is not None:
+        callbacks.append(EvalCallback(recipe, metrics))
     trainer = build_trainer(recipe, model, tokenizer, dataset, reference, callbacks, opts.max_steps)
     trainer.remove_callback(PrinterCallback)  # MetricsLog prints a shorter line
     if elastic is not None and recipe.elastic_reset and recipe.elastic_reset.kl_anchor == "ema":

@@ -211,6 +211,15 @@ def test_grpo_with_a_reward_model_and_a_python_reward(
     assert record["rewards/shout/mean"] == 1.0 and "rewards/rm/mean" in record
 
 
+def test_dpo_with_elastic_reset_and_an_ema_anchor(family: dict[str, Path], tmp_path: Path):
+    doc = yaml.safe_load(dpo_text(family, tmp_path / "run", max_steps=2, save_steps=None))
+    doc["elastic_reset"] = {"ema_decay": 0.5, "reset_every": 2, "kl_anchor": "ema"}
+    text = yaml.safe_dump(doc)
+    run(text)
+    resets = [m["elastic/num_resets"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert resets == [0, 1]
+
+
 def test_deepspeed_with_online_merging_is_refused(
     family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
