@@ -51,6 +51,24 @@ def dpo_text(family: dict[str, Path], out: Path, **training: object) -> str:
     return yaml.safe_dump(doc)
 
 
+def sampling_doc(algorithm: str, family: dict[str, Path], out: Path, reward: dict) -> dict:
+    """One step of GRPO / RLOO on 2 prompts x 2 completions of 4 tokens."""
+    return {
+        "algorithm": algorithm,
+        "policy": str(family["sft1"]),
+        "dataset": {"path": str(DATA / "prompts.jsonl")},
+        "reward": reward,
+        "training": {
+            "output_dir": str(out),
+            "max_steps": 1,
+            "batch_size": 2,
+            "num_generations": 2,
+            "max_completion_length": 4,
+            "learning_rate": 1e-3,
+        },
+    }
+
+
 def run(text: str, **opts: object) -> None:
     train(parse_train_recipe(text, "r.yaml"), text, TrainOptions(echo=lambda s: None, **opts))
 
@@ -134,21 +152,9 @@ def test_rloo_with_a_reference_checkpoint_and_output_option(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    doc = {
-        "algorithm": "rloo",
-        "policy": str(family["sft1"]),
-        "reference": str(family["sft2"]),
-        "dataset": {"path": str(DATA / "prompts.jsonl")},
-        "reward": {"keyword": {"words": ["soup"]}, "length": {"target": 4, "weight": 0.5}},
-        "training": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 1,
-            "batch_size": 2,
-            "num_generations": 2,
-            "max_completion_length": 4,
-            "learning_rate": 1e-3,
-        },
-    }
+    reward = {"keyword": {"words": ["soup"]}, "length": {"target": 4, "weight": 0.5}}
+    doc = sampling_doc("rloo", family, tmp_path / "run", reward)
+    doc["reference"] = str(family["sft2"])
     text = yaml.safe_dump(doc)
     run(text, output=tmp_path / "model")
     assert not (tmp_path / "run" / "final").exists()
@@ -185,22 +191,11 @@ def test_grpo_with_a_reward_model_and_a_python_reward(
         "    return [1.0] * len(completions)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    doc = {
-        "algorithm": "grpo",
-        "policy": str(family["sft1"]),
-        "dataset": {"path": str(DATA / "prompts.jsonl")},
-        "reward": {
-            "model": {"path": str(tmp_path / "rm")},
-            "function": {"call": "my_rewards:shout", "weight": 0.5},
-        },
-        "training": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 1,
-            "batch_size": 2,
-            "num_generations": 2,
-            "max_completion_length": 4,
-        },
+    reward = {
+        "model": {"path": str(tmp_path / "rm")},
+        "function": {"call": "my_rewards:shout", "weight": 0.5},
     }
+    doc = sampling_doc("grpo", family, tmp_path / "run", reward)
     text = yaml.safe_dump(doc)
     recipe = parse_train_recipe(text, "r.yaml", allow_code=True)
     train(recipe, text, TrainOptions(echo=lambda s: None))
