@@ -53,8 +53,9 @@ def merge(
 
     Model paths in the recipe are relative to the current directory. A recipe with several
     documents (separated by ---) is a pipeline: stage NAME is written to OUT/NAME, the last
-    stage to OUT, and later stages use earlier ones by name. Stages whose output is already
-    complete are skipped; --force reruns them. --dtype overrides the recipe's out_dtype/dtype.
+    stage to OUT, and later stages use earlier ones by name. A stage whose output is complete
+    and was made by the same recipe is skipped; --force reruns every stage. --dtype overrides
+    the recipe's out_dtype/dtype. --dry-run resolves inputs and reads headers only.
 
     Example: rlmerge merge recipes/ties.yaml -o merged --dry-run
     """
@@ -64,7 +65,10 @@ def merge(
         mopts = recipe_run.MergeOptions(write=opts, max_shard_size=shard)
         if dry_run:
             plan = recipe_run.plan_file(recipe, output, mopts)
-            print_json(plan) if json else print_plan(plan)
+            if json:
+                print_json(plan)
+            else:
+                print_plan(plan)
             return
         results = recipe_run.merge_file(recipe, output, mopts)
         if json:
