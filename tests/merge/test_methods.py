@@ -309,6 +309,18 @@ def test_ties(density: float, rescale: bool) -> None:
     assert_matches(got, want)
 
 
+def test_ties_exact_cancellation_elects_plus() -> None:
+    # w = [1, -1] on identical models: the weighted deltas cancel exactly, the sum is 0 and the
+    # elected sign is +, so every entry keeps the positive term: base + |delta|
+    xs, base = family(1)
+    x = xs[0]
+    mps = [{"weight": 1.0}, {"weight": -1.0}]
+    got = merge("ties", [x, x.clone()], base, mps, {"normalize": False})
+    d = x.double() - base.double()
+    assert_matches(got, base.double() + d.abs())
+    assert_matches(got, ref_task_vectors([x, x], base, [1.0, -1.0], elect=True))
+
+
 def test_ties_density_near_zero_returns_the_base() -> None:
     xs, base = family(2)  # 66 entries: int(0.01 * 66) = 0 kept
     got = merge("ties", xs, base, [{"density": 0.01}, {"density": 0.01}])
