@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import re
 from collections.abc import Iterator
@@ -13,9 +14,9 @@ from torch import Tensor
 
 from mergekit_rl.errors import UsageError
 from mergekit_rl.merge import registry
+from mergekit_rl.merge.methods import BUILTINS
 from mergekit_rl.merge.registry import (
     ENTRY_POINT_GROUP,
-    MergeMethod,
     MethodParams,
     NoParams,
     TensorContext,
@@ -114,18 +115,16 @@ def _scaled_first(
     return tensors[0] * gp.factor
 
 
-PLUGIN = MergeMethod(
+# a plug-in built from a built-in's metadata (no base, one model or more)
+PLUGIN = dataclasses.replace(
+    next(m for m in BUILTINS if m.name == "linear"),
     name="scaled_first",
     fn=_scaled_first,
     global_params=ScaleParams,
     model_params=NoParams,
-    needs_base=False,
-    min_models=1,
-    max_models=None,
-    paper=None,
     description="the first model times a factor (test plug-in)",
 )
-CLASHING = MergeMethod(**{**PLUGIN.__dict__, "name": "ties"})
+CLASHING = dataclasses.replace(PLUGIN, name="ties")
 NOT_A_METHOD = object()
 
 
