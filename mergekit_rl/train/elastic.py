@@ -157,15 +157,7 @@ class ElasticResetCallback(TrainerCallback):
                 "trainer's frozen reference already is the initial model."
             )
         ref_model = getattr(ref_model, "module", ref_model)  # a DDP / accelerate wrapper
-        params = dict(ref_model.named_parameters())
-        if self._params:
-            missing = [n for n in self._params if n not in params]
-            if missing:
-                raise MismatchError(
-                    f"elastic reset: the reference model has no parameter '{missing[0]}' "
-                    f"({len(missing)} missing); bind a reference of the policy's architecture."
-                )
-        self._ref = params
+        self._ref = dict(ref_model.named_parameters())
         self._sync_reference()
 
     # -- the algorithm ----------------------------------------------------------------------
@@ -224,6 +216,12 @@ class ElasticResetCallback(TrainerCallback):
     def _sync_reference(self) -> None:
         if not self._ref or not self.ema:
             return
+        missing = [n for n in self.ema if n not in self._ref]
+        if missing:
+            raise MismatchError(
+                f"elastic reset: the reference model has no parameter '{missing[0]}' "
+                f"({len(missing)} missing); bind a reference of the policy's architecture."
+            )
         with torch.no_grad():
             for name, ema in self.ema.items():
                 self._ref[name].copy_(ema)

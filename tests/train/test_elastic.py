@@ -131,6 +131,13 @@ def test_kl_anchor_errors(tmp_path: Path) -> None:
     cb.attach(model)
     with pytest.raises(UsageError, match="bind_reference"):
         cb.on_step(model, None, 1)
+    with pytest.raises(MismatchError, match="no parameter '0.weight'"):
+        cb.bind_reference(nn.Sequential(nn.Identity(), nn.Tanh(), nn.Linear(4, 3)))
+    late = ElasticResetCallback(init, reset_every=2, kl_anchor="ema")
+    ref = small_model(seed=4)
+    late.bind_reference(ref)  # bound before attach: checked and copied at attach
+    late.attach(model)
+    assert torch.equal(ref[0].weight, model[0].weight)
 
 
 @pytest.mark.parametrize("reset_optimizer", [False, True])
