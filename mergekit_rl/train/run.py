@@ -8,9 +8,10 @@
 
 Several GPUs: `accelerate launch -m mergekit_rl.cli.app train RECIPE.yaml` runs it under DDP with
 no change (every process builds the same trainer; only the main process writes the metrics and
-the final model). FSDP: the optimizer is created in `create_optimizer`, after wrapping, which
-FSDP allows; use `fsdp_use_orig_params: true` so that parameter names (and so tau) still match
-the checkpoint, and the final model is gathered with `accelerator.get_state_dict`. DeepSpeed ZeRO
+the final model). FSDP (untested here): the optimizer is created in `create_optimizer`, after
+wrapping, which FSDP allows; OnDARE / OnTIES need `fsdp_use_orig_params: true` so that parameter
+names (and so tau) match the checkpoint (a task vector matching no parameter is refused), Elastic
+Reset refuses FSDP, and the final model is gathered with `accelerator.get_state_dict`. DeepSpeed ZeRO
 (a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true` from `accelerate config`)
 keeps its own flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and
 works with plain AdamW.
