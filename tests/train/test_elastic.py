@@ -330,3 +330,22 @@ def test_train_begin_finds_the_checkpoint_to_resume(tmp_path: Path) -> None:
             ElasticResetCallback(init, reset_every=2).on_train_begin(
                 args, SimpleNamespace(global_step=0), None, model=model
             )
+
+
+def test_optimizer_reset_keeps_the_online_merging_task_vector(tmp_path: Path) -> None:
+    from mergekit_rl.train.optim import OnlineMergingAdamW
+
+    model = small_model()
+    init = save_weights(model, tmp_path / "init.safetensors")
+    tau = {n: torch.full_like(p, 0.01) for n, p in model.named_parameters()}
+    opt = OnlineMergingAdamW(model.named_parameters(), tau, reserve_p=0.5)
+    taus = {p: (s["tau"].clone(), s.get("tau_idx")) for p, s in opt.state.items()}
+    cb = ElasticResetCallback(init, reset_every=1, reset_optimizer=True)
+    cb.attach(model)
+    model(torch.ones(2, 5)).sum().backward()
+    opt.step()
+    cb.on_step(model, opt, 1)
+    for p, (t, idx) in taus.items():
+        assert set(opt.state[p]) == ({"tau"} if idx is None else {"tau", "tau_idx"})
+        assert torch.equal(opt.state[p]["tau"], t)
+    opt.step()  # moments re-initialise lazily
