@@ -284,9 +284,30 @@ def sign_consensus_(weighted: Sequence[Tensor], weights: Sequence[float]) -> tup
     return mixed.mul_(sign), divisor
 
 
+# Rows of this many entries are each summed by one thread (below torch's parallel grain size).
+_SUM_BLOCK = 1 << 14
+
+
+def stable_sum(x: Tensor) -> Tensor:
+    """Sum of all entries, in an order fixed by the size alone (not by the thread count).
+
+    torch splits a whole-tensor sum across threads, so its rounding depends on the thread
+    count; a sum over dim 1 of a [R, block] view gives each row to one thread. The row sums
+    (float32, pairwise) are then added in float64 in blocks. Returns a 0-dim float64 tensor.
+    """
+    flat = x.reshape(-1)
+    n_full = flat.numel() - flat.numel() % _SUM_BLOCK
+    rows = flat[:n_full].view(-1, _SUM_BLOCK).sum(dim=1).double()  # [R]: one thread per row
+    total = flat[n_full:].double().sum()  # the tail, shorter than a block: one thread
+    for part in rows.split(_SUM_BLOCK):  # at most a block each: one thread
+        total = total + part.sum()
+    return total
+
+
 def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
-    """Scale masked so its L1 norm matches original's (mergekit-style rescale); 0 stays 0."""
-    kept = masked.abs().sum()
+    """Scale masked so its L1 norm matches original's (mergekit-style rescale); 0 stays 0.
+    The norms are stable sums, so a merge is bit-identical whatever the thread count."""
+    kept = stable_sum(masked.abs())
     if kept == 0:
         return masked
-    return masked * (original.abs().sum() / kept)
+    return masked * float(stable_sum(original.abs()) / kept)

@@ -451,3 +451,34 @@ slices:
     for k in (0, 1):
         want = (s[key.format(k)].double() + s[key.format(k + 1)].double()) / 2
         torch.testing.assert_close(got[key.format(k)].double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_dare_is_bit_identical_across_thread_counts(tmp_path):
+    """A tensor large enough for torch to split its sums across threads (> 32768 entries)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 300, generator=gen)
+    for name, scale in (("base", 0.0), ("a", 0.01), ("b", 0.02)):
+        (tmp_path / name).mkdir()
+        w = base + scale * torch.randn(base.shape, generator=gen)
+        save_file({"w": w}, tmp_path / name / "model.safetensors")
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"""
+merge_method: dare_linear
+base_model: {tmp_path / "base"}
+models:
+  - {{model: {tmp_path / "a"}, parameters: {{weight: 0.5, density: 0.3}}}}
+  - {{model: {tmp_path / "b"}, parameters: {{weight: 0.5, density: 0.3}}}}
+""",
+    )
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            run(recipe, tmp_path / f"out{n}")
+    finally:
+        torch.set_num_threads(threads)
+    outs = [load_state(tmp_path / f"out{n}")["w"] for n in (1, 2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
