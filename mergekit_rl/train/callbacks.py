@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class MetricsLog(TrainerCallback):
         self.path, self.echo = Path(path), echo
         self.pending: dict[str, float] = {}
         self.sources: list[Callable[[], Mapping[str, Any]]] = []  # polled at every record
+        if os.environ.get("RANK", "0") != "0":
+            return  # under DDP only the main process writes (see on_log)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resumed_at is not None and self.path.is_file():

@@ -121,6 +121,13 @@ def train(
 # -- pieces ----------------------------------------------------------------------------------
 
 
+def main_process_first() -> Any:
+    """A context in which the main process runs first (DDP); a no-op in a single process."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+
+
 def check_deepspeed(recipe: TrainRecipe) -> None:
     """Refuse DeepSpeed ZeRO with in-place weight editing (recipe key or accelerate env)."""
     env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
@@ -146,8 +153,9 @@ def resume_checkpoint(out_dir: Path, resume: bool, force: bool) -> str | None:
             "--resume to continue it, or --force to start over."
         )
     if not resume and last is not None:
-        for old in out_dir.glob("checkpoint-*"):
-            shutil.rmtree(old)  # start over: the Trainer would otherwise mix old checkpoints
+        with main_process_first():
+            for old in out_dir.glob("checkpoint-*"):  # start over: no mixing with old ones
+                shutil.rmtree(old, ignore_errors=True)
     return last if resume else None
 
 
@@ -171,9 +179,9 @@ def reference_model(recipe: TrainRecipe, out_dir: Path, force: bool) -> nn.Modul
 
     path = ref.path
     if ref.soup is not None:
-        path = str(
-            build_soup_reference(ref.soup, out_dir / REFERENCE_DIR, ref.weights, force=force)
-        )
+        with main_process_first():  # under DDP one process builds it, the others reuse it
+            soup = build_soup_reference(ref.soup, out_dir / REFERENCE_DIR, ref.weights, force=force)
+        path = str(soup)
     if path is None:
         raise UsageError("reference: give a checkpoint path or {soup: [model, model, ...]}.")
     return load_reference(path, DTYPES[recipe.training.dtype])
