@@ -507,10 +507,15 @@ def test_top_magnitude_indices_keeps_exactly_k_under_ties() -> None:
     assert core.top_magnitude_indices(x, 4).tolist() == [1, 2, 3, 7]  # ties at 1.0: lowest first
     assert core.top_magnitude_indices(x, 0).numel() == 0
     assert core.top_magnitude_indices(x, 8).tolist() == list(range(8))
-    big = torch.randn(300_000).round(decimals=1)  # radix-select path, heavy ties
-    for k in (1, 2999, 150_000):
-        got = core.top_magnitude_indices(big, k)
-        assert torch.equal(got, ref_topk_indices(big, k)), k
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(300_000, generator=gen)  # the sampled-candidates path
+    tied = smooth.round(decimals=1)  # heavy ties at the threshold
+    spiky = smooth.clone()  # the sampled entries are the large ones: the bound
+    spiky[:: core.TOPK_SAMPLE_STRIDE] *= 100  # is too high and the exact path takes over
+    for name, x in (("smooth", smooth), ("tied", tied), ("spiky", spiky)):
+        for k in (1, 2999, 70_000, 150_000):
+            got = core.top_magnitude_indices(x, k)
+            assert torch.equal(got, ref_topk_indices(x, k)), (name, k)
 
 
 def test_onties_first_step_is_sparse_even_when_every_update_ties() -> None:
