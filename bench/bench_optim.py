@@ -171,6 +171,7 @@ def run_worker(args: argparse.Namespace, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--size", args.size]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += [] if args.cold else ["--no-cold"]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     load1 = os.getloadavg()[0]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -253,10 +254,13 @@ def main() -> None:
         action="store_false",
         help="skip the reset timed with the page cache dropped (root only; on by default as root)",
     )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--worker", choices=[*MODES, "elastic"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.cold = args.cold and can_drop_caches()
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker == "elastic":
         print(json.dumps(worker_elastic(args.size, repeats=3, cold=args.cold)))
         return
@@ -281,8 +285,9 @@ def main() -> None:
     rows, extra = summarize(runs)
     table = markdown(rows, elastic, extra["adamw_step_s"])
     print(table)
-    (WORK / "optim.md").write_text(f"- {torch_info}\n\n{table}")
-    (WORK / "optim.json").write_text(json.dumps({"runs": runs, "elastic": elastic}, indent=2))
+    tag = f"-t{args.threads}" if args.threads else ""
+    (WORK / f"optim{tag}.md").write_text(f"- {torch_info}\n\n{table}")
+    (WORK / f"optim{tag}.json").write_text(json.dumps({"runs": runs, "elastic": elastic}, indent=2))
 
 
 if __name__ == "__main__":
