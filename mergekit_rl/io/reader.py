@@ -88,14 +88,15 @@ class Checkpoint:
         fd = self._files.get(info.file)
         if fd is None:
             fd = self._files[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
-        view, got = memoryview(buf), 0
+        # torch.empty, not bytearray: the buffer is about to be overwritten, so skip zero-filling
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
         while got < info.nbytes:  # pread may return short reads for huge tensors
             n = os.preadv(fd, [view[got:]], info.offset + got)
             if n == 0:
                 raise UsageError(f"{info.file}: truncated while reading tensor '{info.name}'.")
             got += n
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return buf.view(info.dtype).reshape(info.shape)
 
     def _load_pickles(self) -> None:
         for path in self.source.weight_files:
