@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,14 +137,16 @@ def run_jobs(
         writers = [stack.enter_context(_writer(spec, jobs, options)) for spec in outputs]
         reporter.start(len(jobs), total, label)
         try:
-            for job, raw in _read_ahead(inputs, jobs):
-                tensors, nbytes = _to_compute(inputs, job, raw, device)
+            for job in jobs:
+                # read then compute, in one thread: a read-ahead thread was measured slower on
+                # 2 cores (contention with torch's own threads) and raised the peak RSS
+                tensors, nbytes = _to_compute(inputs, job, _read_raw(inputs, job), device)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
                 for spec, writer, result in zip(outputs, writers, results, strict=True):
                     _check_finite(result, job.name, spec.path)
                     writer.add(job.name, result.to(out_dtype(job, spec)))
-                del raw, tensors, results  # free before the next job is read
+                del tensors, results  # free before the next job is read
                 reporter.advance(nbytes)
         finally:
             reporter.finish()
@@ -175,29 +176,6 @@ def _writer(spec: OutputSpec, jobs: Sequence[TensorJob], options: RunOptions) ->
 
 def _read_raw(inputs: Sequence[Checkpoint], job: TensorJob) -> list[Tensor]:
     return [inputs[i].read(name) for i, name in job.sources]
-
-
-def _read_ahead(
-    inputs: Sequence[Checkpoint], jobs: Sequence[TensorJob]
-) -> Iterator[tuple[TensorJob, list[Tensor]]]:
-    """Yield (job, its raw input tensors) in order, reading the next job in a background thread
-    while the caller computes and writes this one (preadv and torch kernels release the GIL, so
-    disk reads overlap the math).
-
-    Only one read runs at a time, and a job is read ahead only when its raw bytes are at most
-    half the largest job's: the peak, set while the largest job is in memory, grows by at most
-    one small job's inputs.
-    """
-    sizes = [sum(inputs[i].info(n).nbytes for i, n in job.sources) for job in jobs]
-    limit = max(sizes, default=0) // 2
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlmerge-read") as pool:
-        ahead: Future[list[Tensor]] | None = None
-        for k, job in enumerate(jobs):
-            raw = ahead.result() if ahead is not None else _read_raw(inputs, job)
-            ahead = None
-            if k + 1 < len(jobs) and sizes[k + 1] <= limit:
-                ahead = pool.submit(_read_raw, inputs, jobs[k + 1])
-            yield job, raw
 
 
 def _to_compute(
