@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from typing_extensions import Self
 
 from ..errors import MismatchError
 from ..io.reader import Checkpoint, open_checkpoint
@@ -52,7 +53,25 @@ def find_task_vector(source: TaskVectorSource, name: str) -> Tensor | None:
     return None
 
 
-class CheckpointTaskVectors:
+class _Closing:
+    """`with source:` closes the checkpoints a lazy source holds open."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class CheckpointTaskVectors(_Closing):
     """Lazy tau = sft - base, read from two checkpoints when asked for (one tensor at a time)."""
 
     def __init__(
@@ -89,19 +108,8 @@ class CheckpointTaskVectors:
         self.base.close()
         self.sft.close()
 
-    def __enter__(self) -> CheckpointTaskVectors:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class TaskVectorFile:
+class TaskVectorFile(_Closing):
     """Lazy tau read from a task-vector file (a checkpoint whose tensors are tau)."""
 
     def __init__(
@@ -117,17 +125,6 @@ class TaskVectorFile:
 
     def close(self) -> None:
         self.ckpt.close()
-
-    def __enter__(self) -> TaskVectorFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _collect(source: TaskVectorSource, names: Iterable[str]) -> dict[str, Tensor]:
