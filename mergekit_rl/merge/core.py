@@ -219,6 +219,113 @@ def tensor_seed(seed: int, *keys: str) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+# -- counter-based random numbers --------------------------------------------------------------
+# Random bits per element that are a pure function of (key, element index): the same on every
+# device, thread count and processing order, with no generator state to save or sync (DDP ranks,
+# resumes, row blocks of one tensor). Integer ops only, so CPU and CUDA agree exactly.
+#
+# The hash, on 32-bit words (all arithmetic mod 2**32), for element i of a tensor with key K:
+#     a, b, d = words derived from (K, i >> 32)     (a odd; host-side, see _chunk_words)
+#     h = mix(mix(a * i + b) ^ d),    mix(x): 2 rounds of x ^= x >> 16; x *= M; then x ^= x >> 16
+# Tensors hold the words as int32: multiplication wraps mod 2**32 on CPU and CUDA (checked by
+# tests against a pure-Python reference), and `(x >> 16) & 0xFFFF` is the logical shift.
+_M32 = 0xFFFFFFFF
+_MIX = (0x7FEB352D, 0x846CA68B)  # odd multipliers with good avalanche (hash-prospector)
+# elements hashed per chunk: small on the CPU (the int32 temporaries stay in cache), large on
+# accelerators (one kernel per op per chunk)
+HASH_CHUNK = {"cpu": 1 << 15}
+HASH_CHUNK_DEFAULT = 1 << 24
+
+
+def _s32(v: int) -> int:
+    """A 32-bit word as the int32 value with the same bits."""
+    v &= _M32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def mix32(x: int) -> int:
+    """The word mix on a Python int (the reference the tensor version must equal)."""
+    x &= _M32
+    for mult in _MIX:
+        x ^= x >> 16
+        x = (x * mult) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix32_(x: Tensor) -> Tensor:
+    """`mix32` on an int32 tensor, in place."""
+    for mult in _MIX:
+        x.bitwise_xor_((x >> 16) & 0xFFFF).mul_(_s32(mult))
+    return x.bitwise_xor_((x >> 16) & 0xFFFF)
+
+
+def _chunk_words(key: int, hi: int) -> tuple[int, int, int]:
+    """(a, b, d) for the elements whose index >> 32 is hi: a odd, all derived from key."""
+    k_lo, k_hi = key & _M32, (key >> 32) & _M32
+    a = mix32(k_lo ^ 0x9E3779B9 ^ mix32(hi)) | 1
+    b = mix32(k_hi + 0x85EBCA6B * (hi + 1))
+    d = mix32(k_lo ^ k_hi ^ 0xC2B2AE35)
+    return a, b, d
+
+
+def hash_word(key: int, i: int) -> int:
+    """The hash of element i under key, as a Python int in [0, 2**32) (the reference)."""
+    a, b, d = _chunk_words(key, i >> 32)
+    return mix32(mix32(a * (i & _M32) + b) ^ d)
+
+
+def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str = "cpu") -> Tensor:
+    """32 random bits per element (int32 with the hash word's bits) for elements offset ..
+    offset + n - 1 under key (a 63-bit value, usually `tensor_seed(seed, *names)`).
+
+    Element i always gets the same bits whatever n, offset, chunking or device, so a tensor can
+    be hashed in row blocks or shards and give the mask it would give whole.
+    """
+    device = torch.device(device)
+    chunk = HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT)
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    pos = 0
+    while pos < n:
+        first = offset + pos
+        hi = first >> 32
+        stop = min(n, pos + chunk, ((hi + 1) << 32) - offset)  # never straddle a 2**32 block
+        a, b, d = (_s32(w) for w in _chunk_words(key, hi))
+        lo = first & _M32
+        c = torch.arange(lo, lo + stop - pos, dtype=torch.int64, device=device).to(torch.int32)
+        out[pos:stop] = _mix32_(_mix32_(c.mul_(a).add_(b)).bitwise_xor_(d))
+        pos = stop
+    return out
+
+
+def keep_threshold(density: float) -> int:
+    """The cut on the top 31 bits for Bernoulli(density < 1): kept with probability density."""
+    return min((1 << 31) - 1, max(0, round(float(density) * (1 << 31))))
+
+
+def hash_keep_mask(
+    shape: Sequence[int],
+    density: float,
+    key: int,
+    *,
+    offset: int = 0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """I.i.d. Bernoulli(density) keep mask (bool, shape) from `hash_bits`; exact on every device."""
+    if density >= 1.0:  # the cut 2**31 does not fit the int32 comparison
+        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
+    bits = hash_bits(math.prod(shape), key, offset=offset, device=device)
+    top31 = (bits >> 1) & 0x7FFFFFFF  # the word's top 31 bits, as a non-negative int32
+    return (top31 < keep_threshold(density)).view(tuple(shape))
+
+
+def hash_uniform(
+    n: int, key: int, *, offset: int = 0, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Uniform float32 in [0, 1) on a 2**-24 grid from the word's top 24 bits (exact anywhere)."""
+    top24 = (hash_bits(n, key, offset=offset, device=device) >> 8) & 0xFFFFFF
+    return top24.to(torch.float32) * 2.0**-24
+
+
 def bernoulli_mask(
     shape: Sequence[int], density: float, seed: int, *keys: str, device: torch.device | str = "cpu"
 ) -> Tensor:

@@ -171,3 +171,76 @@ def test_l1_rescale_matches_norm_and_keeps_zero() -> None:
     assert out.abs().sum().item() == pytest.approx(10.0)
     assert out.tolist() == pytest.approx([0.0, -10 / 3, 0.0, -40 / 6])
     assert core.l1_rescale(x, torch.zeros(4)).abs().sum() == 0
+
+
+# -- counter-based random numbers ----------------------------------------------------------------
+
+
+def _words(bits):
+    return [int(b) & 0xFFFFFFFF for b in bits]
+
+
+def test_hash_bits_match_the_python_reference():
+    # int32 tensor arithmetic must wrap exactly like the mod-2**32 reference
+    key = core.tensor_seed(7, "model", "w")
+    assert _words(core.hash_bits(300, key)) == [core.hash_word(key, i) for i in range(300)]
+    off = 2**32 - 5  # across the 2**32 boundary, where the high word enters
+    got = _words(core.hash_bits(10, key, offset=off))
+    assert got == [core.hash_word(key, off + i) for i in range(10)]
+
+
+def test_hash_bits_is_a_pure_function_of_key_and_index():
+    key = core.tensor_seed(7, "model", "w")
+    full = core.hash_bits(5000, key)
+    assert full.dtype == torch.int32
+    assert torch.equal(core.hash_bits(1234, key, offset=1000), full[1000:2234])
+    old = dict(core.HASH_CHUNK)
+    try:
+        core.HASH_CHUNK["cpu"] = 333
+        assert torch.equal(core.hash_bits(5000, key), full)
+    finally:
+        core.HASH_CHUNK.update(old)
+    assert not torch.equal(core.hash_bits(5000, key + 1), full)
+
+
+def test_hash_bits_are_uniform_and_independent():
+    bits = core.hash_bits(1 << 18, core.tensor_seed(0, "u")).long() & 0xFFFFFFFF
+    for b in range(32):  # each bit is set about half the time
+        frac = float(((bits >> b) & 1).double().mean())
+        assert abs(frac - 0.5) < 0.01, (b, frac)
+    u = (bits >> 8).double() / 2**24
+    corr = torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]  # neighbours uncorrelated
+    assert abs(float(corr)) < 0.01
+    # keys that differ by one bit give unrelated streams, not shifted copies
+    other = core.hash_bits(1 << 18, core.tensor_seed(0, "u") ^ 1).long() & 0xFFFFFFFF
+    v = (other >> 8).double() / 2**24
+    assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 0.01
+    assert (bits == other).double().mean() < 0.001
+
+
+def test_hash_keep_mask_density_and_exact_edges():
+    key = core.tensor_seed(3, "m", "t")
+    m = core.hash_keep_mask((400, 500), 0.01, key)
+    assert m.shape == (400, 500) and m.dtype == torch.bool
+    assert abs(int(m.sum()) - 2000) < 5 * 44.5  # Binomial(200000, 0.01): sd ~44.5
+    assert bool(core.hash_keep_mask((10, 10), 1.0, key).all())
+    assert not bool(core.hash_keep_mask((10, 10), 0.0, key).any())
+    # a smaller density keeps a subset of a larger one (same bits, lower cut)
+    small, big = core.hash_keep_mask((1000,), 0.1, key), core.hash_keep_mask((1000,), 0.3, key)
+    assert bool((small <= big).all())
+
+
+def test_hash_uniform_grid():
+    u = core.hash_uniform(1 << 16, core.tensor_seed(1, "x"))
+    assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert torch.equal(u * 2**24, (u * 2**24).round())  # on the 2**-24 grid
+    assert abs(float(u.double().mean()) - 0.5) < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hash_bits_identical_on_cuda():
+    key = core.tensor_seed(11, "a")
+    assert torch.equal(core.hash_bits(70000, key), core.hash_bits(70000, key, device="cuda").cpu())
+    off = 2**32 - 3
+    cpu = core.hash_bits(10, key, offset=off)
+    assert torch.equal(cpu, core.hash_bits(10, key, offset=off, device="cuda").cpu())
