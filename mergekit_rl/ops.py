@@ -63,6 +63,9 @@ def output_spec(
     updates = {}
     if aux_from is not None and aux_from.tied_output_name in names:
         updates["tie_word_embeddings"] = False  # an untied twin made the output store lm_head
+    tied = {c.tied_output_name for c in inputs} - {None}
+    if aux_from is not None and not aux_from.tied_embeddings and tied and not tied & set(names):
+        updates["tie_word_embeddings"] = True  # the config's source stores lm_head, we do not
     single = path.suffix == ".safetensors"
     return OutputSpec(
         path=path,

@@ -239,7 +239,7 @@ def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe
     MismatchError when the inputs do not fit together."""
     b = _Builder(stage, ckpts)
     if not stage.sliced:
-        check_compatible([ckpts[r] for r in stage.refs()])
+        check_compatible([ckpts[r] for r in stage.merged_refs()])
     ranges = [_full_range(spec, ckpts) for spec in stage.slices]
     first, last = stage.slices[0], stage.slices[-1]
     all_refs = [
