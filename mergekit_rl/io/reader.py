@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import MismatchError, UsageError
 from .reference import ModelSource, natural_key, resolve
-from .safetensors_format import TensorInfo, read_header
+from .safetensors_format import DTYPES, TensorInfo, read_header
 
 # (output embedding, input embedding) as transformers names them in *ForCausalLM checkpoints,
 # by config model_type; checked against each class's `_tied_weights_keys` in
@@ -61,7 +61,11 @@ class Checkpoint:
             self._load_pickles()
         else:
             for i, path in enumerate(source.weight_files):
-                infos, meta = read_header(path)
+                if source.remote_headers is not None:  # a dry run on a hub id: no files
+                    _, header, meta = source.remote_headers[i]
+                    infos = _remote_infos(path, header)
+                else:
+                    infos, meta = read_header(path)
                 if i == 0:
                     self.metadata = meta
                 for info in infos:
@@ -118,6 +122,11 @@ class Checkpoint:
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def _read_raw(self, info: TensorInfo) -> Tensor:
+        if self.source.remote_headers is not None:
+            raise UsageError(
+                f"{self.source.ref}: only the headers were fetched (a dry run); cannot read "
+                f"tensor '{info.name}'."
+            )
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         fd = self._files.get(info.file)
@@ -207,6 +216,20 @@ def _find_input_embedding(infos: dict[str, TensorInfo]) -> str | None:
 
 def open_checkpoint(ref: str | Path, allow_pickle: bool = False) -> Checkpoint:
     return Checkpoint(resolve(ref, allow_pickle=allow_pickle))
+
+
+def _remote_infos(path: Path, header: dict[str, Any]) -> list[TensorInfo]:
+    """TensorInfos of a header fetched from the hub (offsets relative to the data start:
+    enough to plan, nothing is read from them)."""
+    infos = []
+    for name, h in header.items():
+        if h["dtype"] not in DTYPES:
+            raise UsageError(f"{path}: tensor '{name}' has unsupported dtype {h['dtype']}.")
+        start, end = h["data_offsets"]
+        infos.append(
+            TensorInfo(name, tuple(h["shape"]), DTYPES[h["dtype"]], path, start, end - start)
+        )
+    return sorted(infos, key=lambda t: t.offset)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

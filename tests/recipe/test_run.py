@@ -585,3 +585,56 @@ def test_config_from_an_untied_base_keeps_a_tied_output_tied(tmp_path):
     run(recipe, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"]
     torch.testing.assert_close(logits(tmp_path / "out"), logits(tied), atol=0, rtol=0)
+
+
+def test_dry_run_on_a_hub_id_fetches_headers_only(family, tmp_path, monkeypatch):
+    """--dry-run plans a hub model from its safetensors headers (huggingface_hub's range-request
+    metadata call, faked here from a cached header-only file) and downloads nothing."""
+    import json
+    import struct
+
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
+    from huggingface_hub.utils import TensorInfo as HubTensorInfo
+
+    raw = (family["sft1"] / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    fixture = tmp_path / "header-only.safetensors"  # what the range requests return
+    fixture.write_bytes(raw[: 8 + n])
+    calls = []
+
+    def fake_metadata(repo_id, *, revision=None, **kw):
+        calls.append((repo_id, revision))
+        header = json.loads(fixture.read_bytes()[8:])
+        meta = header.pop("__metadata__", {})
+        tensors = {
+            k: HubTensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=v["data_offsets"])
+            for k, v in header.items()
+        }
+        files = {"model.safetensors": SafetensorsFileMetadata(metadata=meta, tensors=tensors)}
+        weight_map = dict.fromkeys(tensors, "model.safetensors")
+        return SafetensorsRepoMetadata(None, False, weight_map, files)
+
+    def no_download(*a, **kw):
+        raise AssertionError(f"a dry run downloaded something: {a} {kw}")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", fake_metadata)
+    for name in ("snapshot_download", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, no_download)
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels: [{{model: org/tiny@v1}}, {{model: {family['sft2']}}}]\n",
+    )
+    out = tmp_path / "out"
+    plan = plan_file(recipe, out, MergeOptions())
+    assert calls == [("org/tiny", "v1")]
+    [stage] = plan["stages"]
+    assert stage["inputs"][0] == {"ref": "org/tiny@v1", "resolved": "org/tiny@v1", "revision": None}
+    want = load_state(family["sft1"])
+    planned = {t["name"]: t for t in stage["tensors"]}
+    assert set(planned) == set(want)
+    assert all(planned[k]["shape"] == list(v.shape) for k, v in want.items())
+    assert planned["lm_head.weight"]["sources"][0] == ["org/tiny@v1", "lm_head.weight"]
+    assert not out.exists()
+    with pytest.raises(AssertionError, match="downloaded"):  # a real run must download
+        run(recipe, out)
