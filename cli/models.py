@@ -103,6 +103,10 @@ def tv_extract(
 ) -> None:
     """Save tau = finetuned - base (its metadata names the base).
 
+    Lossless by default: float32 for bf16/fp16 models, float64 for float32 ones, so that
+    applying tau at scale 1 gives the fine-tuned model back bit for bit. --dtype picks a smaller
+    one on purpose.
+
     Example: rlmerge task-vector extract base sft -o tau_sft.safetensors
     """
     with boundary():
