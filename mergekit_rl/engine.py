@@ -74,7 +74,7 @@ class RunSummary:
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'bfloat16' / 'bf16' / 'float16' / 'fp16' / 'float32' / 'fp32' -> torch dtype."""
+    """'bfloat16' / 'bf16' / 'float16' / 'fp16' / 'float32' / 'fp32' / 'float64' -> torch dtype."""
     if name is None:
         return None
     table = {
@@ -86,9 +86,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         "float32": torch.float32,
         "fp32": torch.float32,
         "float": torch.float32,
+        "float64": torch.float64,  # for task vectors that must round-trip exactly
+        "fp64": torch.float64,
+        "double": torch.float64,
     }
     if name.lower() not in table:
-        raise UsageError(f"unknown dtype '{name}': use one of bfloat16, float16, float32.")
+        raise UsageError(f"unknown dtype '{name}': use one of bfloat16, float16, float32, float64.")
     return table[name.lower()]
 
 

@@ -318,3 +318,24 @@ def test_config_dtype_is_the_written_dtype(
     assert {t.dtype for t in load_state(out).values()} == {torch.float16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.float16
+
+
+def test_task_vector_float64_is_exact_where_float32_cannot_be(tmp_path: Path) -> None:
+    """x = 2e-8 beside b = -0.024 (bf16): x - b needs 28 bits, more than float32 has, so the
+    default tau gives x back only within float32 rounding of b; a float64 tau is exact."""
+    from safetensors.torch import save_file
+
+    b = torch.tensor([-0.024169921875, 0.5, 1.0], dtype=torch.bfloat16)
+    x = torch.tensor([2.1420419216156006e-08, 0.25, -3.0], dtype=torch.bfloat16)
+    save_file({"w": b}, tmp_path / "b.safetensors")
+    save_file({"w": x}, tmp_path / "x.safetensors")
+    results = {}
+    for dtype in (None, torch.float64):
+        opts = ops.WriteOptions(run=RunOptions(progress="none"), dtype=dtype)
+        tau, out = tmp_path / f"tau-{dtype}.safetensors", tmp_path / f"out-{dtype}.safetensors"
+        ops.extract_task_vector(tmp_path / "b.safetensors", tmp_path / "x.safetensors", tau, opts)
+        ops.apply_task_vectors(tmp_path / "b.safetensors", [tau], out, opts=QUIET)
+        results[dtype] = load_state(out)["w"]
+    assert not torch.equal(results[None][0], x[0]) and torch.equal(results[None][1:], x[1:])
+    assert results[None].dtype == results[torch.float64].dtype == torch.bfloat16
+    assert torch.equal(results[torch.float64].view(torch.int16), x.view(torch.int16))

@@ -31,6 +31,7 @@ _TORCH_DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
 }
 
 
