@@ -202,7 +202,7 @@ def _lossless_dtype(ckpts: Sequence[Checkpoint], names: Sequence[str]) -> torch.
     x - b of two bf16 (fp16) numbers is exact in float32 unless their exponents differ by more
     than 16 (13) binades; of two float32 numbers, in float64 unless they differ by more than 29.
     Where tau is exact, applying it to b gives x back bit for bit (the engine adds in the wider
-    dtype). A larger gap (x far smaller than b: measured 1 entry in 107,200 of a bf16 demo
+    dtype). A larger gap (x far smaller than b: measured 1 entry in 107,200 of a tiny bf16
     family) can give x back only within float32 rounding of b; `--dtype float64` is exact there
     too (up to a 45-binade gap for bf16), at twice the size.
     """
