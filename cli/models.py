@@ -103,6 +103,11 @@ def tv_extract(
 ) -> None:
     """Save tau = finetuned - base (its metadata names the base).
 
+    Stored wide by default (float32 for bf16/fp16 models, float64 for float32 ones), so that
+    applying tau at scale 1 gives the fine-tuned model back bit for bit (except weights over
+    2^16 times smaller than the base's: --dtype float64 is exact there). --dtype bfloat16
+    stores it smaller, rounded.
+
     Example: rlmerge task-vector extract base sft -o tau_sft.safetensors
     """
     with boundary():

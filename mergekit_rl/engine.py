@@ -74,7 +74,7 @@ class RunSummary:
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'bfloat16' / 'bf16' / 'float16' / 'fp16' / 'float32' / 'fp32' -> torch dtype."""
+    """'bfloat16' / 'bf16' / 'float16' / 'fp16' / 'float32' / 'fp32' / 'float64' -> torch dtype."""
     if name is None:
         return None
     table = {
@@ -86,9 +86,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         "float32": torch.float32,
         "fp32": torch.float32,
         "float": torch.float32,
+        "float64": torch.float64,  # for task vectors that must round-trip exactly
+        "fp64": torch.float64,
+        "double": torch.float64,
     }
     if name.lower() not in table:
-        raise UsageError(f"unknown dtype '{name}': use one of bfloat16, float16, float32.")
+        raise UsageError(f"unknown dtype '{name}': use one of bfloat16, float16, float32, float64.")
     return table[name.lower()]
 
 
@@ -183,15 +186,19 @@ def _to_compute(
 ) -> tuple[list[Tensor], int]:
     """Raw input tensors -> float32 on `device` (integers keep their dtype), and their bytes.
 
-    Empties `raw` as it goes, so that only one raw tensor is alive beside the float32 copies.
+    A job with a float64 input computes in float64: such inputs are stored that wide on purpose
+    (a lossless task vector of float32 models), and float32 would round them. Empties `raw` as
+    it goes, so that only one raw tensor is alive beside the float32 copies.
     """
+    wide = any(t.dtype == torch.float64 for t in raw)
+    compute_dtype = torch.float64 if wide else torch.float32
     tensors, nbytes = [], 0
     for i, name in job.sources:
         t = raw.pop(0)
         nbytes += t.numel() * t.element_size()
         if t.is_floating_point():
             warn_non_finite(t, name, inputs[i].source.ref)
-            tensors.append(t.to(device=device, dtype=torch.float32))
+            tensors.append(t.to(device=device, dtype=compute_dtype))
         else:
             tensors.append(t.to(device))
         del t

@@ -8,9 +8,10 @@ engine. Nothing here does tensor math of its own.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 from .engine import OutputSpec, RunOptions, RunSummary, TensorJob, identity_jobs, run_jobs
 from .errors import UsageError
 from .io.card import model_card, provenance
-from .io.reader import TIED_PAIR, Checkpoint, check_compatible, open_checkpoint
+from .io.reader import TIED_METADATA_KEY, Checkpoint, check_compatible, open_checkpoint
 from .io.writer import check_output_path
 from .merge.registry import TensorContext, get_method
 
@@ -60,8 +61,11 @@ def output_spec(
 ) -> OutputSpec:
     """An output with config/tokenizer from `aux_from`, a model card and provenance metadata."""
     updates = {}
-    if aux_from is not None and aux_from.tied_embeddings and TIED_PAIR[0] in names:
+    if aux_from is not None and aux_from.tied_output_name in names:
         updates["tie_word_embeddings"] = False  # an untied twin made the output store lm_head
+    tied = {c.tied_output_name for c in inputs} - {None}
+    if aux_from is not None and not aux_from.tied_embeddings and tied and not tied & set(names):
+        updates["tie_word_embeddings"] = True  # the config's source stores lm_head, we do not
     single = path.suffix == ".safetensors"
     return OutputSpec(
         path=path,
@@ -162,7 +166,13 @@ def _interpolation(alphas: Sequence[float], method: str):
 def extract_task_vector(
     base: str | Path, finetuned: str | Path, out: Path, opts: WriteOptions = WriteOptions()
 ) -> RunSummary:
-    """tau = finetuned - base, saved as safetensors whose metadata names the base."""
+    """tau = finetuned - base, saved as safetensors whose metadata names the base.
+
+    Lossless by default: tau is stored in float32 when the inputs are narrower (the difference
+    of two bf16 or fp16 numbers needs more mantissa than they have), so that applying it at
+    scale 1 gives the fine-tuned weights back bit for bit. `opts.dtype` picks another on purpose.
+    The metadata records a tied embedding pair, since a bare .safetensors has no config.json.
+    """
     with open_inputs([base, finetuned], opts.allow_pickle) as ckpts:
         check_output_path(out, [c.source for c in ckpts], opts.run.force)
         names = check_compatible(ckpts)
@@ -171,9 +181,35 @@ def extract_task_vector(
             "rlmerge_base": ckpts[0].source.identity,
             "rlmerge_finetuned": ckpts[1].source.identity,
         }
+        tied = ckpts[0].tied_pair
+        if tied is not None and tied[0] not in names:  # both tied: tau has no lm_head either
+            meta[TIED_METADATA_KEY] = json.dumps(list(tied))
+        opts = replace(opts, dtype=opts.dtype or _lossless_dtype(ckpts, names))
         spec = output_spec(out, ckpts, None, opts, "Task vector", names, metadata=meta)
         jobs = identity_jobs(ckpts[0], names, 2)
-        return run_jobs(ckpts, jobs, _linear([-1.0, 1.0], False), [spec], opts.run, "extract")
+        difference = _linear([-1.0, 1.0], False)
+        if opts.dtype == torch.float64:  # float32 inputs: subtract in float64, exactly
+            compute = lambda job, xs: difference(job, [x.double() for x in xs])  # noqa: E731
+        else:
+            compute = difference
+        return run_jobs(ckpts, jobs, compute, [spec], opts.run, "extract")
+
+
+def _lossless_dtype(ckpts: Sequence[Checkpoint], names: Sequence[str]) -> torch.dtype:
+    """The narrowest float dtype that holds x - b exactly (in all but extreme cases): float32
+    when every floating input is 16-bit or narrower, else float64.
+
+    x - b of two bf16 (fp16) numbers is exact in float32 unless their exponents differ by more
+    than 16 (13) binades; of two float32 numbers, in float64 unless they differ by more than 29.
+    Where tau is exact, applying it to b gives x back bit for bit (the engine adds in the wider
+    dtype). A larger gap (x far smaller than b: measured 1 entry in 107,200 of a tiny bf16
+    family) can give x back only within float32 rounding of b; `--dtype float64` is exact there
+    too (up to a 45-binade gap for bf16), at twice the size.
+    """
+    widths = {
+        c.info(n).dtype.itemsize for c in ckpts for n in names if c.info(n).dtype.is_floating_point
+    }
+    return torch.float32 if widths and max(widths) <= 2 else torch.float64
 
 
 def apply_task_vectors(

@@ -14,6 +14,9 @@ from transformers import AutoModelForCausalLM
 from mergekit_rl import ops
 from mergekit_rl.engine import RunOptions
 from mergekit_rl.errors import MismatchError, OutputExistsError, RunError, UsageError
+from mergekit_rl.io.reader import TIED_METADATA_KEY
+from tests.arch_models import ARCHS, arch_config, build_model, finetune
+from tests.arch_models import logits as arch_logits
 from tests.conftest import assert_states_close, load_state
 
 QUIET = ops.WriteOptions(run=RunOptions(progress="none"), command="rlmerge test")
@@ -179,3 +182,160 @@ def test_bad_arguments(family: dict[str, Path], tmp_path: Path) -> None:
         ops.soup(pair, family["sft1"], opts=QUIET)
     with pytest.raises(UsageError, match="slerp"):
         ops.interpolate(*pair, tmp_path / "o", [0.5], "cubic", QUIET)
+
+
+# ---- tied embeddings by architecture, lossless task vectors, config dtype ------------------------
+
+
+@pytest.fixture(scope="module")
+def arch_pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """Per architecture: a tied and an untied float32 model of the same shapes."""
+    root = tmp_path_factory.mktemp("archs")
+    return {
+        arch: {
+            "tied": build_model(root / f"{arch}-tied", arch, tie=True, seed=1),
+            "untied": build_model(root / f"{arch}-untied", arch, tie=False, seed=2),
+        }
+        for arch in ARCHS
+    }
+
+
+def _full_state(path: Path, tied_to: str | None) -> dict[str, torch.Tensor]:
+    """The state dict with a tied head written out (the naive reference of a tied model)."""
+    state = {k: v.double() for k, v in load_state(path).items()}
+    if tied_to is not None:
+        state["lm_head.weight"] = state[tied_to]
+    return state
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tied_first", [True, False])
+def test_soup_of_tied_and_untied_models(
+    arch_pairs: dict[str, dict[str, Path]], arch: str, tied_first: bool, tmp_path: Path
+) -> None:
+    """GPT-2 stores its embedding as transformer.wte: the tied head comes from the architecture,
+    not from Llama's names. Either order writes an untied model with the exact average."""
+    pair = arch_pairs[arch]
+    embed = "transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"
+    order = [pair["tied"], pair["untied"]] if tied_first else [pair["untied"], pair["tied"]]
+    ops.soup(order, tmp_path / "o", opts=QUIET)
+    a, b = _full_state(pair["tied"], embed), _full_state(pair["untied"], None)
+    want = {k: ((a[k] + b[k]) / 2).float() for k in b}
+    got = load_state(tmp_path / "o")
+    assert_states_close(got, want)
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    ref = arch_logits(arch_config(arch, tie=False), want)
+    torch.testing.assert_close(arch_logits(tmp_path / "o"), ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_soup_of_tied_models_stays_tied(
+    arch_pairs: dict[str, dict[str, Path]], arch: str, tmp_path: Path
+) -> None:
+    tied = arch_pairs[arch]["tied"]
+    other = finetune(tied, tmp_path / "ft", seed=3)
+    ops.soup([tied, other], tmp_path / "o", opts=QUIET)
+    a, b = load_state(tied), load_state(other)
+    want = {k: ((a[k].double() + b[k].double()) / 2).float() for k in a}
+    assert_states_close(load_state(tmp_path / "o"), want)
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["tie_word_embeddings"]
+    ref = arch_logits(arch_config(arch, tie=True), want)
+    torch.testing.assert_close(arch_logits(tmp_path / "o"), ref)
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype"),
+    [
+        ("qwen2", torch.bfloat16),
+        ("qwen2", torch.float16),
+        ("qwen2", torch.float32),
+        ("gemma", torch.bfloat16),
+        ("gpt2", torch.bfloat16),
+    ],
+)
+def test_task_vector_round_trip_is_exact(arch: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    """apply(base, extract(base, x), 1) == x bit for bit, on tied models (the task vector is a
+    bare .safetensors file, with no config.json to say that the head is tied)."""
+    base = build_model(tmp_path / "base", arch, tie=True, seed=4, dtype=dtype)
+    x = finetune(base, tmp_path / "x", seed=5)
+    tau = tmp_path / "tau.safetensors"
+    ops.extract_task_vector(base, x, tau, QUIET)
+    stored = load_state(tau)
+    assert "lm_head.weight" not in stored
+    with safe_open(tau, "pt") as f:
+        assert json.loads(f.metadata()[TIED_METADATA_KEY])[0] == "lm_head.weight"
+    wide = torch.float64 if dtype == torch.float32 else torch.float32  # lossless by default
+    assert all(t.dtype == wide for t in stored.values())
+    ops.apply_task_vectors(base, [tau], tmp_path / "out", [1.0], QUIET)
+    got, want = load_state(tmp_path / "out"), load_state(x)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == dtype
+        assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"]
+    torch.testing.assert_close(arch_logits(tmp_path / "out"), arch_logits(x), atol=0, rtol=0)
+
+
+def test_task_vector_dtype_on_purpose(tied_family: dict[str, Path], tmp_path: Path) -> None:
+    """--dtype bfloat16 stores tau in bf16 as asked (smaller, lossy)."""
+    opts = ops.WriteOptions(run=RunOptions(progress="none"), dtype=torch.bfloat16)
+    tau = tmp_path / "tau.safetensors"
+    ops.extract_task_vector(tied_family["base"], tied_family["sft1"], tau, opts)
+    base, sft = load_state(tied_family["base"]), load_state(tied_family["sft1"])
+    want = {k: (sft[k].float() - base[k].float()).bfloat16() for k in base}
+    assert_states_close(load_state(tau), want, atol=0)
+
+
+def test_untied_finetune_of_tied_base_task_vector(
+    arch_pairs: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
+    """tau of an untied fine-tune of a tied base stores lm_head; applied, the output is untied."""
+    pair = arch_pairs["qwen2"]
+    tau = tmp_path / "tau.safetensors"
+    ops.extract_task_vector(pair["tied"], pair["untied"], tau, QUIET)
+    ops.apply_task_vectors(pair["tied"], [tau], tmp_path / "o", opts=QUIET)
+    want = _full_state(pair["untied"], None)
+    assert_states_close(load_state(tmp_path / "o"), {k: v.float() for k, v in want.items()})
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("tokenizer_source", [0, 1])
+def test_config_dtype_is_the_written_dtype(
+    family: dict[str, Path], tied_family: dict[str, Path], tmp_path: Path, tokenizer_source: int
+) -> None:
+    """Mixed input dtypes: the weights take the first input's dtype; so does config.json,
+    whichever input the config comes from."""
+    fp16 = tmp_path / "fp16"
+    finetune(family["sft1"], fp16, seed=6, scale=0.0)  # a float32 copy ...
+    model = AutoModelForCausalLM.from_pretrained(fp16, dtype=torch.float16)
+    model.save_pretrained(fp16)  # ... saved as float16
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(family["sft2"], dtype=torch.bfloat16).save_pretrained(bf16)
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    out = tmp_path / "o"
+    ops.soup([fp16, bf16], out, opts=QUIET, tokenizer_source=tokenizer_source)
+    assert {t.dtype for t in load_state(out).values()} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.float16
+
+
+def test_task_vector_float64_is_exact_where_float32_cannot_be(tmp_path: Path) -> None:
+    """x = 2e-8 beside b = -0.024 (bf16): x - b needs 28 bits, more than float32 has, so the
+    default tau gives x back only within float32 rounding of b; a float64 tau is exact."""
+    from safetensors.torch import save_file
+
+    b = torch.tensor([-0.024169921875, 0.5, 1.0], dtype=torch.bfloat16)
+    x = torch.tensor([2.1420419216156006e-08, 0.25, -3.0], dtype=torch.bfloat16)
+    save_file({"w": b}, tmp_path / "b.safetensors")
+    save_file({"w": x}, tmp_path / "x.safetensors")
+    results = {}
+    for dtype in (None, torch.float64):
+        opts = ops.WriteOptions(run=RunOptions(progress="none"), dtype=dtype)
+        tau, out = tmp_path / f"tau-{dtype}.safetensors", tmp_path / f"out-{dtype}.safetensors"
+        ops.extract_task_vector(tmp_path / "b.safetensors", tmp_path / "x.safetensors", tau, opts)
+        ops.apply_task_vectors(tmp_path / "b.safetensors", [tau], out, opts=QUIET)
+        results[dtype] = load_state(out)["w"]
+    assert not torch.equal(results[None][0], x[0]) and torch.equal(results[None][1:], x[1:])
+    assert results[None].dtype == results[torch.float64].dtype == torch.bfloat16
+    assert torch.equal(results[torch.float64].view(torch.int16), x.view(torch.int16))

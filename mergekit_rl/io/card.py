@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ _TORCH_DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
 }
 
 
@@ -39,10 +41,15 @@ def write_aux_files(
     dtype: torch.dtype | None,
     config_updates: dict[str, Any] | None = None,
 ) -> None:
-    """Copy config.json (dtype and updates applied), generation config and tokenizer files."""
+    """Copy config.json (dtype and updates applied), generation config and tokenizer files.
+
+    The config's dtype is the one the weights are written in (`dtype`, else the dtype holding
+    most of the written floating bytes), whichever input the config comes from.
+    """
     if source is None or source.source.is_file:
         return
     root = source.source.root
+    dtype = dtype or written_dtype(writer.entries)
     if source.config is not None:
         config = dict(source.config)
         if dtype in _TORCH_DTYPE_NAMES:
@@ -53,6 +60,17 @@ def write_aux_files(
     for name in ("generation_config.json", *TOKENIZER_FILES):
         if (root / name).is_file():
             writer.copy_file(root / name)
+
+
+def written_dtype(
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+) -> torch.dtype | None:
+    """The floating dtype of most of the bytes in (name, shape, dtype) entries; None if none."""
+    nbytes: dict[torch.dtype, int] = {}
+    for _, shape, dt in entries:
+        if dt.is_floating_point:
+            nbytes[dt] = nbytes.get(dt, 0) + math.prod(shape) * dt.itemsize
+    return max(nbytes, key=lambda d: nbytes[d]) if nbytes else None
 
 
 def read_license(source: Checkpoint) -> str | None:

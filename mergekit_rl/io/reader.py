@@ -6,6 +6,7 @@ loading data; `Checkpoint.read(name)` loads one tensor with a positional read.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -18,9 +19,30 @@ from torch import Tensor
 
 from ..errors import MismatchError, UsageError
 from .reference import ModelSource, natural_key, resolve
-from .safetensors_format import TensorInfo, read_header
+from .safetensors_format import DTYPES, TensorInfo, read_header
 
-TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")
+# (output embedding, input embedding) as transformers names them in *ForCausalLM checkpoints,
+# by config model_type; checked against each class's `_tied_weights_keys` in
+# tests/io/test_reader.py. Any other model_type gets the Llama-family default, and an input
+# embedding stored under another name is found by its suffix (`_find_input_embedding`).
+TIED_BY_MODEL_TYPE: dict[str, tuple[str, str]] = {
+    "gpt2": ("lm_head.weight", "transformer.wte.weight"),
+    "gpt_bigcode": ("lm_head.weight", "transformer.wte.weight"),
+    "gptj": ("lm_head.weight", "transformer.wte.weight"),
+    "codegen": ("lm_head.weight", "transformer.wte.weight"),
+    "bloom": ("lm_head.weight", "transformer.word_embeddings.weight"),
+    "falcon": ("lm_head.weight", "transformer.word_embeddings.weight"),
+    "opt": ("lm_head.weight", "model.decoder.embed_tokens.weight"),
+}
+TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")  # the Llama-family default
+_INPUT_EMBED_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+)
+TIED_METADATA_KEY = "rlmerge_tied_embeddings"  # safetensors metadata: '["out", "in"]'
 
 
 class Checkpoint:
@@ -39,7 +61,11 @@ class Checkpoint:
             self._load_pickles()
         else:
             for i, path in enumerate(source.weight_files):
-                infos, meta = read_header(path)
+                if source.remote_headers is not None:  # a dry run on a hub id: no files
+                    _, header, meta = source.remote_headers[i]
+                    infos = _remote_infos(path, header)
+                else:
+                    infos, meta = read_header(path)
                 if i == 0:
                     self.metadata = meta
                 for info in infos:
@@ -53,8 +79,8 @@ class Checkpoint:
         return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        if name == TIED_PAIR[0] and name not in self._infos and self.tied_embeddings:
-            name = TIED_PAIR[1]  # a tied lm_head is served by the input embedding
+        if self.tied_pair is not None and name == self.tied_pair[0]:
+            name = self.tied_pair[1]  # a tied output embedding is served by the input one
         try:
             return self._infos[name]
         except KeyError:
@@ -63,11 +89,24 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
+    @functools.cached_property
+    def tied_pair(self) -> tuple[str, str] | None:
+        """(output, input) embedding names when the output one is tied and not stored."""
+        return tied_pair(self.config, self._infos, self.metadata)
+
+    def has(self, name: str) -> bool:
+        """True when `name` can be read: stored, or the tied output embedding."""
+        return name in self._infos or (self.tied_pair is not None and name == self.tied_pair[0])
+
     @property
     def tied_embeddings(self) -> bool:
-        """True when lm_head is tied to the input embedding and not stored."""
-        cfg = self.config or {}
-        return bool(cfg.get("tie_word_embeddings", False)) and TIED_PAIR[0] not in self._infos
+        """True when the output embedding (lm_head) is tied to the input one and not stored."""
+        return self.tied_pair is not None
+
+    @property
+    def tied_output_name(self) -> str | None:
+        """The name of the tied, unstored output embedding (e.g. 'lm_head.weight'), if any."""
+        return self.tied_pair[0] if self.tied_pair else None
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +122,11 @@ class Checkpoint:
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def _read_raw(self, info: TensorInfo) -> Tensor:
+        if self.source.remote_headers is not None:
+            raise UsageError(
+                f"{self.source.ref}: only the headers were fetched (a dry run); cannot read "
+                f"tensor '{info.name}'."
+            )
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         fd = self._files.get(info.file)
@@ -124,8 +168,68 @@ class Checkpoint:
         return f"Checkpoint({self.source.display!r}, {len(self._infos)} tensors)"
 
 
+def tied_pair(
+    config: dict[str, Any] | None, infos: dict[str, TensorInfo], metadata: dict[str, str]
+) -> tuple[str, str] | None:
+    """(output embedding, input embedding) names when the output embedding is tied and not
+    stored, else None.
+
+    With a config.json: its `tie_word_embeddings` (transformers' default, True, when the key is
+    absent), the names from the config's model_type. Without one (a bare .safetensors file, e.g.
+    a task vector): the pair recorded in the metadata at extract time, else tied when no
+    'lm_head.weight' is stored beside an input embedding.
+    """
+    if config is None and TIED_METADATA_KEY in metadata:
+        try:
+            out, inp = json.loads(metadata[TIED_METADATA_KEY])
+        except (ValueError, TypeError):
+            out, inp = TIED_PAIR  # unreadable metadata: fall back to the names below
+        if out not in infos and inp in infos:
+            return str(out), str(inp)
+    if config is not None and not _config_ties(config):
+        return None
+    model_type = str((config or {}).get("model_type", ""))
+    out, inp = TIED_BY_MODEL_TYPE.get(model_type, TIED_PAIR)
+    if out in infos:
+        return None  # stored: untied, or tied but saved twice
+    if inp not in infos:
+        found = _find_input_embedding(infos)
+        if found is None:
+            return None  # no input embedding either: a headless model or a partial file
+        inp = found
+    return out, inp
+
+
+def _config_ties(config: dict[str, Any]) -> bool:
+    """tie_word_embeddings from config.json, or from its text_config (multimodal configs)."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict) and "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+    return True  # transformers' PretrainedConfig default
+
+
+def _find_input_embedding(infos: dict[str, TensorInfo]) -> str | None:
+    """The one 2-D tensor named like an input embedding (shortest name if several)."""
+    found = [n for n, i in infos.items() if n.endswith(_INPUT_EMBED_SUFFIXES) and len(i.shape) == 2]
+    return min(found, key=len) if found else None
+
+
 def open_checkpoint(ref: str | Path, allow_pickle: bool = False) -> Checkpoint:
     return Checkpoint(resolve(ref, allow_pickle=allow_pickle))
+
+
+def _remote_infos(path: Path, header: dict[str, Any]) -> list[TensorInfo]:
+    """TensorInfos of a header fetched from the hub (offsets relative to the data start:
+    enough to plan, nothing is read from them)."""
+    infos = []
+    for name, h in header.items():
+        if h["dtype"] not in DTYPES:
+            raise UsageError(f"{path}: tensor '{name}' has unsupported dtype {h['dtype']}.")
+        start, end = h["data_offsets"]
+        infos.append(
+            TensorInfo(name, tuple(h["shape"]), DTYPES[h["dtype"]], path, start, end - start)
+        )
+    return sorted(infos, key=lambda t: t.offset)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -150,10 +254,10 @@ def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list
     problems: list[str] = []
     for other in checkpoints[1:]:
         mine, theirs = set(names), set(other.names())
-        if first.tied_embeddings and not other.tied_embeddings:
-            mine.add(TIED_PAIR[0])
-        if other.tied_embeddings and not first.tied_embeddings:
-            theirs.add(TIED_PAIR[0])
+        if first.tied_pair and not other.tied_embeddings:
+            mine.add(first.tied_pair[0])
+        if other.tied_pair and not first.tied_embeddings:
+            theirs.add(other.tied_pair[0])
         for n in sorted(mine - theirs, key=natural_key)[:max_listed]:
             problems.append(f"'{n}' is in {first.source.ref} but not in {other.source.ref}")
         for n in sorted(theirs - mine, key=natural_key)[:max_listed]:
@@ -175,8 +279,8 @@ def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list
             f"the input models do not have the same tensors: {listed}{more}. All inputs must "
             "share one architecture and vocabulary."
         )
-    if any(not c.tied_embeddings for c in checkpoints) and first.tied_embeddings:
-        names = names + [TIED_PAIR[0]]  # an untied twin stores lm_head: the output does too
+    if any(not c.tied_embeddings for c in checkpoints) and first.tied_pair:
+        names = names + [first.tied_pair[0]]  # an untied twin stores lm_head: the output does too
     return names
 
 

@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputNotFoundError, PickleRefusedError, UsageError
 
@@ -30,12 +31,17 @@ class ModelSource:
     is_file: bool = False  # a bare .safetensors / pickle file, no config directory
     pickle: bool = False
     revision: str | None = None  # resolved commit hash for hub models
+    # hub headers read with range requests (`resolve(headers_only=True)`): file name ->
+    # (safetensors header JSON without __metadata__, its __metadata__); no weights on disk
+    remote_headers: tuple[tuple[str, dict[str, Any], dict[str, str]], ...] | None = None
 
     @property
     def identity(self) -> str:
         """A stable name for provenance: repo@commit for hub models, the absolute path locally."""
         if self.revision:
             return f"{self.ref.partition('@')[0]}@{self.revision}"
+        if self.remote_headers is not None:
+            return self.ref  # headers only: no local files, no resolved commit
         return str((self.weight_files[0] if self.is_file else self.root).resolve())
 
     @property
@@ -43,13 +49,22 @@ class ModelSource:
         return f"{self.ref}@{self.revision[:12]}" if self.revision else self.ref
 
 
-def resolve(ref: str | Path, allow_pickle: bool = False) -> ModelSource:
-    """Find the weight files of a model reference, downloading hub models if needed."""
+def resolve(ref: str | Path, allow_pickle: bool = False, headers_only: bool = False) -> ModelSource:
+    """Find the weight files of a model reference, downloading hub models if needed.
+
+    headers_only (a dry run): a hub model's safetensors headers are read with range requests
+    and nothing is downloaded; its config.json is used only if already in the local cache.
+    Offline, the local cache is used as for a real run.
+    """
     ref_str = str(ref)
     path = Path(ref_str).expanduser()
     if path.exists():
         return _resolve_local(ref_str, path.resolve(), allow_pickle)
     if _HUB_ID.match(ref_str) and not ref_str.startswith((".", "/", "~")):
+        if headers_only:
+            found = _hub_headers(ref_str)
+            if found is not None:
+                return found
         return _resolve_hub(ref_str, allow_pickle)
     raise InputNotFoundError(
         f"model '{ref_str}' not found: it is not an existing local path, nor a hub id of the form "
@@ -137,6 +152,44 @@ def _resolve_hub(ref: str, allow_pickle: bool) -> ModelSource:
     local_path = Path(local)
     # snapshot folders are named after the resolved commit hash
     return _resolve_local(ref, local_path, allow_pickle, revision=local_path.name)
+
+
+def _hub_headers(ref: str) -> ModelSource | None:
+    """A header-only source from huggingface_hub's safetensors metadata call (HTTP range
+    requests for each shard's header); None when the hub cannot be reached (use the cache)."""
+    from huggingface_hub import get_safetensors_metadata, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        NotASafetensorsRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, _, revision = ref.partition("@")
+    try:
+        meta = get_safetensors_metadata(repo_id, revision=revision or None)
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
+        raise InputNotFoundError(f"hub model '{ref}' not found or not accessible: {e}") from e
+    except NotASafetensorsRepoError as e:
+        raise InputNotFoundError(
+            f"hub model '{ref}' has no safetensors weights (a dry run reads only safetensors "
+            f"headers): {e}"
+        ) from e
+    except (OfflineModeIsEnabled, ConnectionError, OSError):
+        return None
+    headers = []
+    for name in sorted(meta.files_metadata, key=natural_key):
+        fm = meta.files_metadata[name]
+        tensors = {
+            t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+            for t, i in fm.tensors.items()
+        }
+        headers.append((name, tensors, dict(fm.metadata or {})))
+    config = try_to_load_from_cache(repo_id, "config.json", revision=revision or None)
+    root = Path(config).parent if isinstance(config, str) else Path(repo_id)
+    files = tuple(root / name for name, _, _ in headers)
+    return ModelSource(ref, root, files, revision=None, remote_headers=tuple(headers))
 
 
 def natural_key(s: str) -> list[int | str]:

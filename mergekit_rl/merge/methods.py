@@ -43,7 +43,8 @@ def linear(
     global_params: LinearGlobals,
 ) -> Tensor:
     """sum_i w_i x_i, divided by sum_i w_i if normalize. A base tensor is ignored: the recipe
-    layer passes the base as one of the models when the recipe lists it."""
+    layer passes a `models:` recipe's base_model as one more model, listed or not (mergekit
+    does the same), with the global weight when it has none of its own."""
     weights = [p.weight for p in model_params]
     out = core.weighted_sum(tensors, weights)
     if global_params.normalize:
@@ -137,7 +138,8 @@ def karcher(
     global_params: KarcherGlobals,
 ) -> Tensor:
     """Karcher (Riemannian) mean of the models' directions on the unit sphere, scaled by the
-    mean of their norms. Uniform weights; a base tensor is ignored, as for linear.
+    mean of their norms. Uniform weights; a base tensor is ignored, as for linear (a `models:`
+    recipe's base_model is one more model).
 
     Directions u_i = x_i / |x_i| (inputs with |x_i| <= tol drop out of the direction but count
     in the norm mean). Start from the normalised Euclidean mean, then repeat: step along the

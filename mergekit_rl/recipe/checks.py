@@ -25,6 +25,9 @@ from .schema import Recipe, load_documents, parse_recipe
 # is merged like any other model (mergekit's linear and karcher do the same). Every other method
 # takes the base apart from the models.
 BASE_AS_MODEL = frozenset({"linear", "karcher", "passthrough"})
+# ... and for these, a `models:` recipe's base_model that is not listed is merged in as the last
+# model, with the slice/global parameters (mergekit 0.1.5's planner does the same).
+BASE_MERGED_IN = frozenset({"linear", "karcher"})
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SIZE = re.compile(r"\s*([0-9.]+)\s*([KMGT]?i?B?)\s*", re.I)
 
@@ -63,13 +66,22 @@ class Stage:
     def name(self) -> str | None:
         return self.recipe.name
 
-    def refs(self) -> list[str]:
-        """Every model reference, base first, in order of appearance, without repeats."""
+    def merged_refs(self) -> list[str]:
+        """Every merged model reference, base first, in order of appearance, without repeats."""
         out: list[str] = []
         for s in self.slices:
             for src in ([s.base] if s.base else []) + list(s.sources):
                 if src.ref not in out:
                     out.append(src.ref)
+        return out
+
+    def refs(self) -> list[str]:
+        """Every reference the stage opens: the merged models, then the base_model when it is
+        not merged (config and tokenizer may still come from it)."""
+        out = self.merged_refs()
+        base = self.recipe.base_model
+        if base is not None and not any(same_ref(base, r) for r in out):
+            out.append(base)
         return out
 
     def ref_paths(self) -> dict[str, list[str]]:
@@ -80,6 +92,9 @@ class Stage:
                 out.setdefault(src.ref, [])
                 if src.path not in out[src.ref]:
                     out[src.ref].append(src.path)
+        base = self.recipe.base_model
+        if base is not None and not any(same_ref(base, r) for r in out):
+            out[base] = ["base_model"]
         return out
 
 
@@ -285,6 +300,9 @@ def _build_slices(recipe: Recipe, method: MergeMethod) -> tuple[list[SliceSpec],
                 sources.append(src)
         if apart and base_src is None:
             base_src = Source(base, None, {}, "base_model")  # type: ignore[arg-type]
+        listed = any(same_ref(m.model, base) for m in recipe.models) if base else True
+        if method.name in BASE_MERGED_IN and not listed:
+            sources.append(Source(base, None, {}, "base_model"))  # type: ignore[arg-type]
         problems += _check_count(method, len(sources), "models")
         return [SliceSpec(tuple(sources), base_src if apart else None, {}, "models")], problems
     slices = []

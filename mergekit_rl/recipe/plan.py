@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from ..engine import TensorJob
 from ..errors import RecipeError
-from ..io.reader import TIED_PAIR, Checkpoint, check_compatible
+from ..io.reader import Checkpoint, check_compatible
 from ..merge.registry import MergeMethod
 from .checks import SliceSpec, Source, Stage, same_ref
 from .params import resolve
@@ -112,8 +112,9 @@ def outer_names(ckpt: Checkpoint, want_lm_head: bool) -> tuple[list[str], list[s
     for name in ckpt.names():
         if split_layer(name) is None:
             (pre if any(k in name for k in _PRE) else post).append(name)
-    if want_lm_head and TIED_PAIR[0] not in post:
-        post.append(TIED_PAIR[0])
+    tied = ckpt.tied_output_name
+    if want_lm_head and tied is not None and tied not in post:
+        post.append(tied)
     return pre, post
 
 
@@ -174,7 +175,7 @@ class _Builder:
         shapes = {}
         for src, name in reads:
             ckpt = self.ckpts[src.ref]
-            if name not in ckpt and not (name == TIED_PAIR[0] and ckpt.tied_embeddings):
+            if not ckpt.has(name):
                 if src.path not in self.missing:  # one line per source, not one per tensor
                     self.missing.add(src.path)
                     self.problems.append((src.path, f"'{src.ref}' has no tensor '{name}'"))
@@ -238,7 +239,7 @@ def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe
     MismatchError when the inputs do not fit together."""
     b = _Builder(stage, ckpts)
     if not stage.sliced:
-        check_compatible([ckpts[r] for r in stage.refs()])
+        check_compatible([ckpts[r] for r in stage.merged_refs()])
     ranges = [_full_range(spec, ckpts) for spec in stage.slices]
     first, last = stage.slices[0], stage.slices[-1]
     all_refs = [

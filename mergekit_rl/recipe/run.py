@@ -86,10 +86,11 @@ def stage_outputs(stages: Sequence[Stage], out: Path) -> list[Path]:
 
 
 def resolve_inputs(
-    stages: Sequence[Stage], source: str, allow_pickle: bool
+    stages: Sequence[Stage], source: str, allow_pickle: bool, headers_only: bool = False
 ) -> dict[str, ModelSource]:
     """Every reference that is not a stage name -> its files; RecipeError naming each missing
-    one with its YAML path (nothing has been written yet)."""
+    one with its YAML path (nothing has been written yet). headers_only (a dry run): hub models
+    are planned from their safetensors headers, fetched with range requests."""
     found: dict[str, ModelSource] = {}
     problems: list[tuple[str, str]] = []
     names: set[str] = set()
@@ -98,7 +99,7 @@ def resolve_inputs(
             if ref in names or ref in found:
                 continue
             try:
-                found[ref] = resolve(ref, allow_pickle=allow_pickle)
+                found[ref] = resolve(ref, allow_pickle=allow_pickle, headers_only=headers_only)
             except UsageError as e:
                 problems += [(stage.label + p, str(e)) for p in paths]
         if stage.name:
@@ -237,11 +238,11 @@ def _body(text: str) -> str:
 
 
 def prepare(
-    recipe_path: str | Path, out: Path, opts: MergeOptions
+    recipe_path: str | Path, out: Path, opts: MergeOptions, headers_only: bool = False
 ) -> tuple[list[Stage], list[Path], dict[str, ModelSource]]:
     """Validate the recipe, resolve every input and check the outputs, before any writing."""
     stages = load_recipe(recipe_path)
-    sources = resolve_inputs(stages, str(recipe_path), opts.write.allow_pickle)
+    sources = resolve_inputs(stages, str(recipe_path), opts.write.allow_pickle, headers_only)
     outs = stage_outputs(stages, out)
     _check_outputs(stages, outs, sources, opts.write.run.force)
     return stages, outs, sources
@@ -293,7 +294,7 @@ def publish(staging: Path, out: Path) -> None:
 
 def plan_file(recipe_path: str | Path, out: Path, opts: MergeOptions) -> dict[str, Any]:
     """What `merge_file` would do, as a JSON-able dict; reads headers only, writes nothing."""
-    stages, outs, sources = prepare(recipe_path, Path(out), opts)
+    stages, outs, sources = prepare(recipe_path, Path(out), opts, headers_only=True)
     source, force = str(recipe_path), opts.write.run.force
     described: list[dict[str, Any]] = []
     done: dict[str, Checkpoint] = {}

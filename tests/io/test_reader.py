@@ -8,7 +8,14 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit_rl.errors import InputNotFoundError, MismatchError, PickleRefusedError, UsageError
-from mergekit_rl.io.reader import all_finite, check_compatible, open_checkpoint
+from mergekit_rl.io.reader import (
+    TIED_BY_MODEL_TYPE,
+    TIED_METADATA_KEY,
+    TIED_PAIR,
+    all_finite,
+    check_compatible,
+    open_checkpoint,
+)
 from mergekit_rl.io.reference import natural_key, resolve
 from tests.conftest import load_state
 
@@ -146,3 +153,38 @@ def test_all_finite_matches_isfinite(dtype: torch.dtype, bad: float | None) -> N
         assert all_finite(x) == bool(torch.isfinite(x).all()) == (bad is None)
     assert all_finite(torch.empty(0, 3, dtype=dtype))
     assert all_finite(torch.arange(5))  # integers are always finite
+
+
+@pytest.mark.parametrize(
+    "model_type", sorted({*TIED_BY_MODEL_TYPE, "llama", "qwen2", "gemma", "mistral", "phi3"})
+)
+def test_tied_names_agree_with_transformers(model_type: str) -> None:
+    """Our (lm_head, input embedding) names are the model class's own tied-weights keys."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(model_type))]
+    ours = TIED_BY_MODEL_TYPE.get(model_type, TIED_PAIR)
+    assert dict([ours]) == dict(cls._tied_weights_keys)
+
+
+def test_tied_pair_from_config_metadata_or_names(tmp_path: Path) -> None:
+    wte = {"transformer.wte.weight": torch.ones(4, 2), "transformer.h.0.w": torch.ones(2)}
+    save_file(wte, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # tie by default
+    with open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.tied_pair == ("lm_head.weight", "transformer.wte.weight")
+        assert ckpt.has("lm_head.weight") and ckpt.info("lm_head.weight").shape == (4, 2)
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    with open_checkpoint(tmp_path) as ckpt:
+        assert not ckpt.tied_embeddings and not ckpt.has("lm_head.weight")
+    # a bare file: the pair recorded at extract time, else the names
+    save_file(wte, tmp_path / "tv.safetensors", {TIED_METADATA_KEY: '["lm_head.weight", "x"]'})
+    with open_checkpoint(tmp_path / "tv.safetensors") as ckpt:
+        assert ckpt.tied_pair == ("lm_head.weight", "transformer.wte.weight")  # x is absent
+    save_file(wte, tmp_path / "bare.safetensors")
+    with open_checkpoint(tmp_path / "bare.safetensors") as ckpt:
+        assert ckpt.tied_pair == ("lm_head.weight", "transformer.wte.weight")
+    save_file({**wte, "lm_head.weight": torch.ones(4, 2)}, tmp_path / "untied.safetensors")
+    with open_checkpoint(tmp_path / "untied.safetensors") as ckpt:
+        assert not ckpt.tied_embeddings

@@ -482,3 +482,159 @@ models:
         torch.set_num_threads(threads)
     outs = [load_state(tmp_path / f"out{n}")["w"] for n in (1, 2, 3)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# ---- an unlisted base_model: merged in (linear, karcher), config and tokenizer from it ---------
+
+
+def test_linear_merges_an_unlisted_base_as_mergekit_does(family, tmp_path):
+    """mergekit 0.1.5 appends an unlisted base_model to a `models:` merge's inputs, with the
+    global weight: (base + m1 + m2) / 3 here, not (m1 + m2) / 2."""
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nbase_model: {family['base']}\n"
+        f"models: [{{model: {family['sft1']}}}, {{model: {family['sft2']}, "
+        "parameters: {weight: 2}}]\nparameters: {weight: 0.5}\n",
+    )
+    run(recipe, tmp_path / "out")
+    b, s1, s2 = (load_state(family[k]) for k in ("base", "sft1", "sft2"))
+    want = {k: (0.5 * b[k].double() + 0.5 * s1[k].double() + 2 * s2[k].double()) / 3 for k in b}
+    assert_states_close(load_state(tmp_path / "out"), want)
+    # listed once already: merged once, not twice
+    listed = write(
+        tmp_path / "l.yaml",
+        f"merge_method: linear\nbase_model: {family['base']}\n"
+        f"models: [{{model: {family['base']}}}, {{model: {family['sft1']}}}]\n",
+    )
+    run(listed, tmp_path / "out2")
+    want = {k: (b[k].double() + s1[k].double()) / 2 for k in b}
+    assert_states_close(load_state(tmp_path / "out2"), want)
+
+
+def test_karcher_merges_an_unlisted_base(family, tmp_path):
+    from tests.merge.test_methods import ref_karcher_direction
+
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: karcher\nbase_model: {family['base']}\n"
+        f"models: [{{model: {family['sft1']}}}, {{model: {family['sft2']}}}]\n"
+        "parameters: {max_iter: 200, tol: 1.0e-12}\n",
+    )
+    run(recipe, tmp_path / "out")
+    got = load_state(tmp_path / "out")
+    states = [load_state(family[k]) for k in ("sft1", "sft2", "base")]
+    for k in got:
+        xs = [s[k].double().flatten() for s in states]
+        norms = [float(x.norm()) for x in xs]
+        m = ref_karcher_direction([x / r for x, r in zip(xs, norms, strict=True)])
+        want = (m * sum(norms) / 3).reshape(got[k].shape)
+        torch.testing.assert_close(got[k].double(), want, atol=2e-6, rtol=1e-5, msg=k)
+
+
+def _marked_base(family, root: Path) -> Path:
+    """A copy of base whose config, tokenizer config and chat template can be told apart."""
+    import json
+    import shutil
+
+    base = root / "marked-base"
+    shutil.copytree(family["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rlmerge_test_marker": "base"}))
+    tok = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": 777}))
+    (base / "chat_template.jinja").write_text("{{ 'base template' }}")
+    return base
+
+
+@pytest.mark.parametrize("method", ["linear", "karcher", "passthrough"])
+@pytest.mark.parametrize("key", ["tokenizer_source: base", "tokenizer: {source: base}"])
+def test_tokenizer_source_base_when_base_is_not_merged(family, tmp_path, method, key):
+    import json
+
+    base = _marked_base(family, tmp_path)
+    if method == "passthrough":
+        body = f"slices:\n  - sources: [{{model: {family['sft1']}, layer_range: [0, 2]}}]\n"
+    else:
+        body = f"models: [{{model: {family['sft1']}}}, {{model: {family['sft2']}}}]\n"
+    recipe = write(
+        tmp_path / "r.yaml", f"merge_method: {method}\nbase_model: {base}\n{body}{key}\n"
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    assert json.loads((out / "config.json").read_text())["rlmerge_test_marker"] == "base"
+    for name in ("tokenizer_config.json", "chat_template.jinja", "tokenizer.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    if method == "passthrough":  # the base is not merged: the weights are sft1's
+        assert_states_close(load_state(out), load_state(family["sft1"]), atol=0)
+
+
+def test_config_from_an_untied_base_keeps_a_tied_output_tied(tmp_path):
+    """The output stores no lm_head (its inputs are tied): the config must say tied even when
+    it comes from an untied base_model, or transformers would leave lm_head random."""
+    import json
+
+    from tests.arch_models import build_model, logits
+
+    tied = build_model(tmp_path / "tied", "qwen2", tie=True, seed=1)
+    untied = build_model(tmp_path / "untied", "qwen2", tie=False, seed=2)
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: passthrough\nbase_model: {untied}\ntokenizer_source: base\n"
+        f"slices:\n  - sources: [{{model: {tied}, layer_range: [0, 2]}}]\n",
+    )
+    run(recipe, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"]
+    torch.testing.assert_close(logits(tmp_path / "out"), logits(tied), atol=0, rtol=0)
+
+
+def test_dry_run_on_a_hub_id_fetches_headers_only(family, tmp_path, monkeypatch):
+    """--dry-run plans a hub model from its safetensors headers (huggingface_hub's range-request
+    metadata call, faked here from a cached header-only file) and downloads nothing."""
+    import json
+    import struct
+
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
+    from huggingface_hub.utils import TensorInfo as HubTensorInfo
+
+    raw = (family["sft1"] / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    fixture = tmp_path / "header-only.safetensors"  # what the range requests return
+    fixture.write_bytes(raw[: 8 + n])
+    calls = []
+
+    def fake_metadata(repo_id, *, revision=None, **kw):
+        calls.append((repo_id, revision))
+        header = json.loads(fixture.read_bytes()[8:])
+        meta = header.pop("__metadata__", {})
+        tensors = {
+            k: HubTensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=v["data_offsets"])
+            for k, v in header.items()
+        }
+        files = {"model.safetensors": SafetensorsFileMetadata(metadata=meta, tensors=tensors)}
+        weight_map = dict.fromkeys(tensors, "model.safetensors")
+        return SafetensorsRepoMetadata(None, False, weight_map, files)
+
+    def no_download(*a, **kw):
+        raise AssertionError(f"a dry run downloaded something: {a} {kw}")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", fake_metadata)
+    for name in ("snapshot_download", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, no_download)
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels: [{{model: org/tiny@v1}}, {{model: {family['sft2']}}}]\n",
+    )
+    out = tmp_path / "out"
+    plan = plan_file(recipe, out, MergeOptions())
+    assert calls == [("org/tiny", "v1")]
+    [stage] = plan["stages"]
+    assert stage["inputs"][0] == {"ref": "org/tiny@v1", "resolved": "org/tiny@v1", "revision": None}
+    want = load_state(family["sft1"])
+    planned = {t["name"]: t for t in stage["tensors"]}
+    assert set(planned) == set(want)
+    assert all(planned[k]["shape"] == list(v.shape) for k, v in want.items())
+    assert planned["lm_head.weight"]["sources"][0] == ["org/tiny@v1", "lm_head.weight"]
+    assert not out.exists()
+    with pytest.raises(AssertionError, match="downloaded"):  # a real run must download
+        run(recipe, out)
