@@ -19,6 +19,7 @@ from mergekit_rl.train import evaluate, rewards
 from mergekit_rl.train.callbacks import EvalCallback, MetricsLog
 from mergekit_rl.train.data import load_train_dataset, prompt_ids, read_records, truncate_prompts
 from mergekit_rl.train.recipe import DatasetSpec, KeywordReward, parse_train_recipe
+from tests.conftest import load_state
 from tests.train.test_run import DATA, dpo_text, metrics, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -288,10 +289,13 @@ def test_resume_keeps_eval_records(family: dict[str, Path], tmp_path: Path) -> N
     out = tmp_path / "run"
     text = eval_doc(family, out, every=2, logging=3, save_steps=2)
     run(text)
+    full = load_state(out / "final")
     shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "final")
     run(text, resume=True)
     assert eval_steps(out) == [2, 4]
+    resumed = load_state(out / "final")  # evaluating drew no random numbers
+    assert all(torch.equal(resumed[k], full[k]) for k in full)
 
 
 # -- 9: a partial last line of metrics.jsonl -------------------------------------------------------
