@@ -191,35 +191,36 @@ def read_records(
     if not path.is_file():
         raise InputNotFoundError(f"{what} '{path}' not found; check the path.")
     text = path.read_text()
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl"):
-        records: list[Any] = [{key: line} for line in text.splitlines() if line.strip()]
-        where = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    elif suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{what} {path}: not valid JSON ({e}).") from e
-        if not isinstance(records, list):
-            raise UsageError(f"{what} {path}: expected a list of objects or JSON lines.")
-        where = list(range(1, len(records) + 1))
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        rows = [(f"line {n}", {key: x}) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
     else:
-        records, where = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{what} {path} line {n}: not valid JSON ({e}).") from e
-            where.append(n)
-    label = "item" if suffix == ".json" and text.lstrip().startswith("[") else "line"
-    for n, record in zip(where, records, strict=True):
+        rows = _json_rows(text, f"{what} {path}")
+    for where, record in rows:
         if not isinstance(record, dict) or key not in record:
-            raise UsageError(f"{what} {path} {label} {n}: expected an object with '{key}'.")
-    if not records:
+            raise UsageError(f"{what} {path} {where}: expected an object with '{key}'.")
+    if not rows:
         raise UsageError(f"{what} {path} holds no examples.")
-    return records[:limit]
+    return [record for _, record in rows[:limit]]
+
+
+def _json_rows(text: str, name: str) -> list[tuple[str, Any]]:
+    """(where, value) for each item of a JSON list, or each line of JSON lines."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # JSON lines (or broken JSON: reported line by line below)
+    if isinstance(whole, list):
+        return [(f"item {n}", x) for n, x in enumerate(whole, 1)]
+    if whole is not None and len([x for x in text.splitlines() if x.strip()]) > 1:
+        raise UsageError(f"{name}: expected a list of objects or JSON lines, got one object.")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{name} line {n}: not valid JSON ({e}).") from e
+    return rows
 
 
 def canonical(prompt: Any) -> str:

@@ -56,9 +56,9 @@ def perplexity(model: nn.Module, documents: Sequence[Sequence[int]], window: int
     for doc in documents:
         ids = torch.as_tensor(list(doc), dtype=torch.long, device=device)  # [T]
         for begin, first, end in windows(len(ids), window):
-            logits = model(input_ids=ids[begin:end][None]).logits[0].float()  # [end-begin, V]
-            # the logit at position t - 1 predicts token t
-            pred = logits[first - 1 - begin : end - 1 - begin]  # [end-first, V]
+            logits = model(input_ids=ids[begin:end][None]).logits[0]  # [end-begin, V]
+            # the logit at position t - 1 predicts token t; float32 only for the scored rows
+            pred = logits[first - 1 - begin : end - 1 - begin].float()  # [end-first, V]
             nll += F.cross_entropy(pred, ids[first:end], reduction="sum")
             count += end - first
     return math.exp(nll.item() / count) if count else float("nan")  # one host sync

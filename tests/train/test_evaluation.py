@@ -379,3 +379,6 @@ def test_json_eval_files_are_parsed(tmp_path: Path) -> None:
     assert read_records(tmp_path / "p.json", "evaluation.prompts", "prompt") == rows
     jsonl(tmp_path / "lines.json", rows)  # JSON lines in a .json file, as datasets reads it
     assert read_records(tmp_path / "lines.json", "evaluation.prompts", "prompt") == rows
+    (tmp_path / "one.json").write_text(json.dumps({"prompt": rows}, indent=2))
+    with pytest.raises(UsageError, match="one.json: expected a list of objects or JSON lines"):
+        read_records(tmp_path / "one.json", "evaluation.prompts", "prompt")
