@@ -86,6 +86,7 @@ def train(
         check_output_path(final, [policy.source], opts.force)
     tokenizer, model = load_policy(recipe)
     dataset = load_train_dataset(recipe.dataset, recipe.algorithm)
+    train_prompts = dataset["prompt"]  # uncut, for the held-out overlap check
     if recipe.training.max_prompt_length is not None:
         dataset = truncate_prompts(dataset, tokenizer, recipe.training.max_prompt_length)
     reference = reference_model(recipe, out_dir, opts.force)
@@ -102,7 +103,7 @@ def train(
         callbacks.append(elastic)
         metrics.sources.append(elastic.metrics)
     if recipe.evaluation is not None:  # reads the held-out files, checks reward columns
-        callbacks.append(EvalCallback(recipe, metrics, train_prompts=dataset["prompt"]))
+        callbacks.append(EvalCallback(recipe, metrics, train_prompts))
     trainer = build_trainer(recipe, model, tokenizer, dataset, reference, callbacks, opts.max_steps)
     trainer.remove_callback(PrinterCallback)  # MetricsLog prints a shorter line
     if elastic is not None and recipe.elastic_reset and recipe.elastic_reset.kl_anchor == "ema":

@@ -382,3 +382,26 @@ def test_json_eval_files_are_parsed(tmp_path: Path) -> None:
     (tmp_path / "one.json").write_text(json.dumps({"prompt": rows}, indent=2))
     with pytest.raises(UsageError, match="one.json: expected a list of objects or JSON lines"):
         read_records(tmp_path / "one.json", "evaluation.prompts", "prompt")
+
+
+def test_train_warns_on_overlap_and_refuses_missing_reward_columns(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = yaml.safe_load(dpo_text(family, tmp_path / "a", max_steps=1, save_steps=None))
+    # the first two training prompts, longer than max_prompt_length: compared uncut
+    rows = read_records(DATA / "prefs.jsonl", "prefs", "prompt")[:2]
+    doc["evaluation"] = {"prompts": str(jsonl(tmp_path / "p.jsonl", rows)), "eval_every": 50}
+    doc["training"]["max_prompt_length"] = 5
+    with pytest.warns(UserWarning, match="2 of 2 eval prompts are also training prompts"):
+        run(yaml.safe_dump(doc))
+
+    (tmp_path / "colrewards2.py").write_text(REWARDS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = grpo_recipe(
+        family, tmp_path, {"function": {"call": "colrewards2:correct"}}, {}, max_steps=1
+    )
+    with pytest.raises(UsageError, match=r"\['answer'\].*dataset.path .*prompts.jsonl"):
+        from mergekit_rl.train.run import TrainOptions, train
+
+        train(recipe, "", TrainOptions(echo=lambda s: None))
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text()  # nothing trained
