@@ -181,9 +181,9 @@ class EvalCallback(TrainerCallback):
                     f"evaluation.max_new_tokens ({self.spec.max_new_tokens}) fills the model's "
                     f"context ({self.window(model)} tokens); lower it."
                 )
-            prompts = [
-                prompt_ids(tokenizer, truncate_prompt(p, tokenizer, room)) for p in self.prompts
-            ]
+            limit = "evaluation.max_length - max_new_tokens"  # named in a too-long error
+            cut = [truncate_prompt(p, tokenizer, room, limit) for p in self.prompts]
+            prompts = [prompt_ids(tokenizer, p) for p in cut]
             self._inputs = (docs, prompts)
         return self._inputs
 

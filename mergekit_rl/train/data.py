@@ -122,7 +122,7 @@ def _suffix_that_fits(text: str, tokenizer: Any, length: Callable[[str], int], l
     ids = enc["input_ids"]
     if tokenizer.is_fast:
         starts = [a for a, _ in enc["offset_mapping"]]
-    else:  # no offsets: the decoded tail, kept only where it decodes to whole characters
+    else:  # no offsets: where the decoded tail starts (approximate; the length check holds)
         starts = [len(text) - len(tokenizer.decode(ids[k:])) for k in range(len(ids))]
     overhead = length("")  # template and special tokens around the text
     first = max(0, len(ids) - (limit - overhead))
@@ -133,10 +133,13 @@ def _suffix_that_fits(text: str, tokenizer: Any, length: Callable[[str], int], l
     return ""
 
 
-def truncate_prompt(prompt: Any, tokenizer: Any, max_tokens: int) -> Any:
+def truncate_prompt(
+    prompt: Any, tokenizer: Any, max_tokens: int, what: str = "training.max_prompt_length"
+) -> Any:
     """The prompt, cut so that `prompt_ids` has at most `max_tokens` tokens, keeping its end
     (next to the answer). Messages keep every turn and the template; only the content of the
-    last user turn loses its beginning. UsageError when even that cannot fit."""
+    last user turn loses its beginning. UsageError (naming the limit, `what`) when even that
+    cannot fit."""
     if len(prompt_ids(tokenizer, prompt)) <= max_tokens:
         return prompt
     if not is_conversational(prompt):
@@ -144,12 +147,12 @@ def truncate_prompt(prompt: Any, tokenizer: Any, max_tokens: int) -> Any:
             prompt, tokenizer, lambda s: len(prompt_ids(tokenizer, s)), max_tokens
         )
         if len(prompt_ids(tokenizer, cut)) > max_tokens:  # special tokens alone overshoot
-            raise UsageError(f"max_prompt_length {max_tokens} is shorter than the special tokens.")
+            raise UsageError(f"{what} ({max_tokens} tokens) is shorter than the special tokens.")
         return cut
     users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
     if not users or not isinstance(prompt[users[-1]].get("content"), str):
         raise UsageError(
-            f"a chat prompt over max_prompt_length ({max_tokens} tokens) has no user turn with "
+            f"a chat prompt over {what} ({max_tokens} tokens) has no user turn with "
             f"text content to shorten: {prompt!r:.120}"
         )
     last = users[-1]
@@ -163,8 +166,8 @@ def truncate_prompt(prompt: Any, tokenizer: Any, max_tokens: int) -> Any:
     if length("") > max_tokens:
         raise UsageError(
             f"a chat prompt's template and other turns take {length('')} tokens without the last "
-            f"user turn's text, more than max_prompt_length ({max_tokens}): {prompt!r:.120}. "
-            "Raise training.max_prompt_length or shorten the earlier turns."
+            f"user turn's text, more than {what} ({max_tokens}): {prompt!r:.120}. "
+            f"Raise {what} or shorten the earlier turns."
         )
     return with_content(_suffix_that_fits(prompt[last]["content"], tokenizer, length, max_tokens))
 
