@@ -1,14 +1,20 @@
 """Training and held-out data for `rlmerge train`: local files or hub datasets, checked up front.
 
-Column formats (TRL's standard, non-conversational ones):
+Column formats (TRL's standard ones; a prompt is a string, or a list of chat messages
+`[{"role": ..., "content": ...}]` that TRL renders with the tokenizer's chat template):
     dpo:        prompt, chosen, rejected
     kto:        prompt, completion, label (bool: desirable or not)
     grpo, rloo: prompt (any other column is passed to the reward functions)
+
+The prompt tokens a trainer sees are `prompt_ids` below: the tokenizer's own special tokens for a
+string, the chat template with its generation prompt for messages (what TRL 1.16 feeds).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +66,12 @@ def _load(spec: DatasetSpec) -> Any:
                     f"dataset.path {spec.path}: unknown file type '{path.suffix}'; use .json, "
                     ".jsonl, .parquet or .csv."
                 )
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            if not spec.split.startswith("train"):
+                raise UsageError(
+                    f"dataset.split '{spec.split}': a local file ({spec.path}) holds one split, "
+                    "train; select part of it with a slice such as train[:90%] or train[100:]."
+                )
+            return datasets.load_dataset(builder, data_files=str(path), split=spec.split)
         if path.is_dir():
             return datasets.load_dataset(str(path), spec.subset, split=spec.split)
         return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
@@ -70,41 +81,167 @@ def _load(spec: DatasetSpec) -> Any:
             f"({e}). Check the path (relative to the working directory)."
         ) from e
     except ValueError as e:  # an unknown split, or a file that does not parse
-        raise UsageError(f"dataset.path '{spec.path}': {e}") from e
+        raise UsageError(f"dataset.path '{spec.path}' (split {spec.split}): {e}") from e
+
+
+# -- prompts as tokens -----------------------------------------------------------------------
+
+
+def is_conversational(prompt: Any) -> bool:
+    """A list of chat messages (dicts with a role), as opposed to plain text."""
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(m, dict) and "role" in m for m in prompt)
+    )
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """The tokens TRL 1.16 feeds for a prompt: `tokenizer(text)` (with the tokenizer's special
+    tokens), or the chat template with its generation prompt for a list of messages."""
+    if is_conversational(prompt):
+        out = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(out["input_ids"])
+    if not isinstance(prompt, str):
+        raise UsageError(
+            f"a prompt must be a string or a list of chat messages, got {prompt!r:.80}"
+        )
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def _suffix_that_fits(text: str, tokenizer: Any, length: Callable[[str], int], limit: int) -> str:
+    """The longest suffix of `text` that starts at one of its token boundaries and keeps
+    `length(suffix) <= limit` (length: the tokens of the whole prompt built around it).
+
+    Cutting the string at a token's character offset (not decoding a tail of token ids) never
+    splits a character, and the length is measured by re-tokenizing, so it cannot overshoot.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    ids = enc["input_ids"]
+    if tokenizer.is_fast:
+        starts = [a for a, _ in enc["offset_mapping"]]
+    else:  # no offsets: where the decoded tail starts (approximate; the length check holds)
+        starts = [len(text) - len(tokenizer.decode(ids[k:])) for k in range(len(ids))]
+    overhead = length("")  # template and special tokens around the text
+    first = max(0, len(ids) - (limit - overhead))
+    for k in range(first, len(ids)):
+        candidate = text[max(starts[k], 0) :]
+        if length(candidate) <= limit:
+            return candidate
+    return ""
+
+
+def truncate_prompt(
+    prompt: Any, tokenizer: Any, max_tokens: int, what: str = "training.max_prompt_length"
+) -> Any:
+    """The prompt, cut so that `prompt_ids` has at most `max_tokens` tokens, keeping its end
+    (next to the answer). Messages keep every turn and the template; only the content of the
+    last user turn loses its beginning. UsageError (naming the limit, `what`) when even that
+    cannot fit."""
+    if len(prompt_ids(tokenizer, prompt)) <= max_tokens:
+        return prompt
+    if not is_conversational(prompt):
+        cut = _suffix_that_fits(
+            prompt, tokenizer, lambda s: len(prompt_ids(tokenizer, s)), max_tokens
+        )
+        if len(prompt_ids(tokenizer, cut)) > max_tokens:  # special tokens alone overshoot
+            raise UsageError(f"{what} ({max_tokens} tokens) is shorter than the special tokens.")
+        return cut
+    users = [i for i, m in enumerate(prompt) if m.get("role") == "user"]
+    if not users or not isinstance(prompt[users[-1]].get("content"), str):
+        raise UsageError(
+            f"a chat prompt over {what} ({max_tokens} tokens) has no user turn with "
+            f"text content to shorten: {prompt!r:.120}"
+        )
+    last = users[-1]
+
+    def with_content(content: str) -> list[dict[str, Any]]:
+        return [{**m, "content": content} if i == last else m for i, m in enumerate(prompt)]
+
+    def length(content: str) -> int:
+        return len(prompt_ids(tokenizer, with_content(content)))
+
+    if length("") > max_tokens:
+        raise UsageError(
+            f"a chat prompt's template and other turns take {length('')} tokens without the last "
+            f"user turn's text, more than {what} ({max_tokens}): {prompt!r:.120}. "
+            f"Raise {what} or shorten the earlier turns."
+        )
+    return with_content(_suffix_that_fits(prompt[last]["content"], tokenizer, length, max_tokens))
 
 
 def truncate_prompts(ds: Any, tokenizer: Any, max_tokens: int) -> Any:
-    """Keep the last `max_tokens` tokens of each prompt (the end is next to the answer)."""
+    """`truncate_prompt` on every example's prompt (text or messages)."""
 
     def cut(example: dict[str, Any]) -> dict[str, Any]:
-        ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens:
-            return {}
-        return {"prompt": tokenizer.decode(ids[-max_tokens:])}
+        return {"prompt": truncate_prompt(example["prompt"], tokenizer, max_tokens)}
 
     return ds.map(cut)
 
 
-def read_lines(
-    path: str | Path, what: str, key: str = "prompt", limit: int | None = None
-) -> list[str]:
-    """Held-out texts: a .jsonl file's `key` field, or the non-empty lines of a text file."""
+# -- held-out files --------------------------------------------------------------------------
+
+
+def read_records(
+    path: str | Path, what: str, key: str, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Held-out examples, each a dict with at least `key`: the objects of a .jsonl file (one per
+    line) or of a .json file (a list of objects, or JSON lines), or {key: line} for each
+    non-empty line of any other file."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"{what} '{path}' not found; check the path.")
-    texts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
+    text = path.read_text()
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        rows = [(f"line {n}", {key: x}) for n, x in enumerate(text.splitlines(), 1) if x.strip()]
+    else:
+        rows = _json_rows(text, f"{what} {path}")
+    for where, record in rows:
+        if not isinstance(record, dict) or key not in record:
+            raise UsageError(f"{what} {path} {where}: expected an object with '{key}'.")
+    if not rows:
+        raise UsageError(f"{what} {path} holds no examples.")
+    return [record for _, record in rows[:limit]]
+
+
+def _json_rows(text: str, name: str) -> list[tuple[str, Any]]:
+    """(where, value) for each item of a JSON list, or each line of JSON lines."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # JSON lines (or broken JSON: reported line by line below)
+    if isinstance(whole, list):
+        return [(f"item {n}", x) for n, x in enumerate(whole, 1)]
+    if whole is not None and len([x for x in text.splitlines() if x.strip()]) > 1:
+        raise UsageError(f"{name}: expected a list of objects or JSON lines, got one object.")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
             try:
-                texts.append(str(json.loads(line)[key]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UsageError(
-                    f"{what} {path} line {n}: expected JSON with '{key}' ({e})."
-                ) from e
-        else:
-            texts.append(line)
-    if not texts:
-        raise UsageError(f"{what} {path} holds no text.")
-    return texts[:limit]
+                rows.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{name} line {n}: not valid JSON ({e}).") from e
+    return rows
+
+
+def canonical(prompt: Any) -> str:
+    """A comparable form of a prompt (text or messages), whitespace-insensitive at the ends."""
+    if isinstance(prompt, str):
+        return prompt.strip()
+    return json.dumps(prompt, sort_keys=True)
+
+
+def warn_overlap(eval_prompts: Sequence[Any], train_prompts: Sequence[Any], where: str) -> int:
+    """Warn when held-out prompts are training prompts; returns how many are."""
+    seen = {canonical(p) for p in train_prompts}
+    shared = sum(canonical(p) in seen for p in eval_prompts)
+    if shared:
+        warnings.warn(
+            f"evaluation.prompts: {shared} of {len(eval_prompts)} eval prompts are also training "
+            f"prompts ({where}), so eval/kl and eval/reward partly measure training data; use "
+            "held-out prompts.",
+            stacklevel=2,
+        )
+    return shared

@@ -3,12 +3,15 @@
 All three are deterministic (greedy decoding, no sampling), so evaluating never touches the
 random number generators that training and resumed runs depend on.
 
-- perplexity: exp(mean token NLL) of the policy on held-out reference text; it rises as the
-  policy drifts from the language it started with.
-- KL: for each held-out prompt, the policy's greedy completion y; then
+- perplexity: exp(mean token NLL) of the policy on held-out reference text, every token of every
+  document scored once (documents longer than the window are scored with a sliding window of
+  `window` tokens moved by half a window); it rises as the policy drifts from the language it
+  started with.
+- KL: for each held-out prompt x (its tokens as the trainer feeds them), the policy's greedy
+  completion y; then
   sum_t KL(pi(. | x, y_<t) || pi_0(. | x, y_<t)) over the completion tokens (the exact per-position
   KL over the vocabulary, to the initial policy pi_0), averaged over prompts.
-- reward: the recipe's reward functions on the same completions (reward models are skipped).
+- reward: the recipe's reward functions (and reward models) on the same completions.
 """
 
 from __future__ import annotations
@@ -30,33 +33,49 @@ class Completion:
     text: str
 
 
+def windows(length: int, window: int) -> list[tuple[int, int, int]]:
+    """(begin, first, end) per forward pass over a document of `length` tokens: the pass sees
+    tokens [begin, end) and scores the targets [first, end); every target 1..length-1 is scored
+    exactly once, with at least window // 2 tokens of context after the first pass."""
+    stride = max(window // 2, 1)
+    out, begin, done = [], 0, 1  # token 0 has no context: never a target
+    while done < length:
+        end = min(begin + window, length)
+        out.append((begin, done, end))
+        done = end
+        begin += stride
+    return out
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int) -> float:
-    """exp(total NLL / total predicted tokens) over the texts, one text at a time (no padding)."""
+def perplexity(model: nn.Module, documents: Sequence[Sequence[int]], window: int) -> float:
+    """exp(total NLL / total predicted tokens) over the documents (token ids), one document at
+    a time (no padding), a sliding window of `window` tokens over long ones."""
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
-        ids = ids["input_ids"].to(device)  # [1, T]
-        if ids.shape[1] < 2:
-            continue
-        logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-    return math.exp(nll / count) if count else float("nan")
+    nll, count = torch.zeros((), device=device), 0
+    for doc in documents:
+        ids = torch.as_tensor(list(doc), dtype=torch.long, device=device)  # [T]
+        for begin, first, end in windows(len(ids), window):
+            logits = model(input_ids=ids[begin:end][None]).logits[0]  # [end-begin, V]
+            # the logit at position t - 1 predicts token t; float32 only for the scored rows
+            pred = logits[first - 1 - begin : end - 1 - begin].float()  # [end-first, V]
+            nll += F.cross_entropy(pred, ids[first:end], reduction="sum")
+            count += end - first
+    return math.exp(nll.item() / count) if count else float("nan")  # one host sync
 
 
 @torch.no_grad()
 def greedy_completions(
     model: nn.Module,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
 ) -> list[Completion]:
+    """The greedy completion of each prompt (token ids, as the trainer would feed them)."""
     device = next(model.parameters()).device
     out = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)  # [1, P]
+        ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)[None]  # [1, P]
         seq = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -74,7 +93,7 @@ def greedy_completions(
 def kl_to(policy: nn.Module, initial: nn.Module, completions: Sequence[Completion]) -> float:
     """Mean over prompts of the summed per-token KL(policy || initial) on the completions."""
     device = next(policy.parameters()).device
-    total = 0.0
+    total = torch.zeros((), device=device)
     for c in completions:
         if c.completion_ids.numel() == 0:
             continue
@@ -83,5 +102,5 @@ def kl_to(policy: nn.Module, initial: nn.Module, completions: Sequence[Completio
         logp = F.log_softmax(policy(input_ids=seq).logits[0, start:-1].float(), dim=-1)  # [C, V]
         logq = F.log_softmax(initial(input_ids=seq).logits[0, start:-1].float(), dim=-1)
         kl = (logp.exp() * (logp - logq)).sum(dim=-1)  # [C]
-        total += kl.clamp_min(0.0).sum().item()  # KL >= 0: only rounding goes below
-    return total / max(len(completions), 1)
+        total += kl.clamp_min(0.0).sum()  # KL >= 0: only rounding goes below
+    return total.item() / max(len(completions), 1)  # one host sync

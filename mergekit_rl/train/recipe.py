@@ -161,13 +161,19 @@ class TrainingSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    perplexity_text: str | None = None  # held-out text file, one document per line (drift)
-    prompts: str | None = None  # held-out prompts (.jsonl with "prompt", or one per line)
+    # held-out documents: .jsonl / .json with "text" (a string or chat messages), or one per line
+    perplexity_text: str | None = None
+    # held-out prompts: .jsonl / .json with "prompt" (a string or chat messages) and any columns
+    # the reward functions take, or one prompt per line
+    prompts: str | None = None
     kl: bool = True  # KL(policy || initial policy) on the prompts' greedy completions
     reward: bool = True  # mean reward of those completions (grpo / rloo)
     eval_every: int = Field(default=50, ge=1)
     max_new_tokens: int = Field(default=32, ge=1)
     max_examples: int = Field(default=64, ge=1)
+    # tokens per forward pass (perplexity window; prompt + completion); default: the model's
+    # context (config.max_position_embeddings)
+    max_length: int | None = Field(default=None, ge=2)
 
 
 class TrainRecipe(_Strict):

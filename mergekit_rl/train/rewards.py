@@ -5,17 +5,22 @@ one float per completion; TRL passes `completion_ids` (token ids) among the kwar
 is a string, or a list of chat messages (the text of the last one is scored).
 
 A reward model is passed to TRL as its checkpoint path (TRL loads it as a one-label sequence
-classifier). A Python `module:function` is imported only when the caller allows code.
+classifier); held-out evaluation loads it as `RewardModel`, which scores it the same way. A Python
+`module:function` is imported only when the caller allows code.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+import torch
+
+from ..errors import RunError, UsageError
 from .recipe import KeywordReward, LengthReward, RegexReward, RewardSpec
 
 RewardFunc = Callable[..., list[float]]
@@ -30,10 +35,23 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
+def keyword_pattern(words: Sequence[str]) -> str:
+    """A regex matching any of the words; a word boundary is required only at an edge that is a
+    word character, so `merge` does not match inside `merged` while `<answer>`, `</think>` and
+    `C++` match wherever they occur. Longer words first: `merge weights` wins over `merge`."""
+
+    def one(w: str) -> str:
+        head = r"\b" if re.match(r"\w", w[0]) else ""
+        tail = r"\b" if re.match(r"\w", w[-1]) else ""
+        return head + re.escape(w) + tail
+
+    return "|".join(one(w) for w in sorted(words, key=len, reverse=True))
+
+
 def keyword_reward(spec: KeywordReward) -> RewardFunc:
     """Occurrences of the words (count), or 1.0 if any occurs (presence)."""
     flags = 0 if spec.case_sensitive else re.IGNORECASE
-    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in spec.words) + r")\b", flags)
+    pattern = re.compile(keyword_pattern(spec.words), flags)
 
     def keyword(prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float]:
         hits = [len(pattern.findall(completion_text(c))) for c in completions]
@@ -104,18 +122,107 @@ def build_rewards(spec: RewardSpec) -> tuple[list[RewardFunc | str], list[float]
     return funcs, weights
 
 
+# keyword arguments TRL passes besides dataset columns (never required columns)
+TRL_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+
+
+def required_columns(func: Any) -> list[str]:
+    """Dataset columns a reward function needs: its parameters without a default, besides
+    prompts, completions and the keyword arguments TRL always passes."""
+    if not callable(func):
+        return []
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    skip = {"prompts", "completions", *TRL_KWARGS}
+    return [
+        p.name
+        for p in params
+        if p.kind in named and p.default is inspect.Parameter.empty and p.name not in skip
+    ]
+
+
+def check_columns(funcs: Sequence[Any], columns: Sequence[str], where: str) -> None:
+    """UsageError naming the columns that a reward function needs and `where` lacks."""
+    for f in funcs:
+        missing = [c for c in required_columns(f) if c not in columns]
+        if missing:
+            name = getattr(f, "__name__", str(f))
+            raise UsageError(
+                f"reward function '{name}' takes column(s) {missing}, which {where} lacks (it has "
+                f"{sorted(columns)}); TRL passes each dataset column to the reward functions by name."
+            )
+
+
+class RewardModel:
+    """A sequence-classification reward model as a reward function, scored as TRL 1.16 scores
+    it: prompt + completion text (the chat template for messages), the model's own tokenizer,
+    right padding, no added special tokens, the first logit."""
+
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.__name__ = Path(path).name or path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype
+        ).to(device)
+        self.model.eval()
+        # the score is read at the last non-pad token, found through the pad id
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+
+    def texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
+        if prompts and isinstance(prompts[0], list):  # chat messages
+            return [
+                self.tokenizer.apply_chat_template(p + c, tokenize=False)
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+        return [p + c for p, c in zip(prompts, completions, strict=True)]
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kw: Any
+    ) -> list[float]:
+        texts, out = self.texts(prompts, completions), []
+        device = next(self.model.parameters()).device
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[i : i + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                add_special_tokens=False,
+            ).to(device)
+            out.append(self.model(**batch).logits[:, 0].float())  # [B]
+        return torch.cat(out).tolist()  # one host sync for all completions
+
+
 def score(
-    funcs: Sequence[RewardFunc | Any],
+    funcs: Sequence[RewardFunc],
     weights: Sequence[float],
-    prompts: list[str],
-    completions: list[str],
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
     completion_ids: list[list[int]],
+    columns: dict[str, list[Any]] | None = None,
+    **extra: Any,
 ) -> list[float]:
-    """Weighted sum of the reward functions (held-out evaluation; reward models skipped)."""
+    """Weighted sum of the reward functions, called as TRL calls them: prompts, completions,
+    completion_ids, every other dataset column by name, and `extra` (trainer_state, ...).
+    Reward models must already be callables (`RewardModel`); None counts as 0."""
     total = [0.0] * len(completions)
+    kwargs = {**(columns or {}), **extra}
     for f, w in zip(funcs, weights, strict=True):
-        if not callable(f):
-            continue
-        values = f(prompts, completions, completion_ids=completion_ids)
+        values = f(prompts, completions, completion_ids=completion_ids, **kwargs)
+        if len(values) != len(completions):
+            name = getattr(f, "__name__", str(f))
+            raise RunError(
+                f"reward function '{name}' returned {len(values)} values for "
+                f"{len(completions)} completions."
+            )
         total = [t + w * (v or 0.0) for t, v in zip(total, values, strict=True)]
     return total

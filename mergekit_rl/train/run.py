@@ -86,6 +86,7 @@ def train(
         check_output_path(final, [policy.source], opts.force)
     tokenizer, model = load_policy(recipe)
     dataset = load_train_dataset(recipe.dataset, recipe.algorithm)
+    train_prompts = dataset["prompt"]  # uncut, for the held-out overlap check
     if recipe.training.max_prompt_length is not None:
         dataset = truncate_prompts(dataset, tokenizer, recipe.training.max_prompt_length)
     reference = reference_model(recipe, out_dir, opts.force)
@@ -101,8 +102,8 @@ def train(
     if elastic is not None:  # before evaluation: a step's measures see that step's reset
         callbacks.append(elastic)
         metrics.sources.append(elastic.metrics)
-    if recipe.evaluation is not None:
-        callbacks.append(EvalCallback(recipe, metrics))
+    if recipe.evaluation is not None:  # reads the held-out files, checks reward columns
+        callbacks.append(EvalCallback(recipe, metrics, train_prompts))
     trainer = build_trainer(recipe, model, tokenizer, dataset, reference, callbacks, opts.max_steps)
     trainer.remove_callback(PrinterCallback)  # MetricsLog prints a shorter line
     if elastic is not None and recipe.elastic_reset and recipe.elastic_reset.kl_anchor == "ema":
@@ -318,10 +319,11 @@ def build_trainer(
         callbacks=callbacks,
     )
     if recipe.algorithm in SAMPLING:
-        from .rewards import build_rewards
+        from .rewards import build_rewards, check_columns
 
         assert recipe.reward is not None  # the recipe checks guarantee it
         funcs, weights = build_rewards(recipe.reward)
+        check_columns(funcs, dataset.column_names, f"dataset.path {recipe.dataset.path}")
         args.reward_weights = weights
         trainer = cls(reward_funcs=funcs, **common)
         if reference is not None:

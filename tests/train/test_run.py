@@ -15,7 +15,7 @@ import yaml
 
 from mergekit_rl.errors import InputNotFoundError, OutputExistsError, UsageError
 from mergekit_rl.train import evaluate, rewards
-from mergekit_rl.train.data import load_train_dataset, read_lines, truncate_prompts
+from mergekit_rl.train.data import load_train_dataset, read_records, truncate_prompts
 from mergekit_rl.train.recipe import (
     DatasetSpec,
     KeywordReward,
@@ -276,8 +276,8 @@ def test_build_rewards_order_weights_and_score() -> None:
     funcs, weights = rewards.build_rewards(spec)
     assert [getattr(f, "__name__", f) for f in funcs] == ["keyword", "length", "rm"]
     assert weights == [2.0, 0.5, 1.0]
-    # 2 * [a present] + 0.5 * (-|n - 2| / 2); the reward model is skipped offline
-    got = rewards.score(funcs, weights, ["p", "p"], ["a b", "c"], [[1, 2], [1, 2, 3, 4]])
+    # 2 * [a present] + 0.5 * (-|n - 2| / 2); the reward model (a path) is loaded by the caller
+    got = rewards.score(funcs[:2], weights[:2], ["p", "p"], ["a b", "c"], [[1, 2], [1, 2, 3, 4]])
     assert got == [2.0, -0.5]
 
 
@@ -320,13 +320,17 @@ def test_truncate_prompts_keeps_the_end(family: dict[str, Path]) -> None:
     assert ds[0]["prompt"] == tok.decode(ids[-3:]) and ds[1]["prompt"] == "a"
 
 
-def test_read_lines(tmp_path: Path) -> None:
-    assert read_lines(DATA / "prompts.jsonl", "p", limit=2)[0] == "Tell me about merging weights."
+def test_read_records(tmp_path: Path) -> None:
+    got = read_records(DATA / "prompts.jsonl", "p", "prompt", limit=2)
+    assert got == [
+        {"prompt": "Tell me about merging weights."},
+        {"prompt": "Describe the reward model."},
+    ]
     (tmp_path / "t.txt").write_text("one\n\ntwo\n")
-    assert read_lines(tmp_path / "t.txt", "t") == ["one", "two"]
+    assert read_records(tmp_path / "t.txt", "t", "text") == [{"text": "one"}, {"text": "two"}]
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     with pytest.raises(UsageError, match="line 1"):
-        read_lines(tmp_path / "bad.jsonl", "evaluation.prompts")
+        read_records(tmp_path / "bad.jsonl", "evaluation.prompts", "prompt")
 
 
 # -- held-out measures -----------------------------------------------------------------------
@@ -346,9 +350,10 @@ def test_perplexity_and_kl_against_independent_references(family: dict[str, Path
         losses.append(policy(input_ids=ids, labels=ids).loss.item())
         counts.append(ids.shape[1] - 1)
     want = math.exp(sum(x * n for x, n in zip(losses, counts, strict=True)) / sum(counts))
-    assert evaluate.perplexity(policy, tok, texts, 64) == pytest.approx(want, rel=1e-5)
+    docs = [tok(t)["input_ids"] for t in texts]
+    assert evaluate.perplexity(policy, docs, 64) == pytest.approx(want, rel=1e-5)
 
-    done = evaluate.greedy_completions(policy, tok, ["the policy"], max_new_tokens=5)
+    done = evaluate.greedy_completions(policy, tok, [tok("the policy")["input_ids"]], 5)
     assert done[0].completion_ids.numel() == 5
     assert evaluate.kl_to(policy, policy, done) == pytest.approx(0.0, abs=1e-6)
     seq = torch.cat([done[0].prompt_ids, done[0].completion_ids])[None]
