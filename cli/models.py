@@ -205,7 +205,9 @@ def diff(
     base: Annotated[
         str | None, typer.Option(help="A common base: adds task-vector norms, cosine, conflicts.")
     ] = None,
-    per_tensor: Annotated[bool, typer.Option(help="Show every tensor, not only layers.")] = False,
+    per_tensor: Annotated[
+        bool, typer.Option("--per-tensor", help="Show every tensor, not only layers.")
+    ] = False,
     json: Json = False,
     allow_pickle: AllowPickle = False,
 ) -> None:

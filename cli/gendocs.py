@@ -1,12 +1,14 @@
-"""The train recipe key reference in docs/training.md, generated from the pydantic schema.
+"""Generated parts of the docs: the train recipe key reference (docs/training.md) and the
+table of every command's arguments and options (docs/cli.md).
 
 Every key of `TrainRecipe` (mergekit_rl/train/recipe.py) is listed with its type and default,
 read from the schema, and a description from KEY_DOCS below (or the field's own `description`
-when the schema gives one). tests/test_docs_sync.py fails when a schema key has no description,
-when KEY_DOCS describes a key the schema lacks, or when docs/training.md differs from what this
-module generates. After changing the schema:
+when the schema gives one). The command table is read from the Typer app. tests/test_docs_sync.py
+fails when a schema key has no description, when KEY_DOCS describes a key the schema lacks, or
+when a generated block differs from what this module generates. After changing the schema or a
+command's options:
 
-    python -m mergekit_rl.cli.recipe_docs     # rewrites the block in docs/training.md
+    python -m mergekit_rl.cli.gendocs     # rewrites both blocks
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pydantic_core import PydanticUndefined
 
 from mergekit_rl.train.recipe import TrainRecipe, _submodel
 
-BEGIN = "<!-- BEGIN generated key reference: python -m mergekit_rl.cli.recipe_docs -->"
-END = "<!-- END generated key reference -->"
+KEYS_BLOCK = "key reference"
+COMMANDS_BLOCK = "command options"
 
 # what each key means; "section.key" for nested keys
 KEY_DOCS: dict[str, str] = {
@@ -225,19 +227,55 @@ def key_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(doc: str) -> str:
-    """`doc` with the text between BEGIN and END replaced by key_reference()."""
-    head, sep, rest = doc.partition(BEGIN)
-    _, sep2, tail = rest.partition(END)
+def command_table() -> str:
+    """Every command (subcommands as `task-vector apply`) with its arguments and options."""
+    import typer
+
+    from .app import app
+
+    def walk(cmd: Any, path: list[str]) -> list[tuple[str, Any]]:
+        if hasattr(cmd, "commands"):
+            return [x for name, sub in cmd.commands.items() for x in walk(sub, [*path, name])]
+        return [(" ".join(path), cmd)]
+
+    lines = ["| command | arguments | options |", "|---|---|---|"]
+    for name, cmd in walk(typer.main.get_command(app), []):
+        args = [p.name.upper() for p in cmd.params if p.param_type_name == "argument"]
+        opts = [
+            "/".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
+            for p in cmd.params
+            if p.param_type_name == "option"
+        ]
+        lines.append(f"| `{name}` | {' '.join(args) or '-'} | {', '.join(opts)} |")
+    return "\n".join(lines) + "\n"
+
+
+def markers(block: str) -> tuple[str, str]:
+    return (
+        f"<!-- BEGIN generated {block}: python -m mergekit_rl.cli.gendocs -->",
+        f"<!-- END generated {block} -->",
+    )
+
+
+def render(doc: str, block: str = KEYS_BLOCK) -> str:
+    """`doc` with the text between the block's markers replaced by the generated text."""
+    begin, end = markers(block)
+    head, sep, rest = doc.partition(begin)
+    _, sep2, tail = rest.partition(end)
     if not sep or not sep2:
-        raise ValueError(f"docs/training.md lacks the markers {BEGIN!r} ... {END!r}")
-    return f"{head}{BEGIN}\n\n{key_reference()}\n{END}{tail}"
+        raise ValueError(f"the document lacks the markers {begin!r} ... {end!r}")
+    text = key_reference() if block == KEYS_BLOCK else command_table()
+    return f"{head}{begin}\n\n{text}\n{end}{tail}"
 
 
-def main(path: str = "docs/training.md") -> None:
-    target = Path(path)
-    target.write_text(render(target.read_text()))
-    print(f"wrote the key reference into {target}", file=sys.stderr)
+TARGETS = {KEYS_BLOCK: "docs/training.md", COMMANDS_BLOCK: "docs/cli.md"}
+
+
+def main(root: str = ".") -> None:
+    for block, rel in TARGETS.items():
+        target = Path(root) / rel
+        target.write_text(render(target.read_text(), block))
+        print(f"wrote the {block} into {target}", file=sys.stderr)
 
 
 if __name__ == "__main__":
