@@ -4,6 +4,7 @@ option names for the same idea, and bad input found before any work."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,15 @@ def test_demo_reuses_a_complete_demo_it_made(tmp_path: Path) -> None:
     (root / DONE_MARKER).unlink()
     code, _, err = rl("demo", root)
     assert code == 2 and "not empty" in err
+
+
+def test_help_examples_name_files_that_exist() -> None:
+    root = Path(__file__).resolve().parents[2]
+    commands = [["merge"], ["validate"], ["train"], ["soup"], ["task-vector", "apply"], ["demo"]]
+    named = []
+    for cmd in commands:
+        _, out, _ = rl(*cmd, "--help")
+        named += [(cmd, m) for m in re.findall(r"(recipes/[\w./-]+\.yaml)", out)]
+    assert any(m == "recipes/ties-sft.yaml" for _, m in named)
+    for cmd, path in named:
+        assert (root / path).is_file(), (cmd, path)
