@@ -9,6 +9,7 @@ holds exactly one JSON object, the envelope `json_envelope` builds (success) or
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import sys
@@ -139,7 +140,20 @@ def report(command: str, summary: RunSummary, quiet: bool, as_json: bool) -> Non
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Strict JSON (RFC 8259): a NaN or infinite float, such as the cosine of a zero task
+    vector, is written as null, which every parser accepts."""
+    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+    sys.stdout.write(text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def json_envelope(

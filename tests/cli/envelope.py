@@ -67,9 +67,13 @@ def errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
     return out
 
 
+def _refuse(name: str) -> Any:
+    raise AssertionError(f"{name} is not JSON (RFC 8259); print null instead")
+
+
 def check(stdout: str, command: str, ok: bool = True) -> dict[str, Any]:
     """Parse stdout as exactly one JSON object, validate it, and check command and ok."""
-    data = json.loads(stdout)
+    data = json.loads(stdout, parse_constant=_refuse)  # strict: no NaN / Infinity
     problems = errors(data, JSON_SCHEMA)
     assert not problems, problems
     assert data["command"] == command and data["ok"] is ok, (data["command"], data["ok"])

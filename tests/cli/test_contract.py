@@ -49,6 +49,10 @@ def test_every_model_command_json_matches_the_schema(family, tmp_path: Path) -> 
     assert code == 0 and len(check(out, "diff")["layers"]) > 0
     code, out, _ = rl("methods", "--json")
     assert code == 0 and len(check(out, "methods")["methods"]) == 14
+    # a zero task vector has no cosine: null, not NaN (which strict JSON parsers reject)
+    code, out, _ = rl("diff", f["sft1"], f["sft2"], "--base", f["sft1"], "--json")
+    rows = check(out, "diff")["layers"]
+    assert code == 0 and rows and all(r["tv_cosine"] is None and r["tv_norm_a"] == 0 for r in rows)
 
 
 def test_recipe_commands_json_matches_the_schema(family, tmp_path: Path) -> None:
