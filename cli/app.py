@@ -11,13 +11,37 @@ import warnings
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup, TyperOption
 
 from mergekit_rl import __version__
 
 from . import demo, merge, models, train
 from .errors import DEBUG
 
+_display_type_rich = TyperOption.display_type_rich
+
+
+def _flag_display_type(self: TyperOption, ctx: typer.Context) -> str | None:
+    """Help shows on/off flags as flags (`--json`), not `--json <bool>`: they take no value."""
+    return None if self.is_flag else _display_type_rich(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_display_type  # typer 0.29 labels every option's type
+
+
+class _RLMergeGroup(TyperGroup):
+    """Accept the global --debug anywhere before `--`: `rlmerge --debug soup ...` and
+    `rlmerge soup ... --debug` both show tracebacks."""
+
+    def parse_args(self, ctx, args):  # noqa: ANN001, ANN201 - click's signature
+        cut = args.index("--") if "--" in args else len(args)
+        DEBUG["on"] = "--debug" in args[:cut]
+        args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_RLMergeGroup,
     name="rlmerge",
     help="Merge LLM checkpoints around RLHF: soups, interpolation, task vectors, recipe merges "
     "and training with online merging optimizers.",
@@ -38,9 +62,14 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help="Show tracebacks on errors (before or after the command name)."
+        ),
+    ] = False,
 ) -> None:
-    DEBUG["on"] = debug
+    DEBUG["on"] = DEBUG["on"] or debug
 
 
 models.register(app)

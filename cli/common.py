@@ -1,16 +1,25 @@
-"""Options shared by several commands (declared once) and output helpers."""
+"""Options shared by several commands (declared once) and output helpers.
+
+Output contract (docs/cli.md): messages go to stderr, results to stdout. With --json, stdout
+holds exactly one JSON object, the envelope `json_envelope` builds (success) or
+`json_error` builds (failure), checked against JSON_SCHEMA in the tests. Without a terminal
+(a pipe, a file, CI), output is plain: no colour, no wrapping at 80 columns, no truncation.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from mergekit_rl.engine import RunOptions, RunSummary, parse_dtype
 from mergekit_rl.errors import UsageError
@@ -30,7 +39,16 @@ MaxShardSize = Annotated[
 ]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
-Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary.")]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout (docs/cli.md).")
+]
+TokenizerSource = Annotated[
+    str | None,
+    typer.Option(
+        help="The input whose config and tokenizer are copied: a model as given, or its "
+        "position (0 = the first). Default: the first input."
+    ),
+]
 AllowPickle = Annotated[
     bool,
     typer.Option(
@@ -38,8 +56,19 @@ AllowPickle = Annotated[
     ),
 ]
 
-err_console = Console(stderr=True)
-console = Console()
+SCHEMA_VERSION = 1
+
+
+def _console(stderr: bool) -> Console:
+    """Rich on a terminal; plain text (no colour, no wrap, no width limit) elsewhere."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, soft_wrap=True)
+    return Console(stderr=stderr, soft_wrap=True, no_color=True, highlight=False, width=10_000)
+
+
+err_console = _console(stderr=True)
+console = _console(stderr=False)
 
 _UNITS = {
     "": 1,
@@ -97,9 +126,10 @@ def write_options(
     )
 
 
-def report(summary: RunSummary, quiet: bool, as_json: bool) -> None:
+def report(command: str, summary: RunSummary, quiet: bool, as_json: bool) -> None:
     if as_json:
-        print_json(summary.to_dict())
+        stats = summary.to_dict()
+        emit_json(command, outputs=stats.pop("outputs"), **stats)
     elif not quiet:
         outs = ", ".join(summary.outputs)
         err_console.print(
@@ -110,4 +140,102 @@ def report(summary: RunSummary, quiet: bool, as_json: bool) -> None:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Strict JSON (RFC 8259): a NaN or infinite float, such as the cosine of a zero task
+    vector, is written as null, which every parser accepts."""
+    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+    sys.stdout.write(text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_envelope(
+    command: str,
+    *,
+    outputs: Sequence[str | Path] = (),
+    stages: Sequence[dict[str, Any]] | None = None,
+    ok: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one --json shape: {schema_version, command, ok, outputs, stages, ...command keys}."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "ok": ok,
+        "outputs": [str(p) for p in outputs],
+        "stages": list(stages or []),
+        **extra,
+    }
+
+
+def emit_json(
+    command: str,
+    *,
+    outputs: Sequence[str | Path] = (),
+    stages: Sequence[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> None:
+    """Print the success envelope on stdout (see json_envelope)."""
+    print_json(json_envelope(command, outputs=outputs, stages=stages, **extra))
+
+
+def json_error(command: str, message: str, exit_code: int) -> dict[str, Any]:
+    """The failure envelope, printed on stdout by the error boundary when --json was given."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "ok": False,
+        "error": {"message": message, "exit_code": exit_code},
+    }
+
+
+def print_table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None
+) -> None:
+    """A rich table on a terminal; tab-separated lines (a header, then one per row) elsewhere,
+    so that `| cut`, `| grep` and logs see every cell whole."""
+    if sys.stdout.isatty():
+        table = Table(*columns, title=title)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    if title:
+        sys.stdout.write(f"# {title}\n")
+    for row in [columns, *rows]:
+        sys.stdout.write("\t".join(row) + "\n")
+
+
+# JSON Schema (draft 2020-12) of every --json output; docs/cli.md shows it, tests validate
+# each command's output against it.
+JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "rlmerge --json output",
+    "type": "object",
+    "required": ["schema_version", "command", "ok"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "command": {"type": "string", "minLength": 1},
+        "ok": {"type": "boolean"},
+        "outputs": {"type": "array", "items": {"type": "string"}},
+        "stages": {"type": "array", "items": {"type": "object"}},
+        "error": {
+            "type": "object",
+            "required": ["message", "exit_code"],
+            "properties": {
+                "message": {"type": "string"},
+                "exit_code": {"type": "integer", "minimum": 1},
+            },
+        },
+    },
+    "if": {"properties": {"ok": {"const": True}}},
+    "then": {"required": ["outputs", "stages"], "not": {"required": ["error"]}},
+    "else": {"required": ["error"]},
+}

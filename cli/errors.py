@@ -48,8 +48,9 @@ def classify(exc: BaseException) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def boundary() -> Iterator[None]:
-    """Turn library exceptions into one short stderr paragraph and an exit code."""
+def boundary(command: str = "", as_json: bool = False) -> Iterator[None]:
+    """Turn library exceptions into one short stderr paragraph and an exit code; with --json,
+    also the failure envelope on stdout (so a script reading stdout always gets one object)."""
     try:
         yield
     except (typer.Exit, typer.Abort):
@@ -58,6 +59,10 @@ def boundary() -> Iterator[None]:
         code, label = classify(exc)
         if DEBUG["on"]:
             traceback.print_exc()
-        message = str(exc) or type(exc).__name__
-        print(f"rlmerge: {label}: {message}", file=sys.stderr)
+        message = f"{label}: {str(exc) or type(exc).__name__}"
+        print(f"rlmerge: {message}", file=sys.stderr)
+        if as_json:
+            from .common import json_error, print_json
+
+            print_json(json_error(command, message, code))
         raise typer.Exit(code) from None

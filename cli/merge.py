@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json as jsonlib
+import sys
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
+from mergekit_rl.errors import RecipeError, UsageError
 from mergekit_rl.merge.registry import MergeMethod, list_methods
 from mergekit_rl.recipe import run as recipe_run
 
@@ -20,12 +21,15 @@ from .common import (
     Output,
     Quiet,
     console,
+    emit_json,
     err_console,
+    json_envelope,
     parse_size,
     print_json,
+    print_table,
     write_options,
 )
-from .errors import boundary
+from .errors import boundary, classify
 
 Recipe = Annotated[str, typer.Argument(help="A recipe YAML file (mergekit format).")]
 RecipeShardSize = Annotated[
@@ -57,22 +61,28 @@ def merge(
     and was made by the same recipe is skipped; --force reruns every stage. --dtype overrides
     the recipe's out_dtype/dtype. --dry-run resolves inputs and reads headers only.
 
-    Example: rlmerge merge recipes/ties.yaml -o merged --dry-run
+    Example: rlmerge merge recipes/ties-sft.yaml -o merged --dry-run
     """
-    with boundary():
+    with boundary("merge", json):
         opts = write_options(device, dtype, "5GB", force, quiet, json, allow_pickle)
         shard = parse_size(max_shard_size) if max_shard_size else None
         mopts = recipe_run.MergeOptions(write=opts, max_shard_size=shard)
         if dry_run:
             plan = recipe_run.plan_file(recipe, output, mopts)
             if json:
-                print_json(plan)
+                emit_json("merge", stages=plan.pop("stages"), dry_run=True, **plan)
             else:
                 print_plan(plan)
             return
         results = recipe_run.merge_file(recipe, output, mopts)
         if json:
-            print_json([vars(r) for r in results])
+            stages = [
+                {"name": r.name, "output": r.output, "status": r.status, **r.summary}
+                for r in results
+            ]
+            seconds = sum(float(r.summary.get("seconds", 0.0)) for r in results)
+            written = [r.output for r in results if r.status != "skipped"]
+            emit_json("merge", outputs=written, stages=stages, recipe=recipe, seconds=seconds)
         elif not quiet:
             for r in results:
                 s = r.summary
@@ -140,26 +150,45 @@ def _fmt(v: Any) -> str:
 def validate(
     recipes: Annotated[list[str], typer.Argument(help="One or more recipe YAML files.")],
     quiet: Quiet = False,
+    json: Json = False,
 ) -> None:
     """Check recipes without opening any model (for CI): every problem, with its YAML path.
 
-    Exits 0 when all are valid, 2 otherwise.
+    Exits 0 when all are valid, 2 otherwise. With --json, one object lists every recipe with
+    its problems.
 
     Example: rlmerge validate recipes/*.yaml
     """
-    bad = 0
-    for path in recipes:
-        try:
-            with boundary():
-                stages = recipe_run.load_recipe(path)
-        except typer.Exit:
-            bad += 1
-            continue
-        if not quiet:
-            n = len(stages)
-            err_console.print(f"[green]ok[/green] {path} ({n} stage{'s' if n != 1 else ''})")
+    with boundary("validate", json):
+        checked = [_check_recipe_file(path, quiet or json) for path in recipes]
+    bad = sum(not e["ok"] for e in checked)
+    if json:
+        error = {"message": f"{bad} of {len(checked)} recipes are invalid", "exit_code": 2}
+        print_json(
+            json_envelope(
+                "validate", ok=not bad, recipes=checked, **({"error": error} if bad else {})
+            )
+        )
     if bad:
         raise typer.Exit(2)
+
+
+def _check_recipe_file(path: str, silent: bool) -> dict[str, Any]:
+    """{recipe, ok, stages, problems: [{path, message}]}; problems always go to stderr (as
+    every error does), the ok lines unless silent (--quiet, --json)."""
+    entry: dict[str, Any] = {"recipe": path, "ok": True, "stages": 0, "problems": []}
+    try:
+        entry["stages"] = len(recipe_run.load_recipe(path))
+    except UsageError as exc:  # a RecipeError, or a missing file
+        entry["ok"] = False
+        problems = exc.problems if isinstance(exc, RecipeError) else [("", str(exc))]
+        entry["problems"] = [{"path": p, "message": m} for p, m in problems]
+        print(f"rlmerge: {classify(exc)[1]}: {exc}", file=sys.stderr)
+        return entry
+    if not silent:
+        n = entry["stages"]
+        err_console.print(f"[green]ok[/green] {path} ({n} stage{'s' if n != 1 else ''})")
+    return entry
 
 
 def methods(json: Json = False) -> None:
@@ -169,12 +198,10 @@ def methods(json: Json = False) -> None:
     """
     rows = [method_info(m) for m in list_methods()]
     if json:
-        print_json(rows)
+        emit_json("methods", methods=rows)
         return
-    table = Table("method", "base", "models", "per-model parameters", "global parameters")
-    table.add_column("paper", overflow="fold")
-    for r in rows:
-        table.add_row(
+    cells = [
+        (
             r["name"],
             "yes" if r["needs_base"] else "no",
             f"{r['min_models']}+" if r["max_models"] is None else _range(r),
@@ -182,7 +209,10 @@ def methods(json: Json = False) -> None:
             _defaults(r["global_params"]),
             r["paper"] or "-",
         )
-    console.print(table)
+        for r in rows
+    ]
+    columns = ("method", "base", "models", "per-model parameters", "global parameters", "paper")
+    print_table(columns, cells)
 
 
 def _range(r: dict[str, Any]) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from mergekit_rl import analysis, ops
 from mergekit_rl.errors import UsageError
+from mergekit_rl.recipe.checks import same_ref
 
 from .common import (
     AllowPickle,
@@ -19,9 +19,10 @@ from .common import (
     MaxShardSize,
     Output,
     Quiet,
-    console,
+    TokenizerSource,
+    emit_json,
     parse_floats,
-    print_json,
+    print_table,
     report,
     write_options,
 )
@@ -39,9 +40,7 @@ def soup(
     weights: Annotated[
         str | None, typer.Option(help="Comma-separated weights, normalised (default: uniform).")
     ] = None,
-    tokenizer_source: Annotated[
-        int, typer.Option(help="Index of the model whose config/tokenizer is copied.")
-    ] = 0,
+    tokenizer_source: TokenizerSource = None,
     device: Device = "cpu",
     dtype: Dtype = None,
     max_shard_size: MaxShardSize = DEFAULT_SHARD,
@@ -54,12 +53,27 @@ def soup(
 
     Example: rlmerge soup sft_seed1 sft_seed2 -o ref
     """
-    with boundary():
+    with boundary("soup", json):
         opts = write_options(device, dtype, max_shard_size, force, quiet, json, allow_pickle)
         w = parse_floats(weights, "--weights")
-        if not 0 <= tokenizer_source < len(models):
-            raise UsageError(f"--tokenizer-source {tokenizer_source} is not a model index.")
-        report(ops.soup(models, output, w, opts, tokenizer_source), quiet, json)
+        tok = tokenizer_index(tokenizer_source, models)
+        report("soup", ops.soup(models, output, w, opts, tok), quiet, json)
+
+
+def tokenizer_index(value: str | None, models: list[str]) -> int:
+    """--tokenizer-source: a model as given on the command line (like the recipe key
+    tokenizer_source), or its position among the inputs (the older spelling)."""
+    if value is None:
+        return 0
+    for i, ref in enumerate(models):
+        if same_ref(value, ref):
+            return i
+    if value.isdigit() and int(value) < len(models):
+        return int(value)
+    raise UsageError(
+        f"--tokenizer-source '{value}' is not one of the inputs ({', '.join(models)}) nor a "
+        f"position 0 to {len(models) - 1}."
+    )
 
 
 def interpolate(
@@ -70,6 +84,7 @@ def interpolate(
         str, typer.Option(help="One alpha, or a list (0,0.5,1) written to OUT/alpha-<a> each.")
     ] = "0.5",
     method: Annotated[str, typer.Option(help="lerp or slerp.")] = "lerp",
+    tokenizer_source: TokenizerSource = None,
     device: Device = "cpu",
     dtype: Dtype = None,
     max_shard_size: MaxShardSize = DEFAULT_SHARD,
@@ -82,10 +97,12 @@ def interpolate(
 
     Example: rlmerge interpolate sft rlhf -o sweep --alpha 0,0.25,0.5,0.75,1
     """
-    with boundary():
+    with boundary("interpolate", json):
         opts = write_options(device, dtype, max_shard_size, force, quiet, json, allow_pickle)
         alphas = parse_floats(alpha, "--alpha") or []
-        report(ops.interpolate(sft, rlhf, output, alphas, method, opts), quiet, json)
+        tok = tokenizer_index(tokenizer_source, [sft, rlhf])
+        summary = ops.interpolate(sft, rlhf, output, alphas, method, opts, tokenizer_source=tok)
+        report("interpolate", summary, quiet, json)
 
 
 @task_vector_app.command("extract")
@@ -110,9 +127,14 @@ def tv_extract(
 
     Example: rlmerge task-vector extract base sft -o tau_sft.safetensors
     """
-    with boundary():
+    with boundary("task-vector extract", json):
         opts = write_options(device, dtype, max_shard_size, force, quiet, json, allow_pickle)
-        report(ops.extract_task_vector(base, finetuned, output, opts), quiet, json)
+        report(
+            "task-vector extract",
+            ops.extract_task_vector(base, finetuned, output, opts),
+            quiet,
+            json,
+        )
 
 
 @task_vector_app.command("apply")
@@ -120,8 +142,14 @@ def tv_apply(
     base: Annotated[str, typer.Argument(help="The model to add the task vectors to.")],
     task_vectors: Annotated[list[str], typer.Argument(help="One or more task vectors.")],
     output: Output,
-    scale: Annotated[
-        str | None, typer.Option(help="Comma-separated scales, one per task vector (default 1).")
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            "--scale",
+            help="Comma-separated weights (scales), one per task vector, not normalised "
+            "(default 1 each). --scale is the older spelling.",
+        ),
     ] = None,
     device: Device = "cpu",
     dtype: Dtype = None,
@@ -133,12 +161,15 @@ def tv_apply(
 ) -> None:
     """theta = base + sum_i scale_i * tau_i; a negative scale negates (forgets) a task.
 
-    Example: rlmerge task-vector apply base tau_a.safetensors tau_b.safetensors -o out --scale 1,-0.5
+    The output's config and tokenizer are the base model's (task vectors carry none).
+
+    Example: rlmerge task-vector apply base tau_a.safetensors tau_b.safetensors -o out --weights 1,-0.5
     """
-    with boundary():
+    with boundary("task-vector apply", json):
         opts = write_options(device, dtype, max_shard_size, force, quiet, json, allow_pickle)
-        scales = parse_floats(scale, "--scale")
-        report(ops.apply_task_vectors(base, task_vectors, output, scales, opts), quiet, json)
+        scales = parse_floats(weights, "--weights")
+        summary = ops.apply_task_vectors(base, task_vectors, output, scales, opts)
+        report("task-vector apply", summary, quiet, json)
 
 
 def inspect(
@@ -150,12 +181,12 @@ def inspect(
 
     Example: rlmerge inspect ./sft --json
     """
-    with boundary():
+    with boundary("inspect", json):
         info = analysis.inspect_model(model, allow_pickle)
         if json:
-            print_json(info)
+            emit_json("inspect", **info)
             return
-        table = Table(title=f"{model}", show_header=False)
+        rows = []
         for key in (
             "architecture",
             "model_type",
@@ -165,12 +196,12 @@ def inspect(
             "tied_embeddings",
             "tensors",
         ):
-            table.add_row(key, str(info[key]))
-        table.add_row("parameters", f"{info['parameters']:,}")
-        table.add_row("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()))
-        table.add_row("shards", f"{len(info['shards'])}: {', '.join(info['shards'][:4])}")
-        table.add_row("size", f"{info['bytes'] / 1e6:.1f} MB")
-        console.print(table)
+            rows.append((key, str(info[key])))
+        rows.append(("parameters", f"{info['parameters']:,}"))
+        rows.append(("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())))
+        rows.append(("shards", f"{len(info['shards'])}: {', '.join(info['shards'])}"))
+        rows.append(("size", f"{info['bytes'] / 1e6:.1f} MB"))
+        print_table(("key", "value"), rows, title=model)
 
 
 def diff(
@@ -179,7 +210,9 @@ def diff(
     base: Annotated[
         str | None, typer.Option(help="A common base: adds task-vector norms, cosine, conflicts.")
     ] = None,
-    per_tensor: Annotated[bool, typer.Option(help="Show every tensor, not only layers.")] = False,
+    per_tensor: Annotated[
+        bool, typer.Option("--per-tensor", help="Show every tensor, not only layers.")
+    ] = False,
     json: Json = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
@@ -187,23 +220,19 @@ def diff(
 
     Example: rlmerge diff sft rlhf --base base
     """
-    with boundary():
+    with boundary("diff", json):
         result = analysis.diff_models(a, b, base, allow_pickle)
         if json:
-            print_json(result)
+            emit_json("diff", **result)
             return
         rows = result["tensors"] if per_tensor else result["layers"]
         key = "tensor" if per_tensor else "group"
         cols = ["rel_l2", "cosine"]
         if base is not None:
             cols += ["tv_norm_a", "tv_norm_b", "tv_cosine", "sign_conflict"]
-        table = Table(title=f"{a} vs {b}" + (f" (base {base})" if base else ""))
-        table.add_column(key)
-        for c in cols:
-            table.add_column(c, justify="right")
-        for row in rows:
-            table.add_row(row[key], *(f"{row[c]:.4g}" for c in cols))
-        console.print(table)
+        title = f"{a} vs {b}" + (f" (base {base})" if base else "")
+        cells = [(row[key], *(f"{row[c]:.4g}" for c in cols)) for row in rows]
+        print_table((key, *cols), cells, title=title)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import Force, Json, command_line, err_console, print_json
+from .common import Json, command_line, emit_json, err_console
 from .errors import boundary
 
 
@@ -21,7 +21,12 @@ def train(
         ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from the last checkpoint in output_dir (replacing the final model "
+            "of that run, if it finished).",
+        ),
     ] = False,
     max_steps: Annotated[
         int | None, typer.Option(help="Override training.max_steps (smoke runs).", min=1)
@@ -35,17 +40,27 @@ def train(
             "--allow-code", help="Allow reward.function (imports Python code named by the recipe)."
         ),
     ] = False,
-    force: Force = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Start over: replace the final model and old checkpoints."),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No per-step lines (metrics.jsonl is written).")
+    ] = False,
     json: Json = False,
 ) -> None:
     """Train with DPO, KTO, GRPO or RLOO (TRL), with OnDARE / OnTIES, Elastic Reset or a soup
     reference, as the recipe says. Metrics go to OUTPUT_DIR/metrics.jsonl.
 
+    Every path and hub id in the recipe is checked before anything is loaded or written; all
+    problems are listed at once with their YAML keys (exit 2). The recipe keys are listed in
+    docs/training.md.
+
     Example: rlmerge demo demo && cd demo && rlmerge train ../recipes/train/dpo-ondare.yaml --max-steps 5
 
     Several GPUs: accelerate launch -m mergekit_rl.cli.app train RECIPE.yaml
     """
-    with boundary():
+    with boundary("train", json):
         from mergekit_rl.train.recipe import read_train_recipe
 
         parsed, text = read_train_recipe(recipe, allow_code=allow_code)
@@ -54,7 +69,7 @@ def train(
             if max_steps is not None:
                 resolved["training"]["max_steps"] = max_steps
             if json:
-                print_json(resolved)
+                emit_json("train", dry_run=True, recipe=resolved)
             else:
                 import yaml
 
@@ -71,23 +86,30 @@ def train(
             max_steps=max_steps,
             force=force,
             command=command_line(),
-            echo=lambda s: err_console.print(s, highlight=False, markup=False, soft_wrap=True),
+            echo=_echo(quiet or json),
         )
         result = run_train(parsed, text, opts)
-        summary = {
-            "final": str(result.final),
-            "metrics": str(result.metrics),
-            "steps": result.steps,
-            "seconds": result.seconds,
-        }
         if json:
-            print_json(summary)
-        else:
+            emit_json(
+                "train",
+                outputs=[result.final, result.metrics],
+                final=str(result.final),
+                metrics=str(result.metrics),
+                steps=result.steps,
+                seconds=result.seconds,
+            )
+        elif not quiet:
             err_console.print(
                 f"[green]trained[/green] {result.steps} steps in {result.seconds:.1f}s; "
                 f"final model: {result.final}; metrics: {result.metrics}",
                 soft_wrap=True,
             )
+
+
+def _echo(silent: bool):  # noqa: ANN202
+    if silent:
+        return lambda line: None
+    return lambda line: err_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _quiet_progress_bars() -> None:

@@ -14,15 +14,41 @@ from .engine import RunOptions
 from .tiny import build_family
 
 Echo = Callable[[str], None]
+# written last into a demo directory: a directory holding it is a complete demo made by us
+DONE_MARKER = ".rlmerge-demo-complete"
+MODELS = ("base", "sft1", "sft2", "rlhf")
+
+
+def demo_paths(root: Path) -> dict[str, Path]:
+    return {**{k: root / "models" / k for k in MODELS}, "outputs": root / "outputs"}
+
+
+def is_complete_demo(root: Path) -> bool:
+    """A demo directory this command finished (the marker, and every model still there)."""
+    return (root / DONE_MARKER).is_file() and all(
+        (p / "config.json").is_file() for k, p in demo_paths(root).items() if k != "outputs"
+    )
 
 
 def run_demo(root: Path, echo: Echo = print, force: bool = False) -> dict[str, Path]:
-    """Build base/sft1/sft2/rlhf under root, then soup, interpolate, task vectors, inspect, diff."""
+    """Build base/sft1/sft2/rlhf under root, then soup, interpolate, task vectors, inspect, diff.
+
+    A directory that already holds a complete demo (made by this function) is reused as it is,
+    so that `rlmerge demo demo` can start any guide; `force` rebuilds it. Any other non-empty
+    directory is refused.
+    """
     t0 = time.time()
     root = Path(root)
+    if not force and is_complete_demo(root):
+        echo(f"reusing the complete demo in {root} (--force rebuilds it)")
+        return demo_paths(root)
     if root.exists() and any(root.iterdir()) and not force:
-        raise ops.UsageError(f"demo directory '{root}' is not empty; pass --force or another DIR.")
+        raise ops.UsageError(
+            f"demo directory '{root}' is not empty and holds no complete demo; pass --force "
+            "or another DIR."
+        )
     root.mkdir(parents=True, exist_ok=True)
+    (root / DONE_MARKER).unlink(missing_ok=True)
     echo(f"building tiny Llama checkpoints and an offline BPE tokenizer in {root}")
     fam = build_family(root / "models")
     out = root / "outputs"
@@ -68,6 +94,7 @@ def run_demo(root: Path, echo: Echo = print, force: bool = False) -> dict[str, P
 
     echo("loading outputs with transformers.AutoModelForCausalLM and comparing logits")
     _check_outputs(fam, out, echo)
+    (root / DONE_MARKER).write_text("rlmerge demo finished here; `rlmerge demo` reuses it\n")
     echo(f"demo finished in {time.time() - t0:.1f}s; everything is under {root}")
     return {**fam, "outputs": out}
 

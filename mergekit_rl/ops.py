@@ -125,10 +125,12 @@ def interpolate(
     alphas: Sequence[float],
     method: str = "lerp",
     opts: WriteOptions = WriteOptions(),
+    tokenizer_source: int = 0,
 ) -> RunSummary:
     """theta(a) = (1 - a) * SFT + a * RLHF (or slerp), every alpha in one read pass.
 
-    One alpha writes OUT; several write OUT/alpha-<a> each.
+    One alpha writes OUT; several write OUT/alpha-<a> each. Config and tokenizer come from
+    input `tokenizer_source` (0: SFT, 1: RLHF).
     """
     if not alphas:
         raise UsageError("--alpha needs at least one value.")
@@ -142,7 +144,14 @@ def interpolate(
             check_output_path(p, [c.source for c in ckpts], opts.run.force)
         names = check_compatible(ckpts)
         specs = [
-            output_spec(p, ckpts, ckpts[0], opts, f"Interpolation alpha={a:g} ({method})", names)
+            output_spec(
+                p,
+                ckpts,
+                ckpts[tokenizer_source],
+                opts,
+                f"Interpolation alpha={a:g} ({method})",
+                names,
+            )
             for p, a in zip(paths, alphas, strict=True)
         ]
         compute = _interpolation(alphas, method)

@@ -21,5 +21,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert any("alpha=1 reproduces the RLHF model" in line and "0.00e+00" in line for line in lines)
     assert any(line.startswith("$ rlmerge soup") for line in lines)
+    # a complete demo is reused as it is; any other non-empty directory is refused
+    again: list[str] = []
+    assert run_demo(tmp_path / "d", echo=again.append) == paths
+    assert again == [f"reusing the complete demo in {tmp_path / 'd'} (--force rebuilds it)"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not empty"):
-        run_demo(tmp_path / "d", echo=lines.append)
+        run_demo(tmp_path / "other", echo=lines.append)

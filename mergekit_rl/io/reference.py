@@ -65,7 +65,16 @@ def resolve(ref: str | Path, allow_pickle: bool = False, headers_only: bool = Fa
             found = _hub_headers(ref_str)
             if found is not None:
                 return found
-        return _resolve_hub(ref_str, allow_pickle)
+        try:
+            return _resolve_hub(ref_str, allow_pickle)
+        except InputNotFoundError as e:
+            if "@" in ref_str:  # a revision: clearly meant as a hub id
+                raise
+            # `models/sft3` looks like a hub id too: a mistyped local path is just as likely
+            raise InputNotFoundError(
+                f"model '{ref_str}' not found: not a local path ({path.absolute()} does not "
+                f"exist), and not a cached hub model ({e})"
+            ) from e
     raise InputNotFoundError(
         f"model '{ref_str}' not found: it is not an existing local path, nor a hub id of the form "
         "org/name[@revision]. Check the path."

@@ -193,6 +193,7 @@ def check_recipe(recipe: Recipe, label: str = "") -> tuple[Stage | None, Problem
     problems += _check_options(recipe, method)
     slices, more = _build_slices(recipe, method)
     problems += more
+    problems += _zero_weight_sums(slices, global_params[0], method)
     if problems:
         return None, problems
     size = parse_size(recipe.max_shard_size) if recipe.max_shard_size is not None else None
@@ -350,6 +351,47 @@ def _check_count(method: MergeMethod, n: int, path: str) -> Problems:
     want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
     besides = " besides the base model" if method.name not in BASE_AS_MODEL else ""
     return [(path, f"{method.name} takes {want} model(s){besides}; the recipe gives {n}")]
+
+
+def _divides_by_weight_sum(method: MergeMethod) -> bool:
+    """linear, and the task-vector methods without sign election, divide by sum_i w_i when
+    normalize is on (methods with election divide per entry, where 0 becomes 1)."""
+    if method.name == "linear":
+        return True
+    return (getattr(method.fn, "keywords", None) or {}).get("elect") is False
+
+
+def _zero_weight_sums(
+    slices: list[SliceSpec], global_params: Params, method: MergeMethod
+) -> Problems:
+    """Scalar weights that sum to zero under normalize: found here, before any tensor is read,
+    rather than at the first tensor (gradient and filtered weights are still checked there)."""
+    if not _divides_by_weight_sum(method):
+        return []
+
+    def default(model: type[BaseModel], name: str) -> Any:
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == name), None)
+        return None if field is None or field.is_required() else field.default
+
+    problems: Problems = []
+    for s in slices:
+        normalize = s.params.get("normalize", global_params.get("normalize"))
+        if normalize is None:
+            normalize = default(method.global_params, "normalize")
+        fallback = s.params.get("weight", global_params.get("weight"))
+        if fallback is None:
+            fallback = default(method.model_params, "weight")
+        weights = [src.params.get("weight", fallback) for src in s.sources]
+        numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
+        if normalize is True and numbers and weights and abs(sum(weights)) < 1e-8:
+            problems.append(
+                (
+                    s.path,
+                    f"the model weights {weights} sum to 0, and normalize: true divides by "
+                    "their sum; change the weights or set normalize: false",
+                )
+            )
+    return problems
 
 
 # ---- parameters --------------------------------------------------------------------------------

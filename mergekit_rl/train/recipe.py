@@ -16,19 +16,21 @@ One YAML document describes one training run on a TRL trainer:
 Like merge recipes: unknown keys are errors (with a did-you-mean), every problem is reported at
 once with its YAML path, and loading never runs code. A `reward.function` (Python
 `module:function`) is accepted only when the caller allows code (`rlmerge train --allow-code`).
-Paths are relative to the working directory.
+Paths are relative to the working directory; every checkpoint, hub id and file the recipe names
+is resolved in the same validation pass (`read_train_recipe`), before anything is loaded or written.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import InputNotFoundError, RecipeError
+from ..errors import InputNotFoundError, RecipeError, UsageError
 from ..recipe.schema import load_documents, schema_problems
 
 Algorithm = Literal["dpo", "kto", "grpo", "rloo"]
@@ -252,7 +254,7 @@ def cross_problems(doc: dict[str, Any], allow_code: bool) -> Problems:
             (
                 "reward",
                 f"required for algorithm {algorithm}: give keyword, regex, length, model "
-                "or function (see `rlmerge train --help`).",
+                "or function (the reward keys are in docs/training.md).",
             )
         )
     if algorithm in ("dpo", "kto") and reward:
@@ -334,25 +336,61 @@ LOCAL_FILES = (
     ("training", "deepspeed"),
 )
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def missing_files(recipe: TrainRecipe) -> Problems:
-    """Local files the recipe names that do not exist (paths relative to the working dir).
-
-    Model references may be hub ids, so only the reader can judge them; data files with a
-    file suffix and the evaluation / DeepSpeed files are always local.
-    """
-    named = [(".".join(keys), _get(recipe.model_dump(), *keys)) for keys in LOCAL_FILES]
-    if recipe.dataset.path.lower().endswith(DATA_SUFFIXES):
-        named.append(("dataset.path", recipe.dataset.path))
-    return [
-        (
-            key,
-            f"file '{value}' not found (paths are relative to the working directory {Path.cwd()}).",
+def model_refs(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(YAML path, reference) of every checkpoint the recipe names: a local path, a
+    .safetensors file (task_vector) or a hub id org/name[@revision]."""
+    refs = [(key, _get(doc, *key.split("."))) for key in ("policy", "base", "task_vector")]
+    reference = doc.get("reference")
+    if isinstance(reference, str):
+        refs.append(("reference", reference))
+    elif isinstance(reference, dict):
+        refs.append(("reference.path", reference.get("path")))
+        soup = reference.get("soup")
+        refs += (
+            [(f"reference.soup[{i}]", r) for i, r in enumerate(soup or [])]
+            if isinstance(soup, list)
+            else []
         )
-        for key, value in named
-        if value and not Path(value).is_file()
-    ]
+    refs.append(("reward.model.path", _get(doc, "reward", "model", "path")))
+    return [(key, ref) for key, ref in refs if isinstance(ref, str) and ref]
+
+
+def path_problems(doc: dict[str, Any]) -> Problems:
+    """Every checkpoint, hub id and file the recipe names that cannot be found, with its YAML
+    path (paths relative to the working directory). Checkpoints are resolved as the merge
+    commands resolve them: a hub id is looked up (and fetched into the cache) now, so that a
+    typo never surfaces after the policy is loaded."""
+    from ..io.reference import resolve
+
+    problems: Problems = []
+    for key, ref in model_refs(doc):
+        try:
+            resolve(ref)
+        except UsageError as e:
+            problems.append((key, str(e)))
+    cwd = Path.cwd()
+    for keys in LOCAL_FILES:
+        value = _get(doc, *keys)
+        if isinstance(value, str) and value and not Path(value).is_file():
+            problems.append(
+                (".".join(keys), f"file '{value}' not found (paths are relative to {cwd}).")
+            )
+    data = _get(doc, "dataset", "path")
+    local = isinstance(data, str) and (
+        data.lower().endswith(DATA_SUFFIXES) or not _HUB_DATASET.match(data)
+    )  # a hub dataset id (org/name) is left to the datasets library
+    if local and data and not Path(data).exists():
+        problems.append(
+            (
+                "dataset.path",
+                f"file '{data}' not found (paths are relative to {cwd}); give a "
+                ".json/.jsonl/.parquet/.csv file or a hub dataset id.",
+            )
+        )
+    return problems
 
 
 DEEPSPEED_REFUSED = (
@@ -364,8 +402,14 @@ DEEPSPEED_REFUSED = (
 # -- loading ---------------------------------------------------------------------------------
 
 
-def parse_train_recipe(text: str, source: str, allow_code: bool = False) -> TrainRecipe:
-    """Validate a train recipe's text: the recipe, or one RecipeError with every problem."""
+def parse_train_recipe(
+    text: str, source: str, allow_code: bool = False, check_paths: bool = False
+) -> TrainRecipe:
+    """Validate a train recipe's text: the recipe, or one RecipeError with every problem.
+
+    check_paths: also resolve every checkpoint, hub id and file it names (path_problems),
+    reporting those problems with the others.
+    """
     docs, problems = load_documents(text, source)
     recipe = None
     if len(docs) > 1:
@@ -380,6 +424,8 @@ def parse_train_recipe(text: str, source: str, allow_code: bool = False) -> Trai
         except ValidationError as e:
             problems += train_schema_problems(e)
         problems += cross_problems(docs[0], allow_code)
+        if check_paths:
+            problems += path_problems(docs[0])
     if problems or recipe is None:
         raise RecipeError(source, problems)
     return recipe
@@ -391,8 +437,4 @@ def read_train_recipe(path: str | Path, allow_code: bool = False) -> tuple[Train
     if not path.is_file():
         raise InputNotFoundError(f"train recipe '{path}' not found; check the path.")
     text = path.read_text()
-    recipe = parse_train_recipe(text, str(path), allow_code)
-    problems = missing_files(recipe)
-    if problems:
-        raise RecipeError(str(path), problems)
-    return recipe, text
+    return parse_train_recipe(text, str(path), allow_code, check_paths=True), text

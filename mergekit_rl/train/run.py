@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,10 @@ def train(
     out_dir = Path(recipe.training.output_dir)
     final = opts.output or out_dir / "final"
     resume_from = resume_checkpoint(out_dir, opts.resume, opts.force)
+    # --resume replaces the final model of the run it continues (one this command wrote)
+    final_opts = replace(opts, force=opts.force or (opts.resume and is_train_output(final)))
     with open_checkpoint(recipe.policy) as policy:
-        check_output_path(final, [policy.source], opts.force)
+        check_output_path(final, [policy.source], final_opts.force)
     tokenizer, model = load_policy(recipe)
     dataset = load_train_dataset(recipe.dataset, recipe.algorithm)
     train_prompts = dataset["prompt"]  # uncut, for the held-out overlap check
@@ -115,11 +117,16 @@ def train(
         elastic.bind_reference(trainer.ref_model)
 
     trainer.train(resume_from_checkpoint=resume_from)
-    write_final(trainer, recipe, recipe_text, final, opts)
+    write_final(trainer, recipe, recipe_text, final, final_opts)
     return TrainResult(final, metrics.path, trainer.state.global_step, round(time.time() - t0, 2))
 
 
 # -- pieces ----------------------------------------------------------------------------------
+
+
+def is_train_output(path: Path) -> bool:
+    """A final model written by `rlmerge train` (it holds the recipe it was trained with)."""
+    return (path / "rlmerge_recipe.yaml").is_file() and (path / "config.json").is_file()
 
 
 def main_process_first() -> Any:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mergekit_rl.cli.app import app
 from typer.testing import CliRunner
 
+from tests.cli.envelope import check
 from tests.conftest import assert_states_close, load_state
 
 runner = CliRunner()
@@ -40,8 +40,10 @@ def test_merge_relative_paths_and_json(family, tmp_path, monkeypatch) -> None:
     out = tmp_path / "soup"
     code, stdout, err = rl("merge", recipe, "-o", out, "--json")
     assert code == 0, err
-    [result] = json.loads(stdout)
-    assert result["status"] == "merged" and result["summary"]["tensors"] == 21
+    data = check(stdout, "merge")
+    [result] = data["stages"]
+    assert result["status"] == "merged" and result["tensors"] == 21
+    assert data["outputs"] == [str(out)] and data["seconds"] == result["seconds"]
     a, b = load_state(family["sft1"]), load_state(family["sft2"])
     want = {k: ((a[k].double() + b[k].double()) / 2).half() for k in a}
     assert_states_close(load_state(out), want, atol=1e-3)
@@ -60,7 +62,8 @@ def test_dry_run_prints_plan_and_writes_nothing(family, tmp_path) -> None:
     assert "model.layers.1.mlp.up_proj.weight [128, 64] F32 depth=1" in stdout
     assert "estimated peak memory" in stdout and "shard model.safetensors" in stdout
     code, stdout, _ = rl("merge", recipe, "-o", out, "--dry-run", "--json")
-    plan = json.loads(stdout)
+    plan = check(stdout, "merge")
+    assert plan["dry_run"] is True and plan["outputs"] == []
     ts = {t["name"]: t["global_params"]["t"] for t in plan["stages"][0]["tensors"]}
     assert ts["model.layers.0.mlp.up_proj.weight"] == 0.0
     assert ts["model.layers.1.mlp.up_proj.weight"] == 1.0
@@ -121,7 +124,7 @@ def test_merge_missing_model_exits_2(family, tmp_path) -> None:
 def test_methods_table_and_json() -> None:
     code, stdout, _ = rl("methods", "--json")
     assert code == 0
-    rows = {r["name"]: r for r in json.loads(stdout)}
+    rows = {r["name"]: r for r in check(stdout, "methods")["methods"]}
     assert len(rows) >= 14
     assert rows["ties"]["needs_base"] is True
     assert rows["ties"]["model_params"] == {"weight": 1.0, "density": 1.0}

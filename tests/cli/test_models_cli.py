@@ -12,6 +12,7 @@ import torch
 from mergekit_rl.cli.app import app
 from typer.testing import CliRunner
 
+from tests.cli.envelope import check
 from tests.conftest import assert_states_close, load_state
 
 runner = CliRunner()
@@ -43,7 +44,7 @@ def test_soup_json_summary(family: dict[str, Path], tmp_path: Path) -> None:
         "soup", family["sft1"], family["sft2"], "-o", tmp_path / "o", "--weights", "1,3", "--json"
     )
     assert code == 0, err
-    summary = json.loads(out)
+    summary = check(out, "soup")
     assert summary["outputs"] == [str(tmp_path / "o")] and summary["tensors"] == 21
     assert summary["bytes_written"] > 0 and summary["peak_rss_mb"] > 0
     a, b = load_state(family["sft1"]), load_state(family["sft2"])
@@ -78,11 +79,11 @@ def test_interpolate_sweep_and_task_vectors(family: dict[str, Path], tmp_path: P
 
 def test_inspect_and_diff_json(family: dict[str, Path]) -> None:
     code, out, _ = rl("inspect", family["base"], "--json")
-    info = json.loads(out)
+    info = check(out, "inspect")
     assert code == 0 and info["architecture"] == "LlamaForCausalLM"
     assert info["parameters"] == sum(t.numel() for t in load_state(family["base"]).values())
     code, out, _ = rl("diff", family["sft1"], family["sft2"], "--base", family["base"], "--json")
-    d = json.loads(out)
+    d = check(out, "diff")
     assert code == 0
     # sft1 and sft2 add independent noise to base: task vectors nearly orthogonal, ~50% conflicts
     for row in d["layers"]:

@@ -174,8 +174,16 @@ def test_not_a_mapping_empty_and_several_documents() -> None:
     assert "not valid YAML" in problems("a: [1, 2\n")["line 2"]
 
 
-def test_missing_local_files_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def with_models(root: Path, family: dict[str, Path]) -> None:
+    """root/models/{base,sft1,...}: the demo layout the recipes' model paths refer to."""
+    (root / "models").symlink_to(family["base"].parent, target_is_directory=True)
+
+
+def test_missing_local_files_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: dict[str, Path]
+) -> None:
     monkeypatch.chdir(tmp_path)
+    with_models(tmp_path, family)
     (tmp_path / "held.txt").write_text("some text\n")
     doc = with_(DPO, evaluation={"perplexity_text": "held.txt", "prompts": "p.jsonl"})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
@@ -189,8 +197,11 @@ def test_missing_local_files_are_named(tmp_path: Path, monkeypatch: pytest.Monke
     assert read_train_recipe(tmp_path / "r.yaml")[0].dataset.path == "org/prefs"
 
 
-def test_read_train_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_train_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: dict[str, Path]
+) -> None:
     monkeypatch.chdir(tmp_path)
+    with_models(tmp_path, family)
     (tmp_path / "prefs.jsonl").write_text("")
     with pytest.raises(InputNotFoundError, match="not found"):
         read_train_recipe(tmp_path / "nope.yaml")
@@ -200,10 +211,14 @@ def test_read_train_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert isinstance(recipe, TrainRecipe) and text == path.read_text()
 
 
-def test_shipped_recipes_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the demo layout: run from DIR with the recipes at DIR/../recipes (data files must exist)
+def test_shipped_recipes_are_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: dict[str, Path]
+) -> None:
+    # the demo layout: run from DIR with the recipes at DIR/../recipes (data files and models
+    # must exist)
     (tmp_path / "recipes").symlink_to(RECIPES.parent, target_is_directory=True)
     (tmp_path / "demo").mkdir()
+    with_models(tmp_path / "demo", family)
     monkeypatch.chdir(tmp_path / "demo")
     paths = sorted(RECIPES.glob("*.yaml"))
     assert len(paths) >= 5
