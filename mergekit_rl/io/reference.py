@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputNotFoundError, PickleRefusedError, UsageError
+
+if TYPE_CHECKING:
+    from .adapter import AdapterSource
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
@@ -30,16 +34,22 @@ class ModelSource:
     is_file: bool = False  # a bare .safetensors / pickle file, no config directory
     pickle: bool = False
     revision: str | None = None  # resolved commit hash for hub models
+    adapter: AdapterSource | None = None  # BASE+ADAPTER: merged in as tensors are read
 
     @property
     def identity(self) -> str:
         """A stable name for provenance: repo@commit for hub models, the absolute path locally."""
+        if self.adapter is not None:
+            return f"{replace(self, adapter=None).identity}+{self.adapter.identity}"
         if self.revision:
             return f"{self.ref.partition('@')[0]}@{self.revision}"
         return str((self.weight_files[0] if self.is_file else self.root).resolve())
 
     @property
     def display(self) -> str:
+        if self.adapter is not None:
+            base = replace(self, adapter=None, ref=self.ref.partition("+")[0]).display
+            return f"{base}+{self.adapter.display}"
         return f"{self.ref}@{self.revision[:12]}" if self.revision else self.ref
 
 
@@ -49,6 +59,10 @@ def resolve(ref: str | Path, allow_pickle: bool = False) -> ModelSource:
     path = Path(ref_str).expanduser()
     if path.exists():
         return _resolve_local(ref_str, path.resolve(), allow_pickle)
+    if "+" in ref_str:  # BASE+ADAPTER (io/adapter.py)
+        from .adapter import resolve_with_adapter
+
+        return resolve_with_adapter(ref_str, allow_pickle)
     if _HUB_ID.match(ref_str) and not ref_str.startswith((".", "/", "~")):
         return _resolve_hub(ref_str, allow_pickle)
     raise InputNotFoundError(
@@ -116,6 +130,13 @@ def _check_pickle(ref: str, path: Path, allow_pickle: bool) -> None:
 
 
 def _resolve_hub(ref: str, allow_pickle: bool) -> ModelSource:
+    local_path = hub_snapshot(ref, "model")
+    # snapshot folders are named after the resolved commit hash
+    return _resolve_local(ref, local_path, allow_pickle, revision=local_path.name)
+
+
+def hub_snapshot(ref: str, what: str) -> Path:
+    """The local snapshot folder of hub id `org/name[@revision]` (downloaded or from the cache)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -128,15 +149,13 @@ def _resolve_hub(ref: str, allow_pickle: bool) -> ModelSource:
     try:
         local = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
-        raise InputNotFoundError(f"hub model '{ref}' not found or not accessible: {e}") from e
+        raise InputNotFoundError(f"hub {what} '{ref}' not found or not accessible: {e}") from e
     except LocalEntryNotFoundError as e:
         raise InputNotFoundError(
-            f"hub model '{ref}' is not in the local cache and the hub cannot be reached "
+            f"hub {what} '{ref}' is not in the local cache and the hub cannot be reached "
             "(HF_HUB_OFFLINE is set or there is no network). Download it first or give a local path."
         ) from e
-    local_path = Path(local)
-    # snapshot folders are named after the resolved commit hash
-    return _resolve_local(ref, local_path, allow_pickle, revision=local_path.name)
+    return Path(local)
 
 
 def natural_key(s: str) -> list[int | str]:
