@@ -14,7 +14,7 @@ import typer
 
 from mergekit_rl import __version__
 
-from . import demo, merge, models, train
+from . import demo, lora, merge, models, reproduce, train
 from .errors import DEBUG
 
 app = typer.Typer(
@@ -47,6 +47,8 @@ models.register(app)
 merge.register(app)
 demo.register(app)
 train.register(app)
+lora.register(app)
+reproduce.register(app)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

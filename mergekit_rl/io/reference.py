@@ -8,6 +8,8 @@ HF_HUB_OFFLINE and the local cache are honoured). Pickle checkpoints are refused
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass, replace
@@ -161,3 +163,48 @@ def hub_snapshot(ref: str, what: str) -> Path:
 def natural_key(s: str) -> list[int | str]:
     """Sort key that puts layers.2 before layers.10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+FINGERPRINT_WHOLE = 64 * 2**20  # files up to this size are hashed whole
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 2**20  # larger ones: 64 evenly spaced 1 MiB blocks
+
+
+def fingerprint(source: ModelSource) -> str:
+    """See _fingerprint; cached per file state, since every output of a command records it."""
+    files = _fingerprint_files(source)
+    stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(tuple(files), stats)
+
+
+def _fingerprint_files(source: ModelSource) -> list[Path]:
+    files = list(source.weight_files)
+    if source.adapter is not None:
+        root = source.adapter.root
+        files += sorted(p for p in root.iterdir() if p.suffix in (".json", ".safetensors"))
+    return files
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(files: tuple[Path, ...], stats: tuple[tuple[int, int], ...]) -> str:
+    """A content hash of a model's weight files (and adapter), recorded in every output so that
+    `rlmerge reproduce` can tell whether an input changed.
+
+    Files up to 64 MiB are hashed whole; a larger file contributes its size and 64 evenly spaced
+    1 MiB blocks (the first holds the safetensors header: every name, shape and offset). That
+    costs ~64 MiB of reads per file, not a second pass over the model, and catches any retrained
+    or replaced checkpoint; an edit of a few bytes between blocks is caught by reproduce's
+    bit-for-bit comparison of the output instead.
+    """
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= FINGERPRINT_WHOLE:
+                h.update(f.read())
+                continue
+            step = (size - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1)
+            for i in range(FINGERPRINT_BLOCKS):
+                f.seek(i * step)
+                h.update(f.read(FINGERPRINT_BLOCK))
+    return "sha256:" + h.hexdigest()
