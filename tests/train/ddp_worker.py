@@ -5,7 +5,7 @@
 
 Runs exactly what the command runs (`mergekit_rl.train.run.train`) with one extra callback: at
 the end of training each rank saves its own parameters to DUMP_DIR/rank-<i>.safetensors and its
-world size, backend and Elastic Reset state to DUMP_DIR/rank-<i>.json, so the test can compare
+world size, backend and how many parameters are FSDP2 shards to DUMP_DIR/rank-<i>.json, so the test can compare
 replicas bit for bit.
 """
 
@@ -26,8 +26,16 @@ class DumpRank(TrainerCallback):
         self.out = out
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
+        from torch.distributed.tensor import DTensor
+
         rank = args.process_index
-        params = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
+        named = list(model.named_parameters())
+        sharded = [n for n, p in named if isinstance(p, DTensor)]  # FSDP2 parameters
+        # a sharded parameter is gathered (a collective: every rank runs this callback)
+        params = {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone().contiguous()
+            for n, p in named
+        }
         save_file(params, self.out / f"rank-{rank}.safetensors")
         dist = torch.distributed
         info = {
@@ -35,6 +43,7 @@ class DumpRank(TrainerCallback):
             "backend": dist.get_backend() if dist.is_initialized() else None,
             "global_step": state.global_step,
             "model_class": type(model).__name__,
+            "sharded_parameters": len(sharded),
         }
         (self.out / f"rank-{rank}.json").write_text(json.dumps(info))
 

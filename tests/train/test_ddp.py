@@ -164,6 +164,7 @@ def test_dpo_ondare_ran_on_two_gloo_ranks(dpo_ondare: Path) -> None:
             "backend": "gloo",
             "global_step": STEPS,
             "model_class": "LlamaForCausalLM",
+            "sharded_parameters": 0,
         }
 
 
