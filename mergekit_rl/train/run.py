@@ -6,15 +6,14 @@
            -> trainer.train(resume_from_checkpoint=...)
            -> OUTPUT_DIR/final through the atomic checkpoint writer (model card, recipe)
 
-Several GPUs: `accelerate launch -m mergekit_rl.cli.app train RECIPE.yaml` runs it under DDP with
-no change (every process builds the same trainer; only the main process writes the metrics and
-the final model). FSDP (untested here): the optimizer is created in `create_optimizer`, after
-wrapping, which FSDP allows; OnDARE / OnTIES need `fsdp_use_orig_params: true` so that parameter
-names (and so tau) match the checkpoint (a task vector matching no parameter is refused), Elastic
-Reset refuses FSDP, and the final model is gathered with `accelerator.get_state_dict`. DeepSpeed ZeRO
-(a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true` from `accelerate config`)
-keeps its own flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and
-works with plain AdamW.
+Several processes: `accelerate launch --multi_gpu --num_processes N -m mergekit_rl.cli.app train
+RECIPE.yaml` runs it under DDP with no change (every process builds the same trainer; only the
+main process writes the metrics and the final model; tests/train/test_ddp.py runs 2 CPU processes
+on gloo). FSDP (ACCELERATE_USE_FSDP): plain AdamW is left to accelerate; OnDARE / OnTIES and
+Elastic Reset are refused, since their state is not sliced to FSDP2's DTensor shards yet.
+DeepSpeed ZeRO (a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true`) keeps its own
+flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and works with plain
+AdamW. docs/training.md has the table of what runs on which engine.
 
 On a machine without a GPU the trainer runs on CPU in float32 (`use_cpu`, no bf16); nothing is
 reported to external services (`report_to="none"`); HF_HUB_OFFLINE is honoured by every load.
@@ -39,6 +38,12 @@ from ..io.reader import open_checkpoint
 from ..io.writer import CheckpointWriter, check_output_path
 from .data import load_train_dataset, truncate_prompts
 from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, TrainRecipe
+
+FSDP_REFUSED = (
+    "the online merging optimizers and Elastic Reset do not run on FSDP's sharded parameters yet "
+    "(each rank holds a DTensor shard that tau, the masks and the EMA are not sliced to); use "
+    "DDP (accelerate launch --multi_gpu), or optimizer adamw without elastic_reset under FSDP."
+)
 
 Echo = Callable[[str], None]
 TRL_CLASSES = {
@@ -79,6 +84,7 @@ def train(
     """Run the recipe to the end and write the final model; see the module docstring."""
     t0 = time.time()
     check_deepspeed(recipe)
+    check_fsdp(recipe)
     out_dir = Path(recipe.training.output_dir)
     final = opts.output or out_dir / "final"
     resume_from = resume_checkpoint(out_dir, opts.resume, opts.force)
@@ -135,6 +141,21 @@ def check_deepspeed(recipe: TrainRecipe) -> None:
     if merging and (env or recipe.training.deepspeed):
         where = "training.deepspeed" if recipe.training.deepspeed else "ACCELERATE_USE_DEEPSPEED"
         raise UsageError(f"{where}: {DEEPSPEED_REFUSED}")
+
+
+def check_fsdp(recipe: TrainRecipe) -> None:
+    """Refuse FSDP (accelerate's ACCELERATE_USE_FSDP) with the plug-ins that edit whole weights.
+
+    Under FSDP2 every parameter is a DTensor shard: the optimizer's tau and masks and Elastic
+    Reset's EMA would have to be sliced to each rank's shard, which is not done yet; today they
+    fail deep inside torch with a DTensor error. Plain AdamW with FSDP is left to accelerate.
+    """
+    env = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    if not env:
+        return
+    if recipe.optimizer.name in ONLINE_MERGING or recipe.elastic_reset is not None:
+        key = "optimizer.name" if recipe.optimizer.name in ONLINE_MERGING else "elastic_reset"
+        raise UsageError(f"{key} (with FSDP, ACCELERATE_USE_FSDP): {FSDP_REFUSED}")
 
 
 def resume_checkpoint(out_dir: Path, resume: bool, force: bool) -> str | None:

@@ -68,7 +68,7 @@ def dpo_doc(fam: dict[str, Path], out: Path, opt: str, batch: int) -> dict:
         "algorithm": "dpo",
         "policy": str(fam["sft1"]),
         "base": str(fam["base"]),
-        "optimizer": {"name": opt, "reserve_p": 0.5, "alpha": 1e-3},
+        "optimizer": {"name": opt, "reserve_p": 0.5, "alpha": 1e-3} if opt != "adamw" else {},
         "dataset": {"path": str(DATA / "prefs.jsonl"), "max_examples": 4},
         "training": {
             "output_dir": str(out),
@@ -277,3 +277,54 @@ def test_ondare_masks_do_not_depend_on_the_other_parameters_a_rank_holds() -> No
         return params["b"].detach().clone()
 
     torch.testing.assert_close(run(["a", "b"]), run(["b"]), atol=0, rtol=0)
+
+
+# -- FSDP2 --------------------------------------------------------------------------------------
+
+
+def test_fsdp2_fully_shard_trains_on_gloo_like_one_process(
+    fam: dict[str, Path], tmp_path: Path
+) -> None:
+    """The installed torch runs FSDP2 on CPU processes over gloo: every parameter becomes a
+    DTensor holding half the rows on each rank, and 3 sharded AdamW steps give the same weights
+    as the unsharded model (float tolerance)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()),
+        "-m", "tests.train.fsdp2_worker", str(fam["sft1"]), str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-6000:]
+    infos = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["backend"] == "gloo" and i["dtensor"] for i in infos)
+    name = "model.layers.0.mlp.up_proj.weight"  # [128, 64]: 64 rows on each rank
+    assert infos[0]["local_shapes"][name] == infos[1]["local_shapes"][name] == [64, 64]
+    fsdp, single = (
+        load_state(tmp_path / "fsdp.safetensors"),
+        load_state(tmp_path / "single.safetensors"),
+    )
+    start = load_state(fam["sft1"])
+    assert any(not torch.allclose(fsdp[k], start[k]) for k in start)  # it trained
+    for k in single:
+        torch.testing.assert_close(fsdp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_fsdp_with_merging_plugins_is_refused(
+    fam: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under accelerate's FSDP the online merging optimizers and Elastic Reset stop with the
+    recipe key named (exit 2), before any model is loaded; plain AdamW is not refused."""
+    from mergekit_rl.errors import UsageError
+    from mergekit_rl.train.run import check_fsdp
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for opt in ("ondare", "onties"):
+        text = yaml.safe_dump(dpo_doc(fam, tmp_path / opt, opt, batch=2))
+        with pytest.raises(UsageError, match="optimizer.name .with FSDP"):
+            train(parse_train_recipe(text, "r.yaml"), text, TrainOptions(echo=lambda s: None))
+        assert not (tmp_path / opt).exists()
+    grpo = parse_train_recipe(yaml.safe_dump(grpo_doc(fam, tmp_path / "g")), "g.yaml")
+    with pytest.raises(UsageError, match="elastic_reset .with FSDP"):
+        check_fsdp(grpo)
+    check_fsdp(parse_train_recipe(yaml.safe_dump(dpo_doc(fam, tmp_path, "adamw", 2)), "a.yaml"))
