@@ -320,6 +320,21 @@ def trainer_class(recipe: TrainRecipe) -> type:
     return type(f"OnlineMerging{base.__name__}", (base,), {"create_optimizer": create_optimizer})
 
 
+def lora_config(recipe: TrainRecipe) -> Any:
+    """The recipe's `peft:` as a peft LoraConfig (TRL wraps the policy with it)."""
+    from peft import LoraConfig
+
+    spec = recipe.peft
+    assert spec is not None
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
 def build_trainer(
     recipe: TrainRecipe,
     model: nn.Module,
@@ -338,6 +353,8 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if recipe.peft is not None:
+        common["peft_config"] = lora_config(recipe)
     if recipe.algorithm in SAMPLING:
         from .rewards import build_rewards
 
@@ -373,10 +390,25 @@ def write_final(
     trainer: Any, recipe: TrainRecipe, recipe_text: str, out: Path, opts: TrainOptions
 ) -> None:
     """The trained weights (in the policy checkpoint's dtypes) + config, tokenizer, card, recipe."""
-    state = trainer.accelerator.get_state_dict(trainer.model)  # gathered under FSDP
+    state = final_state(trainer, out)
     if trainer.accelerator.is_main_process:
         _write(unique_tensors(state), recipe, recipe_text, out, opts)
     trainer.accelerator.wait_for_everyone()
+
+
+def final_state(trainer: Any, out: Path) -> dict[str, torch.Tensor]:
+    """The trained weights; with peft the adapter goes to OUT-adapter and is merged in."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "merge_and_unload"):  # not a peft model
+        return trainer.accelerator.get_state_dict(trainer.model)  # gathered under FSDP
+    if trainer.accelerator.is_main_process:  # POLICY+OUT-adapter is the final model again
+        adapter = out.with_name(out.name + "-adapter")
+        tmp = out.with_name(f".{adapter.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp, adapter)
+    return model.merge_and_unload().state_dict()
 
 
 def _write(
