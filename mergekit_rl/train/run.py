@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from ..errors import OutputExistsError, RunError, UsageError
+from ..io.adapter import split_adapter_ref
 from ..io.card import model_card, provenance, write_aux_files
 from ..io.reader import open_checkpoint
 from ..io.writer import CheckpointWriter, check_output_path
 from .data import load_train_dataset, truncate_prompts
-from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, TrainRecipe
+from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, SoupReference, TrainRecipe
 
 FSDP_REFUSED = (
     "the online merging optimizers and Elastic Reset do not run on FSDP's sharded parameters yet "
@@ -181,19 +182,39 @@ def resume_checkpoint(out_dir: Path, resume: bool, force: bool) -> str | None:
 
 
 def load_policy(recipe: TrainRecipe) -> tuple[Any, nn.Module]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.policy)
+    with open_checkpoint(recipe.policy) as policy:  # BASE+ADAPTER: the base's tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(policy.source.root))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs one; no new embedding row
-    dtype = DTYPES[recipe.training.dtype]
-    model = AutoModelForCausalLM.from_pretrained(recipe.policy, dtype=dtype)
-    return tokenizer, model
+    return tokenizer, load_causal_lm(recipe.policy, DTYPES[recipe.training.dtype])
+
+
+def load_causal_lm(ref: str, dtype: torch.dtype) -> nn.Module:
+    """from_pretrained; for BASE+ADAPTER the base with the adapter merged in (io/adapter.py),
+    re-reading only the tensors the adapter changes."""
+    from transformers import AutoModelForCausalLM
+
+    if split_adapter_ref(ref) is None:
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+    with open_checkpoint(ref) as ckpt:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.source.root), dtype=dtype)
+        assert ckpt.adapter is not None
+        state = model.state_dict()  # shares storage with the parameters (tied ones once)
+        with torch.no_grad():
+            for name in {*ckpt.adapter.updates, *ckpt.adapter.replaced}:
+                state[name].copy_(ckpt.read(name))
+    return model
 
 
 def reference_model(recipe: TrainRecipe, out_dir: Path, force: bool) -> nn.Module | None:
     """The KL reference the recipe names (a checkpoint, or a soup built into OUTPUT_DIR)."""
     ref = recipe.reference
+    sampling_kl = recipe.algorithm in SAMPLING and recipe.training.beta and recipe.peft is None
+    if ref is None and sampling_kl and split_adapter_ref(recipe.policy):
+        # GRPO / RLOO would load their reference from the base's path, without the adapter
+        ref = SoupReference(path=recipe.policy)
     if ref is None:
         return None
     from .reference import build_soup_reference, load_reference
@@ -205,6 +226,9 @@ def reference_model(recipe: TrainRecipe, out_dir: Path, force: bool) -> nn.Modul
         path = str(soup)
     if path is None:
         raise UsageError("reference: give a checkpoint path or {soup: [model, model, ...]}.")
+    if split_adapter_ref(path):
+        model = load_causal_lm(path, DTYPES[recipe.training.dtype])
+        return model.eval().requires_grad_(False)
     return load_reference(path, DTYPES[recipe.training.dtype])
 
 

@@ -73,3 +73,37 @@ def test_peft_refusals(family: dict[str, Path], tmp_path: Path) -> None:
     typo["peft"] = {"rank": 4}
     with pytest.raises(RecipeError, match=r"peft.rank: unknown key"):
         parse_train_recipe(yaml.safe_dump(typo), "r.yaml")
+
+
+def test_policy_base_plus_adapter(family: dict[str, Path], tmp_path: Path) -> None:
+    """policy: BASE+ADAPTER starts from the merged weights (lr 0 keeps them), and GRPO's KL
+    reference is that merged model too (its KL at step 1 is 0, not the adapter's distance)."""
+    from tests.io.test_adapter import make_adapter
+
+    merged = make_adapter(family["sft1"], tmp_path / "lora", ["q_proj", "o_proj"], seed=8)
+    policy = f"{family['sft1']}+{tmp_path / 'lora'}"
+    d = doc(family, tmp_path / "dpo", policy=policy)
+    del d["peft"]
+    d["training"] |= {"learning_rate": 0.0, "max_steps": 1}
+    text = yaml.safe_dump(d)
+    train(parse_train_recipe(text, "r.yaml"), text, TrainOptions(echo=lambda s: None))
+    final = load_state(tmp_path / "dpo" / "final")
+    for k in final:
+        torch.testing.assert_close(final[k], merged[k], atol=1e-5, rtol=1e-5, msg=k)
+    card = (tmp_path / "dpo" / "final" / "README.md").read_text()
+    assert str(tmp_path / "lora") in card
+
+    g = doc(family, tmp_path / "grpo", policy=policy, algorithm="grpo")
+    del g["peft"]
+    g["reward"] = {"length": {"target": 4}}
+    g["training"] |= {"beta": 0.1, "max_steps": 1, "batch_size": 2, "num_generations": 2}
+    g["training"] |= {"max_completion_length": 4}
+    del g["training"]["max_length"]
+    text = yaml.safe_dump(g)
+    train(parse_train_recipe(text, "g.yaml"), text, TrainOptions(echo=lambda s: None))
+    (step1,) = [
+        json.loads(x)
+        for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    assert step1["kl"] == pytest.approx(0.0, abs=1e-6)
