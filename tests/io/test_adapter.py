@@ -199,3 +199,13 @@ def test_hub_adapter_offline_from_cache(
             torch.testing.assert_close(ckpt.read(name), want[name], atol=1e-5, rtol=1e-5)
     with pytest.raises(InputNotFoundError, match="not in the local cache"):
         open_checkpoint(f"{family['base']}+someone/other-lora")
+
+
+def test_output_inside_the_adapter_is_refused(family: dict[str, Path], tmp_path: Path) -> None:
+    from mergekit_rl.errors import OutputExistsError
+
+    lora = tmp_path / "lora"
+    make_adapter(family["base"], lora, ["q_proj"])
+    with pytest.raises(OutputExistsError, match="inside the input"):
+        ops.soup([f"{family['base']}+{lora}"] * 2, lora / "soup", opts=QUIET)
+    assert not (lora / "soup").exists()
