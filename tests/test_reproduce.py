@@ -138,3 +138,37 @@ def test_refuses_what_it_cannot_rerun(family: dict[str, Path], tmp_path: Path) -
     save_file({"w": torch.zeros(2)}, fake, metadata=meta)
     with pytest.raises(UsageError, match="training run is reproduced by running its"):
         reproduce(fake)
+
+
+def test_hub_input_is_pinned_to_its_recorded_commit(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub input is re-resolved at the recorded commit, even after the repo's main moved on
+    (offline, from a cache laid out as huggingface_hub writes it)."""
+    import shutil
+
+    from mergekit_rl import ops
+    from mergekit_rl.engine import RunOptions
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sft"
+    old, new = "a" * 40, "b" * 40
+    shutil.copytree(family["sft2"], repo / "snapshots" / old)
+    shutil.copytree(family["rlhf"], repo / "snapshots" / new)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+    out = tmp_path / "soup"
+    cmd = f"rlmerge soup {family['sft1']} someone/tiny-sft -o {out}"
+    opts = ops.WriteOptions(run=RunOptions(progress="none"), command=cmd)
+    ops.soup([family["sft1"], "someone/tiny-sft"], out, opts=opts)
+    (repo / "refs" / "main").write_text(new)  # the repo moved on
+
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}  # for the re-run subprocess
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    report = reproduce(out)
+    assert report.identical
+    assert f"someone/tiny-sft@{old}" in report.rerun and report.inputs[1]["status"] == "unchanged"
