@@ -99,7 +99,10 @@ def resolve_adapter(ref: str) -> AdapterSource:
                 f"adapter '{ref}' not found: it is not an existing directory, nor a hub id "
                 "org/name[@revision]."
             )
-        path = hub_snapshot(ref, "adapter")
+        try:
+            path = hub_snapshot(ref, "adapter")
+        except InputNotFoundError as e:
+            raise InputNotFoundError(f"adapter '{ref}' is not an existing directory; {e}") from e
         revision = path.name
     if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise UsageError(

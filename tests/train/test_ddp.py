@@ -142,7 +142,9 @@ def dpo_ondare(fam: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def dpo_onties(fam: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("ddp-onties")
-    ddp_run(tmp, dpo_doc(fam, tmp / "run", "onties", batch=2))
+    doc = dpo_doc(fam, tmp / "run", "onties", batch=2)
+    doc["reference"] = {"soup": [str(fam["sft1"]), str(fam["sft2"])]}  # SALSA, built once
+    ddp_run(tmp, doc)
     return tmp
 
 
@@ -212,6 +214,15 @@ def test_dpo_onties_ranks_bit_identical(dpo_onties: Path, fam: dict[str, Path]) 
     final = load_state(dpo_onties / "run" / "final")  # what rank 0 wrote is what both hold
     for n in r0:
         assert torch.equal(final[n], r0[n]), n
+
+
+def test_soup_reference_built_once_under_ddp(dpo_onties: Path, fam: dict[str, Path]) -> None:
+    out = dpo_onties / "run"
+    soup = load_state(out / "reference")
+    a, b = load_state(fam["sft1"]), load_state(fam["sft2"])
+    for k in a:
+        torch.testing.assert_close(soup[k], (a[k] + b[k]) / 2, atol=1e-6, rtol=1e-6, msg=k)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") or "tmp" in p.name]
 
 
 def test_resume_under_ddp_through_the_command(dpo_onties: Path) -> None:
