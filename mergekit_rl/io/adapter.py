@@ -146,7 +146,7 @@ class LoraAdapter:
         self._collect(tensors, base)
 
     def _collect(self, tensors: dict[str, Tensor], base: Checkpoint) -> None:
-        pairs: dict[str, dict[str, Tensor]] = {}
+        pairs: dict[str, dict[str, Tensor]] = {}  # module -> {lora_A | lora_embedding_A | ...}
         for key, t in tensors.items():
             name = key.removeprefix(PEFT_PREFIX)
             m = _LORA_KEY.match(name)
@@ -154,22 +154,22 @@ class LoraAdapter:
                 for wrapper in (".modules_to_save.", ".base_layer.", ".default."):
                     name = name.replace(wrapper, ".")
                 self.replaced[self._stored(name, base)] = t
-                continue
-            part = m.group("part").replace("embedding_", "")
-            pairs.setdefault(m.group("module"), {})[part] = t
-        for module, ab in pairs.items():
-            if set(ab) != {"lora_A", "lora_B"}:
-                raise UsageError(f"{self._where()}: module '{module}' has only {sorted(ab)}.")
-            emb = f"{PEFT_PREFIX}{module}.lora_embedding_A" in tensors
-            factors = LoraFactors(
-                ab["lora_A"],
-                ab["lora_B"],
-                self._scale(module, ab["lora_A"].shape[0]),
-                transpose=emb or bool(self.config.get("fan_in_fan_out")),
-            )
+            else:
+                pairs.setdefault(m.group("module"), {})[m.group("part")] = t
+        for module, parts in pairs.items():
+            factors = self._factors(module, parts)
             name = self._stored(f"{module}.weight", base)
             self._check_shape(name, factors, base)
             self.updates.setdefault(name, []).append(factors)
+
+    def _factors(self, module: str, parts: dict[str, Tensor]) -> LoraFactors:
+        emb = "lora_embedding_A" in parts  # Embedding layers store A [r, vocab], B [d, r]
+        a = parts.get("lora_embedding_A" if emb else "lora_A")
+        b = parts.get("lora_embedding_B" if emb else "lora_B")
+        if a is None or b is None:
+            raise UsageError(f"{self._where()}: module '{module}' has only {sorted(parts)}.")
+        fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
+        return LoraFactors(a, b, self._scale(module, a.shape[0]), emb or fan_in_fan_out)
 
     def _scale(self, module: str, rank: int) -> float:
         alpha = float(self.config.get("lora_alpha", 8))

@@ -209,3 +209,15 @@ def test_output_inside_the_adapter_is_refused(family: dict[str, Path], tmp_path:
     with pytest.raises(OutputExistsError, match="inside the input"):
         ops.soup([f"{family['base']}+{lora}"] * 2, lora / "soup", opts=QUIET)
     assert not (lora / "soup").exists()
+
+
+def test_adapter_keys_without_the_peft_prefix(family: dict[str, Path], tmp_path: Path) -> None:
+    """Some tools save adapters without peft's 'base_model.model.' prefix; embeddings included."""
+    from safetensors.torch import load_file, save_file
+
+    want = make_adapter(family["base"], tmp_path / "lora", ["embed_tokens", "k_proj"], seed=9)
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
+    save_file(state, weights)
+    got = read_all(f"{family['base']}+{tmp_path / 'lora'}")
+    assert_states_close(got, {k: want[k] for k in got}, atol=1e-5)
