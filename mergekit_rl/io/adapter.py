@@ -126,8 +126,18 @@ class LoraFactors:
 
     def delta(self, device: torch.device | str = "cpu") -> Tensor:
         """The dense update in float32, shaped like the weight."""
-        prod = self.b.to(device, torch.float32) @ self.a.to(device, torch.float32)
-        return (prod.T if self.transpose else prod) * self.scale
+        return self.add_to_(torch.zeros(self._shape(), device=device))
+
+    def add_to_(self, w: Tensor) -> Tensor:
+        """w += transpose?(B @ A) * scale in one fused matmul-add (no dense temporaries)."""
+        a, b = self.a.to(w.device, torch.float32), self.b.to(w.device, torch.float32)
+        if self.transpose:  # (B @ A).T = A.T @ B.T
+            return w.addmm_(a.T, b.T, alpha=self.scale)
+        return w.addmm_(b, a, alpha=self.scale)
+
+    def _shape(self) -> tuple[int, int]:
+        out, inp = self.b.shape[0], self.a.shape[1]
+        return (inp, out) if self.transpose else (out, inp)
 
 
 class LoraAdapter:
@@ -209,9 +219,11 @@ class LoraAdapter:
         factors = self.updates.get(name)
         if not factors:
             return weight
-        merged = weight.to(torch.float32)
+        merged = weight.to(torch.float32)  # a copy unless the weight is float32 already
+        if merged is weight:
+            merged = weight.clone()  # never edit the caller's tensor
         for f in factors:
-            merged = merged + f.delta(weight.device)
+            f.add_to_(merged)
         return merged.to(weight.dtype)
 
 
