@@ -15,7 +15,7 @@ from typer.core import TyperGroup, TyperOption
 
 from mergekit_rl import __version__
 
-from . import demo, merge, models, train
+from . import demo, lora, merge, models, reproduce, train
 from .errors import DEBUG
 
 _display_type_rich = TyperOption.display_type_rich
@@ -76,6 +76,8 @@ models.register(app)
 merge.register(app)
 demo.register(app)
 train.register(app)
+lora.register(app)
+reproduce.register(app)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

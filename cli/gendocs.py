@@ -44,6 +44,11 @@ KEY_DOCS: dict[str, str] = {
     "the reward.",
     "training": "Trainer settings.",
     "evaluation": "Held-out measures logged to metrics.jsonl every `eval_every` steps.",
+    "peft": "Train a LoRA adapter instead of the full weights (TRL's `peft_config`); see below.",
+    "peft.r": "LoRA rank.",
+    "peft.alpha": "LoRA alpha (the update is scaled by alpha / r).",
+    "peft.dropout": "Dropout on the LoRA input.",
+    "peft.target_modules": "`all-linear`, or a list of module names to adapt.",
     # reference
     "reference.path": "A checkpoint (path or hub id) used as the reference.",
     "reference.soup": "Two or more checkpoints averaged in weight space (built into "

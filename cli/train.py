@@ -58,7 +58,7 @@ def train(
 
     Example: rlmerge demo demo && cd demo && rlmerge train ../recipes/train/dpo-ondare.yaml --max-steps 5
 
-    Several GPUs: accelerate launch -m mergekit_rl.cli.app train RECIPE.yaml
+    Several processes (DDP): accelerate launch --multi_gpu --num_processes 2 -m mergekit_rl.cli.app train RECIPE.yaml
     """
     with boundary("train", json):
         from mergekit_rl.train.recipe import read_train_recipe

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from .. import __version__
 from .reader import Checkpoint
+from .reference import fingerprint
 from .safetensors_format import DTYPE_NAMES
 from .writer import CheckpointWriter
 
@@ -92,11 +94,17 @@ def provenance(command: str, inputs: Sequence[Checkpoint]) -> dict[str, str]:
         "rlmerge_version": __version__,
         "rlmerge_command": command,
         "rlmerge_inputs": json.dumps([_input_record(c) for c in inputs]),
+        "rlmerge_cwd": os.getcwd(),  # relative paths in the command resolve from here (reproduce)
     }
 
 
 def _input_record(c: Checkpoint) -> dict[str, str | None]:
-    return {"ref": c.source.ref, "resolved": c.source.identity, "revision": c.source.revision}
+    return {
+        "ref": c.source.ref,
+        "resolved": c.source.identity,
+        "revision": c.source.revision,
+        "fingerprint": fingerprint(c.source),  # reproduce checks the input is unchanged
+    }
 
 
 def model_card(

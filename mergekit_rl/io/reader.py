@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MismatchError, UsageError
+from .adapter import LoraAdapter, load_adapter
 from .reference import ModelSource, natural_key, resolve
 from .safetensors_format import DTYPES, TensorInfo, read_header
 
@@ -48,6 +49,8 @@ TIED_METADATA_KEY = "rlmerge_tied_embeddings"  # safetensors metadata: '["out", 
 class Checkpoint:
     """A model's tensors, listed from headers, read one by one."""
 
+    adapter: LoraAdapter | None = None  # BASE+ADAPTER: merged in by read() (io/adapter.py)
+
     def __init__(self, source: ModelSource):
         self.source = source
         self.config: dict[str, Any] | None = _read_json(source.root / "config.json")
@@ -72,6 +75,7 @@ class Checkpoint:
                     if info.name in self._infos:
                         raise UsageError(f"{path}: tensor '{info.name}' appears in two shards.")
                     self._infos[info.name] = info
+        self.adapter = load_adapter(self)
 
     # -- listing ---------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -119,6 +123,8 @@ class Checkpoint:
         """Load one tensor (cast to `dtype` on `device` when given)."""
         info = self.info(name)
         t = self._pickled[info.name] if self.source.pickle else self._read_raw(info)
+        if self.adapter is not None:
+            t = self.adapter.apply(info.name, t)
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def _read_raw(self, info: TensorInfo) -> Tensor:

@@ -8,13 +8,18 @@ HF_HUB_OFFLINE and the local cache are honoured). Pickle checkpoints are refused
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputNotFoundError, PickleRefusedError, UsageError
+
+if TYPE_CHECKING:
+    from .adapter import AdapterSource
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
@@ -34,10 +39,13 @@ class ModelSource:
     # hub headers read with range requests (`resolve(headers_only=True)`): file name ->
     # (safetensors header JSON without __metadata__, its __metadata__); no weights on disk
     remote_headers: tuple[tuple[str, dict[str, Any], dict[str, str]], ...] | None = None
+    adapter: AdapterSource | None = None  # BASE+ADAPTER: merged in as tensors are read
 
     @property
     def identity(self) -> str:
         """A stable name for provenance: repo@commit for hub models, the absolute path locally."""
+        if self.adapter is not None:
+            return f"{replace(self, adapter=None).identity}+{self.adapter.identity}"
         if self.revision:
             return f"{self.ref.partition('@')[0]}@{self.revision}"
         if self.remote_headers is not None:
@@ -46,6 +54,9 @@ class ModelSource:
 
     @property
     def display(self) -> str:
+        if self.adapter is not None:
+            base = replace(self, adapter=None, ref=self.ref.partition("+")[0]).display
+            return f"{base}+{self.adapter.display}"
         return f"{self.ref}@{self.revision[:12]}" if self.revision else self.ref
 
 
@@ -60,6 +71,10 @@ def resolve(ref: str | Path, allow_pickle: bool = False, headers_only: bool = Fa
     path = Path(ref_str).expanduser()
     if path.exists():
         return _resolve_local(ref_str, path.resolve(), allow_pickle)
+    if "+" in ref_str:  # BASE+ADAPTER (io/adapter.py)
+        from .adapter import resolve_with_adapter
+
+        return resolve_with_adapter(ref_str, allow_pickle)
     if _HUB_ID.match(ref_str) and not ref_str.startswith((".", "/", "~")):
         if headers_only:
             found = _hub_headers(ref_str)
@@ -140,6 +155,13 @@ def _check_pickle(ref: str, path: Path, allow_pickle: bool) -> None:
 
 
 def _resolve_hub(ref: str, allow_pickle: bool) -> ModelSource:
+    local_path = hub_snapshot(ref, "model")
+    # snapshot folders are named after the resolved commit hash
+    return _resolve_local(ref, local_path, allow_pickle, revision=local_path.name)
+
+
+def hub_snapshot(ref: str, what: str) -> Path:
+    """The local snapshot folder of hub id `org/name[@revision]` (downloaded or from the cache)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -152,15 +174,13 @@ def _resolve_hub(ref: str, allow_pickle: bool) -> ModelSource:
     try:
         local = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
-        raise InputNotFoundError(f"hub model '{ref}' not found or not accessible: {e}") from e
+        raise InputNotFoundError(f"hub {what} '{ref}' not found or not accessible: {e}") from e
     except LocalEntryNotFoundError as e:
         raise InputNotFoundError(
-            f"hub model '{ref}' is not in the local cache and the hub cannot be reached "
+            f"hub {what} '{ref}' is not in the local cache and the hub cannot be reached "
             "(HF_HUB_OFFLINE is set or there is no network). Download it first or give a local path."
         ) from e
-    local_path = Path(local)
-    # snapshot folders are named after the resolved commit hash
-    return _resolve_local(ref, local_path, allow_pickle, revision=local_path.name)
+    return Path(local)
 
 
 def _hub_headers(ref: str) -> ModelSource | None:
@@ -204,3 +224,48 @@ def _hub_headers(ref: str) -> ModelSource | None:
 def natural_key(s: str) -> list[int | str]:
     """Sort key that puts layers.2 before layers.10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+FINGERPRINT_WHOLE = 64 * 2**20  # files up to this size are hashed whole
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 2**20  # larger ones: 64 evenly spaced 1 MiB blocks
+
+
+def fingerprint(source: ModelSource) -> str:
+    """See _fingerprint; cached per file state, since every output of a command records it."""
+    files = _fingerprint_files(source)
+    stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(tuple(files), stats)
+
+
+def _fingerprint_files(source: ModelSource) -> list[Path]:
+    files = list(source.weight_files)
+    if source.adapter is not None:
+        root = source.adapter.root
+        files += sorted(p for p in root.iterdir() if p.suffix in (".json", ".safetensors"))
+    return files
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(files: tuple[Path, ...], stats: tuple[tuple[int, int], ...]) -> str:
+    """A content hash of a model's weight files (and adapter), recorded in every output so that
+    `rlmerge reproduce` can tell whether an input changed.
+
+    Files up to 64 MiB are hashed whole; a larger file contributes its size and 64 evenly spaced
+    1 MiB blocks (the first holds the safetensors header: every name, shape and offset). That
+    costs ~64 MiB of reads per file, not a second pass over the model, and catches any retrained
+    or replaced checkpoint; an edit of a few bytes between blocks is caught by reproduce's
+    bit-for-bit comparison of the output instead.
+    """
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= FINGERPRINT_WHOLE:
+                h.update(f.read())
+                continue
+            step = (size - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1)
+            for i in range(FINGERPRINT_BLOCKS):
+                f.seek(i * step)
+                h.update(f.read(FINGERPRINT_BLOCK))
+    return "sha256:" + h.hexdigest()

@@ -59,12 +59,18 @@ def plan_shards(entries: Sequence[Entry], max_shard_size: int = DEFAULT_MAX_SHAR
     ]
 
 
+def _adapter_root(src: ModelSource) -> tuple[Path, ...]:
+    """BASE+ADAPTER: the adapter's folder is an input too (io/adapter.py)."""
+    return (src.adapter.root,) if getattr(src, "adapter", None) is not None else ()
+
+
 def check_output_path(out: Path, inputs: Sequence[ModelSource], force: bool) -> None:
     """Refuse an output that exists (unless force) or that is, contains or is inside an input."""
     out = out.resolve()
     for src in inputs:
         # a bare file protects only itself; a checkpoint directory protects the whole folder
-        for p in (f.resolve() for f in (src.weight_files if src.is_file else (src.root,))):
+        guarded = (*(src.weight_files if src.is_file else (src.root,)), *_adapter_root(src))
+        for p in (f.resolve() for f in guarded):
             if out == p or p in out.parents or out in p.parents:
                 raise OutputExistsError(
                     f"output '{out}' is, contains or is inside the input '{src.ref}'; writing "

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from ..engine import parse_dtype
 from ..errors import RecipeError, UsageError
+from ..io.adapter import split_adapter_ref
 from ..merge.registry import MergeMethod, get_method
 from .params import Params, leaf_values, parse_setting
 from .schema import Recipe, load_documents, parse_recipe
@@ -226,8 +227,10 @@ def _check_options(recipe: Recipe, method: MergeMethod) -> Problems:
         problems.append(("base_model", f"{method.name} needs a base_model; add `base_model:`"))
     problems += _check_tokenizer(recipe)
     for path, ref in _ref_entries(recipe):
-        if "+" in ref and not os.path.exists(ref):
-            problems.append((path, f"{ref!r}: LoRA references (model+adapter) are not supported"))
+        try:  # BASE+ADAPTER is a model with a LoRA adapter merged in (io/adapter.py)
+            split_adapter_ref(ref)
+        except UsageError as e:
+            problems.append((path, str(e)))
     if (recipe.models is None) == (recipe.slices is None):
         problems.append(("models", "give exactly one of `models:` and `slices:`"))
     return problems

@@ -10,6 +10,7 @@ One YAML document describes one training run on a TRL trainer:
     elastic_reset: {ema_decay: 0.995, reset_every: 50}
     dataset: {path: data/prefs.jsonl}
     reward: {keyword: {words: [merge]}, length: {target: 20}}   # grpo / rloo only
+    peft: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}   # train LoRA adapters
     training: {learning_rate: 1.0e-6, max_steps: 100, output_dir: runs/dpo}
     evaluation: {perplexity_text: data/heldout.txt, prompts: data/prompts.jsonl, eval_every: 10}
 
@@ -87,6 +88,15 @@ class ElasticResetSpec(_Strict):
     kl_anchor: Literal["init", "ema"] = "init"
     reset_optimizer: bool = False
     keep_init_on_cpu: bool = False
+
+
+class PeftSpec(_Strict):
+    """Train LoRA adapters instead of full weights (TRL's peft_config, a peft LoraConfig)."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
 class DatasetSpec(_Strict):
@@ -186,6 +196,7 @@ class TrainRecipe(_Strict):
     reference: SoupReference | None = None
     optimizer: OptimizerSpec = OptimizerSpec()
     elastic_reset: ElasticResetSpec | None = None
+    peft: PeftSpec | None = None
     dataset: DatasetSpec
     reward: RewardSpec | None = None
     training: TrainingSpec
@@ -275,6 +286,7 @@ def cross_problems(doc: dict[str, Any], allow_code: bool) -> Problems:
                 "(the pretrained checkpoint) or task_vector (from `rlmerge task-vector extract`).",
             )
         )
+    problems += _peft_problems(algorithm, opt, doc)
     if doc.get("base") and doc.get("task_vector"):
         problems.append(("task_vector", "give base or task_vector, not both."))
     if opt == "adamw" and isinstance(doc.get("optimizer"), dict):
@@ -282,6 +294,30 @@ def cross_problems(doc: dict[str, Any], allow_code: bool) -> Problems:
             if key in OptimizerSpec.model_fields:
                 problems.append((f"optimizer.{key}", "used only by ondare and onties."))
     problems += _training_problems(algorithm, doc, training)
+    return problems
+
+
+def _peft_problems(algorithm: Any, opt: str, doc: dict[str, Any]) -> Problems:
+    if not doc.get("peft"):
+        return []
+    problems: Problems = []
+    if opt in ONLINE_MERGING:
+        problems.append(
+            (
+                "peft",
+                f"optimizer {opt} merges every update with the full-weight task vector tau = "
+                "policy - base, and LoRA factors have no counterpart in tau; use optimizer adamw "
+                "with peft, or drop peft.",
+            )
+        )
+    if algorithm in SAMPLING and doc.get("reference"):
+        problems.append(
+            (
+                "reference",
+                f"with peft, {algorithm} takes the policy with its adapter disabled as the "
+                "reference; a separate reference model is not supported. Drop one of them.",
+            )
+        )
     return problems
 
 

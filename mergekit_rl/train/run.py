@@ -6,15 +6,14 @@
            -> trainer.train(resume_from_checkpoint=...)
            -> OUTPUT_DIR/final through the atomic checkpoint writer (model card, recipe)
 
-Several GPUs: `accelerate launch -m mergekit_rl.cli.app train RECIPE.yaml` runs it under DDP with
-no change (every process builds the same trainer; only the main process writes the metrics and
-the final model). FSDP (untested here): the optimizer is created in `create_optimizer`, after
-wrapping, which FSDP allows; OnDARE / OnTIES need `fsdp_use_orig_params: true` so that parameter
-names (and so tau) match the checkpoint (a task vector matching no parameter is refused), Elastic
-Reset refuses FSDP, and the final model is gathered with `accelerator.get_state_dict`. DeepSpeed ZeRO
-(a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true` from `accelerate config`)
-keeps its own flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and
-works with plain AdamW.
+Several processes: `accelerate launch --multi_gpu --num_processes N -m mergekit_rl.cli.app train
+RECIPE.yaml` runs it under DDP with no change (every process builds the same trainer; only the
+main process writes the metrics and the final model; tests/train/test_ddp.py runs 2 CPU processes
+on gloo). FSDP (ACCELERATE_USE_FSDP): plain AdamW is left to accelerate; OnDARE / OnTIES and
+Elastic Reset are refused, since their state is not sliced to FSDP2's DTensor shards yet.
+DeepSpeed ZeRO (a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true`) keeps its own
+flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and works with plain
+AdamW. docs/training.md has the table of what runs on which engine.
 
 On a machine without a GPU the trainer runs on CPU in float32 (`use_cpu`, no bf16); nothing is
 reported to external services (`report_to="none"`); HF_HUB_OFFLINE is honoured by every load.
@@ -34,11 +33,18 @@ import torch
 from torch import nn
 
 from ..errors import OutputExistsError, RunError, UsageError
+from ..io.adapter import split_adapter_ref
 from ..io.card import model_card, provenance, write_aux_files
 from ..io.reader import open_checkpoint
 from ..io.writer import CheckpointWriter, check_output_path
 from .data import load_train_dataset, truncate_prompts
-from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, TrainRecipe
+from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, SoupReference, TrainRecipe
+
+FSDP_REFUSED = (
+    "the online merging optimizers and Elastic Reset do not run on FSDP's sharded parameters yet "
+    "(each rank holds a DTensor shard that tau, the masks and the EMA are not sliced to); use "
+    "DDP (accelerate launch --multi_gpu), or optimizer adamw without elastic_reset under FSDP."
+)
 
 Echo = Callable[[str], None]
 TRL_CLASSES = {
@@ -79,6 +85,7 @@ def train(
     """Run the recipe to the end and write the final model; see the module docstring."""
     t0 = time.time()
     check_deepspeed(recipe)
+    check_fsdp(recipe)
     out_dir = Path(recipe.training.output_dir)
     final = opts.output or out_dir / "final"
     resume_from = resume_checkpoint(out_dir, opts.resume, opts.force)
@@ -145,6 +152,21 @@ def check_deepspeed(recipe: TrainRecipe) -> None:
         raise UsageError(f"{where}: {DEEPSPEED_REFUSED}")
 
 
+def check_fsdp(recipe: TrainRecipe) -> None:
+    """Refuse FSDP (accelerate's ACCELERATE_USE_FSDP) with the plug-ins that edit whole weights.
+
+    Under FSDP2 every parameter is a DTensor shard: the optimizer's tau and masks and Elastic
+    Reset's EMA would have to be sliced to each rank's shard, which is not done yet; today they
+    fail deep inside torch with a DTensor error. Plain AdamW with FSDP is left to accelerate.
+    """
+    env = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    if not env:
+        return
+    if recipe.optimizer.name in ONLINE_MERGING or recipe.elastic_reset is not None:
+        key = "optimizer.name" if recipe.optimizer.name in ONLINE_MERGING else "elastic_reset"
+        raise UsageError(f"{key} (with FSDP, ACCELERATE_USE_FSDP): {FSDP_REFUSED}")
+
+
 def resume_checkpoint(out_dir: Path, resume: bool, force: bool) -> str | None:
     """The checkpoint to resume from (--resume), refusing to silently restart a started run."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -168,19 +190,39 @@ def resume_checkpoint(out_dir: Path, resume: bool, force: bool) -> str | None:
 
 
 def load_policy(recipe: TrainRecipe) -> tuple[Any, nn.Module]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.policy)
+    with open_checkpoint(recipe.policy) as policy:  # BASE+ADAPTER: the base's tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(policy.source.root))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs one; no new embedding row
-    dtype = DTYPES[recipe.training.dtype]
-    model = AutoModelForCausalLM.from_pretrained(recipe.policy, dtype=dtype)
-    return tokenizer, model
+    return tokenizer, load_causal_lm(recipe.policy, DTYPES[recipe.training.dtype])
+
+
+def load_causal_lm(ref: str, dtype: torch.dtype) -> nn.Module:
+    """from_pretrained; for BASE+ADAPTER the base with the adapter merged in (io/adapter.py),
+    re-reading only the tensors the adapter changes."""
+    from transformers import AutoModelForCausalLM
+
+    if split_adapter_ref(ref) is None:
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+    with open_checkpoint(ref) as ckpt:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.source.root), dtype=dtype)
+        assert ckpt.adapter is not None
+        state = model.state_dict()  # shares storage with the parameters (tied ones once)
+        with torch.no_grad():
+            for name in {*ckpt.adapter.updates, *ckpt.adapter.replaced}:
+                state[name].copy_(ckpt.read(name))
+    return model
 
 
 def reference_model(recipe: TrainRecipe, out_dir: Path, force: bool) -> nn.Module | None:
     """The KL reference the recipe names (a checkpoint, or a soup built into OUTPUT_DIR)."""
     ref = recipe.reference
+    sampling_kl = recipe.algorithm in SAMPLING and recipe.training.beta and recipe.peft is None
+    if ref is None and sampling_kl and split_adapter_ref(recipe.policy):
+        # GRPO / RLOO would load their reference from the base's path, without the adapter
+        ref = SoupReference(path=recipe.policy)
     if ref is None:
         return None
     from .reference import build_soup_reference, load_reference
@@ -192,6 +234,9 @@ def reference_model(recipe: TrainRecipe, out_dir: Path, force: bool) -> nn.Modul
         path = str(soup)
     if path is None:
         raise UsageError("reference: give a checkpoint path or {soup: [model, model, ...]}.")
+    if split_adapter_ref(path):
+        model = load_causal_lm(path, DTYPES[recipe.training.dtype])
+        return model.eval().requires_grad_(False)
     return load_reference(path, DTYPES[recipe.training.dtype])
 
 
@@ -307,6 +352,21 @@ def trainer_class(recipe: TrainRecipe) -> type:
     return type(f"OnlineMerging{base.__name__}", (base,), {"create_optimizer": create_optimizer})
 
 
+def lora_config(recipe: TrainRecipe) -> Any:
+    """The recipe's `peft:` as a peft LoraConfig (TRL wraps the policy with it)."""
+    from peft import LoraConfig
+
+    spec = recipe.peft
+    assert spec is not None
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
 def build_trainer(
     recipe: TrainRecipe,
     model: nn.Module,
@@ -325,6 +385,8 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if recipe.peft is not None:
+        common["peft_config"] = lora_config(recipe)
     if recipe.algorithm in SAMPLING:
         from .rewards import build_rewards, check_columns
 
@@ -361,10 +423,25 @@ def write_final(
     trainer: Any, recipe: TrainRecipe, recipe_text: str, out: Path, opts: TrainOptions
 ) -> None:
     """The trained weights (in the policy checkpoint's dtypes) + config, tokenizer, card, recipe."""
-    state = trainer.accelerator.get_state_dict(trainer.model)  # gathered under FSDP
+    state = final_state(trainer, out)
     if trainer.accelerator.is_main_process:
         _write(unique_tensors(state), recipe, recipe_text, out, opts)
     trainer.accelerator.wait_for_everyone()
+
+
+def final_state(trainer: Any, out: Path) -> dict[str, torch.Tensor]:
+    """The trained weights; with peft the adapter goes to OUT-adapter and is merged in."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "merge_and_unload"):  # not a peft model
+        return trainer.accelerator.get_state_dict(trainer.model)  # gathered under FSDP
+    if trainer.accelerator.is_main_process:  # POLICY+OUT-adapter is the final model again
+        adapter = out.with_name(out.name + "-adapter")
+        tmp = out.with_name(f".{adapter.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp, adapter)
+    return model.merge_and_unload().state_dict()
 
 
 def _write(

@@ -1,0 +1,59 @@
+"""`rlmerge reproduce OUTPUT [-o NEW]`: re-run an output's recorded command, compare bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import Force, Json, Quiet, err_console, print_json
+from .errors import boundary
+
+
+def reproduce(
+    output: Annotated[Path, typer.Argument(help="An rlmerge output (directory or .safetensors).")],
+    new: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Keep the re-made output here (default: a temporary folder)."
+        ),
+    ] = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    json: Json = False,
+) -> None:
+    """Re-run the command recorded in OUTPUT from that record alone: every input must resolve to
+    the recorded revision / content fingerprint (else exit 2, naming it); then every tensor of
+    the new output is compared with OUTPUT's. Exit 0 when bit-identical, 1 when not.
+
+    Example: rlmerge reproduce demo/outputs/salsa_ref
+    """
+    with boundary():
+        from mergekit_rl.reproduce import reproduce as run_reproduce
+
+        report = run_reproduce(output, new, force)
+        if json:
+            print_json(report.to_dict())
+        elif not quiet:
+            for rec in report.inputs:
+                err_console.print(f"input {rec['ref']}: {rec['status']}", soft_wrap=True)
+            if report.identical:
+                err_console.print(
+                    f"[green]reproduced[/green] {output}: all {report.tensors} tensors "
+                    "bit-identical",
+                    soft_wrap=True,
+                )
+            else:
+                listed = ", ".join(report.differing[:5])
+                err_console.print(
+                    f"[red]not reproduced[/red] {output}: {len(report.differing)} of "
+                    f"{report.tensors} tensors differ ({listed})",
+                    soft_wrap=True,
+                )
+    if not report.identical:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(reproduce)

@@ -1,0 +1,255 @@
+"""LoRA / PEFT adapters as inputs: `BASE+ADAPTER` is the base with the adapter merged in.
+
+The reference syntax is mergekit's: `models/base+adapters/lora`, or hub ids with revisions,
+`org/base@rev+org/lora@rev`. A path that exists as written is never split on "+".
+
+Merging is done tensor by tensor while the base streams: each adapted weight is read, its low-rank
+update added in float32, and the result cast back to the stored dtype, so the full merged model is
+never held in memory (only the adapter's small factors are). The update is the one `peft`'s
+`merge_and_unload()` applies:
+
+    Linear    W [out, in]  += B [out, r] @ A [r, in] * scale     (transposed with fan_in_fan_out)
+    Embedding W [vocab, d] += (B [d, r] @ A [r, vocab]).T * scale
+    scale = alpha / r  (alpha / sqrt(r) with use_rslora; alpha from alpha_pattern when it matches)
+
+Full tensors in the adapter (`modules_to_save`, embedding layers saved with
+`save_embedding_layers`) replace the base's before the update is added. With tied embeddings (no lm_head stored) an update
+of lm_head lands on the shared embedding matrix, as in peft where both modules hold one tensor.
+DoRA, LoRA biases and non-LoRA adapter types are refused with a message naming the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..errors import InputNotFoundError, MismatchError, UsageError
+
+if TYPE_CHECKING:
+    from .reader import Checkpoint
+    from .reference import ModelSource
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$"
+)
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter's files are: `root` holds adapter_config.json and the weights."""
+
+    ref: str
+    root: Path
+    revision: str | None = None  # resolved commit hash for hub adapters
+
+    @property
+    def identity(self) -> str:
+        if self.revision:
+            return f"{self.ref.partition('@')[0]}@{self.revision}"
+        return str(self.root.resolve())
+
+    @property
+    def display(self) -> str:
+        return f"{self.ref}@{self.revision[:12]}" if self.revision else self.ref
+
+
+def split_adapter_ref(ref: str) -> tuple[str, str] | None:
+    """'BASE+ADAPTER' -> (BASE, ADAPTER); None when there is no '+' or the path exists as is."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return None
+    base, _, adapter = ref.partition("+")
+    if not base or not adapter or "+" in adapter:
+        raise UsageError(
+            f"'{ref}': a model with an adapter is written BASE+ADAPTER (one '+'), for example "
+            "models/base+adapters/lora or org/base@rev+org/lora."
+        )
+    return base, adapter
+
+
+def resolve_with_adapter(ref: str, allow_pickle: bool = False) -> ModelSource:
+    """The ModelSource of BASE with the adapter's source attached (see Checkpoint.read)."""
+    from .reference import resolve
+
+    split = split_adapter_ref(ref)
+    assert split is not None
+    base = resolve(split[0], allow_pickle=allow_pickle)
+    return replace(base, ref=ref, adapter=resolve_adapter(split[1]))
+
+
+def resolve_adapter(ref: str) -> AdapterSource:
+    """A local adapter directory, or a hub id `org/name[@revision]` (cache honoured offline)."""
+    from .reference import _HUB_ID, hub_snapshot
+
+    path = Path(ref).expanduser()
+    revision = None
+    if not path.exists():
+        if not _HUB_ID.match(ref):
+            raise InputNotFoundError(
+                f"adapter '{ref}' not found: it is not an existing directory, nor a hub id "
+                "org/name[@revision]."
+            )
+        try:
+            path = hub_snapshot(ref, "adapter")
+        except InputNotFoundError as e:
+            raise InputNotFoundError(f"adapter '{ref}' is not an existing directory; {e}") from e
+        revision = path.name
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(
+            f"adapter '{ref}' is not a PEFT adapter: expected {ADAPTER_CONFIG} and "
+            f"{ADAPTER_WEIGHTS} in {path}."
+        )
+    return AdapterSource(ref, path.resolve(), revision)
+
+
+# -- the merged weights ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapted weight: W += transpose?(B @ A) * scale."""
+
+    a: Tensor  # [r, in] (Linear) or [r, vocab] (Embedding)
+    b: Tensor  # [out, r] (Linear) or [d, r] (Embedding)
+    scale: float
+    transpose: bool  # Embedding, or fan_in_fan_out Linear: the product is transposed
+
+    def delta(self, device: torch.device | str = "cpu") -> Tensor:
+        """The dense update in float32, shaped like the weight."""
+        return self.add_to_(torch.zeros(self._shape(), device=device))
+
+    def add_to_(self, w: Tensor) -> Tensor:
+        """w += transpose?(B @ A) * scale in one fused matmul-add (no dense temporaries)."""
+        a, b = self.a.to(w.device, torch.float32), self.b.to(w.device, torch.float32)
+        if self.transpose:  # (B @ A).T = A.T @ B.T
+            return w.addmm_(a.T, b.T, alpha=self.scale)
+        return w.addmm_(b, a, alpha=self.scale)
+
+    def _shape(self) -> tuple[int, int]:
+        out, inp = self.b.shape[0], self.a.shape[1]
+        return (inp, out) if self.transpose else (out, inp)
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter matched to a base checkpoint's tensor names.
+
+    `updates[name]` lists the low-rank factors to add to the stored tensor `name`; `replaced[name]`
+    holds modules_to_save tensors. Built once per Checkpoint (the factors are small).
+    """
+
+    def __init__(self, source: AdapterSource, base: Checkpoint):
+        self.source = source
+        self.config = _read_config(source)
+        tensors = load_file(str(source.root / ADAPTER_WEIGHTS))
+        self.updates: dict[str, list[LoraFactors]] = {}
+        self.replaced: dict[str, Tensor] = {}
+        self._collect(tensors, base)
+
+    def _collect(self, tensors: dict[str, Tensor], base: Checkpoint) -> None:
+        pairs: dict[str, dict[str, Tensor]] = {}  # module -> {lora_A | lora_embedding_A | ...}
+        for key, t in tensors.items():
+            name = key.removeprefix(PEFT_PREFIX)
+            m = _LORA_KEY.match(name)
+            if m is None:  # modules_to_save / saved embedding layers: full tensors that replace
+                for wrapper in (".modules_to_save.", ".base_layer.", ".default."):
+                    name = name.replace(wrapper, ".")
+                self.replaced[self._stored(name, base)] = t
+            else:
+                pairs.setdefault(m.group("module"), {})[m.group("part")] = t
+        for module, parts in pairs.items():
+            factors = self._factors(module, parts)
+            name = self._stored(f"{module}.weight", base)
+            self._check_shape(name, factors, base)
+            self.updates.setdefault(name, []).append(factors)
+
+    def _factors(self, module: str, parts: dict[str, Tensor]) -> LoraFactors:
+        emb = "lora_embedding_A" in parts  # Embedding layers store A [r, vocab], B [d, r]
+        a = parts.get("lora_embedding_A" if emb else "lora_A")
+        b = parts.get("lora_embedding_B" if emb else "lora_B")
+        if a is None or b is None:
+            raise UsageError(f"{self._where()}: module '{module}' has only {sorted(parts)}.")
+        fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
+        return LoraFactors(a, b, self._scale(module, a.shape[0]), emb or fan_in_fan_out)
+
+    def _scale(self, module: str, rank: int) -> float:
+        alpha = float(self.config.get("lora_alpha", 8))
+        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = float(value)
+                break
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def _stored(self, name: str, base: Checkpoint) -> str:
+        """The base tensor that holds `name` (a tied lm_head is the embedding)."""
+        if name not in base and base.tied_embeddings and name == "lm_head.weight":
+            return base.info(name).name
+        if name not in base:
+            raise MismatchError(
+                f"{self._where()} adapts '{name}', which the base model {base.source.ref} does "
+                "not have: the adapter was trained on another architecture. Check BASE+ADAPTER."
+            )
+        return name
+
+    def _check_shape(self, name: str, f: LoraFactors, base: Checkpoint) -> None:
+        shape = tuple(f.b.shape[:1]) + tuple(f.a.shape[1:])
+        want = tuple(base.info(name).shape)
+        if (shape[::-1] if f.transpose else shape) != want:
+            raise MismatchError(
+                f"{self._where()}: the update of '{name}' has shape {list(shape)} but the base "
+                f"{base.source.ref} stores {list(want)}: the adapter belongs to another base model."
+            )
+
+    def _where(self) -> str:
+        return f"adapter '{self.source.ref}' ({self.source.root / ADAPTER_WEIGHTS})"
+
+    def apply(self, name: str, weight: Tensor) -> Tensor:
+        """The stored tensor `name` with the adapter merged in (same dtype and device)."""
+        if name in self.replaced:
+            weight = self.replaced[name].to(weight.device, weight.dtype)
+        factors = self.updates.get(name)
+        if not factors:
+            return weight
+        merged = weight.to(torch.float32)  # a copy unless the weight is float32 already
+        if merged is weight:
+            merged = weight.clone()  # never edit the caller's tensor
+        for f in factors:
+            f.add_to_(merged)
+        return merged.to(weight.dtype)
+
+
+def _read_config(source: AdapterSource) -> dict[str, Any]:
+    path = source.root / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: invalid JSON ({e}).") from e
+    kind = str(config.get("peft_type", "LORA")).upper()
+    unsupported = [
+        (kind != "LORA", f"peft_type {kind} (only LoRA adapters can be merged)"),
+        (bool(config.get("use_dora")), "use_dora: true (DoRA rescales columns; not supported)"),
+        (config.get("lora_bias") is True, "lora_bias: true"),
+        (config.get("bias", "none") != "none", f"bias: {config.get('bias')}"),
+    ]
+    problems = [what for bad, what in unsupported if bad]
+    if problems:
+        raise UsageError(
+            f"adapter '{source.ref}' ({path}) cannot be merged: {'; '.join(problems)}. Merge it "
+            "with peft's merge_and_unload() and give the merged model instead."
+        )
+    return config
+
+
+def load_adapter(ckpt: Checkpoint) -> LoraAdapter | None:
+    """The adapter a Checkpoint's source names, matched to that checkpoint (None without)."""
+    adapter = getattr(ckpt.source, "adapter", None)
+    return None if adapter is None else LoraAdapter(adapter, ckpt)

@@ -1,0 +1,210 @@
+"""`rlmerge reproduce OUTPUT [-o NEW]`: re-run an output's recorded command and compare bit for bit.
+
+Every rlmerge output records in its safetensors metadata the command line, the working directory
+it ran in, and each input's reference, resolved identity (absolute path, or repo@commit for hub
+models) and content fingerprint. Reproducing:
+
+    1. read that record from OUTPUT (refusing outputs that are not rlmerge merges);
+    2. resolve every input again by its recorded identity (hub inputs at their recorded commit)
+       and compare fingerprints: a missing or changed input is an error naming it, before any
+       work (exit 2);
+    3. re-run the recorded command (inputs replaced by their identities, the output by NEW, the
+       merge recipe by the recipe recorded in OUTPUT) in a subprocess, from the recorded
+       directory;
+    4. compare every tensor of NEW with OUTPUT: names, dtypes, shapes and bytes.
+
+Only the weight-writing commands are re-run (soup, interpolate, task-vector, merge, lora
+extract); a training run is reproduced by re-running its recipe, not from its final model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputNotFoundError, RunError, UsageError
+from .io.reader import open_checkpoint
+from .io.reference import fingerprint, resolve
+
+RERUNNABLE = {"soup", "interpolate", "task-vector", "merge", "lora"}
+OUTPUT_FLAGS = ("-o", "--output")
+
+
+@dataclass
+class Record:
+    """What an output says about how it was made."""
+
+    path: Path
+    argv: list[str]  # the command line without the leading "rlmerge"
+    cwd: Path | None
+    inputs: list[dict[str, Any]]
+    recipe: str | None
+
+
+@dataclass
+class ReproduceReport:
+    output: Path
+    new: Path | None  # None when NEW was a temporary folder, now deleted
+    rerun: list[str]
+    inputs: list[dict[str, Any]]
+    identical: bool
+    tensors: int
+    differing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "command": "reproduce",
+            "ok": self.identical,
+            "outputs": [str(self.new)] if self.new else [],
+            "stages": [],
+            "reproduced": str(self.output),
+            "identical": self.identical,
+            "tensors": self.tensors,
+            "differing": self.differing,
+            "inputs": self.inputs,
+            "rerun": shlex.join(["rlmerge", *self.rerun]),
+        }
+
+
+def read_record(output: str | Path) -> Record:
+    """The command, directory and inputs recorded in an rlmerge output."""
+    path = Path(output)
+    if not path.exists():
+        raise InputNotFoundError(f"output '{path}' not found; check the path.")
+    with open_checkpoint(path) as ckpt:
+        meta = ckpt.metadata
+    if "rlmerge_command" not in meta or "rlmerge_inputs" not in meta:
+        raise UsageError(
+            f"'{path}' holds no rlmerge record (rlmerge_command / rlmerge_inputs in its "
+            "safetensors metadata): it was not written by rlmerge, so it cannot be reproduced."
+        )
+    argv = shlex.split(meta["rlmerge_command"])[1:]
+    if not argv or argv[0] not in RERUNNABLE:
+        what = argv[0] if argv else "an empty command"
+        raise UsageError(
+            f"'{path}' was made by `rlmerge {what}`; reproduce re-runs the weight commands "
+            f"({', '.join(sorted(RERUNNABLE))}). A training run is reproduced by running its "
+            "recipe (rlmerge_recipe.yaml) again."
+        )
+    cwd = Path(meta["rlmerge_cwd"]) if meta.get("rlmerge_cwd") else None
+    inputs = json.loads(meta["rlmerge_inputs"])
+    return Record(path, argv, cwd, inputs, meta.get("rlmerge_recipe"))
+
+
+def check_inputs(record: Record) -> list[dict[str, Any]]:
+    """Resolve every recorded input again; raise naming the first that is missing or changed."""
+    report = []
+    for rec in record.inputs:
+        identity = rec.get("resolved") or rec["ref"]
+        try:
+            source = resolve(identity)
+        except InputNotFoundError as e:
+            raise InputNotFoundError(
+                f"input '{rec['ref']}' of {record.path} cannot be found as recorded "
+                f"('{identity}'): {e}"
+            ) from e
+        now = fingerprint(source)
+        was = rec.get("fingerprint")
+        if was is not None and now != was:
+            raise UsageError(
+                f"input '{rec['ref']}' of {record.path} has changed since the output was made: "
+                f"'{identity}' now has content fingerprint {now[:19]}..., the output recorded "
+                f"{was[:19]}.... Restore that input to reproduce the output."
+            )
+        status = "unchanged" if was is not None else "unverified (no fingerprint recorded)"
+        report.append({"ref": rec["ref"], "resolved": identity, "status": status})
+    return report
+
+
+def rerun_argv(record: Record, new: Path, recipe_file: Path | None) -> tuple[list[str], Path]:
+    """The command to run and the path, under NEW, that corresponds to OUTPUT."""
+    argv = list(record.argv)
+    refs = {r["ref"]: r.get("resolved") or r["ref"] for r in record.inputs}
+    out_at = next((i + 1 for i, a in enumerate(argv) if a in OUTPUT_FLAGS), None)
+    if out_at is None or out_at >= len(argv):
+        raise UsageError(f"the command recorded in {record.path} has no -o/--output.")
+    recorded_out = Path(argv[out_at])
+    if not recorded_out.is_absolute() and record.cwd is not None:
+        recorded_out = record.cwd / recorded_out
+    argv[out_at] = str(new)
+    for i, a in enumerate(argv):
+        if i != out_at and a in refs:
+            argv[i] = refs[a]  # inputs by their recorded identity (absolute path, repo@commit)
+    if argv[0] == "merge" and recipe_file is not None:
+        argv[1] = str(recipe_file)  # the recipe as recorded in the output, not today's file
+    # a sweep (interpolate --alpha a,b) wrote OUT/alpha-<a>: compare the same sub-folder
+    here = record.path.resolve()
+    sub = (
+        here.relative_to(recorded_out.resolve()) if recorded_out.resolve() in here.parents else None
+    )
+    if sub is None and here.name.startswith("alpha-") and argv[0] == "interpolate":
+        sub = Path(here.name)
+    return argv, new / sub if sub else new
+
+
+def compare_outputs(old: Path, new: Path) -> tuple[int, list[str]]:
+    """(tensors compared, names that differ in dtype, shape or bytes, or exist in one only)."""
+    with open_checkpoint(old) as a, open_checkpoint(new) as b:
+        names_a, names_b = set(a.names()), set(b.names())
+        differing = sorted(names_a ^ names_b)
+        for name in a.names():
+            if name not in names_b:
+                continue
+            x, y = a.read(name), b.read(name)
+            same = x.dtype == y.dtype and x.shape == y.shape
+            if same and x.numel():
+                same = torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+            if not same:
+                differing.append(name)
+        return len(names_a | names_b), differing
+
+
+def reproduce(output: str | Path, new: Path | None = None, force: bool = False) -> ReproduceReport:
+    """Re-run OUTPUT's recorded command into NEW (default: a temporary folder) and compare."""
+    record = read_record(output)
+    inputs = check_inputs(record)
+    keep = new is not None
+    work = Path(tempfile.mkdtemp(prefix="rlmerge-reproduce-"))
+    try:
+        target = Path(new).resolve() if new is not None else work / "out"
+        if target.exists() and not force:
+            raise UsageError(f"'{target}' already exists; pass --force or another -o.")
+        recipe_file = None
+        if record.argv[0] == "merge":
+            if record.recipe is None:
+                raise UsageError(f"{record.path} does not hold its recipe (rlmerge_recipe).")
+            recipe_file = work / "recipe.yaml"
+            recipe_file.write_text(record.recipe)
+        argv, compare_at = rerun_argv(record, target, recipe_file)
+        if force:
+            argv.append("--force")
+        _run(argv, record.cwd)
+        tensors, differing = compare_outputs(Path(output), compare_at)
+        return ReproduceReport(
+            Path(output), target if keep else None, argv, inputs, not differing, tensors, differing
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(argv: list[str], cwd: Path | None) -> None:
+    run_in = cwd if cwd is not None and cwd.is_dir() else Path.cwd()
+    cmd = [sys.executable, "-m", "mergekit_rl.cli.app", *argv]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    res = subprocess.run(cmd, cwd=run_in, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RunError(
+            f"re-running `{shlex.join(['rlmerge', *argv])}` in {run_in} failed (exit "
+            f"{res.returncode}): {res.stderr.strip()[-2000:]}"
+        )

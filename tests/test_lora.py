@@ -1,0 +1,108 @@
+"""`rlmerge lora extract`: truncated SVD per matrix, saved as an adapter that peft loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mergekit_rl.cli.app import app
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mergekit_rl.errors import OutputExistsError, UsageError
+from mergekit_rl.io.reader import open_checkpoint
+from mergekit_rl.lora import extract_lora, low_rank
+from tests.conftest import load_state
+
+peft = pytest.importorskip("peft")
+
+
+def test_low_rank_is_the_eckart_young_optimum() -> None:
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(24, 40, generator=g)
+    up, down, kept = low_rank(m, 5)
+    assert up.shape == (24, 5) and down.shape == (5, 40)
+    # the error of the best rank-5 approximation is the norm of the dropped singular values
+    s = torch.linalg.svdvals(m)
+    err = torch.linalg.matrix_norm(m - up @ down)
+    torch.testing.assert_close(err, s[5:].square().sum().sqrt(), rtol=1e-4, atol=1e-5)
+    assert kept == pytest.approx(float(s[:5].square().sum() / s.square().sum()), rel=1e-5)
+    # an exactly rank-3 matrix comes back exactly, and a rank above min(out, in) is zero-padded
+    low = torch.randn(24, 3, generator=g) @ torch.randn(3, 40, generator=g)
+    up, down, kept = low_rank(low, 3)
+    torch.testing.assert_close(up @ down, low, atol=1e-4, rtol=1e-4)
+    up, down, _ = low_rank(torch.randn(4, 6, generator=g), 8)
+    assert up.shape == (4, 8) and down.shape == (8, 6) and not down[4:].any()
+
+
+def test_extract_recovers_a_lora_and_peft_loads_it(family: dict[str, Path], tmp_path: Path):
+    """A rank-4 adapter merged into base, extracted at rank 4, is the same dense update."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.io.test_adapter import make_adapter
+
+    merged = make_adapter(family["base"], tmp_path / "lora", ["q_proj", "up_proj"], seed=6)
+    # the fine-tuned model: base+adapter written out by a soup of itself (the streamed merge)
+    from mergekit_rl import ops
+    from mergekit_rl.engine import RunOptions
+
+    quiet = ops.WriteOptions(run=RunOptions(progress="none"))
+    ops.soup([f"{family['base']}+{tmp_path / 'lora'}"] * 2, tmp_path / "ft", opts=quiet)
+    summary = extract_lora(family["base"], tmp_path / "ft", tmp_path / "out", rank=4)
+    assert summary.modules == 4 and summary.dropped == []  # q_proj, up_proj in 2 layers
+    assert summary.kept == pytest.approx(1.0, abs=1e-6)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 4
+    meta_card = (tmp_path / "out" / "README.md").read_text()
+    assert "Rank-4 LoRA" in meta_card
+
+    base_model = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base_model, tmp_path / "out").merge_and_unload()
+    got = loaded.state_dict()
+    for k, v in load_state(tmp_path / "ft").items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-5, msg=k)
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        torch.testing.assert_close(got[k], merged[k], atol=1e-5, rtol=1e-5)
+    # and rlmerge reads it back as BASE+ADAPTER
+    with open_checkpoint(f"{family['base']}+{tmp_path / 'out'}") as ckpt:
+        name = "model.layers.1.self_attn.q_proj.weight"
+        torch.testing.assert_close(ckpt.read(name), merged[name], atol=1e-5, rtol=1e-5)
+
+
+def test_cli_extract_low_rank_of_a_full_finetune(family: dict[str, Path], tmp_path: Path):
+    """sft1 - base is full rank: rank 2 keeps part of it; norms' changes are reported."""
+    out = tmp_path / "adapter"
+    args = ["lora", "extract", str(family["base"]), str(family["sft1"]), "-r", "2", "-o", str(out)]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["schema_version"] == 1 and report["command"] == "lora extract"
+    assert report["outputs"] == [str(out)] and 0.0 < report["energy_kept"] < 1.0
+    assert "model.norm.weight" in report["dropped"]  # the tiny family perturbs every tensor
+    factors = load_file(out / "adapter_model.safetensors")
+    base, sft = load_state(family["base"]), load_state(family["sft1"])
+    name = "model.layers.0.mlp.down_proj"
+    b = factors[f"base_model.model.{name}.lora_B.weight"]
+    a = factors[f"base_model.model.{name}.lora_A.weight"]
+    tau = sft[f"{name}.weight"] - base[f"{name}.weight"]
+    u, s, vh = torch.linalg.svd(tau)  # the naive reference: full SVD, keep 2
+    torch.testing.assert_close(b @ a, (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5, rtol=1e-4)
+    # no overwrite without --force; exit 2
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "already exists" in res.output
+    res = CliRunner().invoke(app, [*args, "--force", "-q"])
+    assert res.exit_code == 0, res.output
+
+
+def test_extract_refusals(family: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="task vector is zero"):
+        extract_lora(family["base"], family["base"], tmp_path / "a", rank=2)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(OutputExistsError):
+        extract_lora(family["base"], family["sft1"], family["sft1"] / "lora", rank=2)
+    res = CliRunner().invoke(
+        app, ["lora", "extract", str(family["base"]), str(family["sft1"]), "-o", "x", "-r", "0"]
+    )
+    assert res.exit_code == 2

@@ -1,0 +1,174 @@
+"""`rlmerge reproduce`: the demo's outputs re-made bit for bit from their records alone; a changed
+or missing input is named before any work; a changed output is reported (exit 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from mergekit_rl.cli.app import app
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mergekit_rl.demo import run_demo
+from mergekit_rl.errors import InputNotFoundError, UsageError
+from mergekit_rl.reproduce import reproduce
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repro") / "demo"
+    run_demo(root, echo=lambda s: None)
+    return root
+
+
+DEMO_OUTPUTS = [
+    "salsa_ref",
+    "sweep/alpha-0.5",
+    "slerp",
+    "tau_rlhf.safetensors",
+    "sft2_plus_rl",
+]
+
+
+@pytest.mark.parametrize("name", DEMO_OUTPUTS)
+def test_demo_outputs_reproduce_bit_for_bit(demo: Path, name: str, tmp_path: Path) -> None:
+    report = reproduce(demo / "outputs" / name, tmp_path / "new")
+    assert report.identical and report.differing == [] and report.tensors > 0
+    assert all(r["status"] == "unchanged" for r in report.inputs)
+    assert (tmp_path / "new").exists()  # kept where -o said
+
+
+def test_reproduce_from_another_directory_via_cli(demo: Path, tmp_path: Path) -> None:
+    """The record holds the working directory, so relative paths in the command still resolve."""
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        res = CliRunner().invoke(app, ["reproduce", str(demo / "outputs" / "salsa_ref"), "--json"])
+    finally:
+        os.chdir(here)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["command"] == "reproduce" and report["ok"] and report["identical"]
+    assert report["outputs"] == []  # a temporary folder, removed
+    assert report["rerun"].startswith("rlmerge soup ")
+
+
+def test_merge_recipe_output_reproduces(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(
+        "merge_method: ties\n"
+        f"base_model: {demo / 'models' / 'base'}\n"
+        "models:\n"
+        f"  - model: {demo / 'models' / 'sft1'}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+        f"  - model: {demo / 'models' / 'sft2'}\n    parameters: {{weight: 0.4, density: 0.5}}\n"
+        "dtype: float32\n"
+    )
+    args = ["merge", str(recipe), "-o", str(tmp_path / "ties"), "-q"]
+    monkeypatch.setattr("sys.argv", ["rlmerge", *args])  # what the command line records
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    recipe.unlink()  # reproduce uses the recipe recorded in the output, not the file
+    report = reproduce(tmp_path / "ties")
+    assert report.identical
+
+
+def test_changed_input_is_named_before_any_work(demo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(demo / "models", root / "models")
+    from mergekit_rl import ops
+    from mergekit_rl.engine import RunOptions
+
+    quiet = ops.WriteOptions(run=RunOptions(progress="none"), command="")
+    a, b = root / "models" / "sft1", root / "models" / "sft2"
+    opts = ops.WriteOptions(run=quiet.run, command=f"rlmerge soup {a} {b} -o {root / 'soup'}")
+    ops.soup([a, b], root / "soup", opts=opts)
+    assert reproduce(root / "soup").identical
+
+    # one element of sft2 changes: the fingerprint names it (exit 2 through the CLI)
+    weights = b / "model.safetensors"
+    state = load_file(weights)
+    state["model.norm.weight"][0] += 1.0
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(UsageError, match=r"input '.*sft2' of .* has changed"):
+        reproduce(root / "soup")
+    res = CliRunner().invoke(app, ["reproduce", str(root / "soup")])
+    assert res.exit_code == 2 and "has changed" in res.output
+
+    # gone altogether
+    shutil.rmtree(a)
+    with pytest.raises(InputNotFoundError, match=r"input '.*sft1' .* cannot be found"):
+        reproduce(root / "soup")
+
+
+def test_changed_output_is_reported_not_identical(demo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "salsa_ref"
+    shutil.copytree(demo / "outputs" / "salsa_ref", out)
+    weights = out / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        meta = f.metadata()
+    state = load_file(weights)
+    state["model.layers.1.mlp.up_proj.weight"][3, 3] += 1e-3
+    save_file(state, weights, metadata=meta)
+    report = reproduce(out)
+    assert not report.identical
+    assert report.differing == ["model.layers.1.mlp.up_proj.weight"]
+    res = CliRunner().invoke(app, ["reproduce", str(out)])
+    assert res.exit_code == 1 and "not reproduced" in res.output
+
+
+def test_refuses_what_it_cannot_rerun(family: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no rlmerge record"):
+        reproduce(family["sft1"])  # written by transformers, not rlmerge
+    with pytest.raises(InputNotFoundError):
+        reproduce(tmp_path / "nothing")
+    fake = tmp_path / "trained.safetensors"
+    meta = {"rlmerge_command": "rlmerge train r.yaml", "rlmerge_inputs": "[]"}
+    save_file({"w": torch.zeros(2)}, fake, metadata=meta)
+    with pytest.raises(UsageError, match="training run is reproduced by running its"):
+        reproduce(fake)
+
+
+def test_hub_input_is_pinned_to_its_recorded_commit(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub input is re-resolved at the recorded commit, even after the repo's main moved on
+    (offline, from a cache laid out as huggingface_hub writes it)."""
+    import shutil
+
+    from mergekit_rl import ops
+    from mergekit_rl.engine import RunOptions
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sft"
+    old, new = "a" * 40, "b" * 40
+    shutil.copytree(family["sft2"], repo / "snapshots" / old)
+    shutil.copytree(family["rlhf"], repo / "snapshots" / new)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+    out = tmp_path / "soup"
+    cmd = f"rlmerge soup {family['sft1']} someone/tiny-sft -o {out}"
+    opts = ops.WriteOptions(run=RunOptions(progress="none"), command=cmd)
+    ops.soup([family["sft1"], "someone/tiny-sft"], out, opts=opts)
+    (repo / "refs" / "main").write_text(new)  # the repo moved on
+
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}  # for the re-run subprocess
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    report = reproduce(out)
+    assert report.identical
+    assert f"someone/tiny-sft@{old}" in report.rerun and report.inputs[1]["status"] == "unchanged"
