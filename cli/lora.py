@@ -9,7 +9,7 @@ import typer
 
 from mergekit_rl.engine import parse_dtype
 
-from .common import Device, Dtype, Force, Json, Quiet, command_line, err_console, print_json
+from .common import Device, Dtype, Force, Json, Quiet, command_line, emit_json, err_console
 from .errors import boundary
 
 lora_app = typer.Typer(help="LoRA adapters: extract one from a fine-tuned model.")
@@ -34,14 +34,14 @@ def extract(
 
     Example: rlmerge lora extract models/base models/sft1 --rank 8 -o sft1-lora
     """
-    with boundary():
+    with boundary("lora extract", json):
         from mergekit_rl.lora import extract_lora
 
         summary = extract_lora(
             base, finetuned, output, rank, device, parse_dtype(dtype), force, command_line()
         )
         if json:
-            print_json(summary.to_dict())
+            emit_json("lora extract", outputs=summary.outputs, **summary.to_dict())
         elif not quiet:
             dropped = f"; not carried: {len(summary.dropped)} tensors" if summary.dropped else ""
             err_console.print(

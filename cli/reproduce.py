@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import Force, Json, Quiet, err_console, print_json
+from .common import Force, Json, Quiet, err_console, json_envelope, print_json
 from .errors import boundary
 
 
@@ -29,12 +29,15 @@ def reproduce(
 
     Example: rlmerge reproduce demo/outputs/salsa_ref
     """
-    with boundary():
+    with boundary("reproduce", json):
         from mergekit_rl.reproduce import reproduce as run_reproduce
 
         report = run_reproduce(output, new, force)
         if json:
-            print_json(report.to_dict())
+            outputs = [str(report.new)] if report.new else []
+            print_json(
+                json_envelope("reproduce", outputs=outputs, ok=report.identical, **report.to_dict())
+            )
         elif not quiet:
             for rec in report.inputs:
                 err_console.print(f"input {rec['ref']}: {rec['status']}", soft_wrap=True)

@@ -58,12 +58,8 @@ class ExtractSummary:
     dropped: list[str] = field(default_factory=list)  # changed tensors LoRA cannot carry
 
     def to_dict(self) -> dict[str, object]:
+        """The command-specific keys of the --json envelope (the CLI adds the envelope)."""
         return {
-            "schema_version": 1,
-            "command": "lora extract",
-            "ok": True,
-            "outputs": self.outputs,
-            "stages": [],
             "rank": self.rank,
             "modules": self.modules,
             "energy_kept": round(self.kept, 6),

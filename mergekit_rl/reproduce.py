@@ -62,12 +62,8 @@ class ReproduceReport:
     differing: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The command-specific keys of the --json envelope (the CLI adds the envelope)."""
         return {
-            "schema_version": 1,
-            "command": "reproduce",
-            "ok": self.identical,
-            "outputs": [str(self.new)] if self.new else [],
-            "stages": [],
             "reproduced": str(self.output),
             "identical": self.identical,
             "tensors": self.tensors,

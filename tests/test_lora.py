@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from mergekit_rl.errors import OutputExistsError, UsageError
 from mergekit_rl.io.reader import open_checkpoint
 from mergekit_rl.lora import extract_lora, low_rank
+from tests.cli.envelope import check
 from tests.conftest import load_state
 
 peft = pytest.importorskip("peft")
@@ -77,8 +78,7 @@ def test_cli_extract_low_rank_of_a_full_finetune(family: dict[str, Path], tmp_pa
     args = ["lora", "extract", str(family["base"]), str(family["sft1"]), "-r", "2", "-o", str(out)]
     res = CliRunner().invoke(app, [*args, "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
-    assert report["schema_version"] == 1 and report["command"] == "lora extract"
+    report = check(res.stdout, "lora extract")  # the documented --json envelope
     assert report["outputs"] == [str(out)] and 0.0 < report["energy_kept"] < 1.0
     assert "model.norm.weight" in report["dropped"]  # the tiny family perturbs every tensor
     factors = load_file(out / "adapter_model.safetensors")

@@ -3,7 +3,6 @@ or missing input is named before any work; a changed output is reported (exit 1)
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from mergekit_rl.demo import run_demo
 from mergekit_rl.errors import InputNotFoundError, UsageError
 from mergekit_rl.reproduce import reproduce
+from tests.cli.envelope import check
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_reproduce_from_another_directory_via_cli(demo: Path, tmp_path: Path) ->
     finally:
         os.chdir(here)
     assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
-    assert report["command"] == "reproduce" and report["ok"] and report["identical"]
+    report = check(res.stdout, "reproduce")  # the documented --json envelope
+    assert report["ok"] and report["identical"]
     assert report["outputs"] == []  # a temporary folder, removed
     assert report["rerun"].startswith("rlmerge soup ")
 
