@@ -14,7 +14,8 @@ import typer
 
 from mergekit_rl import __version__
 
-from . import demo, merge, models, train
+from . import demo, lab, merge, models, plot, train
+from . import eval as eval_cli
 from .errors import DEBUG
 
 app = typer.Typer(
@@ -47,6 +48,9 @@ models.register(app)
 merge.register(app)
 demo.register(app)
 train.register(app)
+eval_cli.register(app)
+plot.register(app)
+lab.register(app)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -28,6 +29,9 @@ from .common import (
 from .errors import boundary
 
 DEFAULT_SHARD = "5GB"
+GREEDY_HELP = (
+    "Greedy soup: add models by their own score, keeping one only if the soup's score improves."
+)
 task_vector_app = typer.Typer(help="Extract and apply task vectors (tau = finetuned - base).")
 
 
@@ -42,6 +46,13 @@ def soup(
     tokenizer_source: Annotated[
         int, typer.Option(help="Index of the model whose config/tokenizer is copied.")
     ] = 0,
+    greedy: Annotated[bool, typer.Option("--greedy", help=GREEDY_HELP)] = False,
+    eval_prompts: Annotated[
+        Path | None, typer.Option(help="Held-out prompts scored by --greedy.")
+    ] = None,
+    reward: Annotated[str, typer.Option(help="--greedy's reward (as `rlmerge eval`).")] = (
+        "sentiment"
+    ),
     device: Device = "cpu",
     dtype: Dtype = None,
     max_shard_size: MaxShardSize = DEFAULT_SHARD,
@@ -53,13 +64,19 @@ def soup(
     """Average models (uniform or weighted): a model soup, or a SALSA reference model.
 
     Example: rlmerge soup sft_seed1 sft_seed2 -o ref
+    (greedy: rlmerge soup a b c -o soup --greedy --eval-prompts prompts.jsonl --reward sentiment)
     """
     with boundary():
         opts = write_options(device, dtype, max_shard_size, force, quiet, json, allow_pickle)
         w = parse_floats(weights, "--weights")
         if not 0 <= tokenizer_source < len(models):
             raise UsageError(f"--tokenizer-source {tokenizer_source} is not a model index.")
-        report(ops.soup(models, output, w, opts, tokenizer_source), quiet, json)
+        notes = ""
+        if greedy:
+            from .lab import greedy_weights
+
+            w, notes = greedy_weights(models, w, eval_prompts, reward, device, output, force)
+        report(ops.soup(models, output, w, opts, tokenizer_source, notes), quiet, json)
 
 
 def interpolate(

@@ -113,6 +113,12 @@ class LengthReward(_Strict):
     weight: float = 1.0
 
 
+class SentimentReward(_Strict):
+    """VADER's compound sentiment score of the completion, in [-1, 1] (needs the `lab` extra)."""
+
+    weight: float = 1.0
+
+
 class ModelReward(_Strict):
     path: str = Field(min_length=1)  # a sequence-classification checkpoint (one score)
     weight: float = 1.0
@@ -129,6 +135,7 @@ class RewardSpec(_Strict):
     keyword: KeywordReward | None = None
     regex: RegexReward | None = None
     length: LengthReward | None = None
+    sentiment: SentimentReward | None = None
     model: ModelReward | None = None
     function: FunctionReward | None = None
 
@@ -245,7 +252,7 @@ def cross_problems(doc: dict[str, Any], allow_code: bool) -> Problems:
         problems.append(
             (
                 "reward",
-                f"required for algorithm {algorithm}: give keyword, regex, length, model "
+                f"required for algorithm {algorithm}: give keyword, regex, length, sentiment, model "
                 "or function (see `rlmerge train --help`).",
             )
         )
