@@ -138,7 +138,9 @@ def _reward_model(path: str, device: str) -> Callable[..., list[float]]:
 def load_model(ref: str, device: str) -> tuple[Any, nn.Module]:
     """Tokenizer (left padding, a pad token) and causal LM in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per model load: noise next to ours
     try:
         tok = AutoTokenizer.from_pretrained(ref)
         model = AutoModelForCausalLM.from_pretrained(ref)

@@ -47,7 +47,7 @@ class Budget:
     seeds: int = 3
     hidden: int = 64
     layers: int = 3
-    vocab: int = 400
+    vocab: int = 600  # enough merges that every template word is one token
     corpus: int = 3000
     heldout: int = 200
     sft: int = 1500
@@ -64,7 +64,7 @@ class Budget:
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     dpo_lr: float = 5e-4
     grpo_lr: float = 5e-4
-    max_new_tokens: int = 12
+    max_new_tokens: int = 16  # a completion is ~10 tokens: cut words would score 0
 
 
 DEFAULT = Budget()
@@ -616,7 +616,10 @@ def comparisons(summary: list[dict[str, Any]], b: Budget) -> list[str]:
         else:
             verdict = "less reward at more KL: the paper's claim does not hold here"
         if b.seeds > 1 and abs(dr) <= noise:
-            verdict += f" (the reward difference is within one seed std, {noise:.3f})"
+            verdict += (
+                f"; but the reward difference is within one seed std ({noise:.3f}), so "
+                f"{b.seeds} seeds do not settle it"
+            )
         lines.append(
             f"- **{method}** vs {baseline} at beta {beta:g} ({paper}): reward {dr:+.3f}, "
             f"KL {dk:+.4f}, held-out perplexity {dp:+.2f}; {verdict}."
