@@ -24,7 +24,7 @@ def eval_command(
         str,
         typer.Option(
             help="A reward `rlmerge train` accepts: a name (sentiment), inline YAML "
-            "('{keyword: {words: [great]}}') or a YAML file (a reward mapping or a train recipe)."
+            "('{length: {target: 12}}') or a YAML file (a reward mapping or a train recipe)."
         ),
     ] = "sentiment",
     reference: Annotated[

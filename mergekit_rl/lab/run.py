@@ -31,7 +31,7 @@ import yaml
 
 from .. import __version__, ops
 from ..engine import RunOptions
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, UsageError
 from . import data as labdata
 from . import metrics
 from .evaluate import EvalSettings, Scorer, evaluate, load_model, sample
@@ -133,6 +133,8 @@ def _run_lab(out: Path, seeds: int | None, quick: bool, force: bool, echo: Echo)
     if seeds is not None:
         budget = replace(budget, seeds=seeds)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' is a file; give a directory for the lab.")
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputExistsError(f"lab directory '{out}' is not empty; pass --force or another DIR.")
     out.mkdir(parents=True, exist_ok=True)

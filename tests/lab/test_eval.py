@@ -151,3 +151,27 @@ def test_eval_cli_bad_input(family: dict[str, Path], files, tmp_path: Path) -> N
         app, ["eval", str(family["sft1"]), "--prompts", str(files["prompts"]), "--reward", "nope"]
     )
     assert bad.exit_code == 2 and "--reward" in bad.stderr
+
+
+@torch.no_grad()
+def test_model_reward_scores_prompt_plus_completion(tmp_path: Path) -> None:
+    from transformers import LlamaForSequenceClassification
+
+    from mergekit_rl.tiny import build_tokenizer, tiny_config
+
+    tok = build_tokenizer()
+    config = tiny_config(len(tok))
+    config.num_labels = 1
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(config).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    scorer = ev.Scorer({"model": {"path": str(tmp_path / "rm")}}, "cpu", False)
+    prompts, completions = ["the policy", "a"], [" model learns from human preferences", " soup"]
+    got = scorer(prompts, completions, [[1], [1]])
+    want = [  # one text at a time: no padding
+        rm(**tok(p + c, return_tensors="pt")).logits[0, 0].item()
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got[0] != got[1]

@@ -59,3 +59,11 @@ def test_lab_quick_end_to_end(tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = runner.invoke(app, ["lab", "--out", str(out), "--quick"])
     assert again.exit_code == 2 and "--force" in again.stderr  # nothing is overwritten
+
+
+def test_lab_refuses_a_file_as_out(tmp_path: Path) -> None:
+    f = tmp_path / "notadir"
+    f.write_text("keep me")
+    got = runner.invoke(app, ["lab", "--out", str(f), "--quick"])
+    assert got.exit_code == 2 and "is a file" in got.stderr
+    assert f.read_text() == "keep me"
