@@ -155,8 +155,15 @@ def load_model(ref: str, device: str) -> tuple[Any, nn.Module]:
 
 
 def _forward(model: nn.Module, seq: Tensor, attn: Tensor, keep: int) -> Tensor:
-    """Logits [B, keep, V] of the last `keep` positions, with padding-aware positions."""
-    out = model(input_ids=seq, attention_mask=attn, position_ids=metrics.position_ids(attn)).logits
+    """Logits [B, keep, V] of the last `keep` positions, with padding-aware positions.
+
+    `logits_to_keep` spares the [B, T, V] logits of the prompt (GBs at a 150k vocabulary);
+    models whose forward lacks it compute them all."""
+    kw = dict(input_ids=seq, attention_mask=attn, position_ids=metrics.position_ids(attn))
+    try:
+        out = model(**kw, logits_to_keep=keep).logits
+    except TypeError:
+        out = model(**kw).logits
     return out[:, -keep:]
 
 
