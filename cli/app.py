@@ -15,7 +15,8 @@ from typer.core import TyperGroup, TyperOption
 
 from mergekit_rl import __version__
 
-from . import demo, lora, merge, models, reproduce, train
+from . import demo, lab, lora, merge, models, plot, reproduce, train
+from . import eval as eval_cli
 from .errors import DEBUG
 
 _display_type_rich = TyperOption.display_type_rich
@@ -78,6 +79,9 @@ demo.register(app)
 train.register(app)
 lora.register(app)
 reproduce.register(app)
+eval_cli.register(app)
+plot.register(app)
+lab.register(app)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -99,6 +99,9 @@ KEY_DOCS: dict[str, str] = {
     "reward.keyword": "1 when the completion contains the words (or a count of them).",
     "reward.regex": "1.0 when `re.search(pattern)` finds a match, else 0.0.",
     "reward.length": "-penalty * |length - target| / target, length in tokens.",
+    "reward.sentiment": "VADER's compound sentiment score of the completion, in [-1, 1] "
+    "(needs the `lab` extra).",
+    "reward.sentiment.weight": "This reward's weight in the sum.",
     "reward.model": "The score of a sequence-classification checkpoint.",
     "reward.function": "A Python function `module:function` (needs `--allow-code`).",
     "reward.keyword.words": "The words to look for.",

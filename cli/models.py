@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,6 +30,9 @@ from .common import (
 from .errors import boundary
 
 DEFAULT_SHARD = "5GB"
+GREEDY_HELP = (
+    "Greedy soup: add models by their own score, keeping one only if the soup's score improves."
+)
 task_vector_app = typer.Typer(help="Extract and apply task vectors (tau = finetuned - base).")
 
 
@@ -41,6 +45,13 @@ def soup(
         str | None, typer.Option(help="Comma-separated weights, normalised (default: uniform).")
     ] = None,
     tokenizer_source: TokenizerSource = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help=GREEDY_HELP)] = False,
+    eval_prompts: Annotated[
+        Path | None, typer.Option(help="Held-out prompts scored by --greedy.")
+    ] = None,
+    reward: Annotated[str, typer.Option(help="--greedy's reward (as `rlmerge eval`).")] = (
+        "sentiment"
+    ),
     device: Device = "cpu",
     dtype: Dtype = None,
     max_shard_size: MaxShardSize = DEFAULT_SHARD,
@@ -52,12 +63,18 @@ def soup(
     """Average models (uniform or weighted): a model soup, or a SALSA reference model.
 
     Example: rlmerge soup sft_seed1 sft_seed2 -o ref
+    (greedy: rlmerge soup a b c -o soup --greedy --eval-prompts prompts.jsonl --reward sentiment)
     """
     with boundary("soup", json):
         opts = write_options(device, dtype, max_shard_size, force, quiet, json, allow_pickle)
         w = parse_floats(weights, "--weights")
         tok = tokenizer_index(tokenizer_source, models)
-        report("soup", ops.soup(models, output, w, opts, tok), quiet, json)
+        notes = ""
+        if greedy:
+            from .lab import greedy_weights
+
+            w, notes = greedy_weights(models, w, eval_prompts, reward, device, output, force)
+        report("soup", ops.soup(models, output, w, opts, tok, notes), quiet, json)
 
 
 def tokenizer_index(value: str | None, models: list[str]) -> int:

@@ -58,6 +58,7 @@ def output_spec(
     names: Sequence[str],
     metadata: dict[str, str] | None = None,
     recipe: str | None = None,
+    notes: str = "",
 ) -> OutputSpec:
     """An output with config/tokenizer from `aux_from`, a model card and provenance metadata."""
     updates = {}
@@ -73,7 +74,7 @@ def output_spec(
         single_file=single,
         aux_from=aux_from,
         config_updates=updates,
-        card=model_card(title, opts.command, inputs, opts.dtype, recipe=recipe),
+        card=model_card(title, opts.command, inputs, opts.dtype, recipe=recipe, notes=notes),
         metadata={**provenance(opts.command, inputs), **(metadata or {})},
         extra_files={"rlmerge_recipe.yaml": recipe} if recipe else {},
     )
@@ -97,8 +98,11 @@ def soup(
     weights: Sequence[float] | None = None,
     opts: WriteOptions = WriteOptions(),
     tokenizer_source: int = 0,
+    notes: str = "",
 ) -> RunSummary:
-    """Uniform or weighted (normalised) average of models: a model soup / SALSA reference."""
+    """Uniform or weighted (normalised) average of models: a model soup / SALSA reference.
+
+    `notes`: markdown added to the model card (a greedy soup's selection record)."""
     if len(models) < 2:
         raise UsageError("a soup needs at least two models.")
     weights = list(weights) if weights is not None else [1.0] * len(models)
@@ -109,7 +113,9 @@ def soup(
     with open_inputs(models, opts.allow_pickle) as ckpts:
         check_output_path(out, [c.source for c in ckpts], opts.run.force)
         names = check_compatible(ckpts)
-        spec = output_spec(out, ckpts, ckpts[tokenizer_source], opts, "Model soup", names)
+        spec = output_spec(
+            out, ckpts, ckpts[tokenizer_source], opts, "Model soup", names, notes=notes
+        )
         jobs = identity_jobs(ckpts[0], names, len(ckpts))
         return run_jobs(ckpts, jobs, _linear(weights, normalize=True), [spec], opts.run, "soup")
 

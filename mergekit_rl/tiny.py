@@ -21,7 +21,7 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(vocab_size: int = 256):
+def build_tokenizer(vocab_size: int = 256, corpus: list[str] | None = None):
     """A byte-level BPE tokenizer trained offline on a small corpus (no hub access)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,7 +35,7 @@ def build_tokenizer(vocab_size: int = 256):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus or CORPUS, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
     )

@@ -125,6 +125,12 @@ class LengthReward(_Strict):
     weight: float = 1.0
 
 
+class SentimentReward(_Strict):
+    """VADER's compound sentiment score of the completion, in [-1, 1] (needs the `lab` extra)."""
+
+    weight: float = 1.0
+
+
 class ModelReward(_Strict):
     path: str = Field(min_length=1)  # a sequence-classification checkpoint (one score)
     weight: float = 1.0
@@ -141,6 +147,7 @@ class RewardSpec(_Strict):
     keyword: KeywordReward | None = None
     regex: RegexReward | None = None
     length: LengthReward | None = None
+    sentiment: SentimentReward | None = None
     model: ModelReward | None = None
     function: FunctionReward | None = None
 
@@ -264,8 +271,8 @@ def cross_problems(doc: dict[str, Any], allow_code: bool) -> Problems:
         problems.append(
             (
                 "reward",
-                f"required for algorithm {algorithm}: give keyword, regex, length, model "
-                "or function (the reward keys are in docs/training.md).",
+                f"required for algorithm {algorithm}: give keyword, regex, length, sentiment, "
+                "model or function (the reward keys are in docs/training.md).",
             )
         )
     if algorithm in ("dpo", "kto") and reward:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import RunError, UsageError
-from .recipe import KeywordReward, LengthReward, RegexReward, RewardSpec
+from .recipe import KeywordReward, LengthReward, RegexReward, RewardSpec, SentimentReward
 
 RewardFunc = Callable[..., list[float]]
 
@@ -88,6 +88,22 @@ def length_reward(spec: LengthReward) -> RewardFunc:
     return length
 
 
+def sentiment_reward(spec: SentimentReward) -> RewardFunc:
+    """VADER's compound score of each completion: -1 (negative) to +1 (positive), 0 neutral."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as e:
+        raise UsageError(
+            'reward.sentiment needs the vaderSentiment package: pip install -e ".[lab]".'
+        ) from e
+    analyzer = SentimentIntensityAnalyzer()
+
+    def sentiment(prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float]:
+        return [analyzer.polarity_scores(completion_text(c))["compound"] for c in completions]
+
+    return sentiment
+
+
 def import_function(call: str) -> RewardFunc:
     """`package.module:function` -> the function (the caller checked that code is allowed)."""
     module_name, _, name = call.partition(":")
@@ -114,6 +130,8 @@ def build_rewards(spec: RewardSpec) -> tuple[list[RewardFunc | str], list[float]
             funcs.append(regex_reward(entry))
         elif key == "length":
             funcs.append(length_reward(entry))
+        elif key == "sentiment":
+            funcs.append(sentiment_reward(entry))
         elif key == "model":
             funcs.append(entry.path)
         else:

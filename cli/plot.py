@@ -1,0 +1,54 @@
+"""`rlmerge plot`: reward against KL / perplexity from `rlmerge eval` or `rlmerge lab` results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergekit_rl.errors import OutputExistsError, UsageError
+
+from .common import Force, Json, emit_json, err_console
+from .errors import boundary
+
+
+def plot_command(
+    results: Annotated[
+        list[Path],
+        typer.Argument(help="`rlmerge eval --json` / `--csv` outputs or a lab results.json."),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The figure (.png).")],
+    x: Annotated[str, typer.Option(help="Drift axis: kl or ppl.")] = "kl",
+    title: Annotated[str | None, typer.Option(help="Figure title.")] = None,
+    force: Force = False,
+    json_out: Json = False,
+) -> None:
+    """Plot reward against drift: one colour per method, lines through sweeps, error bars
+    from seeds, the Pareto front marked.
+
+    Example: rlmerge plot lab/results.json -o pareto.png --x ppl
+    """
+    with boundary("plot", json_out):
+        from mergekit_rl.lab.plot import load_rows, plot
+
+        if output.suffix.lower() != ".png":
+            raise UsageError(f"--output {output}: the figure is a PNG; name it *.png.")
+        if output.exists() and not force:
+            raise OutputExistsError(f"--output {output} exists; pass --force to replace it.")
+        if output.resolve() in {p.resolve() for p in results}:
+            raise UsageError(f"--output {output} is one of the inputs.")
+        points = plot(load_rows(results), output, x, title)
+        if json_out:
+            emit_json(
+                "plot",
+                outputs=[str(output)],
+                stages=[],
+                points=[p.__dict__ for p in points],
+            )
+        else:
+            err_console.print(f"[green]wrote[/green] {output}: {len(points)} points")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plot")(plot_command)
