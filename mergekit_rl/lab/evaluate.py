@@ -27,11 +27,29 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..errors import InputNotFoundError, UsageError
-from ..train.data import read_lines
+from ..train.data import read_records
 from ..train.recipe import RewardSpec
 from . import metrics
 
 OnBatch = Callable[[str, int, int], None]  # (model label, batches done, batches in all)
+
+
+def read_lines(
+    path: str | Path, what: str, key: str = "prompt", limit: int | None = None
+) -> list[str]:
+    """The `key` text of each held-out record (train.data.read_records: .jsonl / .json objects,
+    or one per line of any other file). Chat prompts (message lists) are refused: eval samples
+    from plain text."""
+    texts = []
+    for n, record in enumerate(read_records(path, what, key, limit), 1):
+        value = record[key]
+        if not isinstance(value, str):
+            raise UsageError(
+                f"{what} {path} record {n}: '{key}' must be text; rlmerge eval does not take "
+                "chat prompts (message lists) yet."
+            )
+        texts.append(value)
+    return texts
 
 
 @dataclass(frozen=True)

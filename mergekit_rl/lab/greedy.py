@@ -65,7 +65,7 @@ def greedy_soup_weights(
 ) -> tuple[list[float], GreedyResult]:
     """Soup weights (1 for chosen candidates, 0 for the rest) and the selection record."""
     scorer = Scorer(settings.reward, settings.device, settings.allow_code)
-    from ..train.data import read_lines
+    from .evaluate import read_lines
 
     prompts = read_lines(settings.prompts, "--eval-prompts file", limit=settings.max_prompts)
     tok, model = load_model(models[0], settings.device)
