@@ -99,13 +99,15 @@ def kill_trial(
 
 def reference_run(args: Sequence[str], out: Path) -> tuple[dict[str, bytes], float]:
     """An uninterrupted run: the output's bytes, and the seconds from the writer's first temp
-    file to the process exit (the window the kills aim at). Leaves `out` removed."""
+    file to the commit that removes it (the window the kills aim at). Leaves `out` removed."""
     proc = subprocess.Popen([*RLMERGE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while proc.poll() is None and not leftovers(out.parent):
         time.sleep(0.001)
     t0 = time.monotonic()
-    _, err = proc.communicate()
+    while proc.poll() is None and leftovers(out.parent):  # until the commit removes them
+        time.sleep(0.001)
     window = time.monotonic() - t0
+    _, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"rlmerge {' '.join(args)} failed: {err.decode()[-2000:]}")
     ref = snapshot(out)
