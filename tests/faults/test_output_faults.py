@@ -53,22 +53,24 @@ def test_force_over_a_symlink_replaces_the_link_not_its_target(tmp_path: Path) -
     (target / "keep.txt").write_text("not ours")
     link = tmp_path / "out"
     link.symlink_to(target)
-    with pytest.raises(OutputExistsError, match="symbolic link"):
-        check_output_path(link, [], False)
     write(link, force=True)
     assert not link.is_symlink() and torch.equal(load_state(link)["w"], T)
     assert (target / "keep.txt").read_text() == "not ours"  # never followed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]  # no temp dirs
+    (tmp_path / "link2").symlink_to(target)
+    with pytest.raises(OutputExistsError, match="symbolic link"):  # and without --force
+        check_output_path(tmp_path / "link2", [], False)
 
 
 def test_force_over_a_dangling_symlink(tmp_path: Path) -> None:
     link = tmp_path / "out"
     link.symlink_to(tmp_path / "missing")
-    with pytest.raises(OutputExistsError, match="symbolic link"):
-        check_output_path(link, [], False)
     write(link, force=True)
     assert link.is_dir() and not link.is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "link2").symlink_to(tmp_path / "missing")
+    with pytest.raises(OutputExistsError, match="symbolic link"):  # exists, though dangling
+        check_output_path(tmp_path / "link2", [], False)
 
 
 def test_force_over_a_symlinked_file_output(tmp_path: Path) -> None:
