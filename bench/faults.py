@@ -7,7 +7,8 @@ output / corrupt output / leftover files after the next run). A few-MB tiny Llam
 built in RLMERGE_BENCH_WORK (default bench/_work)/faults. Outcome definitions:
 
 - kill -9: the command is SIGKILLed at a random moment (4 in 5 inside the writer's window,
-  from its first temp file to its commit; 1 in 5 anywhere from process start). "complete" means
+  from its first temp file to its commit, as measured on an uninterrupted run and shrunk each
+  time a kill comes after the commit; 1 in 5 anywhere in the first 4 s from process start). "complete" means
   byte for byte the uninterrupted run's output; after each trial that left anything, the same
   command runs again and must remove the leftovers and write the reference output.
 - write errors: RLIMIT_FSIZE at several limits; "clean error" is exit 1 with one message that
@@ -99,12 +100,17 @@ def kills(fam: dict[str, Path], n: int, rng: random.Random) -> list[tuple[str, i
             from_start = i % 5 == 4
             delay = rng.uniform(0, 4.0 if from_start else 1.1 * window)
             t = kill_trial(args, out, reference, delay, from_start=from_start)
+            if not from_start and t.killed and t.state == "complete" and not t.leftovers:
+                window = max(0.02, delay)  # the commit came before `delay`: aim earlier
             counts[t.state] += 1
             counts["killed"] += t.killed
             counts["left right after kill"] += t.leftovers > 0
             if t.cleaned is False or leftovers(out.parent):
                 counts["leftovers after next run"] += 1
-        print(f"  kill -9 {name}: window {window * 1000:.0f} ms, {dict(counts)}", flush=True)
+        print(
+            f"  kill -9 {name}: window {window * 1000:.0f} ms at the end, {dict(counts)}",
+            flush=True,
+        )
         rows.append((f"kill -9 during `{name}`", n, counts))
     return rows
 
