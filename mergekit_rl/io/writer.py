@@ -175,7 +175,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def temp_dirs(out: Path) -> list[tuple[Path, int | None]]:
+def temp_dirs(out: Path) -> list[tuple[Path, int]]:
     """Temporary outputs of writers to `out` (`.NAME.rlmerge-tmp-[old-]PID`), with their PIDs."""
     found = []
     for p in out.parent.glob(f".{glob.escape(out.name)}{TMP_MARK}*"):
@@ -185,7 +185,7 @@ def temp_dirs(out: Path) -> list[tuple[Path, int | None]]:
     return found
 
 
-def clean_stale(out: Path, keep: Sequence[Path] = ()) -> list[Path]:
+def clean_stale(out: Path) -> list[Path]:
     """Remove temp directories left by dead writers to `out` (a kill -9, a power cut); warn
     about ones whose PID is alive (another process may own them). Returns what was removed.
 
@@ -193,8 +193,6 @@ def clean_stale(out: Path, keep: Sequence[Path] = ()) -> list[Path]:
     """
     removed = []
     for path, pid in temp_dirs(out):
-        if path in keep:
-            continue
         if pid == os.getpid() or not pid_alive(pid):
             remove_path(path)
             removed.append(path)

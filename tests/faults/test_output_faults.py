@@ -242,3 +242,17 @@ def test_every_writing_command_fails_cleanly_when_files_cannot_grow(
         assert err.count("rlmerge: failed:") == 1 and "Traceback" not in err, err
         assert "File too large" in err and str(out) in err.replace("out.safetensors", "out"), err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["tau.safetensors", "ties.yaml"]
+
+
+def test_force_without_atomic_exchange_falls_back_to_two_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filesystems without RENAME_EXCHANGE: old output aside, new one in, old one removed."""
+    import mergekit_rl.io.writer as writer
+
+    out = tmp_path / "out"
+    write(out)
+    monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
+    write(out, force=True, value=T + 1)
+    assert torch.equal(load_state(out)["w"], T + 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
