@@ -6,6 +6,7 @@ function and prints the result. Errors are mapped to messages and exit codes in 
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from typing import Annotated
@@ -88,7 +89,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"rlmerge: warning: {message}", file=sys.stderr)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM interrupts like Ctrl-C (temporary files removed, exit 130); a file-size limit
+    (`ulimit -f`) becomes a write error naming the file (exit 1) instead of killing us."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main() -> None:
+    install_signal_handlers()
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

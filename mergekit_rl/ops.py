@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from .engine import OutputSpec, RunOptions, RunSummary, TensorJob, identity_jobs, run_jobs
-from .errors import UsageError
+from .errors import RunError, UsageError
 from .io.card import model_card, provenance
 from .io.reader import TIED_METADATA_KEY, Checkpoint, check_compatible, open_checkpoint
-from .io.writer import check_output_path
+from .io.writer import AtomicDir, check_output_path
 from .merge.registry import TensorContext, get_method
 
 TV_KIND = "task_vector"
@@ -135,8 +135,9 @@ def interpolate(
 ) -> RunSummary:
     """theta(a) = (1 - a) * SFT + a * RLHF (or slerp), every alpha in one read pass.
 
-    One alpha writes OUT; several write OUT/alpha-<a> each. Config and tokenizer come from
-    input `tokenizer_source` (0: SFT, 1: RLHF).
+    One alpha writes OUT; several write OUT/alpha-<a> each, and OUT as a whole is one atomic
+    output (all alphas or none; an existing OUT is replaced as a whole with --force). Config and
+    tokenizer come from input `tokenizer_source` (0: SFT, 1: RLHF).
     """
     if not alphas:
         raise UsageError("--alpha needs at least one value.")
@@ -144,25 +145,43 @@ def interpolate(
         raise UsageError(f"--method '{method}' is unknown: use lerp or slerp.")
     if len(set(alphas)) != len(alphas):
         raise UsageError(f"--alpha lists a value twice: {list(alphas)}.")
-    paths = [out] if len(alphas) == 1 else [out / alpha_dirname(a) for a in alphas]
-    with open_inputs([sft, rlhf], opts.allow_pickle) as ckpts:
-        for p in paths:
-            check_output_path(p, [c.source for c in ckpts], opts.run.force)
-        names = check_compatible(ckpts)
-        specs = [
-            output_spec(
-                p,
-                ckpts,
-                ckpts[tokenizer_source],
-                opts,
-                f"Interpolation alpha={a:g} ({method})",
-                names,
+    folders: dict[str, float] = {}
+    for a in alphas if len(alphas) > 1 else ():
+        if (twin := folders.setdefault(alpha_dirname(a), a)) != a:
+            raise UsageError(
+                f"--alpha {twin!r} and {a!r} would both be written to "
+                f"{out / alpha_dirname(a)} (folder names keep 6 significant digits); give "
+                "alphas that differ within 6 digits."
             )
-            for p, a in zip(paths, alphas, strict=True)
-        ]
+    with open_inputs([sft, rlhf], opts.allow_pickle) as ckpts:
+        check_output_path(out, [c.source for c in ckpts], opts.run.force)
+        names = check_compatible(ckpts)
         compute = _interpolation(alphas, method)
         jobs = identity_jobs(ckpts[0], names, 2)
-        return run_jobs(ckpts, jobs, compute, specs, opts.run, "interpolate")
+
+        def specs(paths: Sequence[Path]) -> list[OutputSpec]:
+            return [
+                output_spec(
+                    p,
+                    ckpts,
+                    ckpts[tokenizer_source],
+                    opts,
+                    f"Interpolation alpha={a:g} ({method})",
+                    names,
+                )
+                for p, a in zip(paths, alphas, strict=True)
+            ]
+
+        if len(alphas) == 1:
+            return run_jobs(ckpts, jobs, compute, specs([out]), opts.run, "interpolate")
+        with AtomicDir(out, opts.run.force) as staging:  # alpha folders inside its temp dir
+            inner = [staging.tmp / alpha_dirname(a) for a in alphas]
+            try:
+                summary = run_jobs(ckpts, jobs, compute, specs(inner), opts.run, "interpolate")
+            except RunError as e:  # name the output the user asked for, not the temp folder
+                raise RunError(str(e).replace(str(staging.tmp), str(staging.out))) from e
+        summary.outputs = [str(out / alpha_dirname(a)) for a in alphas]
+        return summary
 
 
 def _interpolation(alphas: Sequence[float], method: str):

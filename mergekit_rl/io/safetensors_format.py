@@ -9,6 +9,7 @@ however large the file is.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,27 +54,110 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse a safetensors header: tensors in storage order, and the __metadata__ map."""
+    """Parse a safetensors header: tensors in storage order, and the __metadata__ map.
+
+    The file is untrusted: every length, shape and offset is checked against the file size
+    before anything is allocated from it, and every problem is a UsageError naming the file.
+    """
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise UsageError(f"{path}: not a readable safetensors file ({e}).") from e
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _bad(path, f"the file has {size} bytes, fewer than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > min(MAX_HEADER, size - 8):
+                raise _bad(
+                    path,
+                    f"the header length {n} is past the end of the file ({size} bytes)"
+                    if n <= MAX_HEADER
+                    else f"the header length {n} is implausible (over {MAX_HEADER} bytes)",
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot be read ({e.strerror or e}).") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _bad(path, f"the header is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, f"the header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    infos = []
-    for name, h in header.items():
-        if h["dtype"] not in DTYPES:
-            raise UsageError(f"{path}: tensor '{name}' has unsupported dtype {h['dtype']}.")
-        start, end = h["data_offsets"]
-        infos.append(
-            TensorInfo(name, tuple(h["shape"]), DTYPES[h["dtype"]], path, base + start, end - start)
-        )
-    infos.sort(key=lambda t: t.offset)
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    infos = [_tensor_info(path, name, h, 8 + n, data_size) for name, h in header.items()]
+    infos.sort(key=lambda t: (t.offset, t.nbytes))
+    last: TensorInfo | None = None  # sorted by start: each tensor begins after the one before
+    for cur in (t for t in infos if t.nbytes):
+        if last is not None and last.offset + last.nbytes > cur.offset:
+            raise _bad(path, f"tensors '{last.name[:100]}' and '{cur.name[:100]}' overlap")
+        last = cur
     return infos, metadata
+
+
+def _bad(path: Path, why: str) -> UsageError:
+    return UsageError(f"{path}: not a valid safetensors file: {why}.")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"the name '{dup[:100]}' appears twice")
+    return out
+
+
+def _tensor_info(path: Path, name: str, h: object, base: int, data_size: int) -> TensorInfo:
+    """One header entry, checked: known dtype, non-negative int shape, offsets that lie in the
+    data section and span exactly numel * element size bytes."""
+    where = f"tensor '{name[:100]}'"
+    if not isinstance(h, dict):
+        raise _bad(path, f"{where} is not a JSON object")
+    dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UsageError(f"{path}: {where} has unsupported dtype {str(dtype)[:40]}.")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _bad(path, f"{where} has shape {str(shape)[:80]}, not a list of sizes >= 0")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or not offsets[0] <= offsets[1] <= data_size
+    ):
+        raise _bad(
+            path,
+            f"{where} has data_offsets {str(offsets)[:80]}, outside the {data_size}-byte data",
+        )
+    start, end = offsets
+    want = _nbytes_upto(shape, DTYPES[dtype], data_size)
+    if want != end - start:
+        raise _bad(
+            path,
+            f"{where} ({dtype}, shape {str(shape)[:80]}) needs "
+            f"{'more than ' + str(data_size) if want < 0 else want} bytes, but its "
+            f"data_offsets span {end - start}",
+        )
+    return TensorInfo(name, tuple(shape), DTYPES[dtype], path, base + start, end - start)
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _nbytes_upto(shape: list[int], dtype: torch.dtype, limit: int) -> int:
+    """numel * element size, or -1 as soon as it exceeds `limit` (no huge products)."""
+    if 0 in shape:
+        return 0
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+        if n > limit:
+            return -1
+    return n
 
 
 def build_header(

@@ -2,16 +2,36 @@
 
 Every output tensor's name, shape and dtype is known before any math runs, so the shard layout
 and each shard's header are planned up front (`plan_shards`, a pure function); tensors are then
-appended in plan order with no per-shard buffer. Everything is written into a temporary
-directory beside the target and renamed into place only when complete.
+appended in plan order with no per-shard buffer.
+
+What a crash can leave (kill -9 at any moment, disk full, two writers):
+- Everything is written into `.NAME.rlmerge-tmp-PID` beside the output and put in place with one
+  atomic rename (an atomic exchange when replacing with --force, so that the old output stays
+  whole until the new one is complete). `NAME` is never half-written.
+- A writer holds an exclusive lock, `.NAME.rlmerge-lock` (flock), from start to commit: a second
+  writer to the same output is refused at once (OutputExistsError, exit 2), never mixed in.
+- Under the lock, temp directories of earlier writers to the same output whose process is dead
+  are removed; one owned by a live process is left alone and reported with the command that
+  removes it.
+- Symbolic links are never followed to delete: `--force` over a link (dangling or not) replaces
+  the link itself and leaves its target alone.
+- A write error (disk full, file-size limit, permissions) is a RunError (exit 1) naming the
+  path; the temp directory is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import glob
 import json
 import os
+import re
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -20,12 +40,13 @@ from typing import IO
 import torch
 from torch import Tensor
 
-from ..errors import OutputExistsError, RunError
+from ..errors import OutputExistsError, RLMergeError, RunError
 from .reference import ModelSource
 from .safetensors_format import build_header, tensor_nbytes
 
 DEFAULT_MAX_SHARD = 5_000_000_000
 TMP_MARK = ".rlmerge-tmp-"
+LOCK_MARK = ".rlmerge-lock"
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
 
@@ -65,8 +86,12 @@ def _adapter_root(src: ModelSource) -> tuple[Path, ...]:
 
 
 def check_output_path(out: Path, inputs: Sequence[ModelSource], force: bool) -> None:
-    """Refuse an output that exists (unless force) or that is, contains or is inside an input."""
-    out = out.resolve()
+    """Refuse an output that exists (unless force) or that is, contains or is inside an input.
+
+    A symbolic link counts as existing even when dangling; --force replaces the link itself.
+    """
+    given = Path(out).absolute()
+    out = given.resolve()
     for src in inputs:
         # a bare file protects only itself; a checkpoint directory protects the whole folder
         guarded = (*(src.weight_files if src.is_file else (src.root,)), *_adapter_root(src))
@@ -76,10 +101,228 @@ def check_output_path(out: Path, inputs: Sequence[ModelSource], force: bool) -> 
                     f"output '{out}' is, contains or is inside the input '{src.ref}'; writing "
                     "there could destroy the input. Choose another output path."
                 )
-    if out.exists() and not force:
+    if given.is_symlink() and not force:
         raise OutputExistsError(
-            f"output '{out}' already exists. Pass --force to replace it, or choose another path."
+            f"output '{given}' already exists as a symbolic link (to '{os.readlink(given)}'). "
+            "Pass --force to replace the link itself (its target is left alone), or choose "
+            "another path."
         )
+    if given.exists() and not force:
+        raise OutputExistsError(
+            f"output '{given}' already exists. Pass --force to replace it, or choose another path."
+        )
+
+
+# ---- the pieces of an atomic output: lock, stale temp directories, the final rename -----------
+
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}{LOCK_MARK}"
+
+
+class OutputLock:
+    """An exclusive, non-blocking flock on `.NAME.rlmerge-lock` beside the output `NAME`.
+
+    The file holds the owner's PID (for the refusal message) and is removed on release. A
+    writer that opened the file just before its previous owner removed it would lock an
+    orphan inode, so after locking we check that the path still names the file we hold.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = lock_path(out)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        for _ in range(100):  # each retry means another writer finished in between: rare
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputExistsError(
+                    f"output '{self.out}' is being written by another rlmerge process "
+                    f"({self._holder()}lock file '{self.path}'). Wait for it to finish, or "
+                    "choose another path."
+                ) from None
+            try:
+                same = os.path.samestat(os.stat(self.path), os.fstat(fd))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return
+            os.close(fd)
+        raise RunError(f"could not lock '{self.path}': it keeps being replaced.")
+
+    def _holder(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            return f"PID {int(self.path.read_text().split()[0])}, "
+        return ""
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still holding it: the next writer makes a fresh one
+        os.close(self.fd)
+        self.fd = None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def temp_dirs(out: Path) -> list[tuple[Path, int]]:
+    """Temporary outputs of writers to `out` (`.NAME.rlmerge-tmp-[old-]PID`), with their PIDs."""
+    found = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}{TMP_MARK}*"):
+        m = re.fullmatch(r"(?:old-)?(\d+)", p.name[len(out.name) + 1 + len(TMP_MARK) :])
+        if m:
+            found.append((p, int(m.group(1))))
+    return found
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove temp directories left by dead writers to `out` (a kill -9, a power cut); warn
+    about ones whose PID is alive (another process may own them). Returns what was removed.
+
+    Called with the output's lock held, so no live rlmerge writer can own a removed one.
+    """
+    removed = []
+    for path, pid in temp_dirs(out):
+        if pid == os.getpid() or not pid_alive(pid):
+            remove_path(path)
+            removed.append(path)
+        else:
+            warnings.warn(
+                f"'{path}' is a temporary output of process {pid}, which is still running, so "
+                f"it was left alone. If that is not an rlmerge process, remove it with: "
+                f"rm -rf '{path}'",
+                stacklevel=2,
+            )
+    return removed
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symbolic link (never its target) or a directory tree."""
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # kernel or filesystem without RENAME_EXCHANGE
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def put_in_place(src: Path, out: Path, old: Path, force: bool) -> Path | None:
+    """Move `src` to `out`. An existing `out` (file, folder or symbolic link) is replaced only
+    with `force`, and ends at the returned path for the caller to remove: by an atomic
+    exchange where the filesystem has one (`out` is never missing), else via `old`."""
+    if not os.path.lexists(out):
+        os.rename(src, out)
+        return None
+    if not force:
+        raise OutputExistsError(f"output '{out}' appeared while running; not replaced.")
+    if _exchange(src, out):
+        return src
+    os.rename(out, old)
+    os.rename(src, out)
+    return old
+
+
+class AtomicDir:
+    """A folder that appears at `out` complete or not at all: fill `tmp`, exit cleanly.
+
+    Holds the output's lock from enter to exit and removes dead writers' temp directories.
+    """
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = Path(out).absolute()
+        self.force = force
+        self.tmp = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
+        self._old = self.out.parent / f".{self.out.name}{TMP_MARK}old-{os.getpid()}"
+        self._lock = OutputLock(self.out)
+
+    @contextlib.contextmanager
+    def io(self, path: Path | None = None) -> Iterator[None]:
+        """OSError (disk full, file-size limit, permissions) -> RunError naming the path."""
+        try:
+            yield
+        except RLMergeError:
+            raise  # OutputExistsError is an OSError too, and already says what happened
+        except OSError as e:
+            where = getattr(e, "filename", None) or path or self.tmp
+            raise RunError(
+                f"writing the output '{self.out}' failed at '{where}': "
+                f"{e.strerror or e}. Nothing was written (the temporary files were removed); "
+                "check free disk space, quotas, `ulimit -f` and permissions."
+            ) from e
+
+    def open(self) -> None:
+        with self.io(self.out.parent):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        try:
+            with self.io():
+                clean_stale(self.out)
+                self.tmp.mkdir()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def commit(self, src: Path | None = None) -> None:
+        """Put the finished `src` (default: `tmp`) at `out`, then drop the replaced output."""
+        with self.io(self.out):
+            replaced = put_in_place(src or self.tmp, self.out, self._old, self.force)
+            for leftover in (replaced, self.tmp):
+                if leftover is not None:
+                    remove_path(leftover)
+        self._lock.release()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            remove_path(self.tmp)
+        self._lock.release()
+
+    def __enter__(self) -> AtomicDir:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
 
 
 @dataclass
@@ -95,7 +338,7 @@ class CheckpointWriter:
 
     Use as a context manager: `add` every tensor in plan order, `add_file` any extra files, and
     the output is renamed into place on a clean exit; on an exception the temporary directory is
-    removed and nothing appears at `out`.
+    removed and nothing appears at `out` (see the module docstring for crashes and locks).
     """
 
     out: Path
@@ -115,14 +358,12 @@ class CheckpointWriter:
         self._next = 0
         self._open: _OpenShard | None = None
         self._shard_i = 0
-        self.tmp = self.out.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
+        self._dir = AtomicDir(self.out, self.force)
+        self.tmp = self._dir.tmp
         self.bytes_written = 0
 
     def __enter__(self) -> CheckpointWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        self._dir.open()
         return self
 
     def add(self, name: str, tensor: Tensor) -> None:
@@ -138,35 +379,44 @@ class CheckpointWriter:
         assert self._open is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            self._open.handle.write(data.view(torch.uint8).numpy().data)
+            with self._dir.io(self.tmp / self._open.shard.filename):
+                self._open.handle.write(data.view(torch.uint8).numpy().data)
         self._open.next_index += 1
         self._next += 1
         self.bytes_written += data.numel() * data.element_size()
 
     def _start_shard(self) -> None:
-        if self._open is not None:
-            self._open.handle.close()
+        self._close_shard()
         shard = self.shards[self._shard_i]
         self._shard_i += 1
-        handle = open(self.tmp / shard.filename, "wb")  # noqa: SIM115 - closed by _finish/abort
-        handle.write(build_header(list(shard.entries), self.metadata))
-        self._open = _OpenShard(shard, handle)
+        path = self.tmp / shard.filename
+        with self._dir.io(path):
+            handle = open(path, "wb")  # noqa: SIM115 - closed by _close_shard/abort
+            self._open = _OpenShard(shard, handle)
+            handle.write(build_header(list(shard.entries), self.metadata))
+
+    def _close_shard(self) -> None:
+        if self._open is not None and not self._open.handle.closed:
+            with self._dir.io(self.tmp / self._open.shard.filename):
+                self._open.handle.close()  # flushes: a full disk can show up only here
 
     def add_file(self, relpath: str, content: str | bytes) -> None:
         path = self.tmp / relpath
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        with self._dir.io(path):
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
 
     def copy_file(self, src: Path, relpath: str | None = None) -> None:
-        shutil.copy2(src, self.tmp / (relpath or src.name))
+        dest = self.tmp / (relpath or src.name)
+        with self._dir.io(dest):
+            shutil.copy2(src, dest)
 
     def _finish(self) -> None:
         if self._next != len(self._order):
             missing = self._order[self._next][0]
             raise RunError(f"internal: output incomplete, tensor '{missing}' was never written.")
-        if self._open is not None:
-            self._open.handle.close()
+        self._close_shard()
         if not self._order:  # a model with no tensors still gets its (empty) file
-            (self.tmp / self.shards[0].filename).write_bytes(build_header([], self.metadata))
+            self.add_file(self.shards[0].filename, build_header([], self.metadata))
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
@@ -174,27 +424,11 @@ class CheckpointWriter:
             }
             self.add_file("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
-    def _commit(self) -> None:
-        """Rename the finished temporary output into place (replacing an old one if forced)."""
-        src = self.tmp / self.out.name if self.single_file else self.tmp
-        old = self.out.parent / f".{self.out.name}{TMP_MARK}old-{os.getpid()}"
-        if self.out.exists():
-            if not self.force:
-                raise OutputExistsError(
-                    f"output '{self.out}' appeared while running; not replaced."
-                )
-            os.replace(self.out, old)
-        os.replace(src, self.out)
-        for leftover in (old, self.tmp):
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
-            elif leftover.exists():
-                leftover.unlink()
-
     def abort(self) -> None:
         if self._open is not None:
-            self._open.handle.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the flush that failed fails again
+                self._open.handle.close()
+        self._dir.abort()
 
     def __exit__(
         self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
@@ -204,7 +438,7 @@ class CheckpointWriter:
             return
         try:
             self._finish()
-            self._commit()
+            self._dir.commit(self.tmp / self.out.name if self.single_file else self.tmp)
         except BaseException:
             self.abort()
             raise

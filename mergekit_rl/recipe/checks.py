@@ -139,11 +139,17 @@ def load_pipeline(text: str, source: str) -> list[Stage]:
                 stages.append(stage)
             names.append(recipe.name)
         else:
-            names.append(doc.get("name") if isinstance(doc, dict) else None)
+            names.append(_doc_name(doc))
         problems += [(label + path if path else label.rstrip(), msg) for path, msg in more]
     if problems:
         raise RecipeError(source, problems)
     return stages
+
+
+def _doc_name(doc: Any) -> str | None:
+    """A document's stage name when it is a string (a broken one may hold any YAML value)."""
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _label(i: int, doc: Any, n: int) -> str:
@@ -169,7 +175,7 @@ def _check_stage_refs(
 ) -> Problems:
     if stage is None:
         return []
-    later = {d.get("name") for d in docs if isinstance(d, dict)} - set(earlier)
+    later = {_doc_name(d) for d in docs} - set(earlier)
     problems = []
     for ref, paths in stage.ref_paths().items():
         if ref == recipe.name:

@@ -73,7 +73,14 @@ def load_recipe(path: str | Path) -> list[Stage]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"recipe file '{path}' does not exist.")
-    return load_pipeline(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise RecipeError(str(path), [("", f"cannot be read ({e.strerror or e})")]) from e
+    except UnicodeDecodeError as e:
+        where = f"byte {e.start}"
+        raise RecipeError(str(path), [(where, "not UTF-8 text (is this a YAML recipe?)")]) from e
+    return load_pipeline(text, str(path))
 
 
 def stage_outputs(stages: Sequence[Stage], out: Path) -> list[Path]:

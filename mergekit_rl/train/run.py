@@ -21,10 +21,13 @@ reported to external services (`report_to="none"`); HF_HUB_OFFLINE is honoured b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,7 +126,9 @@ def train(
             )
         elastic.bind_reference(trainer.ref_model)
 
-    trainer.train(resume_from_checkpoint=resume_from)
+    with stop_on_signal(trainer) as stop:
+        trainer.train(resume_from_checkpoint=resume_from)
+    stop.raise_if_stopped(trainer)
     write_final(trainer, recipe, recipe_text, final, final_opts)
     return TrainResult(final, metrics.path, trainer.state.global_step, round(time.time() - t0, 2))
 
@@ -134,6 +139,73 @@ def train(
 def is_train_output(path: Path) -> bool:
     """A final model written by `rlmerge train` (it holds the recipe it was trained with)."""
     return (path / "rlmerge_recipe.yaml").is_file() and (path / "config.json").is_file()
+
+
+class SignalStop:
+    """SIGTERM / SIGINT during training: finish the current optimizer step, save a resumable
+    checkpoint (the Trainer's: weights, optimizer state with tau, scheduler, RNG, data position;
+    plus the callbacks' own, such as Elastic Reset's EMA) and stop; `train` then exits 130.
+
+    The handler only sets a flag (no work inside a signal handler); the Trainer callback
+    `on_step_end` turns it into `control.should_save` and `control.should_training_stop`. A
+    second signal gets the previous handler (a second Ctrl-C interrupts at once). Under DDP
+    every rank must receive the signal before the same step ends (torchrun forwards SIGTERM to
+    all ranks), else the ranks disagree on where to stop.
+    """
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        self.signum: int | None = None
+        self.step: int | None = None  # the step whose checkpoint was saved on the signal
+        self._previous: dict[int, Any] = {}  # signal -> the handler to restore
+        stop = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+                if stop.signum is not None and stop.step is None:
+                    control.should_save = control.should_training_stop = True
+                    stop.step = state.global_step
+                return control
+
+        self.callback = _Callback()
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def raise_if_stopped(self, trainer: Any) -> None:
+        if self.signum is None:
+            return
+        from transformers.trainer_utils import get_last_checkpoint
+
+        name = signal.Signals(self.signum).name
+        last = get_last_checkpoint(trainer.args.output_dir)
+        where = (
+            f"a resumable checkpoint is in {last}: continue with --resume"
+            if last
+            else "no checkpoint was saved"
+        )
+        raise KeyboardInterrupt(
+            f"training stopped by {name} at step {trainer.state.global_step}; {where}."
+        )
+
+
+@contextlib.contextmanager
+def stop_on_signal(trainer: Any) -> Iterator[SignalStop]:
+    """Install SignalStop's handlers (main thread only) and callback around `trainer.train`."""
+    stop = SignalStop()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            stop._previous[sig] = signal.signal(sig, stop.handle)
+    trainer.add_callback(stop.callback)
+    try:
+        yield stop
+    finally:
+        trainer.remove_callback(stop.callback)
+        for sig, previous in stop._previous.items():
+            signal.signal(sig, previous)
 
 
 def main_process_first() -> Any:
