@@ -453,3 +453,130 @@ def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
     if kept == 0:
         return masked
     return masked * float(stable_sum(original.abs()) / kept)
+
+
+# -- sparse counter-based masks, stochastic rounding, sync-free top-k ----------------------------
+# Online merging optimizers redraw a sparse mask every step on the parameter's device. These
+# primitives give results whose sizes follow from the shapes alone (the host never waits for the
+# device) and that are pure functions of (key, element index) like `hash_bits`.
+
+_GAP_CUTS: dict[tuple[float, str], Tensor] = {}
+
+
+def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
+    """Ascending int32 cuts T_j = round((1 - density)^j * 2^31) for j >= 1, while T_j >= 1.
+
+    A gap g = 1 + #{j : u < T_j}, with u a uniform 31-bit integer, has P(g > j) = T_j / 2^31,
+    which is (1 - density)^j up to 2^-31: the law of the distance between consecutive entries
+    kept by an i.i.d. Bernoulli(density) mask. The table is built once on the host in float64
+    and copied, so every device compares against the same integers ([~22/density] entries).
+    """
+    key = (float(density), str(torch.device(device)))
+    if key not in _GAP_CUTS:
+        log_q = math.log1p(-density)
+        j = torch.arange(1, math.ceil(32 * math.log(2) / -log_q) + 2, dtype=torch.float64)
+        cuts = torch.round(torch.exp(j * log_q) * 2.0**31).to(torch.int64)
+        cuts = cuts[cuts >= 1].flip(0).to(torch.int32)
+        _GAP_CUTS[key] = cuts.to(device)
+    return _GAP_CUTS[key]
+
+
+def sparse_draws(numel: int, density: float) -> int:
+    """Gaps drawn by `hash_sparse_keep`: the mean kept count + 8 standard deviations + 16."""
+    mean = numel * density
+    return int(mean + 8.0 * math.sqrt(mean * (1.0 - density)) + 16)
+
+
+def hash_sparse_keep(
+    numel: int, density: float, key: int, *, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """The flat indices an i.i.d. Bernoulli(density) mask over numel entries keeps, as a draw of
+    fixed size n = `sparse_draws(numel, density)`: (idx [n] int64 ascending, valid [n] bool).
+
+    Kept entries are drawn as geometric gaps (`gap_cuts`) from `hash_bits(n, key)`, so the cost
+    is ~density * numel, not numel, and the result is a pure function of (numel, density, key)
+    on every device. The valid entries are a prefix; invalid ones (past the end) are clamped to
+    numel - 1 so they can be gathered, and callers give them a zero update. The n gaps fall
+    short of numel (the tail then keeps nothing) with probability below 1e-14: an 8-sigma event.
+    density >= 1 keeps every index.
+    """
+    device = torch.device(device)
+    if density >= 1.0:
+        return torch.arange(numel, device=device), torch.ones(
+            numel, dtype=torch.bool, device=device
+        )
+    n = sparse_draws(numel, density)
+    u = (hash_bits(n, key, device=device) >> 1) & 0x7FFFFFFF  # [n] uniform on [0, 2^31)
+    cuts = gap_cuts(density, device)
+    gaps = cuts.numel() + 1 - torch.searchsorted(cuts, u, right=True)  # [n] 1 + #{T_j > u}
+    idx = gaps.cumsum_(0).sub_(1)  # int64: the first kept entry is gap - 1
+    valid = idx < numel
+    return idx.clamp_(max=numel - 1), valid
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, *, offset: int = 0) -> Tensor:
+    """float32 x rounded to dtype (bfloat16 / float16), down or up at random: E[result] = x.
+
+    An entry between neighbours lo < x < hi of dtype becomes hi with probability
+    (x - lo) / (hi - lo); the random bits are `hash_bits(x.numel(), key, offset=offset)`, so the
+    result is the same on every device and rank. Used for updates far below half an ulp, which
+    round-to-nearest would drop every time. Other dtypes are returned as a cast.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    bits = hash_bits(x.numel(), key, offset=offset, device=x.device).view(x.shape)
+    if dtype == torch.bfloat16:
+        # bf16 keeps the top 16 bits of a float32: add a uniform 16-bit number to the 16 bits
+        # that are dropped, then truncate; the magnitude rounds up with exactly their fraction
+        xi = x.to(torch.float32).contiguous().view(torch.int32) + (bits & 0xFFFF)
+        return xi.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    near = x.to(dtype)
+    near32 = near.float()
+    toward = torch.where(near32 < x, math.inf, -math.inf).to(dtype)
+    other = torch.nextafter(near, toward)  # the neighbour on x's other side
+    frac = (x - near32).abs_().div_((other.float() - near32).abs_())
+    u = ((bits >> 8) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24)
+    return torch.where(u < frac, other, near)
+
+
+def top_magnitude_indices_static(x: Tensor, k: int) -> Tensor:
+    """`top_magnitude_indices` (exactly k, ties in index order, sorted) without host syncs.
+
+    Radix select on the float32 bit patterns of |x| (non-negative floats order like their int32
+    bits): a 2^15-bin histogram of the top bits and a 2^16-bin one of the low bits in the
+    chosen bin give the exact k-th largest, then the k - #{above} tied entries of lowest index
+    join. Histograms are `index_add_` into fixed-size tensors (`bincount` sizes its output from
+    the data) and the indices come from `nonzero_static(size=k)`: every size is known on the
+    host. One of a few dense passes per step, meant for accelerators; on the CPU, where syncs
+    cost nothing, the sampled-bound `top_magnitude_indices` is faster.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.arange(n, device=flat.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=flat.device)
+    bits = flat.float().abs().view(torch.int32)  # [n] >= 0
+    hi = bits >> 16  # [n] in [0, 2^15)
+    kth = _radix_step(hi, None, k, 1 << 15)  # (bucket, entries in higher buckets)
+    bucket, higher = kth
+    lo = bits & 0xFFFF
+    low, _ = _radix_step(lo, hi == bucket, k - higher, 1 << 16)
+    kth_bits = (bucket << 16) | low  # 0-dim int64: the k-th largest |x|'s bits
+    above = bits > kth_bits
+    tied = bits == kth_bits
+    room = k - above.sum()  # how many tied entries fit, lowest index first
+    keep = above | (tied & (tied.cumsum(0) <= room))
+    return torch.nonzero_static(keep, size=k).squeeze(1)
+
+
+def _radix_step(digit: Tensor, among: Tensor | None, k: Tensor | int, bins: int) -> tuple:
+    """The digit value holding the k-th largest entry (of those in `among`), and how many of
+    them have a larger digit; both as 0-dim int64 tensors on the device."""
+    counts = torch.zeros(bins, dtype=torch.int64, device=digit.device)
+    ones = torch.ones((), dtype=torch.int64, device=digit.device).expand(digit.numel())
+    counts.index_add_(0, digit.to(torch.int64), ones if among is None else among.to(torch.int64))
+    at_or_above = counts.flip(0).cumsum(0).flip(0)  # [bins] entries with digit >= b
+    value = (at_or_above >= k).sum() - 1  # the highest b with at least k at or above it
+    above = torch.cat([at_or_above[1:], at_or_above.new_zeros(1)])[value]
+    return value, above

@@ -169,29 +169,37 @@ def test_onties_zero_tau_is_topk_masked_adam() -> None:
     assert_params(model, expected)
 
 
+def hash_keep(numel: int, density: float, seed: int, name: str, *tags: str) -> Tensor:
+    """The public mask definition: `core.hash_sparse_keep` under key (seed, name, tags), as a
+    dense bool [numel]."""
+    key = core.tensor_seed(seed, "online-merging", name, *tags)
+    idx, valid = core.hash_sparse_keep(numel, density, key)
+    keep = torch.zeros(numel, dtype=torch.bool)
+    keep[idx[valid]] = True
+    return keep
+
+
 def test_ondare_by_hand_over_three_steps() -> None:
     model, alpha, p_keep, seed = tiny_model(), 0.2, 0.4, 7
     tau = random_tau(model, scale=0.5)  # some entries / 0.4 exceed the 1.0 clamp
     opt = OnlineMergingAdamW(
         model.named_parameters(), tau, lr=LR, eps=EPS, reserve_p=p_keep, alpha=alpha, seed=seed
     )
-    # tau: one seeded Bernoulli mask per tensor, / p, clamped to +-1, stored in bf16
+    # tau: one counter-based Bernoulli mask per tensor, / p, clamped to +-1, stored in bf16
     tau_ref = {}
     for n, t in tau.items():
-        keep = core.bernoulli_mask(t.shape, p_keep, seed, "tau", n)
+        keep = hash_keep(t.numel(), p_keep, seed, n, "tau").view_as(t)
         tau_ref[n] = (t * keep / p_keep).clamp(-1, 1).to(torch.bfloat16).float()
     assert any((tau_ref[n].abs() == 1).any() for n in tau)
-    # Delta masks: redrawn from a generator in the optimizer's starting state, in parameter order
-    gen = torch.Generator().manual_seed(core.tensor_seed(seed, "delta-masks", "cpu"))
+    # Delta masks: a fresh counter-based mask per (seed, name, step)
     ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
     for step in range(3):
         grads = grads_for(step, model)
         set_grads(model, grads)
         opt.step()
         for n, d in ref.deltas(grads).items():
-            keep = torch.zeros(d.numel(), dtype=torch.bool)
-            keep[core.random_indices(d.numel(), p_keep, gen)] = True
-            dropped = d * keep.view_as(d) / p_keep
+            keep = hash_keep(d.numel(), p_keep, seed, n, "delta", str(step + 1)).view_as(d)
+            dropped = d * keep / p_keep
             expected[n] = expected[n] + alpha * tau_ref[n] + (1 - alpha) * dropped
     assert_params(model, expected)
 
