@@ -536,3 +536,220 @@ def test_onties_first_step_is_sparse_even_when_every_update_ties() -> None:
     lin.weight.grad = torch.randn(100, 100).sign()
     opt.step()
     assert int((lin.weight != before).sum()) == 100
+
+
+# -- counter-based masks: device-, rank- and RNG-independent (issue 11 item 1) -------------------
+
+
+def test_legacy_state_dict_with_cuda_generator_keys_resumes_on_cpu() -> None:
+    # older versions saved per-device generator states; a "cuda:0" key made a CPU-only
+    # machine (or a rank with another device) fail to resume: masks no longer depend on them
+    opts = dict(lr=LR, eps=EPS, alpha=0.01, reserve_p=0.3)
+    full = tiny_model()
+    opt_full = OnlineMergingAdamW(full.named_parameters(), random_tau(full), **opts)
+    run_steps(full, opt_full, range(5))
+    part = tiny_model()
+    opt = OnlineMergingAdamW(part.named_parameters(), random_tau(part), **opts)
+    run_steps(part, opt, range(2))
+    saved = opt.state_dict()
+    saved["generators"] = {"cuda:0": torch.zeros(16, dtype=torch.uint8), "cpu": torch.zeros(8)}
+    opt2 = OnlineMergingAdamW(part.named_parameters(), None, **opts)
+    opt2.load_state_dict(saved)
+    run_steps(part, opt2, range(2, 5))
+    for (n, a), b in zip(full.named_parameters(), part.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_state_moved_to_another_device_and_back_resumes() -> None:
+    # transformers loads optimizer.pt with map_location=args.device; every state tensor travels
+    # (float64 stands in for another device on a CPU-only machine: a lossless round trip)
+    opts = dict(lr=LR, eps=EPS, alpha=0.01, reserve_p=0.1, merge_every=2)
+    full = tiny_model()
+    opt_full = OnlineMergingAdamW(full.named_parameters(), random_tau(full), **opts)
+    run_steps(full, opt_full, range(5))
+    part = tiny_model()
+    opt = OnlineMergingAdamW(part.named_parameters(), random_tau(part), **opts)
+    run_steps(part, opt, range(3))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, map_location=device)
+    for s in saved["state"].values():
+        for k, v in s.items():
+            if isinstance(v, Tensor) and v.is_floating_point() and device == "cpu":
+                s[k] = v.double()
+    opt2 = OnlineMergingAdamW(part.named_parameters(), None, **opts)
+    opt2.load_state_dict(saved)
+    state = opt2.state[part[0].weight]
+    assert state["exp_avg"].dtype == torch.float32 and state["tau"].dtype == torch.bfloat16
+    assert state["tau_idx"].dtype == torch.int64 and state["acc"].device.type == "cpu"
+    run_steps(part, opt2, range(3, 5))
+    for (n, a), b in zip(full.named_parameters(), part.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+def test_same_seed_different_process_rng_and_simulated_ranks_agree(mode: str) -> None:
+    # two "ranks": the same all-reduced gradients, different process RNG states, and one sees
+    # the parameters through a DDP wrapper ("module." names): the replicas must stay identical
+    replicas = []
+    for rank in range(2):
+        torch.manual_seed(1000 + rank)
+        model = tiny_model()
+        torch.manual_seed(2000 + rank)
+        named = [(f"module.{n}" if rank else n, p) for n, p in model.named_parameters()]
+        opt = OnlineMergingAdamW(
+            named, random_tau(model), mode=mode, lr=LR, eps=EPS, alpha=0.01, reserve_p=0.1, seed=3
+        )
+        torch.rand(rank + 5)  # the process RNG moves differently on each rank
+        for step in range(4):
+            set_grads(model, grads_for(step, model))
+            opt.step()
+        replicas.append(model)
+    moved = False
+    for (n, a), b in zip(replicas[0].named_parameters(), replicas[1].parameters(), strict=True):
+        assert torch.equal(a, b), n
+        moved |= not torch.equal(a, tiny_model().state_dict()[n])
+    assert moved
+    # and another seed draws other masks
+    other = tiny_model()
+    opt = OnlineMergingAdamW(
+        other.named_parameters(), random_tau(other), mode=mode, lr=LR, eps=EPS, alpha=0.01,
+        reserve_p=0.1, seed=4,
+    )  # fmt: skip
+    for step in range(4):
+        set_grads(other, grads_for(step, other))
+        opt.step()
+    if mode == "ondare":
+        assert not torch.equal(other[0].weight, replicas[0][0].weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kept_indices_and_steps_identical_on_cpu_and_cuda() -> None:
+    for numel, density in ((1000, 0.3), (3_000_000, 0.01)):
+        key = core.tensor_seed(0, "x", str(numel))
+        cpu = core.hash_sparse_keep(numel, density, key)
+        gpu = core.hash_sparse_keep(numel, density, key, device="cuda")
+        assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+    x = torch.randn(1_000_000).round(decimals=2)
+    assert torch.equal(
+        core.top_magnitude_indices_static(x.cuda(), 10_000).cpu(),
+        core.top_magnitude_indices(x, 10_000),
+    )
+    for mode in ("ondare", "onties"):
+        models = [tiny_model(), tiny_model().cuda()]
+        tau = random_tau(models[0])
+        opts = [
+            OnlineMergingAdamW(m.named_parameters(), tau, mode=mode, lr=LR, eps=EPS, alpha=0.01,
+                               reserve_p=0.1)
+            for m in models
+        ]  # fmt: skip
+        for step in range(3):
+            for m, o in zip(models, opts, strict=True):
+                grads = grads_for(step, models[0])
+                for n, p in m.named_parameters():
+                    p.grad = grads[n].to(p.device)
+                o.step()
+        for (n, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b.cpu(), atol=1e-6, rtol=1e-5, msg=n)
+
+
+# -- the counter-based primitives -----------------------------------------------------------------
+
+
+def test_hash_sparse_keep_is_a_fixed_size_bernoulli_mask() -> None:
+    n, p = 200_000, 0.01
+    idx, valid = core.hash_sparse_keep(n, p, key=11)
+    assert idx.numel() == valid.numel() == core.sparse_draws(n, p)  # known from the sizes alone
+    assert idx.dtype == torch.int64 and int(idx.max()) <= n - 1
+    kept = idx[valid]
+    assert valid[: kept.numel()].all() and not valid[kept.numel() :].any()  # a valid prefix
+    assert (kept.diff() > 0).all()
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(kept.numel() - n * p) < 5 * sd
+    per_block = torch.bincount(kept // (n // 10), minlength=10).float()
+    assert (per_block - n * p / 10).abs().max() < 5 * math.sqrt(n * p / 10)
+    # gaps are geometric: P(gap = 1) = p, mean gap 1 / p
+    gaps = kept.diff().float()
+    assert abs(float((gaps == 1).float().mean()) - p) < 5 * math.sqrt(p / gaps.numel())
+    assert abs(float(gaps.mean()) * p - 1) < 0.05
+    # a pure function of (numel, density, key)
+    again = core.hash_sparse_keep(n, p, key=11)
+    assert torch.equal(idx, again[0]) and torch.equal(valid, again[1])
+    assert not torch.equal(kept[:50], core.hash_sparse_keep(n, p, key=12)[0][:50])
+    # the same per-entry rate at a large density
+    idx, valid = core.hash_sparse_keep(100_000, 0.4, key=1)
+    assert abs(int(valid.sum()) - 40_000) < 5 * math.sqrt(100_000 * 0.24)
+    all_idx, all_valid = core.hash_sparse_keep(5, 1.0, key=1)
+    assert all_idx.tolist() == list(range(5)) and all_valid.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_round_is_unbiased_and_stays_on_neighbours(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(200_000, generator=g) + 0.5) * torch.randn(200_000, generator=g).sign()
+    r = core.stochastic_round(x, dtype, key=5)
+    assert r.dtype == dtype
+    lo = torch.minimum(x.to(dtype).float(), r.float())
+    near = x.to(dtype)
+    # always one of the two neighbours of x
+    down = torch.where(
+        near.float() <= x, near, torch.nextafter(near, torch.tensor(-1e9, dtype=dtype))
+    )
+    up = torch.where(near.float() >= x, near, torch.nextafter(near, torch.tensor(1e9, dtype=dtype)))
+    assert ((r == down) | (r == up)).all()
+    # unbiased: the mean rounding error is ~0, far below round-to-nearest's for a biased input
+    ulp = (up.float() - down.float()).clamp_min(1e-30)
+    err = ((r.float() - x) / ulp).mean()
+    assert abs(float(err)) < 5 * 0.5 / math.sqrt(x.numel())
+    shifted = down.float() + 0.1 * ulp  # 0.1 ulp above the lower neighbour: nearest never moves
+    got = core.stochastic_round(shifted, dtype, key=6).float()
+    frac_up = float(((got - down.float()) / ulp).mean())
+    assert abs(frac_up - 0.1) < 0.005
+    assert torch.equal(core.stochastic_round(x, dtype, key=5), r)  # deterministic
+    del lo
+
+
+def test_static_top_k_matches_the_host_selection() -> None:
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(300_000, generator=gen)
+    cases = {"smooth": smooth, "tied": smooth.round(decimals=1), "zeros": torch.zeros(5000)}
+    cases["small"] = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 0.0, 1.0, -3.0])
+    for name, x in cases.items():
+        for k in (0, 1, 4, 2999, 70_000):
+            if k <= x.numel():
+                got = core.top_magnitude_indices_static(x, k)
+                assert torch.equal(got, ref_topk_indices(x, k)), (name, k)
+
+
+@pytest.mark.parametrize(
+    "test", [test_onties_by_hand_over_three_steps, test_onties_zero_tau_is_topk_masked_adam]
+)
+def test_onties_oracles_on_the_sync_free_path(test, monkeypatch) -> None:
+    # the accelerator path (radix select, no host syncs) runs here on the CPU
+    monkeypatch.setattr(om, "HOST_SELECTION_DEVICES", ())
+    calls = []
+    real = core.top_magnitude_indices_static
+    monkeypatch.setattr(
+        core, "top_magnitude_indices_static", lambda x, k: calls.append(k) or real(x, k)
+    )
+    test()
+    assert calls
+
+
+def test_onties_clip_val_clamps_tau() -> None:
+    lin = nn.Linear(64, 64, bias=False)
+    tau = {"w": torch.randn(64, 64) * 3}
+    for clip_val, bound in ((0.5, 0.5), (None, float(tau["w"].abs().max()))):
+        opt = OnlineMergingAdamW(
+            [("w", lin.weight)], tau, mode="onties", reserve_p=0.1, clip_val=clip_val
+        )
+        stored = opt.state[lin.weight]["tau"].float()
+        assert float(stored.abs().max()) == pytest.approx(bound, rel=1e-2)
+        want = tau["w"].reshape(-1)[ref_topk_indices(tau["w"], int(0.1 * 4096))]
+        torch.testing.assert_close(stored, clip(want, clip_val).bfloat16().float())
+
+
+def clip(x: Tensor, c: float | None) -> Tensor:
+    return x if c is None else x.clamp(-c, c)
