@@ -114,6 +114,7 @@ def train(
         elastic.bind_reference(trainer.ref_model)
 
     trainer.train(resume_from_checkpoint=resume_from)
+    flush_optimizer(trainer)
     write_final(trainer, recipe, recipe_text, final, opts)
     return TrainResult(final, metrics.path, trainer.state.global_step, round(time.time() - t0, 2))
 
@@ -333,6 +334,14 @@ def build_trainer(
 
 
 # -- the final model -------------------------------------------------------------------------
+
+
+def flush_optimizer(trainer: Any) -> None:
+    """Merge what OnlineMergingAdamW(merge_every=K) accumulated after its last merge (the last
+    max_steps % K steps) into the weights before they are written."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

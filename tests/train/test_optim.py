@@ -811,3 +811,40 @@ def test_bf16_stochastic_rounding_is_the_same_for_every_replica(one_thread) -> N
     a = sub_ulp_run("onties", torch.bfloat16, True)
     b = sub_ulp_run("onties", torch.bfloat16, True)
     assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+# -- merge_every at the end of training (issue 11 item 3) ------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+def test_train_flushes_the_pending_update_at_the_end(family, tmp_path, mode: str) -> None:
+    """`rlmerge train` with max_steps (2) < merge_every (5): nothing was merged during training,
+    so the final model must be the checkpoint of step 2 (the initial weights, the pending
+    buffer in its optimizer state) with that buffer flushed."""
+    import yaml
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from mergekit_rl.train.recipe import parse_train_recipe
+    from mergekit_rl.train.run import make_optimizer
+    from tests.conftest import load_state
+    from tests.train.test_run import dpo_text, run
+
+    out = tmp_path / "run"
+    doc = yaml.safe_load(dpo_text(family, out, max_steps=2, save_steps=2))
+    doc["optimizer"].update(name=mode, merge_every=5, reserve_p=0.3, weight_decay=0.01)
+    text = yaml.safe_dump(doc)
+    run(text)
+    final, start = load_state(out / "final"), load_state(family["sft1"])
+    assert any(not torch.equal(final[k], start[k]) for k in start)  # the steps are not lost
+
+    ckpt = out / "checkpoint-2"
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    held = {k: v for k, v in model.state_dict().items() if k in start}
+    assert all(torch.equal(held[k], start[k]) for k in start)  # parameters stay put mid-cycle
+    recipe = parse_train_recipe(text, "r.yaml")
+    opt = make_optimizer(recipe, model, Trainer.get_decay_parameter_names(None, model))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    assert opt.flush() and not opt.flush()  # the second has nothing left
+    flushed = model.state_dict()
+    for k in start:
+        assert torch.equal(final[k], flushed[k].to(final[k].dtype)), k
