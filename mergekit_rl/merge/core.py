@@ -580,3 +580,13 @@ def _radix_step(digit: Tensor, among: Tensor | None, k: Tensor | int, bins: int)
     value = (at_or_above >= k).sum() - 1  # the highest b with at least k at or above it
     above = torch.cat([at_or_above[1:], at_or_above.new_zeros(1)])[value]
     return value, above
+
+
+def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float) -> None:
+    """`ema_update_` on many tensors at once: one multi-tensor `_foreach_lerp_` (x of another
+    dtype or device than its EMA is cast first)."""
+    same = [
+        x if (x.dtype, x.device) == (e.dtype, e.device) else x.to(e)
+        for e, x in zip(emas, xs, strict=True)
+    ]
+    torch._foreach_lerp_(list(emas), same, 1.0 - float(decay))
