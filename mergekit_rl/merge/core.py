@@ -464,9 +464,10 @@ _GAP_CUTS: dict[tuple[float, str], Tensor] = {}
 
 
 def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
-    """Ascending int32 cuts T_j = round((1 - density)^j * 2^31) for j >= 1, while T_j >= 1.
+    """Descending int64 cuts D_0 = 2^31, D_j = round((1 - density)^j * 2^31) for j >= 1 while
+    D_j >= 1, and a final 0.
 
-    A gap g = 1 + #{j : u < T_j}, with u a uniform 31-bit integer, has P(g > j) = T_j / 2^31,
+    A gap g = 1 + max{j : D_j > u}, with u a uniform 31-bit integer, has P(g > j) = D_j / 2^31,
     which is (1 - density)^j up to 2^-31: the law of the distance between consecutive entries
     kept by an i.i.d. Bernoulli(density) mask. The table is built once on the host in float64
     and copied, so every device compares against the same integers ([~22/density] entries).
@@ -476,9 +477,25 @@ def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
         log_q = math.log1p(-density)
         j = torch.arange(1, math.ceil(32 * math.log(2) / -log_q) + 2, dtype=torch.float64)
         cuts = torch.round(torch.exp(j * log_q) * 2.0**31).to(torch.int64)
-        cuts = cuts[cuts >= 1].flip(0).to(torch.int32)
+        one = torch.ones(1, dtype=torch.int64)
+        cuts = torch.cat([one << 31, cuts[cuts >= 1], one * 0])
         _GAP_CUTS[key] = cuts.to(device)
     return _GAP_CUTS[key]
+
+
+def geometric_gaps(u: Tensor, density: float) -> Tensor:
+    """1 + max{j : D_j > u} for uniform 31-bit integers u (int64) and the cuts D of `gap_cuts`.
+
+    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so a float64 logarithm gives j to
+    within one; one comparison on each side against the integer table makes it exact (and the
+    same on every device, whatever its log rounds to). No search over the table.
+    """
+    cuts = gap_cuts(density, u.device)
+    last = cuts.numel() - 2  # the largest j
+    est = torch.log((u.double() + 0.5) * 2.0**-31).div_(math.log1p(-density))
+    j = est.floor_().clamp_(0, last).to(torch.int64)
+    j += (cuts[j + 1] > u).to(torch.int64) - (cuts[j] <= u).to(torch.int64)
+    return j.add_(1)
 
 
 def sparse_draws(numel: int, density: float) -> int:
@@ -506,10 +523,8 @@ def hash_sparse_keep(
             numel, dtype=torch.bool, device=device
         )
     n = sparse_draws(numel, density)
-    u = (hash_bits(n, key, device=device) >> 1) & 0x7FFFFFFF  # [n] uniform on [0, 2^31)
-    cuts = gap_cuts(density, device)
-    gaps = cuts.numel() + 1 - torch.searchsorted(cuts, u, right=True)  # [n] 1 + #{T_j > u}
-    idx = gaps.cumsum_(0).sub_(1)  # int64: the first kept entry is gap - 1
+    u = ((hash_bits(n, key, device=device) >> 1) & 0x7FFFFFFF).to(torch.int64)  # [n] 31 bits
+    idx = geometric_gaps(u, density).cumsum_(0).sub_(1)  # [n] the first kept entry is gap - 1
     valid = idx < numel
     return idx.clamp_(max=numel - 1), valid
 
@@ -590,3 +605,18 @@ def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float)
         for e, x in zip(emas, xs, strict=True)
     ]
     torch._foreach_lerp_(list(emas), same, 1.0 - float(decay))
+
+
+def top_indices_of_magnitudes(mag: Tensor, k: int) -> Tensor:
+    """`top_magnitude_indices` for a flat tensor that already holds magnitudes (>= 0): the same
+    selection and tie rule, without the abs pass (online TIES computes |Delta| in place)."""
+    n = mag.numel()
+    if k >= n:
+        return torch.arange(n, device=mag.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=mag.device)
+    if 4 * k < n and n >= 64 * TOPK_SAMPLE_STRIDE:
+        candidates = _magnitude_candidates(mag, k)
+        if candidates is not None:
+            return candidates[_top_k_in_order(mag[candidates], k)]
+    return _top_k_in_order(mag, k)

@@ -58,8 +58,9 @@ def gather(flat: Tensor, idx: Tensor | None) -> Tensor:
     return flat if idx is None else flat[idx]
 
 
-def top_indices(flat: Tensor, density: float) -> Tensor | None:
+def top_indices(flat: Tensor, density: float, magnitudes: bool = False) -> Tensor | None:
     """Sorted flat indices of the top int(density * numel) |x| (TIES); None keeps everything.
+    magnitudes: flat already holds |x|.
 
     A tensor too small to keep a single entry (density * numel < 1) is kept dense, as the
     released code does for tau: otherwise small tensors (norms, biases) would never train.
@@ -67,9 +68,12 @@ def top_indices(flat: Tensor, density: float) -> Tensor | None:
     if density >= 1.0 or density * flat.numel() < 1:
         return None
     k = int(density * flat.numel())
-    if flat.device.type in HOST_SELECTION_DEVICES:  # syncs are free here, and this is faster
-        return core.top_magnitude_indices(flat, k)
-    return core.top_magnitude_indices_static(flat, k)
+    if flat.device.type not in HOST_SELECTION_DEVICES:
+        return core.top_magnitude_indices_static(flat, k)
+    # syncs are free on the host, and the sampled bound is faster there
+    if magnitudes:
+        return core.top_indices_of_magnitudes(flat, k)
+    return core.top_magnitude_indices(flat, k)
 
 
 def align_rows(tau: Tensor, shape: torch.Size, name: str) -> Tensor:
@@ -203,6 +207,12 @@ def adam_delta(m: Tensor, v: Tensor, idx: Tensor | None, step_size: float, eps: 
     return torch.div(m, denom, out=denom).mul_(-step_size)
 
 
+def adam_magnitude(m: Tensor, v: Tensor, step_size: float, eps: float) -> Tensor:
+    """|adam_delta| over every entry, bit for bit (|-s * (m / d)| = s * |m / d|), in one buffer."""
+    denom = v.reshape(-1).sqrt().add_(eps)
+    return torch.div(m.reshape(-1), denom, out=denom).abs_().mul_(step_size)
+
+
 def ondare_merge_(
     flat: Tensor,
     state: Mapping[str, Any],
@@ -239,16 +249,23 @@ def onties_merge_(
     alpha: float,
     weighted_sign: bool,
     round_keys: tuple[int, int] | None = None,
+    magnitude: Callable[[], Tensor] | None = None,
 ) -> None:
     """p += alpha * tau * [tau agrees] + (1 - alpha) * topk(Delta) * [Delta agrees].
+
+    magnitude: |Delta| over every entry (a fresh buffer), when cheaper than Delta itself.
 
     Off the kept entries of Delta the elected sign is tau's own, so tau always agrees there:
     every stored tau entry gets alpha * tau, and the k kept entries then get the difference
     between their merged update and alpha * tau (the election runs on them only).
     """
-    dense = delta_at(None)  # [numel] float32
-    idx = top_indices(dense, reserve_p)
-    delta = gather(dense, idx)  # [k]
+    if magnitude is None:
+        dense = delta_at(None)  # [numel] float32
+        idx = top_indices(dense, reserve_p)
+        delta = gather(dense, idx)  # [k]
+    else:  # select on |Delta| alone; Delta itself only at the k kept entries
+        idx = top_indices(magnitude(), reserve_p, magnitudes=True)
+        delta = delta_at(idx)  # [k] (or [numel] when every entry is kept)
     tau = tau_at(state, idx, flat.numel(), like=delta)  # [k]
     if weighted_sign:
         sign = core.elect_sign(torch.stack([tau * alpha, delta * (1.0 - alpha)]))
@@ -472,7 +489,8 @@ class OnlineMergingAdamW(Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if self.merge_every == 1:
             delta_at = partial(adam_delta, m, v, step_size=step_size, eps=eps)
-            self._merge(group, p, state, delta_at, decay)
+            magnitude = partial(adam_magnitude, m, v, step_size, eps)
+            self._merge(group, p, state, delta_at, decay, magnitude)
             return
         state["acc"].view(-1).add_(adam_delta(m, v, None, step_size, eps))
         state["decay_acc"] += decay
@@ -493,6 +511,7 @@ class OnlineMergingAdamW(Optimizer):
         state: dict[str, Any],
         delta_at: Callable[[Tensor | None], Tensor],
         decay: float,
+        magnitude: Callable[[], Tensor] | None = None,
     ) -> None:
         """Weight decay and the OnDARE / OnTIES merge of the update delta_at gives (at flat
         indices) into p, at optimizer step state["step"]."""
@@ -509,9 +528,8 @@ class OnlineMergingAdamW(Optimizer):
             reserve_p, alpha = group["reserve_p"], group["alpha"]
             ondare_merge_(flat, state, delta_at, reserve_p, alpha, self.rescale, key, keys)
         else:
-            onties_merge_(
-                flat, state, delta_at, group["reserve_p"], group["alpha"], self.weighted_sign, keys
-            )
+            reserve_p, alpha, weighted = group["reserve_p"], group["alpha"], self.weighted_sign
+            onties_merge_(flat, state, delta_at, reserve_p, alpha, weighted, keys, magnitude)
         if decay and self.decay_after_update:
             self._decay(p, decay, name, t, rounding)
 
