@@ -12,9 +12,12 @@ tau + Delta. tau is sparsified once at construction the same way (one mask for t
 Design notes section 2 gives the formulas and where the paper and the released code differ.
 
 Storage: tau lives in the optimizer state in `tau_dtype` (bf16); when sparse (the default
-reserve_p = 0.01) as flat indices + values, about 0.1 byte per parameter. Sparse updates are
-computed only at the kept entries: a fresh OnDARE mask is drawn as geometric gaps
-(`core.random_indices`), so a step costs about the Adam moment update alone.
+reserve_p = 0.01) as flat indices + values, about 0.1 byte per parameter. Adam's moments (and the
+merge_every buffer) are float32 whatever the parameter dtype. OnDARE's fresh masks are drawn as
+geometric gaps from a counter-based hash (`core.hash_sparse_keep`: a fixed-size draw, no host
+sync), and its update is computed only at the kept entries, so a step costs about the Adam
+moment update alone. OnTIES needs |Delta| everywhere for its top-k and forms Delta only at the
+k kept entries.
 """
 
 from __future__ import annotations
