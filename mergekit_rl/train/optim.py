@@ -474,11 +474,25 @@ class OnlineMergingAdamW(Optimizer):
 
     @staticmethod
     def _update_moments(group: Mapping[str, Any], params: list[Tensor], states: list[dict]) -> None:
-        """m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2 (in place, all parameters at once)."""
+        """m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2 (in place, all parameters at once).
+
+        The moments are float32: low-precision gradients are cast first. On the host each one
+        is cast into one reused buffer, one tensor at a time (a fresh float32 copy of every
+        gradient costs page faults there: measured 3-5x slower on 100M bf16 parameters);
+        accelerators cast them all and run the multi-tensor kernels (their caching allocator
+        reuses the memory)."""
         b1, b2 = group["betas"]
-        grads = [p.grad.float() for p in params if p.grad is not None]  # params all have one
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        grads = [p.grad for p in params if p.grad is not None]  # params all have one
+        if any(g.dtype != torch.float32 for g in grads) and grads[0].device.type == "cpu":
+            buf = torch.empty(max(g.numel() for g in grads), dtype=torch.float32)
+            for g, m, v in zip(grads, exp_avgs, exp_avg_sqs, strict=True):
+                g32 = buf[: g.numel()].view(g.shape).copy_(g)
+                m.lerp_(g32, 1.0 - b1)
+                v.mul_(b2).addcmul_(g32, g32, value=1.0 - b2)
+            return
+        grads = [g.float() for g in grads]
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - b1)
         torch._foreach_mul_(exp_avg_sqs, b2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - b2)
