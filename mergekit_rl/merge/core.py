@@ -461,6 +461,7 @@ def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
 # device) and that are pure functions of (key, element index) like `hash_bits`.
 
 _GAP_CUTS: dict[tuple[float, str], Tensor] = {}
+GAP_MIN_DENSITY = 1e-6  # the table holds ~22 / density cuts
 
 
 def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
@@ -472,6 +473,8 @@ def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
     kept by an i.i.d. Bernoulli(density) mask. The table is built once on the host in float64
     and copied, so every device compares against the same integers ([~22/density] entries).
     """
+    if not GAP_MIN_DENSITY <= density < 1.0:
+        raise ValueError(f"gap_cuts needs {GAP_MIN_DENSITY} <= density < 1, got {density}")
     key = (float(density), str(torch.device(device)))
     if key not in _GAP_CUTS:
         log_q = math.log1p(-density)
@@ -486,13 +489,14 @@ def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
 def geometric_gaps(u: Tensor, density: float) -> Tensor:
     """1 + max{j : D_j > u} for uniform 31-bit integers u (int64) and the cuts D of `gap_cuts`.
 
-    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so a float64 logarithm gives j to
-    within one; one comparison on each side against the integer table makes it exact (and the
-    same on every device, whatever its log rounds to). No search over the table.
+    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so a float32 logarithm gives j to
+    within one (its error, ~1e-7 of log u, is far below one step of log(1 - density) for any
+    density above 1e-5); one comparison on each side against the integer table makes it exact,
+    and the same on every device whatever its log rounds to. No search over the table.
     """
     cuts = gap_cuts(density, u.device)
     last = cuts.numel() - 2  # the largest j
-    est = torch.log((u.double() + 0.5) * 2.0**-31).div_(math.log1p(-density))
+    est = torch.log((u.float() + 0.5).mul_(2.0**-31)).mul_(1.0 / math.log1p(-density))
     j = est.floor_().clamp_(0, last).to(torch.int64)
     j += (cuts[j + 1] > u).to(torch.int64) - (cuts[j] <= u).to(torch.int64)
     return j.add_(1)

@@ -300,7 +300,8 @@ def _check_group(group: Mapping[str, Any]) -> None:
     _check(0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, "betas", f"must be in [0, 1), got {(b1, b2)}.")
     _check(group["weight_decay"] >= 0.0, "weight_decay", "must be >= 0.")
     p = group["reserve_p"]
-    _check(0.0 < p <= 1.0, "reserve_p", f"must be in (0, 1], got {p}.")
+    low = core.GAP_MIN_DENSITY  # below it a mask keeps under one entry in a million
+    _check(low <= p <= 1.0, "reserve_p", f"must be in [{low:g}, 1], got {p}.")
     a = group["alpha"]
     _check(0.0 <= a <= 1.0, "alpha", f"must be in [0, 1], got {a}.")
 
