@@ -624,3 +624,54 @@ def top_indices_of_magnitudes(mag: Tensor, k: int) -> Tensor:
         if candidates is not None:
             return candidates[_top_k_in_order(mag[candidates], k)]
     return _top_k_in_order(mag, k)
+
+
+def hash_bits_many(
+    sizes: Sequence[int], keys: Sequence[int], *, device: torch.device | str = "cpu"
+) -> Tensor:
+    """`hash_bits(n_i, key_i)` for every (n_i, key_i), concatenated [sum n_i], computed in one
+    pass per op over all of them (each n_i < 2^32): one batch of kernels instead of one per
+    tensor. The per-key words go to the device in one small copy; sizes are host ints."""
+    device = torch.device(device)
+    total = int(sum(sizes))
+    if total == 0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    if max(sizes) >= 1 << 32:
+        raise ValueError("hash_bits_many: every size must be below 2**32")
+    words = torch.tensor([[_s32(w) for w in _chunk_words(k, 0)] for k in keys], dtype=torch.int32)
+    reps = torch.tensor(list(sizes), dtype=torch.int64)
+    starts = reps.cumsum(0) - reps  # [S] first element of each segment
+    host = torch.cat([words, starts[:, None]], dim=1).to(device)  # one copy: [S, 4] int64
+    reps = reps.to(device)
+    per = torch.repeat_interleave(host, reps, dim=0, output_size=total)  # [N, 4]
+    c = torch.arange(total, device=device).sub_(per[:, 3]).to(torch.int32)  # index in segment
+    a, b, d = (per[:, i].to(torch.int32) for i in range(3))
+    return _mix32_(_mix32_(c.mul_(a).add_(b)).bitwise_xor_(d))
+
+
+def hash_sparse_keep_many(
+    numels: Sequence[int],
+    density: float,
+    keys: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor, list[int]]:
+    """`hash_sparse_keep(numel_i, density, key_i)` for many tensors in one batch of kernels:
+    (idx, valid) concatenated, and the draws per tensor (`sparse_draws`) to split them by.
+    Equal, segment by segment, to the one-tensor calls."""
+    device = torch.device(device)
+    draws = [sparse_draws(n, density) for n in numels]
+    u = ((hash_bits_many(draws, keys, device=device) >> 1) & 0x7FFFFFFF).to(torch.int64)
+    gaps = geometric_gaps(u, density)  # [N]
+    ends = gaps.cumsum(0)  # [N] running sum over every segment
+    reps = torch.tensor(draws, dtype=torch.int64)
+    first = (reps.cumsum(0) - reps).to(device)  # [S] each segment's first draw
+    base = ends[first] - gaps[first]  # [S] the running sum before each segment
+    total = int(sum(draws))
+    reps = reps.to(device)
+    idx = ends.sub_(torch.repeat_interleave(base, reps, output_size=total)).sub_(1)
+    limit = torch.repeat_interleave(
+        torch.tensor(list(numels), dtype=torch.int64).to(device), reps, output_size=total
+    )
+    valid = idx < limit
+    return torch.minimum(idx, limit - 1), valid, draws

@@ -225,14 +225,18 @@ def ondare_merge_(
     rescale: bool,
     key: int,
     round_keys: tuple[int, int] | None = None,
+    mask: tuple[Tensor, Tensor] | None = None,
 ) -> None:
-    """p += alpha * tau + (1 - alpha) * drop(Delta), with a fresh drop mask drawn under key.
+    """p += alpha * tau + (1 - alpha) * drop(Delta), with a fresh drop mask drawn under key
+    (or given: mask, the same draw made for many tensors at once).
 
     The mask is a fixed-size draw (`core.hash_sparse_keep`): no host sync, Adam's update is
     computed only at the ~reserve_p * numel drawn entries, and the draws past the end add 0.
     """
     idx = valid = None
-    if reserve_p < 1.0:
+    if mask is not None:
+        idx, valid = mask
+    elif reserve_p < 1.0:
         idx, valid = core.hash_sparse_keep(flat.numel(), reserve_p, key, device=flat.device)
     delta = delta_at(idx)  # [n] or [numel], float32
     if idx is not None and rescale:
@@ -433,9 +437,31 @@ class OnlineMergingAdamW(Optimizer):
                 continue
             states = [self._state(p) for p in params]
             self._update_moments(group, params, states)
-            for p, state in zip(params, states, strict=True):
-                self._step_param(group, p, state)
+            masks = self._masks(group, params, states)
+            for i, (p, state) in enumerate(zip(params, states, strict=True)):
+                self._step_param(group, p, state, None if masks is None else masks[i])
         return loss
+
+    def _masks(
+        self, group: Mapping[str, Any], params: list[Tensor], states: list[dict]
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """This step's OnDARE masks for every parameter of the group, drawn in one batch of
+        kernels (`core.hash_sparse_keep_many`: the same masks as one call per parameter).
+        None when masks are drawn per merge instead (merge_every > 1, a single device only)."""
+        reserve_p = group["reserve_p"]
+        if self.mode != "ondare" or self.merge_every > 1 or reserve_p >= 1.0:
+            return None
+        if len({p.device for p in params}) > 1:
+            return None
+        keys = [
+            mask_key(self.seed, self._names[p], "delta", str(s["step"] + 1))
+            for p, s in zip(params, states, strict=True)
+        ]
+        numels = [p.numel() for p in params]
+        idx, valid, draws = core.hash_sparse_keep_many(
+            numels, reserve_p, keys, device=params[0].device
+        )
+        return list(zip(idx.split(draws), valid.split(draws), strict=True))
 
     @torch.no_grad()
     def flush(self) -> bool:
@@ -498,7 +524,13 @@ class OnlineMergingAdamW(Optimizer):
         torch._foreach_mul_(exp_avg_sqs, b2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - b2)
 
-    def _step_param(self, group: Mapping[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+    def _step_param(
+        self,
+        group: Mapping[str, Any],
+        p: Tensor,
+        state: dict[str, Any],
+        mask: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         state["step"] += 1
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
@@ -508,7 +540,7 @@ class OnlineMergingAdamW(Optimizer):
         if self.merge_every == 1:
             delta_at = partial(adam_delta, m, v, step_size=step_size, eps=eps)
             magnitude = partial(adam_magnitude, m, v, step_size, eps)
-            self._merge(group, p, state, delta_at, decay, magnitude)
+            self._merge(group, p, state, delta_at, decay, magnitude, mask)
             return
         state["acc"].view(-1).add_(adam_delta(m, v, None, step_size, eps))
         state["decay_acc"] += decay
@@ -530,6 +562,7 @@ class OnlineMergingAdamW(Optimizer):
         delta_at: Callable[[Tensor | None], Tensor],
         decay: float,
         magnitude: Callable[[], Tensor] | None = None,
+        mask: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """Weight decay and the OnDARE / OnTIES merge of the update delta_at gives (at flat
         indices) into p, at optimizer step state["step"]."""
@@ -544,7 +577,7 @@ class OnlineMergingAdamW(Optimizer):
         if self.mode == "ondare":
             key = mask_key(self.seed, name, "delta", str(t))
             reserve_p, alpha = group["reserve_p"], group["alpha"]
-            ondare_merge_(flat, state, delta_at, reserve_p, alpha, self.rescale, key, keys)
+            ondare_merge_(flat, state, delta_at, reserve_p, alpha, self.rescale, key, keys, mask)
         else:
             reserve_p, alpha, weighted = group["reserve_p"], group["alpha"], self.weighted_sign
             onties_merge_(flat, state, delta_at, reserve_p, alpha, weighted, keys, magnitude)

@@ -863,3 +863,19 @@ def test_geometric_gaps_equal_a_search_of_the_integer_cuts() -> None:
         ).clamp(0, (1 << 31) - 1)  # fmt: skip
         want = cuts.numel() - torch.searchsorted(cuts.flip(0), u, right=True)  # 1 + max{D_j > u}
         assert torch.equal(core.geometric_gaps(u, density), want), density
+
+
+def test_batched_masks_equal_one_call_per_tensor() -> None:
+    numels = [128, 16, 64, 4, 100_000, 1, 3000]
+    keys = [core.tensor_seed(1, str(i)) for i in range(len(numels))]
+    assert torch.equal(
+        core.hash_bits_many(numels, keys),
+        torch.cat([core.hash_bits(n, k) for n, k in zip(numels, keys, strict=True)]),
+    )
+    for density in (0.01, 0.3):
+        idx, valid, draws = core.hash_sparse_keep_many(numels, density, keys)
+        assert draws == [core.sparse_draws(n, density) for n in numels]
+        parts = zip(idx.split(draws), valid.split(draws), numels, keys, strict=True)
+        for i, v, n, k in parts:
+            want = core.hash_sparse_keep(n, density, k)
+            assert torch.equal(i, want[0]) and torch.equal(v, want[1]), (n, density)
