@@ -1,10 +1,10 @@
 """Step time and memory of OnlineMergingAdamW (ondare, onties) against torch AdamW, and the cost
 of one Elastic Reset, on a ~100M-parameter Llama on CPU, in the same run.
 
-    python bench/bench_optim.py [--rounds 3] [--steps 10] [--size 100M]
+    python bench/bench_optim.py [--rounds 3] [--steps 10] [--size 100M] [--dtype bfloat16]
 
 Every measurement runs in a fresh process (`--worker MODE`), rounds alternate the order of the
-optimizers. A worker builds the model (float32, seeded), gives every parameter a fixed random
+optimizers. A worker builds the model (float32, or --dtype, seeded), gives every parameter a fixed random
 gradient (so only `optimizer.step()` is timed, no forward or backward), builds the optimizer,
 runs `--warmup` steps, then times `--steps` steps one by one. It reports the median step, the
 optimizer's state bytes (every tensor in `optimizer.state`), and the process's resident memory
@@ -48,7 +48,7 @@ LR = 1e-5
 TAU_STD = 0.002
 
 
-def make_model(size: str) -> nn.Module:
+def make_model(size: str, dtype: str = "float32") -> nn.Module:
     cfg = LlamaConfig(
         num_attention_heads=12 if size == "100M" else 4,
         num_key_value_heads=12 if size == "100M" else 4,
@@ -56,14 +56,14 @@ def make_model(size: str) -> nn.Module:
         **SIZES[size],
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).float()
+    return LlamaForCausalLM(cfg).to(getattr(torch, dtype))
 
 
 def fixed_grads_(model: nn.Module, seed: int = 1) -> None:
     """A fixed random gradient on every parameter, reused by every step."""
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3)
+        p.grad = torch.randn(p.shape, generator=gen).mul_(1e-3).to(p.dtype)
 
 
 class RandomTaskVectors:
@@ -107,8 +107,8 @@ def timed(fn: Callable[..., object], *args: object) -> float:
     return time.perf_counter() - t0
 
 
-def worker_optim(mode: str, size: str, warmup: int, steps: int) -> dict:
-    model = make_model(size)
+def worker_optim(mode: str, size: str, warmup: int, steps: int, dtype: str) -> dict:
+    model = make_model(size, dtype)
     fixed_grads_(model)
     n_params = sum(p.numel() for p in model.parameters())
     before = rss_bytes()
@@ -120,6 +120,7 @@ def worker_optim(mode: str, size: str, warmup: int, steps: int) -> dict:
     step_s = [timed(opt.step) for _ in range(steps)]
     return {
         "mode": mode,
+        "dtype": dtype,
         "params": n_params,
         "build_s": round(build_s, 3),
         "step_s": [round(s, 4) for s in step_s],
@@ -169,7 +170,7 @@ def worker_elastic(size: str, repeats: int, cold: bool) -> dict:
 # -- the parent: run the workers, summarise --------------------------------------------------
 def run_worker(args: argparse.Namespace, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--size", args.size]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
     cmd += [] if args.cold else ["--no-cold"]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     load1 = os.getloadavg()[0]
@@ -203,6 +204,7 @@ def summarize(runs: list[dict]) -> tuple[list[dict], dict]:
                 "time_ok": step / adamw_step <= 1.2,
                 "build_s": statistics.median(r["build_s"] for r in rs),
                 "state_mib": round(rs[0]["state_bytes"] / 2**20, 1),
+                "state_bytes_per_param": round(rs[0]["state_bytes"] / rs[0]["params"], 2),
                 "extra_state_mib": round(extra_state / 2**20, 1),
                 "extra_rss_mib": round(extra_rss / 2**20, 1),
                 "bf16_copy_mib": round(bf16_copy / 2**20, 1),
@@ -216,13 +218,15 @@ def markdown(rows: list[dict], elastic: list[dict], adamw_step: float) -> str:
     ok = {True: "met", False: "**missed**"}
     out = (
         "| optimizer | step s (median) | spread of run medians | x AdamW | time <= 1.2x "
-        "| state MiB | extra state MiB | extra RSS MiB | one bf16 copy MiB | memory |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| state MiB | state B/param | extra state MiB | extra RSS MiB | one bf16 copy MiB "
+        "| memory |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
         out += (
             f"| {r['mode']} | {r['step_s']} | {r['step_spread']} | {r['ratio']}x "
-            f"| {ok[r['time_ok']]} | {r['state_mib']} | {r['extra_state_mib']} "
+            f"| {ok[r['time_ok']]} | {r['state_mib']} | {r['state_bytes_per_param']} "
+            f"| {r['extra_state_mib']} "
             f"| {r['extra_rss_mib']} | {r['bf16_copy_mib']} | {ok[r['mem_ok']]} |\n"
         )
     if elastic:
@@ -255,6 +259,10 @@ def main() -> None:
         help="skip the reset timed with the page cache dropped (root only; on by default as root)",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype"
+    )
+    ap.add_argument("--no-elastic", dest="elastic", action="store_false", help="skip Elastic")
     ap.add_argument("--worker", choices=[*MODES, "elastic"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.cold = args.cold and can_drop_caches()
@@ -265,9 +273,9 @@ def main() -> None:
         print(json.dumps(worker_elastic(args.size, repeats=3, cold=args.cold)))
         return
     if args.worker:
-        print(json.dumps(worker_optim(args.worker, args.size, args.warmup, args.steps)))
+        print(json.dumps(worker_optim(args.worker, args.size, args.warmup, args.steps, args.dtype)))
         return
-    torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}"
     print(torch_info, flush=True)
     runs, elastic = [], []
     for rnd in range(args.rounds):
@@ -280,12 +288,15 @@ def main() -> None:
                 f"{r['state_bytes'] / 2**20:.0f} MiB, load {r['load1']}",
                 flush=True,
             )
-    elastic.append(run_worker(args, "elastic"))
-    print(f"  elastic {elastic[-1]}", flush=True)
+    if args.elastic:
+        elastic.append(run_worker(args, "elastic"))
+        print(f"  elastic {elastic[-1]}", flush=True)
     rows, extra = summarize(runs)
     table = markdown(rows, elastic, extra["adamw_step_s"])
     print(table)
-    tag = f"-t{args.threads}" if args.threads else ""
+    tag = (f"-t{args.threads}" if args.threads else "") + (
+        "-bf16" if args.dtype != "float32" else ""
+    )
     (WORK / f"optim{tag}.md").write_text(f"- {torch_info}\n\n{table}")
     (WORK / f"optim{tag}.json").write_text(json.dumps({"runs": runs, "elastic": elastic}, indent=2))
 

@@ -68,14 +68,17 @@ KEY_DOCS: dict[str, str] = {
     "1/reserve_p (the released code; the paper text has no rescaling).",
     "optimizer.sign_on": "OnTIES only: elect the sign on the `unweighted` sum tau + update (the "
     "released code) or on the `weighted` terms (the paper text).",
-    "optimizer.clip_val": "OnDARE only: clamp tau to +-clip_val once at the start (null: no "
-    "clamp).",
+    "optimizer.clip_val": "Clamp the stored tau to +-clip_val once at the start, OnDARE and "
+    "OnTIES (null: no clamp).",
     "optimizer.tau_l1_rescale": "OnTIES only: rescale the sparsified tau to keep its L1 norm.",
     "optimizer.merge_every": "Merging only: accumulate this many Adam updates, then sparsify "
     "and merge their sum (K-step merging).",
     "optimizer.decay_after_update": "Apply weight decay after the merged update (the released "
     "code) rather than before.",
     "optimizer.tau_dtype": "Storage dtype of tau (one extra copy of the trainable parameters).",
+    "optimizer.stochastic_rounding": "bf16 / fp16 parameters: round each update to the "
+    "parameter's dtype stochastically (unbiased; bits from the counter-based hash, so every "
+    "rank rounds alike); off: round to nearest, which loses updates below half an ulp.",
     "optimizer.missing": "Parameters with no task vector (value heads, new rows): tau = 0 "
     "(`zero`) or an `error`.",
     # elastic reset

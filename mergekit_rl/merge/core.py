@@ -453,3 +453,225 @@ def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
     if kept == 0:
         return masked
     return masked * float(stable_sum(original.abs()) / kept)
+
+
+# -- sparse counter-based masks, stochastic rounding, sync-free top-k ----------------------------
+# Online merging optimizers redraw a sparse mask every step on the parameter's device. These
+# primitives give results whose sizes follow from the shapes alone (the host never waits for the
+# device) and that are pure functions of (key, element index) like `hash_bits`.
+
+_GAP_CUTS: dict[tuple[float, str], Tensor] = {}
+GAP_MIN_DENSITY = 1e-6  # the table holds ~22 / density cuts
+
+
+def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
+    """Descending int64 cuts D_0 = 2^31, D_j = round((1 - density)^j * 2^31) for j >= 1 while
+    D_j >= 1, and a final 0.
+
+    A gap g = 1 + max{j : D_j > u}, with u a uniform 31-bit integer, has P(g > j) = D_j / 2^31,
+    which is (1 - density)^j up to 2^-31: the law of the distance between consecutive entries
+    kept by an i.i.d. Bernoulli(density) mask. The table is built once on the host in float64
+    and copied, so every device compares against the same integers ([~22/density] entries).
+    """
+    if not GAP_MIN_DENSITY <= density < 1.0:
+        raise ValueError(f"gap_cuts needs {GAP_MIN_DENSITY} <= density < 1, got {density}")
+    key = (float(density), str(torch.device(device)))
+    if key not in _GAP_CUTS:
+        log_q = math.log1p(-density)
+        j = torch.arange(1, math.ceil(32 * math.log(2) / -log_q) + 2, dtype=torch.float64)
+        cuts = torch.round(torch.exp(j * log_q) * 2.0**31).to(torch.int64)
+        one = torch.ones(1, dtype=torch.int64)
+        cuts = torch.cat([one << 31, cuts[cuts >= 1], one * 0])
+        _GAP_CUTS[key] = cuts.to(device)
+    return _GAP_CUTS[key]
+
+
+def geometric_gaps(u: Tensor, density: float) -> Tensor:
+    """1 + max{j : D_j > u} for uniform 31-bit integers u (int64) and the cuts D of `gap_cuts`.
+
+    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so a float32 logarithm gives j to
+    within one (its error, ~1e-7 of log u, is far below one step of log(1 - density) for any
+    density above 1e-5); one comparison on each side against the integer table makes it exact,
+    and the same on every device whatever its log rounds to. No search over the table.
+    """
+    cuts = gap_cuts(density, u.device)
+    last = cuts.numel() - 2  # the largest j
+    est = torch.log((u.float() + 0.5).mul_(2.0**-31)).mul_(1.0 / math.log1p(-density))
+    j = est.floor_().clamp_(0, last).to(torch.int64)
+    j += (cuts[j + 1] > u).to(torch.int64) - (cuts[j] <= u).to(torch.int64)
+    return j.add_(1)
+
+
+def sparse_draws(numel: int, density: float) -> int:
+    """Gaps drawn by `hash_sparse_keep`: the mean kept count + 8 standard deviations + 16."""
+    mean = numel * density
+    return int(mean + 8.0 * math.sqrt(mean * (1.0 - density)) + 16)
+
+
+def hash_sparse_keep(
+    numel: int, density: float, key: int, *, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """The flat indices an i.i.d. Bernoulli(density) mask over numel entries keeps, as a draw of
+    fixed size n = `sparse_draws(numel, density)`: (idx [n] int64 ascending, valid [n] bool).
+
+    Kept entries are drawn as geometric gaps (`gap_cuts`) from `hash_bits(n, key)`, so the cost
+    is ~density * numel, not numel, and the result is a pure function of (numel, density, key)
+    on every device. The valid entries are a prefix; invalid ones (past the end) are clamped to
+    numel - 1 so they can be gathered, and callers give them a zero update. The n gaps fall
+    short of numel (the tail then keeps nothing) with probability below 1e-14: an 8-sigma event.
+    density >= 1 keeps every index.
+    """
+    device = torch.device(device)
+    if density >= 1.0:
+        return torch.arange(numel, device=device), torch.ones(
+            numel, dtype=torch.bool, device=device
+        )
+    n = sparse_draws(numel, density)
+    u = ((hash_bits(n, key, device=device) >> 1) & 0x7FFFFFFF).to(torch.int64)  # [n] 31 bits
+    idx = geometric_gaps(u, density).cumsum_(0).sub_(1)  # [n] the first kept entry is gap - 1
+    valid = idx < numel
+    return idx.clamp_(max=numel - 1), valid
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, *, offset: int = 0) -> Tensor:
+    """float32 x rounded to dtype (bfloat16 / float16), down or up at random: E[result] = x.
+
+    An entry between neighbours lo < x < hi of dtype becomes hi with probability
+    (x - lo) / (hi - lo); the random bits are `hash_bits(x.numel(), key, offset=offset)`, so the
+    result is the same on every device and rank. Used for updates far below half an ulp, which
+    round-to-nearest would drop every time. Other dtypes are returned as a cast.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    bits = hash_bits(x.numel(), key, offset=offset, device=x.device).view(x.shape)
+    if dtype == torch.bfloat16:
+        # bf16 keeps the top 16 bits of a float32: add a uniform 16-bit number to the 16 bits
+        # that are dropped, then truncate; the magnitude rounds up with exactly their fraction
+        xi = x.to(torch.float32).contiguous().view(torch.int32) + (bits & 0xFFFF)
+        return xi.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+    near = x.to(dtype)
+    near32 = near.float()
+    toward = torch.where(near32 < x, math.inf, -math.inf).to(dtype)
+    other = torch.nextafter(near, toward)  # the neighbour on x's other side
+    frac = (x - near32).abs_().div_((other.float() - near32).abs_())
+    u = ((bits >> 8) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24)
+    return torch.where(u < frac, other, near)
+
+
+def top_magnitude_indices_static(x: Tensor, k: int) -> Tensor:
+    """`top_magnitude_indices` (exactly k, ties in index order, sorted) without host syncs.
+
+    Radix select on the float32 bit patterns of |x| (non-negative floats order like their int32
+    bits): a 2^15-bin histogram of the top bits and a 2^16-bin one of the low bits in the
+    chosen bin give the exact k-th largest, then the k - #{above} tied entries of lowest index
+    join. Histograms are `index_add_` into fixed-size tensors (`bincount` sizes its output from
+    the data) and the indices come from `nonzero_static(size=k)`: every size is known on the
+    host. One of a few dense passes per step, meant for accelerators; on the CPU, where syncs
+    cost nothing, the sampled-bound `top_magnitude_indices` is faster.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.arange(n, device=flat.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=flat.device)
+    bits = flat.float().abs().view(torch.int32)  # [n] >= 0
+    hi = bits >> 16  # [n] in [0, 2^15)
+    kth = _radix_step(hi, None, k, 1 << 15)  # (bucket, entries in higher buckets)
+    bucket, higher = kth
+    lo = bits & 0xFFFF
+    low, _ = _radix_step(lo, hi == bucket, k - higher, 1 << 16)
+    kth_bits = (bucket << 16) | low  # 0-dim int64: the k-th largest |x|'s bits
+    above = bits > kth_bits
+    tied = bits == kth_bits
+    room = k - above.sum()  # how many tied entries fit, lowest index first
+    keep = above | (tied & (tied.cumsum(0) <= room))
+    return torch.nonzero_static(keep, size=k).squeeze(1)
+
+
+def _radix_step(digit: Tensor, among: Tensor | None, k: Tensor | int, bins: int) -> tuple:
+    """The digit value holding the k-th largest entry (of those in `among`), and how many of
+    them have a larger digit; both as 0-dim int64 tensors on the device."""
+    counts = torch.zeros(bins, dtype=torch.int64, device=digit.device)
+    ones = torch.ones((), dtype=torch.int64, device=digit.device).expand(digit.numel())
+    counts.index_add_(0, digit.to(torch.int64), ones if among is None else among.to(torch.int64))
+    at_or_above = counts.flip(0).cumsum(0).flip(0)  # [bins] entries with digit >= b
+    value = (at_or_above >= k).sum() - 1  # the highest b with at least k at or above it
+    above = torch.cat([at_or_above[1:], at_or_above.new_zeros(1)])[value]
+    return value, above
+
+
+def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float) -> None:
+    """`ema_update_` on many tensors at once: one multi-tensor `_foreach_lerp_` (x of another
+    dtype or device than its EMA is cast first)."""
+    same = [
+        x if (x.dtype, x.device) == (e.dtype, e.device) else x.to(e)
+        for e, x in zip(emas, xs, strict=True)
+    ]
+    torch._foreach_lerp_(list(emas), same, 1.0 - float(decay))
+
+
+def top_indices_of_magnitudes(mag: Tensor, k: int) -> Tensor:
+    """`top_magnitude_indices` for a flat tensor that already holds magnitudes (>= 0): the same
+    selection and tie rule, without the abs pass (online TIES computes |Delta| in place)."""
+    n = mag.numel()
+    if k >= n:
+        return torch.arange(n, device=mag.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=mag.device)
+    if 4 * k < n and n >= 64 * TOPK_SAMPLE_STRIDE:
+        candidates = _magnitude_candidates(mag, k)
+        if candidates is not None:
+            return candidates[_top_k_in_order(mag[candidates], k)]
+    return _top_k_in_order(mag, k)
+
+
+def hash_bits_many(
+    sizes: Sequence[int], keys: Sequence[int], *, device: torch.device | str = "cpu"
+) -> Tensor:
+    """`hash_bits(n_i, key_i)` for every (n_i, key_i), concatenated [sum n_i], computed in one
+    pass per op over all of them (each n_i < 2^32): one batch of kernels instead of one per
+    tensor. The per-key words go to the device in one small copy; sizes are host ints."""
+    device = torch.device(device)
+    total = int(sum(sizes))
+    if total == 0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    if max(sizes) >= 1 << 32:
+        raise ValueError("hash_bits_many: every size must be below 2**32")
+    words = torch.tensor([[_s32(w) for w in _chunk_words(k, 0)] for k in keys], dtype=torch.int32)
+    reps = torch.tensor(list(sizes), dtype=torch.int64)
+    starts = reps.cumsum(0) - reps  # [S] first element of each segment
+    host = torch.cat([words, starts[:, None]], dim=1).to(device)  # one copy: [S, 4] int64
+    reps = reps.to(device)
+    per = torch.repeat_interleave(host, reps, dim=0, output_size=total)  # [N, 4]
+    c = torch.arange(total, device=device).sub_(per[:, 3]).to(torch.int32)  # index in segment
+    a, b, d = (per[:, i].to(torch.int32) for i in range(3))
+    return _mix32_(_mix32_(c.mul_(a).add_(b)).bitwise_xor_(d))
+
+
+def hash_sparse_keep_many(
+    numels: Sequence[int],
+    density: float,
+    keys: Sequence[int],
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor, list[int]]:
+    """`hash_sparse_keep(numel_i, density, key_i)` for many tensors in one batch of kernels:
+    (idx, valid) concatenated, and the draws per tensor (`sparse_draws`) to split them by.
+    Equal, segment by segment, to the one-tensor calls."""
+    device = torch.device(device)
+    draws = [sparse_draws(n, density) for n in numels]
+    u = ((hash_bits_many(draws, keys, device=device) >> 1) & 0x7FFFFFFF).to(torch.int64)
+    gaps = geometric_gaps(u, density)  # [N]
+    ends = gaps.cumsum(0)  # [N] running sum over every segment
+    reps = torch.tensor(draws, dtype=torch.int64)
+    first = (reps.cumsum(0) - reps).to(device)  # [S] each segment's first draw
+    base = ends[first] - gaps[first]  # [S] the running sum before each segment
+    total = int(sum(draws))
+    reps = reps.to(device)
+    idx = ends.sub_(torch.repeat_interleave(base, reps, output_size=total)).sub_(1)
+    limit = torch.repeat_interleave(
+        torch.tensor(list(numels), dtype=torch.int64).to(device), reps, output_size=total
+    )
+    valid = idx < limit
+    return torch.minimum(idx, limit - 1), valid, draws

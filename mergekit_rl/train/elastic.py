@@ -177,10 +177,7 @@ class ElasticResetCallback(TrainerCallback):
             )
         changed = False
         if global_step % self.ema_every == 0:
-            for name, p in self._params.items():
-                core.ema_update_(
-                    self.ema[name], p.detach().to(self.ema[name].device), self.ema_decay
-                )
+            self._update_ema()
             changed = True
         if global_step % self.reset_every == 0:
             self._reset(optimizer)
@@ -188,6 +185,12 @@ class ElasticResetCallback(TrainerCallback):
         if changed:
             self._sync_reference()
         self.last_step = global_step
+
+    def _update_ema(self) -> None:
+        """theta_ema <- lerp(theta_ema, theta, 1 - decay), every tracked parameter in one
+        multi-tensor kernel."""
+        params = [p.detach() for p in self._params.values()]
+        core.ema_update_many_(list(self.ema.values()), params, self.ema_decay)
 
     def _reset(self, optimizer: torch.optim.Optimizer | None) -> None:
         """theta <- theta_ema; theta_ema <- theta_0 (streamed from disk, one tensor at a time)."""
@@ -263,6 +266,7 @@ class ElasticResetCallback(TrainerCallback):
         if not self.ema:
             raise UsageError("elastic reset: call attach(model) before load().")
         meta = json.loads(meta_path.read_text())
+        self._check_settings(meta, meta_path)
         tensors = load_file(str(state_path))
         ema = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
         if set(ema) != set(self.ema):
@@ -280,6 +284,22 @@ class ElasticResetCallback(TrainerCallback):
         self.num_resets = int(meta["num_resets"])
         self.last_step = int(meta["step"])
         self._sync_reference()
+
+    def _check_settings(self, meta: Mapping[str, Any], meta_path: Path) -> None:
+        """Refuse to resume under other settings: the EMA and the reset schedule saved in the
+        checkpoint belong to them (a silent change would mix two algorithms in one run)."""
+        changed = [
+            f"{key}: saved {meta[key]!r}, now {getattr(self, key)!r}"
+            for key in ("ema_decay", "ema_every", "reset_every", "kl_anchor")
+            if key in meta and meta[key] != getattr(self, key)
+        ]
+        if changed:
+            raise MismatchError(
+                f"elastic reset: '{meta_path}' was saved with other settings ("
+                + "; ".join(changed)
+                + "); resume with the settings of the saved run, or start a new run in "
+                "another output directory."
+            )
 
     # -- TrainerCallback hooks ----------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):

@@ -12,9 +12,12 @@ tau + Delta. tau is sparsified once at construction the same way (one mask for t
 Design notes section 2 gives the formulas and where the paper and the released code differ.
 
 Storage: tau lives in the optimizer state in `tau_dtype` (bf16); when sparse (the default
-reserve_p = 0.01) as flat indices + values, about 0.1 byte per parameter. Sparse updates are
-computed only at the kept entries: a fresh OnDARE mask is drawn as geometric gaps
-(`core.random_indices`), so a step costs about the Adam moment update alone.
+reserve_p = 0.01) as flat indices + values, about 0.1 byte per parameter. Adam's moments (and the
+merge_every buffer) are float32 whatever the parameter dtype. OnDARE's fresh masks are drawn as
+geometric gaps from a counter-based hash (`core.hash_sparse_keep`: a fixed-size draw, no host
+sync), and its update is computed only at the kept entries, so a step costs about the Adam
+moment update alone. OnTIES needs |Delta| everywhere for its top-k and forms Delta only at the
+k kept entries.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ Missing = Literal["zero", "error"]
 # tau is stored as (int64 flat index, value) pairs when fewer than this fraction of its entries are
 # kept: 10 bytes per kept entry against 2 bytes per entry (bf16) dense.
 SPARSE_BELOW = 0.2
+# devices where top-k selection may read sizes back on the host (a sync costs nothing on the CPU);
+# elsewhere the selection is sync-free (`core.top_magnitude_indices_static`, the same result)
+HOST_SELECTION_DEVICES: tuple[str, ...] = ("cpu",)
+# wrapper prefixes dropped from parameter names before they key random draws
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# state kept in float32 whatever the parameter dtype
+FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "acc")
 
 
 # -- pure helpers on flattened tensors -------------------------------------------------------
@@ -50,15 +61,22 @@ def gather(flat: Tensor, idx: Tensor | None) -> Tensor:
     return flat if idx is None else flat[idx]
 
 
-def top_indices(flat: Tensor, density: float) -> Tensor | None:
+def top_indices(flat: Tensor, density: float, magnitudes: bool = False) -> Tensor | None:
     """Sorted flat indices of the top int(density * numel) |x| (TIES); None keeps everything.
+    magnitudes: flat already holds |x|.
 
     A tensor too small to keep a single entry (density * numel < 1) is kept dense, as the
     released code does for tau: otherwise small tensors (norms, biases) would never train.
     """
     if density >= 1.0 or density * flat.numel() < 1:
         return None
-    return core.top_magnitude_indices(flat, int(density * flat.numel()))
+    k = int(density * flat.numel())
+    if flat.device.type not in HOST_SELECTION_DEVICES:
+        return core.top_magnitude_indices_static(flat, k)
+    # syncs are free on the host, and the sampled bound is faster there
+    if magnitudes:
+        return core.top_indices_of_magnitudes(flat, k)
+    return core.top_magnitude_indices(flat, k)
 
 
 def align_rows(tau: Tensor, shape: torch.Size, name: str) -> Tensor:
@@ -76,30 +94,54 @@ def align_rows(tau: Tensor, shape: torch.Size, name: str) -> Tensor:
     return out
 
 
+def canonical_name(name: str) -> str:
+    """The parameter name without wrapper prefixes ("module." of DDP, "_orig_mod." of
+    torch.compile): the name random masks are keyed by, so a run keeps its masks when it is
+    resumed with or without a wrapper."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def mask_key(seed: int, name: str, *tags: str) -> int:
+    """The key of a counter-based random draw (`core.hash_bits`) for one parameter.
+
+    OnDARE's tau mask: ("tau",); the Delta mask at optimizer step t: ("delta", str(t));
+    stochastic rounding at step t: ("round", str(t), what). Pure functions of the seed, the
+    parameter's canonical name and the step: every rank, device and resume draws the same.
+    """
+    return core.tensor_seed(seed, "online-merging", canonical_name(name), *tags)
+
+
 def ondare_tau(
-    tau: Tensor, reserve_p: float, rescale: bool, clip_val: float | None, seed: int, name: str
+    tau: Tensor, reserve_p: float, rescale: bool, clip_val: float | None, key: int
 ) -> tuple[Tensor | None, Tensor]:
-    """OnDARE init: one Bernoulli(reserve_p) mask for the run (seeded by name), x 1/p, clamped."""
+    """OnDARE init: one Bernoulli(reserve_p) mask for the run (`core.hash_sparse_keep` under
+    key, on tau's device), x 1/p, clamped."""
     flat = tau.reshape(-1)
     if reserve_p >= 1.0:
         idx, val = None, flat
     else:
-        keep = core.bernoulli_mask(tau.shape, reserve_p, seed, "tau", name, device=tau.device)
-        idx = keep.reshape(-1).nonzero().squeeze(1)
+        idx, valid = core.hash_sparse_keep(flat.numel(), reserve_p, key, device=tau.device)
+        idx = idx[valid]  # a host sync, once per tensor at construction
         val = flat[idx] / reserve_p if rescale else flat[idx]
-    if clip_val is not None:
-        val = val.clamp(-clip_val, clip_val)
-    return idx, val
+    return idx, clip(val, clip_val)
 
 
-def onties_tau(tau: Tensor, reserve_p: float, l1_rescale: bool) -> tuple[Tensor | None, Tensor]:
-    """OnTIES init: keep the top reserve_p fraction of |tau| (optionally L1-rescaled)."""
+def onties_tau(
+    tau: Tensor, reserve_p: float, l1_rescale: bool, clip_val: float | None
+) -> tuple[Tensor | None, Tensor]:
+    """OnTIES init: keep the top reserve_p fraction of |tau| (optionally L1-rescaled), clamped."""
     flat = tau.reshape(-1)
     idx = top_indices(flat, reserve_p)
     if idx is None:
-        return None, flat
+        return None, clip(flat, clip_val)
     val = flat[idx]
-    return idx, core.l1_rescale(flat, val) if l1_rescale else val
+    return idx, clip(core.l1_rescale(flat, val) if l1_rescale else val, clip_val)
+
+
+def clip(val: Tensor, clip_val: float | None) -> Tensor:
+    return val if clip_val is None else val.clamp(-clip_val, clip_val)
 
 
 def compact(idx: Tensor | None, val: Tensor, numel: int) -> tuple[Tensor | None, Tensor]:
@@ -129,15 +171,36 @@ def tau_at(state: Mapping[str, Any], idx: Tensor | None, numel: int, like: Tenso
     return torch.where(hit, tau[pos].to(like.dtype), 0.0)
 
 
-def add_tau_(flat: Tensor, state: Mapping[str, Any], alpha: float) -> None:
-    """flat += alpha * tau (dense add, or index_add at the stored entries)."""
-    tau, tau_idx = state.get("tau"), state.get("tau_idx")
+def add_at_(flat: Tensor, idx: Tensor | None, val: Tensor, round_key: int | None = None) -> None:
+    """flat[idx] += val (val float32 [len(idx)], or [numel] with idx None); repeated indices
+    accumulate.
+
+    round_key: for a bfloat16 / float16 flat, round every sum up or down at random (unbiased,
+    `core.stochastic_round` with bits from the key) instead of to nearest, so updates far below
+    half an ulp still move the weights on average. The rounded sum goes in as an exact
+    difference (Sterbenz: new - old is representable when new is within a factor 2 of old), so
+    duplicate indices carrying a zero update leave the entry alone.
+    """
+    if round_key is None or flat.dtype not in (torch.bfloat16, torch.float16):
+        if idx is None:
+            flat.add_(val)
+        else:
+            flat.index_add_(0, idx, val.to(flat.dtype))
+        return
+    old = (flat if idx is None else flat[idx]).float()
+    new = core.stochastic_round(old + val, flat.dtype, round_key)
+    if idx is None:
+        flat.copy_(new)
+    else:
+        flat.index_add_(0, idx, new.float().sub_(old).to(flat.dtype))
+
+
+def add_tau_(flat: Tensor, state: Mapping[str, Any], alpha: float, round_key: int | None = None):
+    """flat += alpha * tau (dense, or at the stored entries)."""
+    tau = state.get("tau")
     if tau is None or alpha == 0.0:
         return
-    if tau_idx is None:
-        flat.add_(tau, alpha=alpha)
-    else:
-        flat.index_add_(0, tau_idx, tau.to(flat.dtype), alpha=alpha)
+    add_at_(flat, state.get("tau_idx"), tau.float() * alpha, round_key)  # not in place
 
 
 def adam_delta(m: Tensor, v: Tensor, idx: Tensor | None, step_size: float, eps: float) -> Tensor:
@@ -147,6 +210,12 @@ def adam_delta(m: Tensor, v: Tensor, idx: Tensor | None, step_size: float, eps: 
     return torch.div(m, denom, out=denom).mul_(-step_size)
 
 
+def adam_magnitude(m: Tensor, v: Tensor, step_size: float, eps: float) -> Tensor:
+    """|adam_delta| over every entry, bit for bit (|-s * (m / d)| = s * |m / d|), in one buffer."""
+    denom = v.reshape(-1).sqrt().add_(eps)
+    return torch.div(m.reshape(-1), denom, out=denom).abs_().mul_(step_size)
+
+
 def ondare_merge_(
     flat: Tensor,
     state: Mapping[str, Any],
@@ -154,18 +223,29 @@ def ondare_merge_(
     reserve_p: float,
     alpha: float,
     rescale: bool,
-    generator: torch.Generator,
+    key: int,
+    round_keys: tuple[int, int] | None = None,
+    mask: tuple[Tensor, Tensor] | None = None,
 ) -> None:
-    """p += alpha * tau + (1 - alpha) * drop(Delta), with a fresh drop mask."""
-    idx = None if reserve_p >= 1.0 else core.random_indices(flat.numel(), reserve_p, generator)
-    delta = delta_at(idx)  # [len(idx)] or [numel]
+    """p += alpha * tau + (1 - alpha) * drop(Delta), with a fresh drop mask drawn under key
+    (or given: mask, the same draw made for many tensors at once).
+
+    The mask is a fixed-size draw (`core.hash_sparse_keep`): no host sync, Adam's update is
+    computed only at the ~reserve_p * numel drawn entries, and the draws past the end add 0.
+    """
+    idx = valid = None
+    if mask is not None:
+        idx, valid = mask
+    elif reserve_p < 1.0:
+        idx, valid = core.hash_sparse_keep(flat.numel(), reserve_p, key, device=flat.device)
+    delta = delta_at(idx)  # [n] or [numel], float32
     if idx is not None and rescale:
         delta = delta.div_(reserve_p)
-    add_tau_(flat, state, alpha)
-    if idx is None:
-        flat.add_(delta, alpha=1.0 - alpha)
-    else:
-        flat.index_add_(0, idx, delta, alpha=1.0 - alpha)
+    if valid is not None:
+        delta = torch.where(valid, delta, 0.0)
+    tau_key, delta_key = round_keys or (None, None)
+    add_tau_(flat, state, alpha, tau_key)
+    add_at_(flat, idx, delta * (1.0 - alpha), delta_key)  # delta may be the buffer
 
 
 def onties_merge_(
@@ -175,15 +255,24 @@ def onties_merge_(
     reserve_p: float,
     alpha: float,
     weighted_sign: bool,
+    round_keys: tuple[int, int] | None = None,
+    magnitude: Callable[[], Tensor] | None = None,
 ) -> None:
     """p += alpha * tau * [tau agrees] + (1 - alpha) * topk(Delta) * [Delta agrees].
 
+    magnitude: |Delta| over every entry (a fresh buffer), when cheaper than Delta itself.
+
     Off the kept entries of Delta the elected sign is tau's own, so tau always agrees there:
-    those entries get plain alpha * tau and the election runs on the kept entries only.
+    every stored tau entry gets alpha * tau, and the k kept entries then get the difference
+    between their merged update and alpha * tau (the election runs on them only).
     """
-    dense = delta_at(None)  # [numel]
-    idx = top_indices(dense, reserve_p)
-    delta = gather(dense, idx)  # [k]
+    if magnitude is None:
+        dense = delta_at(None)  # [numel] float32
+        idx = top_indices(dense, reserve_p)
+        delta = gather(dense, idx)  # [k]
+    else:  # select on |Delta| alone; Delta itself only at the k kept entries
+        idx = top_indices(magnitude(), reserve_p, magnitudes=True)
+        delta = delta_at(idx)  # [k] (or [numel] when every entry is kept)
     tau = tau_at(state, idx, flat.numel(), like=delta)  # [k]
     if weighted_sign:
         sign = core.elect_sign(torch.stack([tau * alpha, delta * (1.0 - alpha)]))
@@ -192,12 +281,12 @@ def onties_merge_(
     kept_tau = torch.where(core.agrees_with(tau, sign), tau, 0.0)
     kept_delta = torch.where(core.agrees_with(delta, sign), delta, 0.0)
     update = kept_tau.mul_(alpha).add_(kept_delta, alpha=1.0 - alpha)  # [k]
+    tau_key, delta_key = round_keys or (None, None)
     if idx is None:
-        flat.add_(update)
+        add_at_(flat, None, update, delta_key)
         return
-    before = flat[idx]
-    add_tau_(flat, state, alpha)  # every stored tau entry; the kept ones are rewritten next
-    flat.index_copy_(0, idx, before.add_(update))
+    add_tau_(flat, state, alpha, tau_key)
+    add_at_(flat, idx, update.sub_(tau, alpha=alpha), delta_key)
 
 
 # -- the optimizer ---------------------------------------------------------------------------
@@ -215,7 +304,8 @@ def _check_group(group: Mapping[str, Any]) -> None:
     _check(0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, "betas", f"must be in [0, 1), got {(b1, b2)}.")
     _check(group["weight_decay"] >= 0.0, "weight_decay", "must be >= 0.")
     p = group["reserve_p"]
-    _check(0.0 < p <= 1.0, "reserve_p", f"must be in (0, 1], got {p}.")
+    low = core.GAP_MIN_DENSITY  # below it a mask keeps under one entry in a million
+    _check(low <= p <= 1.0, "reserve_p", f"must be in [{low:g}, 1], got {p}.")
     a = group["alpha"]
     _check(0.0 <= a <= 1.0, "alpha", f"must be in [0, 1], got {a}.")
 
@@ -230,12 +320,28 @@ class OnlineMergingAdamW(Optimizer):
     everywhere (for instance before `load_state_dict` restores a saved tau).
 
     alpha is a per-step rate: after T steps the push towards tau is about T * alpha / reserve_p
-    on a fixed reserve_p fraction of the weights, independent of the learning rate.
+    on a fixed reserve_p fraction of the weights, independent of the learning rate. clip_val
+    clamps the stored tau to +-clip_val in both modes (the released code clamps OnDARE's).
 
-    merge_every=K: Adam runs every step but its updates accumulate in a float buffer and the
+    Random masks are counter-based (`core.hash_sparse_keep` under `mask_key`): a pure function
+    of (seed, parameter name, step), the same on every device and DDP rank, with no generator
+    state to save.
+
+    Precision: Adam moments and the merge_every buffer are float32 whatever the parameter dtype.
+    For bfloat16 / float16 parameters every update is added with stochastic rounding
+    (`stochastic_rounding=True`, the default; random bits from the same counter-based hash, so
+    ranks agree): alpha * tau (~1e-7 per step) and small Adam updates are far below half an ulp
+    of a bf16 weight, and round-to-nearest would drop them every step. Stochastic rounding moves
+    the weight by the right amount on average at no memory cost (a Kahan compensation buffer
+    would cost 2-4 more bytes per parameter). False rounds to nearest.
+
+    merge_every=K: Adam runs every step but its updates accumulate in a float32 buffer and the
     parameters stay put; every K-th step the accumulated update is sparsified and merged (and
     tau pushed, once per K steps). Weight decay is applied at the merge with the summed rate
-    sum(lr_t * weight_decay) of the K steps. K = 1 is the ordinary per-step optimizer.
+    sum(lr_t * weight_decay) of the K steps. K = 1 is the ordinary per-step optimizer. A
+    checkpoint saved mid-cycle holds the weights of the last merge, and the pending buffer in
+    the optimizer state (a resume continues the cycle); `flush()` merges the pending buffer
+    now (the train runner calls it at the end of training, before the final model is written).
     """
 
     def __init__(
@@ -258,6 +364,7 @@ class OnlineMergingAdamW(Optimizer):
         decay_after_update: bool = True,
         tau_dtype: torch.dtype = torch.bfloat16,
         missing: Missing = "zero",
+        stochastic_rounding: bool = True,
         seed: int = 0,
     ):
         _check(mode in ("ondare", "onties"), "mode", f"must be ondare or onties, got {mode!r}.")
@@ -272,7 +379,8 @@ class OnlineMergingAdamW(Optimizer):
         self.mode, self.rescale, self.weighted_sign = mode, rescale, sign_on == "weighted"
         self.clip_val, self.tau_l1_rescale, self.merge_every = clip_val, tau_l1_rescale, merge_every
         self.decay_after_update, self.tau_dtype, self.seed = decay_after_update, tau_dtype, seed
-        self._generators: dict[str, torch.Generator] = {}
+        self.stochastic_rounding = stochastic_rounding
+        self._names: dict[Tensor, str] = {}
         for group in self.param_groups:
             _check_group(group)
             names = group.get("param_names")
@@ -283,6 +391,7 @@ class OnlineMergingAdamW(Optimizer):
                 )
             for name, p in zip(names, group["params"], strict=True):
                 _check(p.is_contiguous(), "named_params", f"parameter '{name}' is not contiguous.")
+                self._names[p] = name
                 tau = None if task_vectors is None else find_task_vector(task_vectors, name)
                 if tau is None and task_vectors is not None and missing == "error":
                     raise UsageError(
@@ -303,28 +412,21 @@ class OnlineMergingAdamW(Optimizer):
 
     def _init_tau(self, name: str, p: Tensor, tau: Tensor, group: Mapping[str, Any]) -> None:
         tau = align_rows(tau, p.shape, name).to(device=p.device, dtype=torch.float32)
+        reserve_p = group["reserve_p"]
         if self.mode == "ondare":
-            idx, val = ondare_tau(
-                tau, group["reserve_p"], self.rescale, self.clip_val, self.seed, name
-            )
+            key = mask_key(self.seed, name, "tau")
+            idx, val = ondare_tau(tau, reserve_p, self.rescale, self.clip_val, key)
         else:
-            idx, val = onties_tau(tau, group["reserve_p"], self.tau_l1_rescale)
+            idx, val = onties_tau(tau, reserve_p, self.tau_l1_rescale, self.clip_val)
         idx, val = compact(idx, val, p.numel())
         self.state[p]["tau"] = val.to(self.tau_dtype)
         if idx is not None:
             self.state[p]["tau_idx"] = idx
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """The per-device generator of the fresh per-step masks (saved in state_dict)."""
-        key = str(device)
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(core.tensor_seed(self.seed, "delta-masks", key))
-            self._generators[key] = gen
-        return self._generators[key]
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One AdamW step merged with tau. No host syncs on accelerators: sizes come from the
+        shapes, random draws from the counter-based hash, top-k from a radix select."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -335,9 +437,52 @@ class OnlineMergingAdamW(Optimizer):
                 continue
             states = [self._state(p) for p in params]
             self._update_moments(group, params, states)
-            for p, state in zip(params, states, strict=True):
-                self._step_param(group, p, state)
+            masks = self._masks(group, params, states)
+            for i, (p, state) in enumerate(zip(params, states, strict=True)):
+                self._step_param(group, p, state, None if masks is None else masks[i])
         return loss
+
+    def _masks(
+        self, group: Mapping[str, Any], params: list[Tensor], states: list[dict]
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """This step's OnDARE masks for every parameter of the group, drawn in one batch of
+        kernels (`core.hash_sparse_keep_many`: the same masks as one call per parameter).
+        None when masks are drawn per merge instead (merge_every > 1, a single device only)."""
+        reserve_p = group["reserve_p"]
+        if self.mode != "ondare" or self.merge_every > 1 or reserve_p >= 1.0:
+            return None
+        if len({p.device for p in params}) > 1:
+            return None
+        keys = [
+            mask_key(self.seed, self._names[p], "delta", str(s["step"] + 1))
+            for p, s in zip(params, states, strict=True)
+        ]
+        numels = [p.numel() for p in params]
+        idx, valid, draws = core.hash_sparse_keep_many(
+            numels, reserve_p, keys, device=params[0].device
+        )
+        return list(zip(idx.split(draws), valid.split(draws), strict=True))
+
+    @torch.no_grad()
+    def flush(self) -> bool:
+        """Merge the updates accumulated since the last merge (merge_every > 1) now, as a merge
+        step would (sparsified, one alpha * tau push, the summed weight decay). Call it at the
+        end of training; the parameters are otherwise missing the last step % K steps. True when
+        something was pending. A later step starts a new accumulation."""
+        flushed = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if self.merge_every > 1 and self._pending(state):
+                    self._merge_pending(group, p, state)
+                    flushed = True
+        return flushed
+
+    def _pending(self, state: Mapping[str, Any]) -> int:
+        """Steps accumulated in the buffer and not merged yet."""
+        if "acc" not in state:
+            return 0
+        return int(state.get("acc_steps", state["step"] % self.merge_every))  # (older states)
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         if p.grad is not None and p.grad.is_sparse:
@@ -345,85 +490,130 @@ class OnlineMergingAdamW(Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+            # float32 whatever p's dtype: in bf16, 0.999 * v rounds back to v and v never decays
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             if self.merge_every > 1:
-                state["acc"] = torch.zeros_like(p)
+                state["acc"] = torch.zeros_like(p, dtype=torch.float32)
                 state["decay_acc"] = 0.0
+                state["acc_steps"] = 0
         return state
 
     @staticmethod
     def _update_moments(group: Mapping[str, Any], params: list[Tensor], states: list[dict]) -> None:
-        """m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2 (in place, all parameters at once)."""
+        """m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2 (in place, all parameters at once).
+
+        The moments are float32: low-precision gradients are cast first. On the host each one
+        is cast into one reused buffer, one tensor at a time (a fresh float32 copy of every
+        gradient costs page faults there: measured 3-5x slower on 100M bf16 parameters);
+        accelerators cast them all and run the multi-tensor kernels (their caching allocator
+        reuses the memory)."""
         b1, b2 = group["betas"]
-        grads = [p.grad for p in params if p.grad is not None]  # params all have one
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        grads = [p.grad for p in params if p.grad is not None]  # params all have one
+        if any(g.dtype != torch.float32 for g in grads) and grads[0].device.type == "cpu":
+            buf = torch.empty(max(g.numel() for g in grads), dtype=torch.float32)
+            for g, m, v in zip(grads, exp_avgs, exp_avg_sqs, strict=True):
+                g32 = buf[: g.numel()].view(g.shape).copy_(g)
+                m.lerp_(g32, 1.0 - b1)
+                v.mul_(b2).addcmul_(g32, g32, value=1.0 - b2)
+            return
+        grads = [g.float() for g in grads]
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - b1)
         torch._foreach_mul_(exp_avg_sqs, b2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - b2)
 
-    def _step_param(self, group: Mapping[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+    def _step_param(
+        self,
+        group: Mapping[str, Any],
+        p: Tensor,
+        state: dict[str, Any],
+        mask: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         state["step"] += 1
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
         decay = lr * group["weight_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        delta_at: Callable[[Tensor | None], Tensor]  # the update to merge, at flat indices
-        if self.merge_every > 1:
-            acc = state["acc"].view(-1)
-            acc.add_(adam_delta(m, v, None, step_size, eps))
-            state["decay_acc"] += decay
-            if t % self.merge_every:
-                return
-            decay, state["decay_acc"] = state["decay_acc"], 0.0
-            delta_at = partial(gather, acc)
-        else:
+        if self.merge_every == 1:
             delta_at = partial(adam_delta, m, v, step_size=step_size, eps=eps)
+            magnitude = partial(adam_magnitude, m, v, step_size, eps)
+            self._merge(group, p, state, delta_at, decay, magnitude, mask)
+            return
+        state["acc"].view(-1).add_(adam_delta(m, v, None, step_size, eps))
+        state["decay_acc"] += decay
+        state["acc_steps"] = self._pending(state) + 1
+        if t % self.merge_every == 0:
+            self._merge_pending(group, p, state)
 
+    def _merge_pending(self, group: Mapping[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        acc = state["acc"].view(-1)
+        self._merge(group, p, state, partial(gather, acc), state["decay_acc"])
+        acc.zero_()
+        state["decay_acc"], state["acc_steps"] = 0.0, 0
+
+    def _merge(
+        self,
+        group: Mapping[str, Any],
+        p: Tensor,
+        state: dict[str, Any],
+        delta_at: Callable[[Tensor | None], Tensor],
+        decay: float,
+        magnitude: Callable[[], Tensor] | None = None,
+        mask: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Weight decay and the OnDARE / OnTIES merge of the update delta_at gives (at flat
+        indices) into p, at optimizer step state["step"]."""
+        name, t = self._names[p], state["step"]
         flat = p.view(-1)
+        rounding = self.stochastic_rounding and p.dtype in LOW_PRECISION
+        keys = None
+        if rounding:
+            keys = tuple(mask_key(self.seed, name, "round", str(t), w) for w in ("tau", "delta"))
         if decay and not self.decay_after_update:
-            p.mul_(1.0 - decay)
+            self._decay(p, decay, name, t, rounding)
         if self.mode == "ondare":
-            gen = self._generator(p.device)
-            ondare_merge_(
-                flat, state, delta_at, group["reserve_p"], group["alpha"], self.rescale, gen
-            )
+            key = mask_key(self.seed, name, "delta", str(t))
+            reserve_p, alpha = group["reserve_p"], group["alpha"]
+            ondare_merge_(flat, state, delta_at, reserve_p, alpha, self.rescale, key, keys, mask)
         else:
-            onties_merge_(
-                flat, state, delta_at, group["reserve_p"], group["alpha"], self.weighted_sign
-            )
+            reserve_p, alpha, weighted = group["reserve_p"], group["alpha"], self.weighted_sign
+            onties_merge_(flat, state, delta_at, reserve_p, alpha, weighted, keys, magnitude)
         if decay and self.decay_after_update:
-            p.add_(p, alpha=-decay)
-        if self.merge_every > 1:
-            state["acc"].zero_()
+            self._decay(p, decay, name, t, rounding)
+
+    def _decay(self, p: Tensor, decay: float, name: str, t: int, rounding: bool) -> None:
+        """p *= 1 - decay; a dense stochastic rounding pass for low-precision parameters."""
+        if not rounding:
+            if self.decay_after_update:
+                p.add_(p, alpha=-decay)
+            else:
+                p.mul_(1.0 - decay)
+            return
+        key = mask_key(self.seed, name, "round", str(t), "decay")
+        flat = p.view(-1)
+        add_at_(flat, None, flat.float().mul_(-decay), key)
 
     # -- checkpointing ----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state (moments, steps, tau, buffers) + the mask generators' states."""
-        sd = super().state_dict()
-        sd["generators"] = {key: g.get_state() for key, g in self._generators.items()}
-        return sd
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        generators = state_dict.pop("generators", {})
-        # torch casts every state tensor to its parameter's dtype on load, int64 indices included:
-        # take tau out and put it back unchanged
+        """torch's loader, keeping each state tensor's own dtype (torch would cast float32
+        moments to a bf16 parameter's dtype, and int64 indices to float). State dicts from
+        older versions carry per-device generator states ("generators"): masks no longer
+        depend on them, so they are ignored (even keys such as "cuda:0" on a CPU-only machine).
+        """
+        state_dict = {k: v for k, v in state_dict.items() if k != "generators"}
         per_param = {i: dict(s) for i, s in state_dict["state"].items()}
-        taus = {
-            i: {k: s.pop(k) for k in ("tau", "tau_idx") if k in s} for i, s in per_param.items()
+        tensors = {
+            i: {k: s.pop(k) for k in list(s) if k != "step" and isinstance(s[k], Tensor)}
+            for i, s in per_param.items()
         }
         super().load_state_dict({**state_dict, "state": per_param})
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
         params = (p for g in self.param_groups for p in g["params"])
         for i, p in zip(saved_ids, params, strict=True):
-            saved = taus.get(i, {})
-            if "tau" in saved:
-                self.state[p]["tau"] = saved["tau"].to(device=p.device, dtype=self.tau_dtype)
-            if "tau_idx" in saved:
-                self.state[p]["tau_idx"] = saved["tau_idx"].to(device=p.device)
-        self._generators = {}
-        for key, gen_state in generators.items():
-            self._generator(torch.device(key)).set_state(gen_state)
+            for k, t in tensors.get(i, {}).items():
+                dtype = self.tau_dtype if k == "tau" else t.dtype
+                dtype = torch.float32 if k in FLOAT32_STATE else dtype
+                self.state[p][k] = t.to(device=p.device, dtype=dtype)

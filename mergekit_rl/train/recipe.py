@@ -76,6 +76,7 @@ class OptimizerSpec(_Strict):
     decay_after_update: bool = True
     tau_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     missing: Literal["zero", "error"] = "zero"  # parameters with no task vector
+    stochastic_rounding: bool = True  # bf16/fp16 parameters: unbiased rounding of updates
 
 
 ADAMW_KEYS = frozenset({"name", "lr", "weight_decay", "betas", "eps"})

@@ -129,6 +129,7 @@ def train(
     with stop_on_signal(trainer) as stop:
         trainer.train(resume_from_checkpoint=resume_from)
     stop.raise_if_stopped(trainer)
+    flush_optimizer(trainer)  # merge_every: the last, partial cycle's pending update
     write_final(trainer, recipe, recipe_text, final, final_opts)
     return TrainResult(final, metrics.path, trainer.state.global_step, round(time.time() - t0, 2))
 
@@ -476,6 +477,14 @@ def build_trainer(
 
 
 # -- the final model -------------------------------------------------------------------------
+
+
+def flush_optimizer(trainer: Any) -> None:
+    """Merge what OnlineMergingAdamW(merge_every=K) accumulated after its last merge (the last
+    max_steps % K steps) into the weights before they are written."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

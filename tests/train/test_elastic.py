@@ -349,3 +349,48 @@ def test_optimizer_reset_keeps_the_online_merging_task_vector(tmp_path: Path) ->
         assert set(opt.state[p]) == ({"tau"} if idx is None else {"tau", "tau_idx"})
         assert torch.equal(opt.state[p]["tau"], t)
     opt.step()  # moments re-initialise lazily
+
+
+@pytest.mark.parametrize(
+    "changed,words",
+    [
+        ({"ema_decay": 0.95}, "ema_decay: saved 0.9, now 0.95"),
+        ({"reset_every": 5}, "reset_every: saved 4, now 5"),
+        ({"ema_every": 2}, "ema_every: saved 1, now 2"),
+        ({"kl_anchor": "ema"}, "kl_anchor: saved 'init', now 'ema'"),
+    ],
+)
+def test_resume_with_changed_settings_is_refused(tmp_path: Path, changed: dict, words: str):
+    init = save_weights(small_model(), tmp_path / "init.safetensors")
+    kwargs = dict(ema_decay=0.9, ema_every=1, reset_every=4, kl_anchor="init")
+    model = small_model()
+    cb = ElasticResetCallback(init, **kwargs)
+    cb.attach(model)
+    drive(model, cb, range(1, 3))
+    cb.save(tmp_path / "ckpt")
+    other = ElasticResetCallback(init, **{**kwargs, **changed})
+    other.attach(model)
+    with pytest.raises(MismatchError, match="other settings") as err:
+        other.load(tmp_path / "ckpt")
+    assert words in str(err.value) and str(tmp_path / "ckpt" / META_FILE) in str(err.value)
+    same = ElasticResetCallback(init, **kwargs)  # unchanged settings still resume
+    same.attach(model)
+    same.load(tmp_path / "ckpt")
+    assert same.last_step == 2
+
+
+def test_ema_update_is_one_multi_tensor_lerp(tmp_path: Path, monkeypatch) -> None:
+    init = save_weights(small_model(), tmp_path / "init.safetensors")
+    model = small_model()
+    cb = ElasticResetCallback(init, ema_decay=0.9, reset_every=100)
+    cb.attach(model)
+    before = {n: e.clone() for n, e in cb.ema.items()}
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a: calls.append(len(a[0])) or real(*a))
+    fake_step(model, 1)
+    cb.on_step(model, None, 1)
+    assert calls == [len(cb.ema)]  # every tracked tensor in one call
+    for n, p in model.named_parameters():
+        want = 0.9 * before[n].double() + 0.1 * p.detach().double()
+        torch.testing.assert_close(cb.ema[n].double(), want, atol=1e-7, rtol=0)

@@ -169,29 +169,37 @@ def test_onties_zero_tau_is_topk_masked_adam() -> None:
     assert_params(model, expected)
 
 
+def hash_keep(numel: int, density: float, seed: int, name: str, *tags: str) -> Tensor:
+    """The public mask definition: `core.hash_sparse_keep` under key (seed, name, tags), as a
+    dense bool [numel]."""
+    key = core.tensor_seed(seed, "online-merging", name, *tags)
+    idx, valid = core.hash_sparse_keep(numel, density, key)
+    keep = torch.zeros(numel, dtype=torch.bool)
+    keep[idx[valid]] = True
+    return keep
+
+
 def test_ondare_by_hand_over_three_steps() -> None:
     model, alpha, p_keep, seed = tiny_model(), 0.2, 0.4, 7
     tau = random_tau(model, scale=0.5)  # some entries / 0.4 exceed the 1.0 clamp
     opt = OnlineMergingAdamW(
         model.named_parameters(), tau, lr=LR, eps=EPS, reserve_p=p_keep, alpha=alpha, seed=seed
     )
-    # tau: one seeded Bernoulli mask per tensor, / p, clamped to +-1, stored in bf16
+    # tau: one counter-based Bernoulli mask per tensor, / p, clamped to +-1, stored in bf16
     tau_ref = {}
     for n, t in tau.items():
-        keep = core.bernoulli_mask(t.shape, p_keep, seed, "tau", n)
+        keep = hash_keep(t.numel(), p_keep, seed, n, "tau").view_as(t)
         tau_ref[n] = (t * keep / p_keep).clamp(-1, 1).to(torch.bfloat16).float()
     assert any((tau_ref[n].abs() == 1).any() for n in tau)
-    # Delta masks: redrawn from a generator in the optimizer's starting state, in parameter order
-    gen = torch.Generator().manual_seed(core.tensor_seed(seed, "delta-masks", "cpu"))
+    # Delta masks: a fresh counter-based mask per (seed, name, step)
     ref, expected = RefAdam({n: p.shape for n, p in model.named_parameters()}), snapshot(model)
     for step in range(3):
         grads = grads_for(step, model)
         set_grads(model, grads)
         opt.step()
         for n, d in ref.deltas(grads).items():
-            keep = torch.zeros(d.numel(), dtype=torch.bool)
-            keep[core.random_indices(d.numel(), p_keep, gen)] = True
-            dropped = d * keep.view_as(d) / p_keep
+            keep = hash_keep(d.numel(), p_keep, seed, n, "delta", str(step + 1)).view_as(d)
+            dropped = d * keep / p_keep
             expected[n] = expected[n] + alpha * tau_ref[n] + (1 - alpha) * dropped
     assert_params(model, expected)
 
@@ -528,3 +536,346 @@ def test_onties_first_step_is_sparse_even_when_every_update_ties() -> None:
     lin.weight.grad = torch.randn(100, 100).sign()
     opt.step()
     assert int((lin.weight != before).sum()) == 100
+
+
+# -- counter-based masks: device-, rank- and RNG-independent (issue 11 item 1) -------------------
+
+
+def test_legacy_state_dict_with_cuda_generator_keys_resumes_on_cpu() -> None:
+    # older versions saved per-device generator states; a "cuda:0" key made a CPU-only
+    # machine (or a rank with another device) fail to resume: masks no longer depend on them
+    opts = dict(lr=LR, eps=EPS, alpha=0.01, reserve_p=0.3)
+    full = tiny_model()
+    opt_full = OnlineMergingAdamW(full.named_parameters(), random_tau(full), **opts)
+    run_steps(full, opt_full, range(5))
+    part = tiny_model()
+    opt = OnlineMergingAdamW(part.named_parameters(), random_tau(part), **opts)
+    run_steps(part, opt, range(2))
+    saved = opt.state_dict()
+    saved["generators"] = {"cuda:0": torch.zeros(16, dtype=torch.uint8), "cpu": torch.zeros(8)}
+    opt2 = OnlineMergingAdamW(part.named_parameters(), None, **opts)
+    opt2.load_state_dict(saved)
+    run_steps(part, opt2, range(2, 5))
+    for (n, a), b in zip(full.named_parameters(), part.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_state_moved_to_another_device_and_back_resumes() -> None:
+    # transformers loads optimizer.pt with map_location=args.device; every state tensor travels
+    # (float64 stands in for another device on a CPU-only machine: a lossless round trip)
+    opts = dict(lr=LR, eps=EPS, alpha=0.01, reserve_p=0.1, merge_every=2)
+    full = tiny_model()
+    opt_full = OnlineMergingAdamW(full.named_parameters(), random_tau(full), **opts)
+    run_steps(full, opt_full, range(5))
+    part = tiny_model()
+    opt = OnlineMergingAdamW(part.named_parameters(), random_tau(part), **opts)
+    run_steps(part, opt, range(3))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, map_location=device)
+    for s in saved["state"].values():
+        for k, v in s.items():
+            if isinstance(v, Tensor) and v.is_floating_point() and device == "cpu":
+                s[k] = v.double()
+    opt2 = OnlineMergingAdamW(part.named_parameters(), None, **opts)
+    opt2.load_state_dict(saved)
+    state = opt2.state[part[0].weight]
+    assert state["exp_avg"].dtype == torch.float32 and state["tau"].dtype == torch.bfloat16
+    assert state["tau_idx"].dtype == torch.int64 and state["acc"].device.type == "cpu"
+    run_steps(part, opt2, range(3, 5))
+    for (n, a), b in zip(full.named_parameters(), part.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+def test_same_seed_different_process_rng_and_simulated_ranks_agree(mode: str) -> None:
+    # two "ranks": the same all-reduced gradients, different process RNG states, and one sees
+    # the parameters through a DDP wrapper ("module." names): the replicas must stay identical
+    replicas = []
+    for rank in range(2):
+        torch.manual_seed(1000 + rank)
+        model = tiny_model()
+        torch.manual_seed(2000 + rank)
+        named = [(f"module.{n}" if rank else n, p) for n, p in model.named_parameters()]
+        opt = OnlineMergingAdamW(
+            named, random_tau(model), mode=mode, lr=LR, eps=EPS, alpha=0.01, reserve_p=0.1, seed=3
+        )
+        torch.rand(rank + 5)  # the process RNG moves differently on each rank
+        for step in range(4):
+            set_grads(model, grads_for(step, model))
+            opt.step()
+        replicas.append(model)
+    moved = False
+    for (n, a), b in zip(replicas[0].named_parameters(), replicas[1].parameters(), strict=True):
+        assert torch.equal(a, b), n
+        moved |= not torch.equal(a, tiny_model().state_dict()[n])
+    assert moved
+    # and another seed draws other masks
+    other = tiny_model()
+    opt = OnlineMergingAdamW(
+        other.named_parameters(), random_tau(other), mode=mode, lr=LR, eps=EPS, alpha=0.01,
+        reserve_p=0.1, seed=4,
+    )  # fmt: skip
+    for step in range(4):
+        set_grads(other, grads_for(step, other))
+        opt.step()
+    if mode == "ondare":
+        assert not torch.equal(other[0].weight, replicas[0][0].weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kept_indices_and_steps_identical_on_cpu_and_cuda() -> None:
+    for numel, density in ((1000, 0.3), (3_000_000, 0.01)):
+        key = core.tensor_seed(0, "x", str(numel))
+        cpu = core.hash_sparse_keep(numel, density, key)
+        gpu = core.hash_sparse_keep(numel, density, key, device="cuda")
+        assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+    x = torch.randn(1_000_000).round(decimals=2)
+    assert torch.equal(
+        core.top_magnitude_indices_static(x.cuda(), 10_000).cpu(),
+        core.top_magnitude_indices(x, 10_000),
+    )
+    # OnTIES is left out: its top-k follows last-bit differences of Delta near ties, and CUDA's
+    # moment kernels may round differently (fused multiply-adds); its selection is checked above
+    for mode in ("ondare",):
+        models = [tiny_model(), tiny_model().cuda()]
+        tau = random_tau(models[0])
+        opts = [
+            OnlineMergingAdamW(m.named_parameters(), tau, mode=mode, lr=LR, eps=EPS, alpha=0.01,
+                               reserve_p=0.1)
+            for m in models
+        ]  # fmt: skip
+        for step in range(3):
+            for m, o in zip(models, opts, strict=True):
+                grads = grads_for(step, models[0])
+                for n, p in m.named_parameters():
+                    p.grad = grads[n].to(p.device)
+                o.step()
+        for (n, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b.cpu(), atol=1e-6, rtol=1e-5, msg=n)
+
+
+# -- the counter-based primitives -----------------------------------------------------------------
+
+
+def test_hash_sparse_keep_is_a_fixed_size_bernoulli_mask() -> None:
+    n, p = 200_000, 0.01
+    idx, valid = core.hash_sparse_keep(n, p, key=11)
+    assert idx.numel() == valid.numel() == core.sparse_draws(n, p)  # known from the sizes alone
+    assert idx.dtype == torch.int64 and int(idx.max()) <= n - 1
+    kept = idx[valid]
+    assert valid[: kept.numel()].all() and not valid[kept.numel() :].any()  # a valid prefix
+    assert (kept.diff() > 0).all()
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(kept.numel() - n * p) < 5 * sd
+    per_block = torch.bincount(kept // (n // 10), minlength=10).float()
+    assert (per_block - n * p / 10).abs().max() < 5 * math.sqrt(n * p / 10)
+    # gaps are geometric: P(gap = 1) = p, mean gap 1 / p
+    gaps = kept.diff().float()
+    assert abs(float((gaps == 1).float().mean()) - p) < 5 * math.sqrt(p / gaps.numel())
+    assert abs(float(gaps.mean()) * p - 1) < 0.05
+    # a pure function of (numel, density, key)
+    again = core.hash_sparse_keep(n, p, key=11)
+    assert torch.equal(idx, again[0]) and torch.equal(valid, again[1])
+    assert not torch.equal(kept[:50], core.hash_sparse_keep(n, p, key=12)[0][:50])
+    # the same per-entry rate at a large density
+    idx, valid = core.hash_sparse_keep(100_000, 0.4, key=1)
+    assert abs(int(valid.sum()) - 40_000) < 5 * math.sqrt(100_000 * 0.24)
+    all_idx, all_valid = core.hash_sparse_keep(5, 1.0, key=1)
+    assert all_idx.tolist() == list(range(5)) and all_valid.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_round_is_unbiased_and_stays_on_neighbours(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(200_000, generator=g) + 0.5) * torch.randn(200_000, generator=g).sign()
+    r = core.stochastic_round(x, dtype, key=5)
+    assert r.dtype == dtype
+    lo = torch.minimum(x.to(dtype).float(), r.float())
+    near = x.to(dtype)
+    # always one of the two neighbours of x
+    down = torch.where(
+        near.float() <= x, near, torch.nextafter(near, torch.tensor(-1e9, dtype=dtype))
+    )
+    up = torch.where(near.float() >= x, near, torch.nextafter(near, torch.tensor(1e9, dtype=dtype)))
+    assert ((r == down) | (r == up)).all()
+    # unbiased: the mean rounding error is ~0, far below round-to-nearest's for a biased input
+    ulp = (up.float() - down.float()).clamp_min(1e-30)
+    err = ((r.float() - x) / ulp).mean()
+    assert abs(float(err)) < 5 * 0.5 / math.sqrt(x.numel())
+    shifted = down.float() + 0.1 * ulp  # 0.1 ulp above the lower neighbour: nearest never moves
+    got = core.stochastic_round(shifted, dtype, key=6).float()
+    frac_up = float(((got - down.float()) / ulp).mean())
+    assert abs(frac_up - 0.1) < 0.005
+    assert torch.equal(core.stochastic_round(x, dtype, key=5), r)  # deterministic
+    del lo
+
+
+def test_static_top_k_matches_the_host_selection() -> None:
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(300_000, generator=gen)
+    cases = {"smooth": smooth, "tied": smooth.round(decimals=1), "zeros": torch.zeros(5000)}
+    cases["small"] = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 0.0, 1.0, -3.0])
+    for name, x in cases.items():
+        for k in (0, 1, 4, 2999, 70_000):
+            if k <= x.numel():
+                got = core.top_magnitude_indices_static(x, k)
+                assert torch.equal(got, ref_topk_indices(x, k)), (name, k)
+
+
+@pytest.mark.parametrize(
+    "test", [test_onties_by_hand_over_three_steps, test_onties_zero_tau_is_topk_masked_adam]
+)
+def test_onties_oracles_on_the_sync_free_path(test, monkeypatch) -> None:
+    # the accelerator path (radix select, no host syncs) runs here on the CPU
+    monkeypatch.setattr(om, "HOST_SELECTION_DEVICES", ())
+    calls = []
+    real = core.top_magnitude_indices_static
+    monkeypatch.setattr(
+        core, "top_magnitude_indices_static", lambda x, k: calls.append(k) or real(x, k)
+    )
+    test()
+    assert calls
+
+
+def test_onties_clip_val_clamps_tau() -> None:
+    lin = nn.Linear(64, 64, bias=False)
+    tau = {"w": torch.randn(64, 64) * 3}
+    for clip_val, bound in ((0.5, 0.5), (None, float(tau["w"].abs().max()))):
+        opt = OnlineMergingAdamW(
+            [("w", lin.weight)], tau, mode="onties", reserve_p=0.1, clip_val=clip_val
+        )
+        stored = opt.state[lin.weight]["tau"].float()
+        assert float(stored.abs().max()) == pytest.approx(bound, rel=1e-2)
+        want = tau["w"].reshape(-1)[ref_topk_indices(tau["w"], int(0.1 * 4096))]
+        torch.testing.assert_close(stored, clip(want, clip_val).bfloat16().float())
+
+
+def clip(x: Tensor, c: float | None) -> Tensor:
+    return x if c is None else x.clamp(-c, c)
+
+
+# -- low-precision parameters (issue 11 item 2) ----------------------------------------------------
+
+
+def sub_ulp_run(mode: str, dtype: torch.dtype, rounding: bool, merge_every: int = 1) -> Tensor:
+    """Movement of a [256, 256] weight after 300 steps whose pushes are all below half a bf16
+    ulp: weights in +-[0.5, 1) (ulp 2^-8), alpha * tau / p = 1e-4 and |Delta| / p = 1e-3 per
+    step. The initial weights are bf16 values, so float32 and bf16 runs start equal."""
+    g = torch.Generator().manual_seed(0)
+    init = (torch.rand(256, 256, generator=g) + 0.5) * torch.randn(256, 256, generator=g).sign()
+    init = init.bfloat16().float()
+    weight = nn.Parameter(init.to(dtype, copy=True))
+    tau = {"w": torch.randn(256, 256, generator=g).sign() * 0.01}
+    grad = torch.randn(256, 256, generator=g).bfloat16().to(dtype)  # the same in every run
+    opt = OnlineMergingAdamW(
+        [("w", weight)], tau, mode=mode, lr=1e-4, reserve_p=0.1, alpha=1e-3, clip_val=None,
+        stochastic_rounding=rounding, merge_every=merge_every, tau_dtype=torch.float32,
+    )  # fmt: skip
+    for _ in range(300):
+        weight.grad = grad.clone()
+        opt.step()
+    opt.flush()
+    state = opt.state[weight]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert merge_every == 1 or state["acc"].dtype == torch.float32
+    return weight.detach().float() - init
+
+
+@pytest.fixture
+def one_thread():
+    """300 steps of small ops: one thread avoids thread hand-offs on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode,merge_every", [("ondare", 1), ("onties", 1), ("ondare", 3)])
+def test_bf16_sub_ulp_pushes_match_float32(mode: str, merge_every: int, one_thread) -> None:
+    want = sub_ulp_run(mode, torch.float32, True, merge_every)
+    assert float(want.abs().max()) > 2**-8  # several ulps in total, from sub-ulp steps
+    direction = want.sign()
+    for dtype in (torch.bfloat16, torch.float16):
+        got = sub_ulp_run(mode, dtype, True, merge_every)
+        # the movement along the float32 run's, summed over every moved entry: within 3%
+        ratio = float((got * direction).sum() / want.abs().sum())
+        assert 0.97 < ratio < 1.03, (dtype, ratio)
+    if mode == "ondare" and merge_every == 1:
+        # round-to-nearest (the option off) drops nearly all of it: what the default fixes
+        nearest = sub_ulp_run(mode, torch.bfloat16, False)
+        assert float((nearest * direction).sum() / want.abs().sum()) < 0.2
+
+
+def test_bf16_stochastic_rounding_is_the_same_for_every_replica(one_thread) -> None:
+    a = sub_ulp_run("onties", torch.bfloat16, True)
+    b = sub_ulp_run("onties", torch.bfloat16, True)
+    assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+# -- merge_every at the end of training (issue 11 item 3) ------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+def test_train_flushes_the_pending_update_at_the_end(family, tmp_path, mode: str) -> None:
+    """`rlmerge train` with max_steps (2) < merge_every (5): nothing was merged during training,
+    so the final model must be the checkpoint of step 2 (the initial weights, the pending
+    buffer in its optimizer state) with that buffer flushed."""
+    import yaml
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from mergekit_rl.train.recipe import parse_train_recipe
+    from mergekit_rl.train.run import make_optimizer
+    from tests.conftest import load_state
+    from tests.train.test_run import dpo_text, run
+
+    out = tmp_path / "run"
+    doc = yaml.safe_load(dpo_text(family, out, max_steps=2, save_steps=2))
+    doc["optimizer"].update(name=mode, merge_every=5, reserve_p=0.3, weight_decay=0.01)
+    text = yaml.safe_dump(doc)
+    run(text)
+    final, start = load_state(out / "final"), load_state(family["sft1"])
+    assert any(not torch.equal(final[k], start[k]) for k in start)  # the steps are not lost
+
+    ckpt = out / "checkpoint-2"
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    held = {k: v for k, v in model.state_dict().items() if k in start}
+    assert all(torch.equal(held[k], start[k]) for k in start)  # parameters stay put mid-cycle
+    recipe = parse_train_recipe(text, "r.yaml")
+    opt = make_optimizer(recipe, model, Trainer.get_decay_parameter_names(None, model))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    assert opt.flush() and not opt.flush()  # the second has nothing left
+    flushed = model.state_dict()
+    for k in start:
+        assert torch.equal(final[k], flushed[k].to(final[k].dtype)), k
+
+
+def test_geometric_gaps_equal_a_search_of_the_integer_cuts() -> None:
+    # the float64 log estimate, corrected by one comparison each side, is the exact table lookup
+    for density in (0.01, 0.3, 0.999, 1e-4):
+        cuts = core.gap_cuts(density)
+        inner = cuts[1:-1]
+        u = torch.cat(
+            [torch.tensor([0, 1, 2, (1 << 31) - 1]), inner, inner - 1, (inner + 1)[1:],
+             torch.randint(0, 1 << 31, (100_000,), generator=torch.Generator().manual_seed(0))]
+        ).clamp(0, (1 << 31) - 1)  # fmt: skip
+        want = cuts.numel() - torch.searchsorted(cuts.flip(0), u, right=True)  # 1 + max{D_j > u}
+        assert torch.equal(core.geometric_gaps(u, density), want), density
+
+
+def test_batched_masks_equal_one_call_per_tensor() -> None:
+    numels = [128, 16, 64, 4, 100_000, 1, 3000]
+    keys = [core.tensor_seed(1, str(i)) for i in range(len(numels))]
+    assert torch.equal(
+        core.hash_bits_many(numels, keys),
+        torch.cat([core.hash_bits(n, k) for n, k in zip(numels, keys, strict=True)]),
+    )
+    for density in (0.01, 0.3):
+        idx, valid, draws = core.hash_sparse_keep_many(numels, density, keys)
+        assert draws == [core.sparse_draws(n, density) for n in numels]
+        parts = zip(idx.split(draws), valid.split(draws), numels, keys, strict=True)
+        for i, v, n, k in parts:
+            want = core.hash_sparse_keep(n, density, k)
+            assert torch.equal(i, want[0]) and torch.equal(v, want[1]), (n, density)
