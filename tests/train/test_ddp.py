@@ -265,7 +265,6 @@ def test_grpo_elastic_reset_ranks_bit_identical(
 # -- what makes ranks agree beyond CPU DDP ---------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch optim")
 def test_ondare_masks_do_not_depend_on_the_other_parameters_a_rank_holds() -> None:
     """Under FSDP each rank's optimizer holds other shards, and on GPUs another device (cuda:0,
     cuda:1): the fresh per-step OnDARE mask of a parameter must depend only on (seed, parameter
