@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -81,28 +82,128 @@ def slerp_rows(
     return (a * s0.to(a.dtype) + b * s1.to(b.dtype)).to(a.dtype)
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry (1-based) of a non-negative float32 tensor, exactly.
+# -- exact magnitude selection -----------------------------------------------------------------
+# Non-negative float32 values order like their int32 bit patterns, so the k-th largest |x| is
+# found by a two-level radix select with integer ops only (bincount and cumsum): a histogram of
+# the top 16 bits finds the bucket holding the k-th value, a histogram of the low 16 bits inside
+# that bucket finds the value itself, with exact counts of the entries above and equal to it.
+# It works on any device (no sort, no kthvalue) and on a tensor streamed in blocks (two passes).
+_HI_BINS = 1 << 15  # |x| bits >> 16 is in [0, 2**15): the sign bit is 0
+_LO_BINS = 1 << 16
 
-    Radix select: non-negative float32 values order like their int32 bit patterns, so one
-    bincount over the top 16 bits finds the bucket holding the k-th value, and only that bucket
-    is sorted. About 2.5x faster than `kthvalue` on large tensors (design notes, section 7).
+
+@dataclass
+class MagnitudeCut:
+    """Which entries of a tensor are its top k by |x|, ties taken in index order.
+
+    Keep every |x| > threshold, and the first `ties_left` entries with |x| == threshold (in
+    index order). `ties_left` counts down as `apply_cut_` consumes blocks, so blocks of one
+    tensor must be applied in index order. threshold None keeps everything, inf nothing.
+    """
+
+    threshold: float | None
+    ties_left: int  # entries equal to threshold still to keep
+    ties_total: int  # entries equal to threshold in the whole tensor
+
+
+def magnitude_bits(x: Tensor) -> Tensor:
+    """|x| of a float32 tensor as int32 bit patterns (ordered like the magnitudes), flat."""
+    return x.reshape(-1).float().view(torch.int32) & 0x7FFFFFFF
+
+
+def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
+    """(bin b holding the k-th largest entry of a histogram, entries in bins above b)."""
+    above = hist.flip(0).cumsum(0).flip(0)  # above[b]: entries in bins >= b (non-increasing)
+    b = (above >= k).sum() - 1  # the last bin with at least k entries at or above it
+    higher = torch.cat([above[1:], above.new_zeros(1)])[b]  # entries in bins > b
+    return b, higher
+
+
+def radix_select(blocks: Callable[[], Iterable[Tensor]], k: int) -> tuple[int, int, int]:
+    """The k-th largest |x| over a float32 tensor given as blocks, exactly, with its ties.
+
+    blocks() yields the tensor's pieces (any shapes) and is called twice. Returns
+    (bits of the k-th largest |x| as an int, entries with |x| above it, entries equal to it).
+    1 <= k <= numel. Two host syncs in all, whatever the number of blocks.
+    """
+    hist = None
+    for blk in blocks():
+        h = torch.bincount(magnitude_bits(blk) >> 16, minlength=_HI_BINS)
+        hist = h if hist is None else hist.add_(h)
+    assert hist is not None
+    bucket, n_higher = _top_bin(hist, k)
+    lo_hist = None
+    for blk in blocks():
+        bits = magnitude_bits(blk)
+        lo = bits[(bits >> 16) == bucket] & 0xFFFF
+        h = torch.bincount(lo, minlength=_LO_BINS)
+        lo_hist = h if lo_hist is None else lo_hist.add_(h)
+    assert lo_hist is not None
+    lo_bin, n_lo_higher = _top_bin(lo_hist, k - n_higher)
+    found = torch.stack([(bucket << 16) | lo_bin, n_higher + n_lo_higher, lo_hist[lo_bin]])
+    kth_bits, n_above, n_equal = (int(v) for v in found.tolist())  # the one sync at the end
+    return kth_bits, n_above, n_equal
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+def magnitude_cut(x: Tensor | Callable[[], Iterable[Tensor]], numel: int, k: int) -> MagnitudeCut:
+    """The `MagnitudeCut` keeping exactly k entries of x (a float32 tensor, or a callable
+    yielding its blocks in index order) with the largest |x|, ties by lowest index."""
+    if k >= numel:
+        return MagnitudeCut(None, 0, 0)
+    if k <= 0:
+        return MagnitudeCut(math.inf, 0, 0)
+    if isinstance(x, Tensor) and x.device.type == "cpu" and numel < SMALL_SELECT:
+        mag = x.reshape(-1).float().abs()
+        kth = torch.kthvalue(mag, numel - k + 1).values
+        n_above, n_equal = int((mag > kth).sum()), int((mag == kth).sum())
+        return MagnitudeCut(float(kth), k - n_above, n_equal)
+    blocks = x if callable(x) else lambda: (x,)
+    bits, n_above, n_equal = radix_select(blocks, k)
+    return MagnitudeCut(_bits_to_float(bits), k - n_above, n_equal)
+
+
+def apply_cut_(x: Tensor, cut: MagnitudeCut) -> Tensor:
+    """A copy of the float32 block x keeping only the entries `cut` selects (see MagnitudeCut);
+    consumes cut.ties_left. Returns a new tensor; x is not modified."""
+    out = zero_below(x, cut.threshold)  # every |x| >= threshold
+    if cut.threshold is None or math.isinf(cut.threshold) or cut.ties_left == cut.ties_total:
+        return out  # every tie is kept (the usual float32 case): nothing more to do
+    flat = out.view(-1)
+    ties = (magnitude_bits(flat) == _float_bits(cut.threshold)).nonzero().squeeze(1)
+    keep = min(cut.ties_left, ties.numel())
+    flat[ties[keep:]] = 0.0  # ties past the quota, the highest-indexed ones
+    cut.ties_left -= keep
+    cut.ties_total -= ties.numel()  # ties still to come in later blocks
+    return out
+
+
+def _float_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float32).view(torch.int32)[0])
+
+
+# below this many entries a CPU tensor is selected with kthvalue (cheaper than two histograms)
+SMALL_SELECT = 65536
+
+
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry (1-based) of a non-negative tensor, exactly (a 0-dim tensor).
+
+    float32 goes through `radix_select` (integer histograms, any device, about 2.5x faster than
+    `kthvalue` on large CPU tensors: design notes, section 7); small CPU tensors and other dtypes
+    use `kthvalue`.
     """
     flat = values.reshape(-1)
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} values")
-    if n < 65536 or flat.dtype != torch.float32 or flat.device.type != "cpu":
+    if flat.dtype != torch.float32 or (flat.device.type == "cpu" and n < SMALL_SELECT):
         return torch.kthvalue(flat, n - k + 1).values
-    bits = flat.view(torch.int32)  # >= 0 for non-negative floats
-    hi = bits >> 16  # in [0, 32768)
-    counts = torch.bincount(hi, minlength=32768)
-    # cumulative count of entries in buckets >= b, scanning from the top bucket down
-    above = counts.flip(0).cumsum(0).flip(0)
-    bucket = int((above >= k).nonzero().max())
-    n_higher = int(above[bucket + 1]) if bucket + 1 < above.numel() else 0
-    inside = flat[hi == bucket]
-    return torch.kthvalue(inside, inside.numel() - (k - n_higher) + 1).values
+    bits, _, _ = radix_select(lambda: (flat,), k)
+    return torch.tensor(_bits_to_float(bits), dtype=flat.dtype, device=flat.device)
 
 
 def magnitude_threshold(x: Tensor, k: int) -> float | None:
@@ -138,20 +239,19 @@ def zero_below(x: Tensor, threshold: float | None) -> Tensor:
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Bool mask keeping the top k = int(density * numel) entries of |x| over the whole tensor.
-
-    Entries tied with the k-th magnitude are all kept. density >= 1 keeps everything; k == 0
-    keeps nothing.
-    """
-    thr = magnitude_threshold(x, int(density * x.numel()))
-    if thr is None:
-        return torch.ones_like(x, dtype=torch.bool)
-    return x.abs() >= thr
+    """Bool mask keeping exactly k = int(density * numel) entries of x with the largest |x|
+    over the whole tensor, ties with the k-th magnitude taken in index order (as
+    `top_magnitude_indices`). density >= 1 keeps everything; k == 0 keeps nothing."""
+    k = int(density * x.numel())
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    mask[top_magnitude_indices(x, k)] = True
+    return mask.view(x.shape)
 
 
 def magnitude_prune(x: Tensor, density: float) -> Tensor:
-    """x * magnitude_mask(x, density), computed in one pass (TIES sparsification)."""
-    return zero_below(x, magnitude_threshold(x, int(density * x.numel())))
+    """x with all but its top k = int(density * numel) entries by |x| zeroed (TIES
+    sparsification): exactly k kept, ties in index order, as `magnitude_mask`. A new tensor."""
+    return apply_cut_(x, magnitude_cut(x, x.numel(), int(density * x.numel())))
 
 
 # top_magnitude_indices bounds the threshold from every TOPK_SAMPLE_STRIDE-th entry; a prime
