@@ -90,6 +90,9 @@ def slerp_rows(
 # It works on any device (no sort, no kthvalue) and on a tensor streamed in blocks (two passes).
 _HI_BINS = 1 << 15  # |x| bits >> 16 is in [0, 2**15): the sign bit is 0
 _LO_BINS = 1 << 16
+# devices where the bucket is finished with kthvalue (measured faster on the CPU); elsewhere a
+# histogram of the low 16 bits (no sort on accelerators)
+KTHVALUE_BUCKET_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -103,7 +106,9 @@ class MagnitudeCut:
 
     threshold: float | None
     ties_left: int  # entries equal to threshold still to keep
-    ties_total: int  # entries equal to threshold in the whole tensor
+    ties_total: int  # entries equal to threshold not yet seen by apply_cut_
+    tie_index: Tensor | None = None  # flat indices of all the ties, when found by the select
+    numel: int = 0  # of the whole tensor: tie_index is used when apply_cut_ gets it in one piece
 
 
 def magnitude_bits(x: Tensor) -> Tensor:
@@ -122,27 +127,48 @@ def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
 def radix_select(blocks: Callable[[], Iterable[Tensor]], k: int) -> tuple[int, int, int]:
     """The k-th largest |x| over a float32 tensor given as blocks, exactly, with its ties.
 
-    blocks() yields the tensor's pieces (any shapes) and is called twice. Returns
-    (bits of the k-th largest |x| as an int, entries with |x| above it, entries equal to it).
-    1 <= k <= numel. Two host syncs in all, whatever the number of blocks.
+    blocks() yields the tensor's pieces (any shapes); it is called once for a single block and
+    twice otherwise (the second pass collects the bucket). Returns (bits of the k-th largest
+    |x| as an int, entries with |x| above it, entries equal to it); 1 <= k <= numel. One host
+    sync on accelerators whatever the number of blocks (two on the CPU, see below).
     """
-    hist = None
-    for blk in blocks():
-        h = torch.bincount(magnitude_bits(blk) >> 16, minlength=_HI_BINS)
-        hist = h if hist is None else hist.add_(h)
-    assert hist is not None
-    bucket, n_higher = _top_bin(hist, k)
-    lo_hist = None
+    kth_bits, n_above, n_equal, _ = _radix_select(blocks, k)
+    return kth_bits, n_above, n_equal
+
+
+def _radix_select(
+    blocks: Callable[[], Iterable[Tensor]], k: int
+) -> tuple[int, int, int, Tensor | None]:
+    """`radix_select`, plus the flat indices of the ties when there was a single block."""
+    hist, cached, n_blocks = None, None, 0
     for blk in blocks():
         bits = magnitude_bits(blk)
-        lo = bits[(bits >> 16) == bucket] & 0xFFFF
-        h = torch.bincount(lo, minlength=_LO_BINS)
-        lo_hist = h if lo_hist is None else lo_hist.add_(h)
-    assert lo_hist is not None
-    lo_bin, n_lo_higher = _top_bin(lo_hist, k - n_higher)
-    found = torch.stack([(bucket << 16) | lo_bin, n_higher + n_lo_higher, lo_hist[lo_bin]])
+        hi = bits >> 16
+        h = torch.bincount(hi, minlength=_HI_BINS)
+        hist = h if hist is None else hist.add_(h)
+        cached, n_blocks = (bits, hi), n_blocks + 1
+    assert hist is not None
+    bucket, n_higher = _top_bin(hist, k)
+    where = None
+    if n_blocks == 1:  # one block: reuse its bits, and remember where the bucket's entries are
+        bits, hi = cached  # type: ignore[misc]
+        where = (hi == bucket).nonzero().squeeze(1)  # [m] flat indices, ascending
+        inside = bits[where]
+    else:
+        cached = None
+        inside = torch.cat([b[(b >> 16) == bucket] for b in map(magnitude_bits, blocks())])
+    k_in = k - n_higher  # rank of the k-th largest inside the bucket
+    if inside.device.type in KTHVALUE_BUCKET_DEVICES:  # kthvalue on the small bucket is cheaper
+        k_in = int(k_in)
+        kth = torch.kthvalue(inside, inside.numel() - k_in + 1).values
+    else:  # integer histogram of the low 16 bits: no sort on accelerators
+        lo_hist = torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+        lo_bin, _ = _top_bin(lo_hist, k_in)
+        kth = (bucket << 16) | lo_bin
+    is_tie = inside == kth
+    found = torch.stack([kth.to(torch.int64), n_higher + (inside > kth).sum(), is_tie.sum()])
     kth_bits, n_above, n_equal = (int(v) for v in found.tolist())  # the one sync at the end
-    return kth_bits, n_above, n_equal
+    return kth_bits, n_above, n_equal, None if where is None else where[is_tie]
 
 
 def _bits_to_float(bits: int) -> float:
@@ -162,8 +188,8 @@ def magnitude_cut(x: Tensor | Callable[[], Iterable[Tensor]], numel: int, k: int
         n_above, n_equal = int((mag > kth).sum()), int((mag == kth).sum())
         return MagnitudeCut(float(kth), k - n_above, n_equal)
     blocks = x if callable(x) else lambda: (x,)
-    bits, n_above, n_equal = radix_select(blocks, k)
-    return MagnitudeCut(_bits_to_float(bits), k - n_above, n_equal)
+    bits, n_above, n_equal, tie_index = _radix_select(blocks, k)
+    return MagnitudeCut(_bits_to_float(bits), k - n_above, n_equal, tie_index, numel)
 
 
 def apply_cut_(x: Tensor, cut: MagnitudeCut) -> Tensor:
@@ -173,7 +199,10 @@ def apply_cut_(x: Tensor, cut: MagnitudeCut) -> Tensor:
     if cut.threshold is None or math.isinf(cut.threshold) or cut.ties_left == cut.ties_total:
         return out  # every tie is kept (the usual float32 case): nothing more to do
     flat = out.view(-1)
-    ties = (magnitude_bits(flat) == _float_bits(cut.threshold)).nonzero().squeeze(1)
+    if cut.tie_index is not None and flat.numel() == cut.numel:
+        ties = cut.tie_index  # the whole tensor: the select located the ties already
+    else:
+        ties = (magnitude_bits(flat) == _float_bits(cut.threshold)).nonzero().squeeze(1)
     keep = min(cut.ties_left, ties.numel())
     flat[ties[keep:]] = 0.0  # ties past the quota, the highest-indexed ones
     cut.ties_left -= keep

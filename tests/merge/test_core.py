@@ -105,8 +105,13 @@ def test_magnitude_prune_keeps_exactly_k_on_bf16_ties(n: int, density: float) ->
     assert int(core.magnitude_mask(d, density).sum()) == k
 
 
+@pytest.mark.parametrize("accelerator_path", [False, True])
 @pytest.mark.parametrize("k", [1, 7, 1000, 50_000, 99_999, 100_000])
-def test_radix_select_counts_match_sort(k: int) -> None:
+def test_radix_select_counts_match_sort(
+    k: int, accelerator_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if accelerator_path:  # the integer-histogram finish CUDA uses, run on the CPU
+        monkeypatch.setattr(core, "KTHVALUE_BUCKET_DEVICES", ())
     x = _bf16_delta(100_000, seed=k)
     bits, n_above, n_equal = core.radix_select(lambda: (x,), k)
     kth = x.abs().sort(descending=True).values[k - 1]
@@ -120,6 +125,9 @@ def test_magnitude_cut_streamed_in_row_blocks_equals_whole_tensor(density: float
     x = _bf16_delta(300 * 257, seed=3).reshape(300, 257)
     k = int(density * x.numel())
     whole = core.magnitude_prune(x, density)
+    assert int((whole != 0).sum()) == int(
+        (x.reshape(-1) * _exact_top_k_ref(x, k).reshape(-1) != 0).sum()
+    )
     for rows in (1, 7, 64, 300):
         cut = core.magnitude_cut(partial(x.split, rows), x.numel(), k)  # called twice
         parts = torch.cat([core.apply_cut_(b, cut) for b in x.split(rows)])
