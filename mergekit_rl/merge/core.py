@@ -157,6 +157,15 @@ def _radix_select(
     else:
         cached = None
         inside = torch.cat([b[(b >> 16) == bucket] for b in map(magnitude_bits, blocks())])
+    kth, is_tie, n_above, n_equal = _finish_select(inside, k, bucket, n_higher)
+    return kth, n_above, n_equal, None if where is None else where[is_tie]
+
+
+def _finish_select(
+    inside: Tensor, k: int, bucket: Tensor, n_higher: Tensor
+) -> tuple[int, Tensor, int, int]:
+    """(k-th largest bits, tie mask over inside, count above, count equal) from the bits
+    `inside` the bucket holding the k-th largest and the count of entries in higher buckets."""
     k_in = k - n_higher  # rank of the k-th largest inside the bucket
     if inside.device.type in KTHVALUE_BUCKET_DEVICES:  # kthvalue on the small bucket is cheaper
         k_in = int(k_in)
@@ -168,7 +177,37 @@ def _radix_select(
     is_tie = inside == kth
     found = torch.stack([kth.to(torch.int64), n_higher + (inside > kth).sum(), is_tie.sum()])
     kth_bits, n_above, n_equal = (int(v) for v in found.tolist())  # the one sync at the end
-    return kth_bits, n_above, n_equal, None if where is None else where[is_tie]
+    return kth_bits, is_tie, n_above, n_equal
+
+
+def magnitude_cuts(
+    blocks: Callable[[], Iterable[Sequence[Tensor]]], numel: int, ks: Sequence[int]
+) -> list[MagnitudeCut]:
+    """`magnitude_cut` of several same-size tensors streamed together in blocks: blocks()
+    yields, in index order, one block of each tensor (a list); two passes in all, however many
+    tensors (TIES: every model's task vector, row block by row block)."""
+    live = [i for i, k in enumerate(ks) if 0 < k < numel]
+    hists: dict[int, Tensor] = {}
+    for blk in blocks():
+        for i in live:
+            h = torch.bincount(magnitude_bits(blk[i]) >> 16, minlength=_HI_BINS)
+            hists[i] = hists[i].add_(h) if i in hists else h
+    tops = {i: _top_bin(hists[i], ks[i]) for i in live}
+    insides: dict[int, list[Tensor]] = {i: [] for i in live}
+    for blk in blocks():
+        for i in live:
+            bits = magnitude_bits(blk[i])
+            insides[i].append(bits[(bits >> 16) == tops[i][0]])
+    cuts = []
+    for i, k in enumerate(ks):
+        if k >= numel:
+            cuts.append(MagnitudeCut(None, 0, 0))
+        elif k <= 0:
+            cuts.append(MagnitudeCut(math.inf, 0, 0))
+        else:
+            kth, _, n_above, n_equal = _finish_select(torch.cat(insides.pop(i)), k, *tops[i])
+            cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
+    return cuts
 
 
 def _bits_to_float(bits: int) -> float:
