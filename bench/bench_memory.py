@@ -42,18 +42,15 @@ def make_model(path: Path, vocab: int, hidden: int, noise_seed: int | None) -> N
         order = [e for shard in writer.shards for e in shard.entries]  # the writer's plan order
         for i, (name, shape, dtype) in enumerate(order):
             writer.begin_tensor(name, dtype)
-            rows = max(1, (1 << 22) // hidden)
+            rows = max(1, (1 << 22) // hidden) if len(shape) == 2 else shape[0]
             for b, start in enumerate(range(0, shape[0], rows)):
-                n = min(rows, shape[0] - start)
-                part_shape = (n, *shape[1:])
+                part_shape = (min(rows, shape[0] - start), *shape[1:])
                 g = torch.Generator().manual_seed(1000 * i + b)
                 block = torch.randn(part_shape, generator=g) * 0.02
                 if noise_seed is not None:
                     g = torch.Generator().manual_seed(noise_seed * 1_000_003 + 1000 * i + b)
                     block += torch.randn(part_shape, generator=g) * 0.002
                 writer.write_part(block.to(dtype))
-                if len(shape) == 1:
-                    break
         config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
         config.update(vocab_size=vocab, hidden_size=hidden, torch_dtype="bfloat16")
         writer.add_file("config.json", json.dumps(config))
