@@ -58,10 +58,10 @@ class Block:
 
 # A job's inputs in row blocks: each call yields (block, float32 inputs on the device), in order.
 BlockStream = Callable[[], Iterator[tuple[Block, list[Tensor]]]]
-# compute.blocked(job, stream) -> an iterator of results (one tensor per output, the rows of
-# that block) per block of stream(), or None when this job must be computed whole. It may call
-# stream() more than once (a pass for a global threshold first); the last pass gives results.
-Blocked = Callable[[TensorJob, BlockStream], Iterator[list[Tensor]] | None]
+# compute.blocked(job, stream, n_blocks) -> an iterator of results (one tensor per output, the
+# rows of that block) per block of stream() (n_blocks of them), or None when this job must be
+# computed whole. It may call stream() more than once (a pass for a global threshold first).
+Blocked = Callable[[TensorJob, BlockStream, int], Iterator[list[Tensor]] | None]
 
 # tensors with more entries than this go through in row blocks of about this many entries
 # (64 MB in float32), when the compute supports it
@@ -73,7 +73,7 @@ def rowwise(compute: Compute) -> Compute:
     inputs (elementwise math: soups, lerp, task arithmetic), so the engine may run it on row
     blocks of large tensors and concatenate. Returns compute, with `blocked` set."""
 
-    def blocked(job: TensorJob, stream: BlockStream) -> Iterator[list[Tensor]]:
+    def blocked(job: TensorJob, stream: BlockStream, n_blocks: int) -> Iterator[list[Tensor]]:
         return (compute(job, xs) for _, xs in stream())
 
     compute.blocked = blocked  # type: ignore[attr-defined]
@@ -302,7 +302,7 @@ def _blocked(
                 del raw
             yield Block(start, stop, start * row), xs
 
-    return blocked_fn(job, stream)
+    return blocked_fn(job, stream, -(-job.shape[0] // step))
 
 
 def _write_blocks(

@@ -24,6 +24,10 @@ from .registry import MergeMethod, TensorContext
 ROW_LOCAL = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties"}
 PER_ROW = {"della", "della_linear", "model_stock"}  # rows of the last dimension
 NEEDS_CUTS = {"ties"}
+# a merge needing cuts reads its inputs three times in blocks: a tensor of at most this many
+# blocks is merged whole instead (one read; the 1.5B models' 32000 x 2048 embedding, 4 blocks of
+# the default size, stays whole, a 256k-vocabulary one streams)
+WHOLE_CUTS_MAX_BLOCKS = 4
 
 # (block with .offset, float32 inputs: base first when the method has one) per block, in order
 Stream = Callable[[], Iterator[tuple[Any, list[Tensor]]]]
@@ -58,10 +62,12 @@ def merge_blocks(
     has_base: bool,
     model_params: list[dict[str, Any]],
     global_params: dict[str, Any],
+    n_blocks: int,
 ) -> Iterator[list[Tensor]] | None:
-    """The merged rows of each block of `stream`, or None when this merge must run whole."""
+    """The merged rows of each block of `stream` (n_blocks of them), or None when this merge
+    runs whole."""
     mode = block_mode(method, shape, global_params)
-    if mode is None:
+    if mode is None or (mode == "cuts" and n_blocks <= WHOLE_CUTS_MAX_BLOCKS):
         return None
     cuts = None
     if mode == "cuts":

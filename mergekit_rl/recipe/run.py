@@ -142,11 +142,11 @@ def make_compute(plan: StagePlan, seed: int) -> Compute:
         ctx = TensorContext(job.name, p.model_ids, seed)
         return [method.run(ctx, models, base, list(p.model_params), p.global_params)]
 
-    def blocked(job: TensorJob, stream: BlockStream) -> Iterator[list[Tensor]] | None:
+    def blocked(job: TensorJob, stream: BlockStream, n: int) -> Iterator[list[Tensor]] | None:
         p = by_name[job.name]
         ctx = TensorContext(job.name, p.model_ids, seed)
         mps, gps = list(p.model_params), p.global_params
-        return merge_blocks(method, ctx, job.shape, stream, p.has_base, mps, gps)
+        return merge_blocks(method, ctx, job.shape, stream, p.has_base, mps, gps, n)
 
     compute.blocked = blocked  # type: ignore[attr-defined]  # large tensors in row blocks
     return compute

@@ -59,7 +59,8 @@ def test_blocks_equal_the_whole_tensor(name: str, rows: int) -> None:
     use_base = method.needs_base
     whole = method.run(ctx, xs, base if use_base else None, mps, gp)
     tensors = [base, *xs] if use_base else xs
-    parts = blocks.merge_blocks(method, ctx, whole.shape, _stream(tensors, rows), use_base, mps, gp)
+    stream = _stream(tensors, rows)
+    parts = blocks.merge_blocks(method, ctx, whole.shape, stream, use_base, mps, gp, n_blocks=99)
     assert parts is not None
     got = torch.cat([p[0] for p in parts])
     assert torch.equal(got, whole)
@@ -70,8 +71,12 @@ def test_ties_blocks_keep_exactly_k_per_model() -> None:
     base, xs = _inputs((50, 30), 1, seed=3)
     method, ctx = get_method("ties"), TensorContext("w", ("m0",), 0)
     stream = _stream([base, *xs], 7)
-    parts = blocks.merge_blocks(method, ctx, (50, 30), stream, True, [{"density": 0.2}], {})
+    parts = blocks.merge_blocks(method, ctx, (50, 30), stream, True, [{"density": 0.2}], {}, 8)
     assert parts is not None
+    # a tensor of few blocks is merged whole (one read instead of three)
+    assert (
+        blocks.merge_blocks(method, ctx, (50, 30), stream, True, [{"density": 0.2}], {}, 4) is None
+    )
     got = torch.cat([p[0] for p in parts])
     assert int((got != base).sum()) == int(0.2 * 1500)
 

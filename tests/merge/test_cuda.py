@@ -109,8 +109,7 @@ def test_recipe_merge_on_cuda_with_row_blocks_equals_the_cpu(
         + ("parameters: {rescale: false}\n" if recipe_method == "dare_ties" else "")
         + "models:\n"
         + "".join(
-            f"  - model: {fam[m]}\n    parameters: {{{params}}}\n"
-            for m in ("sft1", "sft2", "rlhf")
+            f"  - model: {fam[m]}\n    parameters: {{{params}}}\n" for m in ("sft1", "sft2", "rlhf")
         )
     )
     outs = {}
