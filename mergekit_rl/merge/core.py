@@ -452,15 +452,19 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
     device = torch.device(device)
     chunk = HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT)
     out = torch.empty(n, dtype=torch.int32, device=device)
-    pos = 0
+    pos, steps, steps_hi = 0, None, None
     while pos < n:
         first = offset + pos
         hi = first >> 32
         stop = min(n, pos + chunk, ((hi + 1) << 32) - offset)  # never straddle a 2**32 block
-        a, b, d = (_s32(w) for w in _chunk_words(key, hi))
-        lo = first & _M32
-        c = torch.arange(lo, lo + stop - pos, dtype=torch.int64, device=device).to(torch.int32)
-        out[pos:stop] = _mix32_(_mix32_(c.mul_(a).add_(b)).bitwise_xor_(d))
+        a, b, d = _chunk_words(key, hi)
+        if steps is None or steps_hi != hi:  # a * j for j < chunk, once per 2**32 block
+            steps = torch.arange(min(chunk, n), dtype=torch.int32, device=device).mul_(_s32(a))
+            steps_hi = hi
+        # a * (lo + j) + b = a * j + (a * lo + b), mod 2**32: one add per element, written in
+        # place into the output, then mixed there
+        c = torch.add(steps[: stop - pos], _s32(a * (first & _M32) + b), out=out[pos:stop])
+        _mix32_(_mix32_(c).bitwise_xor_(_s32(d)))
         pos = stop
     return out
 
