@@ -5,14 +5,23 @@ A run is a list of `TensorJob`s (which input tensors each output tensor needs) a
 at a time in input storage order, the math runs in float32 on `device`, and each result is
 appended to its atomic writer. Peak memory is about (inputs + outputs + 1) x the largest tensor
 in float32, whatever the model size.
+
+Tensors larger than `RunOptions.block_elems` entries (a 256k-vocabulary embedding) go through
+in row blocks when the compute says how (`compute.blocked`, see `rowwise`): inputs are read a
+block of rows at a time and each block's result is written as it comes, so peak memory follows
+the block size, not the vocabulary. Results equal the whole-tensor ones bit for bit.
+
+On CUDA, safetensors inputs are read into pinned host buffers and copied asynchronously in
+their stored dtype; the cast to float32 runs on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,7 @@ from torch import Tensor
 from .errors import RunError, UsageError
 from .io.card import write_aux_files
 from .io.reader import Checkpoint, all_finite, warn_non_finite
-from .io.safetensors_format import DTYPE_NAMES
+from .io.safetensors_format import DTYPE_NAMES, read_rows
 from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Entry
 from .progress import make_reporter
 
@@ -38,6 +47,37 @@ class TensorJob:
 
 # compute(job, inputs) -> one tensor per output; inputs are float32 on the run's device
 Compute = Callable[[TensorJob, list[Tensor]], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int  # first row (along dim 0) of the block
+    stop: int  # one past its last row
+    offset: int  # flat index of the block's first entry in the whole tensor
+
+
+# A job's inputs in row blocks: each call yields (block, float32 inputs on the device), in order.
+BlockStream = Callable[[], Iterator[tuple[Block, list[Tensor]]]]
+# compute.blocked(job, stream, n_blocks) -> an iterator of results (one tensor per output, the
+# rows of that block) per block of stream() (n_blocks of them), or None when this job must be
+# computed whole. It may call stream() more than once (a pass for a global threshold first).
+Blocked = Callable[[TensorJob, BlockStream, int], Iterator[list[Tensor]] | None]
+
+# tensors with more entries than this go through in row blocks of about this many entries
+# (64 MB in float32), when the compute supports it
+DEFAULT_BLOCK_ELEMS = 1 << 24
+
+
+def rowwise(compute: Compute) -> Compute:
+    """Mark `compute` as row-local: each row of a result depends only on the same row of the
+    inputs (elementwise math: soups, lerp, task arithmetic), so the engine may run it on row
+    blocks of large tensors and concatenate. Returns compute, with `blocked` set."""
+
+    def blocked(job: TensorJob, stream: BlockStream, n_blocks: int) -> Iterator[list[Tensor]]:
+        return (compute(job, xs) for _, xs in stream())
+
+    compute.blocked = blocked  # type: ignore[attr-defined]
+    return compute
 
 
 @dataclass
@@ -58,6 +98,7 @@ class RunOptions:
     max_shard_size: int = DEFAULT_MAX_SHARD
     force: bool = False
     progress: str = "auto"  # auto | plain | none
+    block_elems: int = DEFAULT_BLOCK_ELEMS  # row-block larger tensors (see `rowwise`)
 
 
 @dataclass
@@ -141,9 +182,16 @@ def run_jobs(
         reporter.start(len(jobs), total, label)
         try:
             for job in jobs:
+                blocked = _blocked(inputs, job, compute, device, options.block_elems)
+                if blocked is not None:
+                    _write_blocks(job, blocked, outputs, writers)
+                    nbytes = sum(inputs[i].info(n).nbytes for i, n in job.sources)
+                    bytes_read += nbytes
+                    reporter.advance(nbytes)
+                    continue
                 # read then compute, in one thread: a read-ahead thread was measured slower on
                 # 2 cores (contention with torch's own threads) and raised the peak RSS
-                tensors, nbytes = _to_compute(inputs, job, _read_raw(inputs, job), device)
+                tensors, nbytes = _to_compute(inputs, job, _read_raw(inputs, job, device), device)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
                 for spec, writer, result in zip(outputs, writers, results, strict=True):
@@ -177,8 +225,34 @@ def _writer(spec: OutputSpec, jobs: Sequence[TensorJob], options: RunOptions) ->
     )
 
 
-def _read_raw(inputs: Sequence[Checkpoint], job: TensorJob) -> list[Tensor]:
+def pinned_reads(device: torch.device) -> bool:
+    """Read into page-locked host memory (and copy without blocking) for this device?"""
+    return device.type == "cuda"
+
+
+def _rows_readable(ckpt: Checkpoint, name: str) -> bool:
+    info = ckpt.info(name)
+    return not ckpt.source.pickle and info.offset >= 0 and len(info.shape) >= 1
+
+
+def _read_raw(inputs: Sequence[Checkpoint], job: TensorJob, device: torch.device) -> list[Tensor]:
+    if pinned_reads(device):  # whole tensors as one row range, straight into pinned buffers
+        return [
+            read_rows(inputs[i].info(n), 0, inputs[i].info(n).shape[0], pin=True)
+            if _rows_readable(inputs[i], n)
+            else inputs[i].read(n)
+            for i, n in job.sources
+        ]
     return [inputs[i].read(name) for i, name in job.sources]
+
+
+def to_device(
+    t: Tensor, device: torch.device, compute_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A raw host tensor as compute_dtype (integers unchanged) on `device`. Copied in its stored
+    dtype (half the bytes of float32 for bf16) and cast there; asynchronous from pinned memory."""
+    moved = t.to(device, non_blocking=t.is_pinned()) if t.device != device else t
+    return moved.to(compute_dtype) if t.is_floating_point() else moved
 
 
 def _to_compute(
@@ -198,11 +272,76 @@ def _to_compute(
         nbytes += t.numel() * t.element_size()
         if t.is_floating_point():
             warn_non_finite(t, name, inputs[i].source.ref)
-            tensors.append(t.to(device=device, dtype=compute_dtype))
-        else:
-            tensors.append(t.to(device))
+        tensors.append(to_device(t, device, compute_dtype))
         del t
     return tensors, nbytes
+
+
+def _blocked(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    compute: Compute,
+    device: torch.device,
+    block_elems: int,
+) -> Iterator[list[Tensor]] | None:
+    """The compute's per-block results for a large job, or None to compute it whole."""
+    blocked_fn: Blocked | None = getattr(compute, "blocked", None)
+    numel = math.prod(job.shape)
+    if blocked_fn is None or numel <= block_elems or not job.dtype.is_floating_point:
+        return None
+    if len(job.shape) < 1 or job.shape[0] < 2:
+        return None
+    if not all(_rows_readable(inputs[i], name) for i, name in job.sources):
+        return None
+    row = numel // job.shape[0]
+    step = max(1, block_elems // row)
+    pin = pinned_reads(device)
+    warned: set[tuple[int, str]] = set()
+    # as _to_compute: a float64 input (a lossless task vector) makes the job compute in float64
+    wide = any(inputs[i].info(name).dtype == torch.float64 for i, name in job.sources)
+    compute_dtype = torch.float64 if wide else torch.float32
+
+    def stream() -> Iterator[tuple[Block, list[Tensor]]]:
+        for start in range(0, job.shape[0], step):
+            stop = min(job.shape[0], start + step)
+            xs = []
+            for i, name in job.sources:
+                raw = read_rows(inputs[i].info(name), start, stop, pin=pin)
+                if raw.is_floating_point() and (i, name) not in warned and not all_finite(raw):
+                    warned.add((i, name))
+                    warn_non_finite(raw, name, inputs[i].source.ref)
+                xs.append(to_device(raw, device, compute_dtype))
+                del raw
+            yield Block(start, stop, start * row), xs
+
+    return blocked_fn(job, stream, -(-job.shape[0] // step))
+
+
+def _write_blocks(
+    job: TensorJob,
+    results: Iterator[list[Tensor]],
+    outputs: Sequence[OutputSpec],
+    writers: Sequence[CheckpointWriter],
+) -> None:
+    """Write the per-block results of one job to every output, block by block."""
+    for spec, writer in zip(outputs, writers, strict=True):
+        writer.begin_tensor(job.name, out_dtype(job, spec))
+    rows = 0
+    for parts in results:
+        if len(parts) != len(outputs):
+            raise RunError(f"internal: {len(parts)} results for {len(outputs)} outputs.")
+        for spec, writer, part in zip(outputs, writers, parts, strict=True):
+            if tuple(part.shape[1:]) != job.shape[1:]:
+                raise RunError(
+                    f"tensor '{job.name}': the merge produced rows of shape "
+                    f"{list(part.shape[1:])}, expected {list(job.shape[1:])}."
+                )
+            _check_finite(part, job.name, spec.path)
+            writer.write_part(part.to(out_dtype(job, spec)))
+        rows += parts[0].shape[0]
+        del parts
+    if rows != job.shape[0]:
+        raise RunError(f"internal: tensor '{job.name}' got {rows} rows of {job.shape[0]}.")
 
 
 def _compute(job: TensorJob, tensors: list[Tensor], compute: Compute, n_out: int) -> list[Tensor]:

@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .engine import OutputSpec, RunOptions, RunSummary, TensorJob, identity_jobs, run_jobs
+from .engine import (
+    OutputSpec,
+    RunOptions,
+    RunSummary,
+    TensorJob,
+    identity_jobs,
+    rowwise,
+    run_jobs,
+)
 from .errors import RunError, UsageError
 from .io.card import model_card, provenance
 from .io.reader import TIED_METADATA_KEY, Checkpoint, check_compatible, open_checkpoint
@@ -89,7 +97,7 @@ def _linear(weights: Sequence[float], normalize: bool):
         ctx = TensorContext(job.name, tuple(str(i) for i in range(len(xs))))
         return [method.run(ctx, xs, None, per_model, {"normalize": normalize})]
 
-    return compute
+    return rowwise(compute)  # elementwise: large tensors may go through in row blocks
 
 
 def soup(
@@ -187,7 +195,7 @@ def interpolate(
 def _interpolation(alphas: Sequence[float], method: str):
     if method == "lerp":
         lerps = [_linear([1.0 - a, a], normalize=False) for a in alphas]
-        return lambda job, xs: [f(job, xs)[0] for f in lerps]
+        return rowwise(lambda job, xs: [f(job, xs)[0] for f in lerps])
     slerp = get_method("slerp")
 
     def compute(job: TensorJob, xs: list[Tensor]) -> list[Tensor]:

@@ -86,3 +86,25 @@ def test_bench_optim_counts_adamw_state_exactly(work: Path) -> None:
     assert all(len(r["step_s"]) == 2 for r in runs.values())
     (elastic,) = data["elastic"]
     assert elastic["resets"] >= 3 and len(elastic["reset_step_s"]) == 3
+
+
+@pytest.mark.slow
+def test_gpu_bench_small_runs_on_the_cpu_and_reports_ratios(tmp_path: Path) -> None:
+    printed = run_script(tmp_path, "gpu.py", "--small", "--steps", "1", "--recipes", "soup", "ties")
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert data["size"] == "small" and data["device"] == "CPU"
+    assert [r["recipe"] for r in data["merges"]] == ["soup", "ties"]
+    for r in data["merges"]:
+        assert r["floor_s"] > 0 and r["rlmerge_x_floor"] == pytest.approx(
+            r["rlmerge_s"] / r["floor_s"], abs=0.01
+        )
+    names = [r["optimizer"] for r in data["optimizer"]]
+    for want in ("torch AdamW fused", "torch AdamW foreach", "rlmerge OnDARE", "rlmerge OnTIES"):
+        assert want in names
+    assert any(n.startswith("released OnDARE") for n in names)
+    assert any(n.startswith("released OnTIES") for n in names)
+    assert "Elastic Reset EMA update" in names
+    fused = next(r for r in data["optimizer"] if r["optimizer"] == "torch AdamW fused")
+    assert fused["x_fused_adamw"] == 1.0
+    assert "| ties |" in printed and "| rlmerge OnTIES |" in printed
+    assert not (tmp_path / "gpu" / "small").exists()  # the built models are removed

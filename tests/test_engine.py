@@ -91,3 +91,71 @@ def test_cuda_matches_cpu(family: dict[str, Path], tmp_path: Path) -> None:
     a, b = load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+# ---- row blocks and device transfers ------------------------------------------------------------
+
+
+def _spy_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """Record every row-range read the engine makes (name, start, stop)."""
+    import mergekit_rl.engine as engine
+
+    calls: list[tuple[str, int, int]] = []
+    real = engine.read_rows
+
+    def spy(info, start, stop, pin=False):  # noqa: ANN001, ANN202
+        calls.append((info.name, start, stop))
+        return real(info, start, stop, pin=pin)
+
+    monkeypatch.setattr(engine, "read_rows", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["soup", "interpolate", "ties", "dare_ties"])
+def test_row_blocks_equal_whole_tensors_bit_for_bit(
+    kind: str, tied_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergekit_rl.ops import WriteOptions, interpolate, soup
+    from mergekit_rl.recipe.run import MergeOptions, merge_file
+
+    fam = tied_family  # bf16 with tied embeddings: the vocabulary tensor is the largest
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: {kind}\nbase_model: {fam['base']}\nseed: 3\n"
+        "parameters: {rescale: false}\nmodels:\n"
+        + "".join(f"  - model: {fam[m]}\n    parameters: {{density: 0.4}}\n" for m in fam)
+    )
+
+    def run(out: Path, block_elems: int) -> None:
+        opts = WriteOptions(run=RunOptions(progress="none", block_elems=block_elems))
+        if kind == "soup":
+            soup([fam["sft1"], fam["sft2"], fam["rlhf"]], out, opts=opts)
+        elif kind == "interpolate":
+            interpolate(fam["sft1"], fam["rlhf"], out, [0.25, 0.5], opts=opts)
+        else:
+            merge_file(recipe, out, MergeOptions(write=opts))
+
+    run(tmp_path / "whole", 1 << 30)
+    calls = _spy_row_reads(monkeypatch)
+    run(tmp_path / "blocks", 1000)  # the 256 x 64 embedding goes through in blocks of 15 rows
+    embed = [c for c in calls if c[0] == "model.embed_tokens.weight"]
+    assert embed and max(stop - start for _, start, stop in embed) == 15
+    outs = sorted(p.parent for p in (tmp_path / "whole").rglob("*.safetensors"))
+    assert outs
+    for whole_dir in outs:
+        blocks_dir = tmp_path / "blocks" / whole_dir.relative_to(tmp_path / "whole")
+        a, b = load_state(whole_dir), load_state(blocks_dir)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_pinned_reads_and_asynchronous_copies_only_for_cuda() -> None:
+    from mergekit_rl.engine import pinned_reads, to_device
+
+    assert pinned_reads(torch.device("cuda:0")) and not pinned_reads(torch.device("cpu"))
+    raw = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
+    out = to_device(raw, torch.device("cpu"))
+    assert out.dtype == torch.float32 and out.tolist() == [1.5, -2.0]
+    ids = torch.arange(3)
+    assert to_device(ids, torch.device("cpu")) is ids  # integers pass through, no copy

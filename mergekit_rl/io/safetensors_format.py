@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..errors import UsageError
 
@@ -187,3 +188,28 @@ def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for d in shape:
         n *= d
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def read_rows(info: TensorInfo, start: int, stop: int, pin: bool = False) -> Tensor:
+    """Rows start .. stop - 1 (along dim 0) of a stored tensor, read with positional reads.
+
+    Rows are contiguous in the file (row-major), so this is one read of (stop - start) rows:
+    a large tensor can be streamed in row blocks without ever holding it whole. `pin`: read
+    into page-locked memory, so that a copy to CUDA can be asynchronous.
+    """
+    if info.offset < 0 or not info.shape:
+        raise ValueError(f"tensor '{info.name}' cannot be read in rows")
+    row_bytes = info.nbytes // info.shape[0]
+    nbytes = (stop - start) * row_bytes
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)  # not zero-filled: overwritten
+    view, got = memoryview(buf.numpy()), 0
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        while got < nbytes:  # pread may return short reads
+            n = os.preadv(fd, [view[got:]], info.offset + start * row_bytes + got)
+            if n == 0:
+                raise UsageError(f"{info.file}: truncated while reading tensor '{info.name}'.")
+            got += n
+    finally:
+        os.close(fd)
+    return buf.view(info.dtype).reshape(stop - start, *info.shape[1:])

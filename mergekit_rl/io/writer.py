@@ -361,6 +361,7 @@ class CheckpointWriter:
         self._dir = AtomicDir(self.out, self.force)
         self.tmp = self._dir.tmp
         self.bytes_written = 0
+        self._part_left = 0  # bytes still to come of a tensor written in parts
 
     def __enter__(self) -> CheckpointWriter:
         self._dir.open()
@@ -384,6 +385,39 @@ class CheckpointWriter:
         self._open.next_index += 1
         self._next += 1
         self.bytes_written += data.numel() * data.element_size()
+
+    def begin_tensor(self, name: str, dtype: torch.dtype) -> None:
+        """Start the next tensor of the plan, to be written in parts (row blocks, in order)
+        with `write_part`; it counts as added once all its bytes were written."""
+        want_name, shape, want_dtype = self._order[self._next]
+        if name != want_name or dtype != want_dtype:
+            raise RunError(
+                f"internal: expected tensor '{want_name}' {want_dtype}, got '{name}' {dtype}."
+            )
+        if self._open is None or self._open.next_index == len(self._open.shard.entries):
+            self._start_shard()
+        self._part_left = tensor_nbytes(shape, dtype)
+        if self._part_left == 0:
+            self._end_tensor()
+
+    def write_part(self, part: Tensor) -> None:
+        """Append the next part of the tensor started by `begin_tensor`."""
+        assert self._open is not None
+        data = part.detach().to("cpu").contiguous().reshape(-1)
+        nbytes = data.numel() * data.element_size()
+        if data.dtype != self._order[self._next][2] or nbytes > self._part_left:
+            raise RunError(f"internal: a part of '{self._order[self._next][0]}' does not fit.")
+        if nbytes:
+            self._open.handle.write(data.view(torch.uint8).numpy().data)
+        self.bytes_written += nbytes
+        self._part_left -= nbytes
+        if self._part_left == 0:
+            self._end_tensor()
+
+    def _end_tensor(self) -> None:
+        assert self._open is not None
+        self._open.next_index += 1
+        self._next += 1
 
     def _start_shard(self) -> None:
         self._close_shard()

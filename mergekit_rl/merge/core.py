@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -81,28 +82,196 @@ def slerp_rows(
     return (a * s0.to(a.dtype) + b * s1.to(b.dtype)).to(a.dtype)
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry (1-based) of a non-negative float32 tensor, exactly.
+# -- exact magnitude selection -----------------------------------------------------------------
+# Non-negative float32 values order like their int32 bit patterns, so the k-th largest |x| is
+# found by a two-level radix select with integer ops only (bincount and cumsum): a histogram of
+# the top 16 bits finds the bucket holding the k-th value, a histogram of the low 16 bits inside
+# that bucket finds the value itself, with exact counts of the entries above and equal to it.
+# It works on any device (no sort, no kthvalue) and on a tensor streamed in blocks (two passes).
+_HI_BINS = 1 << 15  # |x| bits >> 16 is in [0, 2**15): the sign bit is 0
+_LO_BINS = 1 << 16
+# devices where the bucket is finished with kthvalue (measured faster on the CPU); elsewhere a
+# histogram of the low 16 bits (no sort on accelerators)
+KTHVALUE_BUCKET_DEVICES = ("cpu",)
 
-    Radix select: non-negative float32 values order like their int32 bit patterns, so one
-    bincount over the top 16 bits finds the bucket holding the k-th value, and only that bucket
-    is sorted. About 2.5x faster than `kthvalue` on large tensors (design notes, section 7).
+
+@dataclass
+class MagnitudeCut:
+    """Which entries of a tensor are its top k by |x|, ties taken in index order.
+
+    Keep every |x| > threshold, and the first `ties_left` entries with |x| == threshold (in
+    index order). `ties_left` counts down as `apply_cut_` consumes blocks, so blocks of one
+    tensor must be applied in index order. threshold None keeps everything, inf nothing.
+    """
+
+    threshold: float | None
+    ties_left: int  # entries equal to threshold still to keep
+    ties_total: int  # entries equal to threshold not yet seen by apply_cut_
+    tie_index: Tensor | None = None  # flat indices of all the ties, when found by the select
+    numel: int = 0  # of the whole tensor: tie_index is used when apply_cut_ gets it in one piece
+
+
+def magnitude_bits(x: Tensor) -> Tensor:
+    """|x| of a float32 tensor as int32 bit patterns (ordered like the magnitudes), flat."""
+    return x.reshape(-1).float().view(torch.int32) & 0x7FFFFFFF
+
+
+def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
+    """(bin b holding the k-th largest entry of a histogram, entries in bins above b)."""
+    above = hist.flip(0).cumsum(0).flip(0)  # above[b]: entries in bins >= b (non-increasing)
+    b = (above >= k).sum() - 1  # the last bin with at least k entries at or above it
+    higher = torch.cat([above[1:], above.new_zeros(1)])[b]  # entries in bins > b
+    return b, higher
+
+
+def radix_select(blocks: Callable[[], Iterable[Tensor]], k: int) -> tuple[int, int, int]:
+    """The k-th largest |x| over a float32 tensor given as blocks, exactly, with its ties.
+
+    blocks() yields the tensor's pieces (any shapes); it is called once for a single block and
+    twice otherwise (the second pass collects the bucket). Returns (bits of the k-th largest
+    |x| as an int, entries with |x| above it, entries equal to it); 1 <= k <= numel. One host
+    sync on accelerators whatever the number of blocks (two on the CPU, see below).
+    """
+    kth_bits, n_above, n_equal, _ = _radix_select(blocks, k)
+    return kth_bits, n_above, n_equal
+
+
+def _radix_select(
+    blocks: Callable[[], Iterable[Tensor]], k: int
+) -> tuple[int, int, int, Tensor | None]:
+    """`radix_select`, plus the flat indices of the ties when there was a single block."""
+    hist, cached, n_blocks = None, None, 0
+    for blk in blocks():
+        bits = magnitude_bits(blk)
+        hi = bits >> 16
+        h = torch.bincount(hi, minlength=_HI_BINS)
+        hist = h if hist is None else hist.add_(h)
+        cached, n_blocks = (bits, hi), n_blocks + 1
+    assert hist is not None
+    bucket, n_higher = _top_bin(hist, k)
+    where = None
+    if n_blocks == 1:  # one block: reuse its bits, and remember where the bucket's entries are
+        bits, hi = cached  # type: ignore[misc]
+        where = (hi == bucket).nonzero().squeeze(1)  # [m] flat indices, ascending
+        inside = bits[where]
+    else:
+        cached = None
+        inside = torch.cat([b[(b >> 16) == bucket] for b in map(magnitude_bits, blocks())])
+    kth, is_tie, n_above, n_equal = _finish_select(inside, k, bucket, n_higher)
+    return kth, n_above, n_equal, None if where is None else where[is_tie]
+
+
+def _finish_select(
+    inside: Tensor, k: int, bucket: Tensor, n_higher: Tensor
+) -> tuple[int, Tensor, int, int]:
+    """(k-th largest bits, tie mask over inside, count above, count equal) from the bits
+    `inside` the bucket holding the k-th largest and the count of entries in higher buckets."""
+    k_in = k - n_higher  # rank of the k-th largest inside the bucket
+    if inside.device.type in KTHVALUE_BUCKET_DEVICES:  # kthvalue on the small bucket is cheaper
+        k_in = int(k_in)
+        kth = torch.kthvalue(inside, inside.numel() - k_in + 1).values
+    else:  # integer histogram of the low 16 bits: no sort on accelerators
+        lo_hist = torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+        lo_bin, _ = _top_bin(lo_hist, k_in)
+        kth = (bucket << 16) | lo_bin
+    is_tie = inside == kth
+    found = torch.stack([kth.to(torch.int64), n_higher + (inside > kth).sum(), is_tie.sum()])
+    kth_bits, n_above, n_equal = (int(v) for v in found.tolist())  # the one sync at the end
+    return kth_bits, is_tie, n_above, n_equal
+
+
+def magnitude_cuts(
+    blocks: Callable[[], Iterable[Sequence[Tensor]]], numel: int, ks: Sequence[int]
+) -> list[MagnitudeCut]:
+    """`magnitude_cut` of several same-size tensors streamed together in blocks: blocks()
+    yields, in index order, one block of each tensor (a list); two passes in all, however many
+    tensors (TIES: every model's task vector, row block by row block)."""
+    live = [i for i, k in enumerate(ks) if 0 < k < numel]
+    hists: dict[int, Tensor] = {}
+    for blk in blocks():
+        for i in live:
+            h = torch.bincount(magnitude_bits(blk[i]) >> 16, minlength=_HI_BINS)
+            hists[i] = hists[i].add_(h) if i in hists else h
+    tops = {i: _top_bin(hists[i], ks[i]) for i in live}
+    insides: dict[int, list[Tensor]] = {i: [] for i in live}
+    for blk in blocks():
+        for i in live:
+            bits = magnitude_bits(blk[i])
+            insides[i].append(bits[(bits >> 16) == tops[i][0]])
+    cuts = []
+    for i, k in enumerate(ks):
+        if k >= numel:
+            cuts.append(MagnitudeCut(None, 0, 0))
+        elif k <= 0:
+            cuts.append(MagnitudeCut(math.inf, 0, 0))
+        else:
+            kth, _, n_above, n_equal = _finish_select(torch.cat(insides.pop(i)), k, *tops[i])
+            cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
+    return cuts
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+def magnitude_cut(x: Tensor | Callable[[], Iterable[Tensor]], numel: int, k: int) -> MagnitudeCut:
+    """The `MagnitudeCut` keeping exactly k entries of x (a float32 tensor, or a callable
+    yielding its blocks in index order) with the largest |x|, ties by lowest index."""
+    if k >= numel:
+        return MagnitudeCut(None, 0, 0)
+    if k <= 0:
+        return MagnitudeCut(math.inf, 0, 0)
+    if isinstance(x, Tensor) and x.device.type == "cpu" and numel < SMALL_SELECT:
+        mag = x.reshape(-1).float().abs()
+        kth = torch.kthvalue(mag, numel - k + 1).values
+        n_above, n_equal = int((mag > kth).sum()), int((mag == kth).sum())
+        return MagnitudeCut(float(kth), k - n_above, n_equal)
+    blocks = x if callable(x) else lambda: (x,)
+    bits, n_above, n_equal, tie_index = _radix_select(blocks, k)
+    return MagnitudeCut(_bits_to_float(bits), k - n_above, n_equal, tie_index, numel)
+
+
+def apply_cut_(x: Tensor, cut: MagnitudeCut) -> Tensor:
+    """A copy of the float32 block x keeping only the entries `cut` selects (see MagnitudeCut);
+    consumes cut.ties_left. Returns a new tensor; x is not modified."""
+    out = zero_below(x, cut.threshold)  # every |x| >= threshold
+    if cut.threshold is None or math.isinf(cut.threshold) or cut.ties_left == cut.ties_total:
+        return out  # every tie is kept (the usual float32 case): nothing more to do
+    flat = out.view(-1)
+    if cut.tie_index is not None and flat.numel() == cut.numel:
+        ties = cut.tie_index  # the whole tensor: the select located the ties already
+    else:
+        ties = (magnitude_bits(flat) == _float_bits(cut.threshold)).nonzero().squeeze(1)
+    keep = min(cut.ties_left, ties.numel())
+    flat[ties[keep:]] = 0.0  # ties past the quota, the highest-indexed ones
+    cut.ties_left -= keep
+    cut.ties_total -= ties.numel()  # ties still to come in later blocks
+    return out
+
+
+def _float_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float32).view(torch.int32)[0])
+
+
+# below this many entries a CPU tensor is selected with kthvalue (cheaper than two histograms)
+SMALL_SELECT = 65536
+
+
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry (1-based) of a non-negative tensor, exactly (a 0-dim tensor).
+
+    float32 goes through `radix_select` (integer histograms, any device, about 2.5x faster than
+    `kthvalue` on large CPU tensors: design notes, section 7); small CPU tensors and other dtypes
+    use `kthvalue`.
     """
     flat = values.reshape(-1)
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} values")
-    if n < 65536 or flat.dtype != torch.float32 or flat.device.type != "cpu":
+    if flat.dtype != torch.float32 or (flat.device.type == "cpu" and n < SMALL_SELECT):
         return torch.kthvalue(flat, n - k + 1).values
-    bits = flat.view(torch.int32)  # >= 0 for non-negative floats
-    hi = bits >> 16  # in [0, 32768)
-    counts = torch.bincount(hi, minlength=32768)
-    # cumulative count of entries in buckets >= b, scanning from the top bucket down
-    above = counts.flip(0).cumsum(0).flip(0)
-    bucket = int((above >= k).nonzero().max())
-    n_higher = int(above[bucket + 1]) if bucket + 1 < above.numel() else 0
-    inside = flat[hi == bucket]
-    return torch.kthvalue(inside, inside.numel() - (k - n_higher) + 1).values
+    bits, _, _ = radix_select(lambda: (flat,), k)
+    return torch.tensor(_bits_to_float(bits), dtype=flat.dtype, device=flat.device)
 
 
 def magnitude_threshold(x: Tensor, k: int) -> float | None:
@@ -138,20 +307,19 @@ def zero_below(x: Tensor, threshold: float | None) -> Tensor:
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Bool mask keeping the top k = int(density * numel) entries of |x| over the whole tensor.
-
-    Entries tied with the k-th magnitude are all kept. density >= 1 keeps everything; k == 0
-    keeps nothing.
-    """
-    thr = magnitude_threshold(x, int(density * x.numel()))
-    if thr is None:
-        return torch.ones_like(x, dtype=torch.bool)
-    return x.abs() >= thr
+    """Bool mask keeping exactly k = int(density * numel) entries of x with the largest |x|
+    over the whole tensor, ties with the k-th magnitude taken in index order (as
+    `top_magnitude_indices`). density >= 1 keeps everything; k == 0 keeps nothing."""
+    k = int(density * x.numel())
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    mask[top_magnitude_indices(x, k)] = True
+    return mask.view(x.shape)
 
 
 def magnitude_prune(x: Tensor, density: float) -> Tensor:
-    """x * magnitude_mask(x, density), computed in one pass (TIES sparsification)."""
-    return zero_below(x, magnitude_threshold(x, int(density * x.numel())))
+    """x with all but its top k = int(density * numel) entries by |x| zeroed (TIES
+    sparsification): exactly k kept, ties in index order, as `magnitude_mask`. A new tensor."""
+    return apply_cut_(x, magnitude_cut(x, x.numel(), int(density * x.numel())))
 
 
 # top_magnitude_indices bounds the threshold from every TOPK_SAMPLE_STRIDE-th entry; a prime
@@ -284,15 +452,19 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
     device = torch.device(device)
     chunk = HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT)
     out = torch.empty(n, dtype=torch.int32, device=device)
-    pos = 0
+    pos, steps, steps_hi = 0, None, None
     while pos < n:
         first = offset + pos
         hi = first >> 32
         stop = min(n, pos + chunk, ((hi + 1) << 32) - offset)  # never straddle a 2**32 block
-        a, b, d = (_s32(w) for w in _chunk_words(key, hi))
-        lo = first & _M32
-        c = torch.arange(lo, lo + stop - pos, dtype=torch.int64, device=device).to(torch.int32)
-        out[pos:stop] = _mix32_(_mix32_(c.mul_(a).add_(b)).bitwise_xor_(d))
+        a, b, d = _chunk_words(key, hi)
+        if steps is None or steps_hi != hi:  # a * j for j < chunk, once per 2**32 block
+            steps = torch.arange(min(chunk, n), dtype=torch.int32, device=device).mul_(_s32(a))
+            steps_hi = hi
+        # a * (lo + j) + b = a * j + (a * lo + b), mod 2**32: one add per element, written in
+        # place into the output, then mixed there
+        c = torch.add(steps[: stop - pos], _s32(a * (first & _M32) + b), out=out[pos:stop])
+        _mix32_(_mix32_(c).bitwise_xor_(_s32(d)))
         pos = stop
     return out
 
@@ -324,68 +496,6 @@ def hash_uniform(
     """Uniform float32 in [0, 1) on a 2**-24 grid from the word's top 24 bits (exact anywhere)."""
     top24 = (hash_bits(n, key, offset=offset, device=device) >> 8) & 0xFFFFFF
     return top24.to(torch.float32) * 2.0**-24
-
-
-def bernoulli_mask(
-    shape: Sequence[int], density: float, seed: int, *keys: str, device: torch.device | str = "cpu"
-) -> Tensor:
-    """I.i.d. Bernoulli(density) keep mask seeded from (seed, keys).
-
-    Drawn on the CPU with its own generator, then moved: bit-identical on every device and thread
-    count, independent of the order in which tensors are processed.
-    """
-    if density >= 1.0:
-        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
-    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, *keys))
-    mask = torch.rand(tuple(shape), generator=gen) < density
-    return mask.to(device)
-
-
-def bernoulli_mask_like(probs: Tensor, seed: int, *keys: str) -> Tensor:
-    """Independent keep mask with a per-entry keep probability (DELLA), seeded from (seed, keys).
-
-    Uses the same CPU generator stream as `bernoulli_mask`: with a constant `probs` equal to
-    density the two give the identical mask. Returned on probs' device.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, *keys))
-    u = torch.rand(tuple(probs.shape), generator=gen)
-    return u.to(probs.device) < probs
-
-
-def random_mask(x: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """Bernoulli(density) keep mask from a caller-owned generator (fresh every call).
-
-    Used where masks are redrawn at every step (online merging optimizers); the generator must
-    live on x's device.
-    """
-    if density >= 1.0:
-        return torch.ones_like(x, dtype=torch.bool)
-    return torch.rand(x.shape, generator=generator, device=x.device) < density
-
-
-def random_indices(numel: int, density: float, generator: torch.Generator) -> Tensor:
-    """Sorted flat indices kept by an i.i.d. Bernoulli(density) mask over numel entries.
-
-    Same distribution as `random_mask`, drawn as geometric gaps between kept entries: about
-    density * numel random numbers instead of numel (100x fewer at density 0.01, which is what
-    makes a fresh mask per optimizer step cheap). Returned as int64 on the generator's device.
-    """
-    device = generator.device
-    if density >= 1.0:
-        return torch.arange(numel, device=device)
-    if density <= 0.0 or numel == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    chunks, last = [], -1  # last: index of the last kept entry drawn so far
-    while last < numel:
-        expected = (numel - last) * density
-        n = int(expected + 8.0 * expected**0.5 + 16)  # rarely needs a second round
-        gaps = torch.empty(n, dtype=torch.float64, device=device)
-        gaps.geometric_(density, generator=generator).clamp_(max=numel + 1)  # u=0 gives inf
-        idx = gaps.to(torch.int64).cumsum_(0).add_(last)  # gap g >= 1 skips g - 1 entries
-        chunks.append(idx)
-        last = int(idx[-1])
-    idx = torch.cat(chunks)
-    return idx[idx < numel]
 
 
 def elect_sign(deltas: Tensor | Sequence[Tensor]) -> Tensor:

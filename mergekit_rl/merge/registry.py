@@ -44,6 +44,9 @@ class TensorContext:
     name: str  # output tensor name, e.g. "model.layers.3.mlp.up_proj.weight"
     model_ids: tuple[str, ...]  # one id per non-base input tensor (seeds random masks)
     seed: int = 0  # recipe seed
+    # set when the tensors are one row block of the output tensor (engine row blocks):
+    offset: int = 0  # flat index of the block's first entry in the whole tensor (mask hashes)
+    cuts: tuple[Any, ...] | None = None  # per-model core.MagnitudeCut of the whole tensor
 
 
 # fn(ctx, tensors, base, model_params, global_params) -> merged tensor

@@ -2,8 +2,9 @@
 
 Each returns a `Kept(values, prob)`: the delta with the dropped entries set to 0, and the keep
 probability (a number, or a per-entry tensor for DELLA) that the "inverse_density" rescale
-divides by. Random masks are seeded from (recipe seed, model id, tensor name), never from a
-global generator, so a merge is bit-identical whatever the order, threads or device.
+divides by. Random masks are counter-based hashes of (recipe seed, model id, tensor name,
+element index) (`core.hash_keep_mask`), never a generator's stream, so a merge is bit-identical
+whatever the order, threads, device or row blocking.
 Inputs are never modified; `values` is always a new tensor.
 """
 
@@ -23,14 +24,28 @@ class Kept:
     prob: float | Tensor  # keep probability: a number or a per-entry float tensor
 
 
-def magnitude(delta: Tensor, density: float) -> Kept:
-    """TIES: keep the top int(density * numel) entries by |delta| over the whole tensor."""
-    return Kept(core.magnitude_prune(delta, density), density)
+def magnitude(delta: Tensor, density: float, cut: core.MagnitudeCut | None = None) -> Kept:
+    """TIES: keep exactly the top int(density * numel) entries by |delta| over the whole tensor
+    (ties with the k-th magnitude in index order). `cut`: the tensor's cut when delta is one
+    row block of it (computed over the whole tensor by a streaming pass; consumed in order)."""
+    if cut is None:
+        cut = core.magnitude_cut(delta, delta.numel(), int(density * delta.numel()))
+    return Kept(core.apply_cut_(delta, cut), density)
 
 
-def bernoulli(delta: Tensor, density: float, seed: int, model_id: str, name: str) -> Kept:
-    """DARE: keep each entry independently with probability density."""
-    mask = core.bernoulli_mask(delta.shape, density, seed, model_id, name, device=delta.device)
+def mask_key(seed: int, model_id: str, name: str) -> int:
+    """The counter-based hash key of one model's tensor: masks are a pure function of
+    (recipe seed, model id, tensor name, element index)."""
+    return core.tensor_seed(seed, model_id, name)
+
+
+def bernoulli(
+    delta: Tensor, density: float, seed: int, model_id: str, name: str, offset: int = 0
+) -> Kept:
+    """DARE: keep each entry independently with probability density. `offset`: flat index of
+    delta's first entry in its tensor (row blocks get the entries' own bits)."""
+    key = mask_key(seed, model_id, name)
+    mask = core.hash_keep_mask(delta.shape, density, key, offset=offset, device=delta.device)
     return Kept(delta * mask, density)
 
 
@@ -40,15 +55,17 @@ def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
 
     Counts are n_keep = int(density * n) and n_top = int(gamma * n); when n_top + n_keep > n the
     top cut shrinks to n - n_keep so that density is always met. gamma = 0 (or a tensor too small
-    for one outlier) is plain magnitude pruning, never an all-zero tensor.
+    for one outlier) is plain magnitude pruning, never an all-zero tensor. Both cuts rank by
+    |delta| with ties in index order, so exactly n_keep entries are kept.
     """
     n = delta.numel()
     n_keep = min(int(density * n), n)
     n_top = min(int(gamma * n), n - n_keep)
-    # keep the top (n_top + n_keep) by magnitude, then remove the top n_top outliers from them
-    kept = core.zero_below(delta, core.magnitude_threshold(delta, n_top + n_keep))
+    # keep the top (n_top + n_keep) by magnitude, then remove the top n_top outliers from them:
+    # one total order (|delta| descending, index ascending), so the top n_top are among them
+    kept = core.apply_cut_(delta, core.magnitude_cut(delta, n, n_top + n_keep))
     if n_top > 0:
-        kept -= core.zero_below(kept, core.magnitude_threshold(delta, n_top))  # x - x = 0 exactly
+        kept -= core.apply_cut_(delta, core.magnitude_cut(delta, n, n_top))  # x - x = 0 exactly
     return Kept(kept, density)
 
 
@@ -69,13 +86,23 @@ def della_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
 
 
 def della(
-    delta: Tensor, density: float, epsilon: float, seed: int, model_id: str, name: str
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    seed: int,
+    model_id: str,
+    name: str,
+    offset: int = 0,
 ) -> Kept:
-    """DELLA: keep each entry with its own magnitude-rank probability (see della_keep_prob)."""
+    """DELLA: keep each entry with its own magnitude-rank probability (see della_keep_prob),
+    against counter-based uniforms (`core.hash_uniform`, keyed like DARE's masks). `offset`:
+    flat index of delta's first entry (delta a block of whole rows)."""
     if density >= 1.0:
         return Kept(delta.clone(), 1.0)
     probs = della_keep_prob(delta, density, epsilon)
-    return Kept(delta * core.bernoulli_mask_like(probs, seed, model_id, name), probs)
+    key = mask_key(seed, model_id, name)
+    u = core.hash_uniform(delta.numel(), key, offset=offset, device=delta.device)
+    return Kept(delta * (u.view(delta.shape) < probs), probs)
 
 
 def rescale(delta: Tensor, kept: Kept, mode: str) -> Tensor:

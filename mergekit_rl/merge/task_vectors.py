@@ -97,11 +97,12 @@ def _model_id(ctx: TensorContext, i: int) -> str:
 
 
 def _magnitude(delta: Tensor, p: DensityParams, ctx: TensorContext, i: int) -> sparsify.Kept:
-    return sparsify.magnitude(delta, p.density)
+    return sparsify.magnitude(delta, p.density, None if ctx.cuts is None else ctx.cuts[i])
 
 
 def _random(delta: Tensor, p: DensityParams, ctx: TensorContext, i: int) -> sparsify.Kept:
-    return sparsify.bernoulli(delta, p.density, ctx.seed, _model_id(ctx, i), ctx.name)
+    mid = _model_id(ctx, i)
+    return sparsify.bernoulli(delta, p.density, ctx.seed, mid, ctx.name, ctx.offset)
 
 
 def _breadcrumbs(delta: Tensor, p: BreadcrumbsParams, ctx: TensorContext, i: int) -> sparsify.Kept:
@@ -109,7 +110,8 @@ def _breadcrumbs(delta: Tensor, p: BreadcrumbsParams, ctx: TensorContext, i: int
 
 
 def _della(delta: Tensor, p: DellaParams, ctx: TensorContext, i: int) -> sparsify.Kept:
-    return sparsify.della(delta, p.density, p.epsilon, ctx.seed, _model_id(ctx, i), ctx.name)
+    mid = _model_id(ctx, i)
+    return sparsify.della(delta, p.density, p.epsilon, ctx.seed, mid, ctx.name, ctx.offset)
 
 
 def task_vector_merge(

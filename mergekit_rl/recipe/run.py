@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..engine import (
+    BlockStream,
     Compute,
     OutputSpec,
     RunSummary,
@@ -45,6 +46,7 @@ from ..io.reader import Checkpoint
 from ..io.reference import ModelSource, resolve
 from ..io.safetensors_format import TensorInfo
 from ..io.writer import DEFAULT_MAX_SHARD, check_output_path, plan_shards
+from ..merge.blocks import merge_blocks
 from ..merge.registry import TensorContext
 from ..ops import WriteOptions, output_spec
 from .checks import Stage, load_pipeline
@@ -148,6 +150,13 @@ def make_compute(plan: StagePlan, seed: int) -> Compute:
         ctx = TensorContext(job.name, p.model_ids, seed)
         return [method.run(ctx, models, base, list(p.model_params), p.global_params)]
 
+    def blocked(job: TensorJob, stream: BlockStream, n: int) -> Iterator[list[Tensor]] | None:
+        p = by_name[job.name]
+        ctx = TensorContext(job.name, p.model_ids, seed)
+        mps, gps = list(p.model_params), p.global_params
+        return merge_blocks(method, ctx, job.shape, stream, p.has_base, mps, gps, n)
+
+    compute.blocked = blocked  # type: ignore[attr-defined]  # large tensors in row blocks
     return compute
 
 

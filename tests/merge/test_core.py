@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -63,11 +64,75 @@ def test_magnitude_mask_and_prune_match_argsort(shape: tuple[int, ...], density:
     assert torch.equal(core.magnitude_prune(x, density), x * ref)
 
 
-def test_magnitude_keeps_ties_and_handles_zeros() -> None:
+def test_magnitude_keeps_exactly_k_ties_in_index_order_and_handles_zeros() -> None:
     x = torch.tensor([3.0, -2.0, 2.0, 0.0, 1.0, -2.0])
-    # k = 2: the 2nd largest |x| is 2, tied three times: all kept
-    assert core.magnitude_mask(x, 2 / 6).tolist() == [True, True, True, False, False, True]
+    # k = 2: the 2nd largest |x| is 2, tied three times: only the first tie (index 1) is kept
+    assert core.magnitude_mask(x, 2 / 6).tolist() == [True, True, False, False, False, False]
+    assert core.magnitude_prune(x, 2 / 6).tolist() == [3.0, -2.0, 0.0, 0.0, 0.0, 0.0]
+    assert core.magnitude_prune(x, 4 / 6).tolist() == [3.0, -2.0, 2.0, 0.0, 0.0, -2.0]
     assert core.magnitude_prune(torch.zeros(5), 0.4).abs().sum() == 0
+
+
+def _bf16_delta(n: int, seed: int) -> torch.Tensor:
+    """A float32 task vector of two bf16 tensors: few distinct magnitudes, many exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    tuned = (base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16()
+    return tuned.float() - base.float()
+
+
+def _exact_top_k_ref(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask of the k largest |x|, ties in index order: a stable descending sort."""
+    keep = torch.zeros(x.numel(), dtype=torch.bool)
+    keep[x.reshape(-1).abs().argsort(descending=True, stable=True)[:k]] = True
+    return keep.reshape(x.shape)
+
+
+@pytest.mark.parametrize("n", [5000, 200_003])  # kthvalue path and radix path
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.9])
+def test_magnitude_prune_keeps_exactly_k_on_bf16_ties(n: int, density: float) -> None:
+    d = _bf16_delta(n, seed=n)
+    k = int(density * n)
+    mag = d.abs()
+    kth = mag.sort(descending=True).values[k - 1]
+    assert int((mag >= kth).sum()) > k  # ties at the cut: keeping them all would exceed k
+    assert int((d == 0).sum()) < n - k  # and enough nonzeros that a count of k is meaningful
+    ref = _exact_top_k_ref(d, k)
+    got = core.magnitude_prune(d, density)
+    assert int((got != 0).sum()) == int((d * ref != 0).sum())
+    assert torch.equal(got, d * ref)
+    assert torch.equal(core.magnitude_mask(d, density), ref)
+    assert int(core.magnitude_mask(d, density).sum()) == k
+
+
+@pytest.mark.parametrize("accelerator_path", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 1000, 50_000, 99_999, 100_000])
+def test_radix_select_counts_match_sort(
+    k: int, accelerator_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if accelerator_path:  # the integer-histogram finish CUDA uses, run on the CPU
+        monkeypatch.setattr(core, "KTHVALUE_BUCKET_DEVICES", ())
+    x = _bf16_delta(100_000, seed=k)
+    bits, n_above, n_equal = core.radix_select(lambda: (x,), k)
+    kth = x.abs().sort(descending=True).values[k - 1]
+    assert bits == int(kth.view(torch.int32))
+    assert n_above == int((x.abs() > kth).sum())
+    assert n_equal == int((x.abs() == kth).sum())
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 0.97, 1.0])
+def test_magnitude_cut_streamed_in_row_blocks_equals_whole_tensor(density: float) -> None:
+    x = _bf16_delta(300 * 257, seed=3).reshape(300, 257)
+    k = int(density * x.numel())
+    whole = core.magnitude_prune(x, density)
+    assert int((whole != 0).sum()) == int(
+        (x.reshape(-1) * _exact_top_k_ref(x, k).reshape(-1) != 0).sum()
+    )
+    for rows in (1, 7, 64, 300):
+        cut = core.magnitude_cut(partial(x.split, rows), x.numel(), k)  # called twice
+        parts = torch.cat([core.apply_cut_(b, cut) for b in x.split(rows)])
+        assert torch.equal(parts, whole), rows
+        assert cut.ties_left == 0
 
 
 def test_threshold_edges_and_zero_below() -> None:
@@ -140,20 +205,6 @@ def test_lerp_accepts_tensor_t() -> None:
 
 
 # ---- random masks ----------------------------------------------------------------------------
-
-
-def test_bernoulli_mask_like_matches_bernoulli_mask_for_constant_probs() -> None:
-    m1 = core.bernoulli_mask((50, 7), 0.3, 5, "model-a", "w")
-    m2 = core.bernoulli_mask_like(torch.full((50, 7), 0.3), 5, "model-a", "w")
-    assert torch.equal(m1, m2)
-    assert not torch.equal(m1, core.bernoulli_mask((50, 7), 0.3, 5, "model-a", "w2"))
-    assert abs(m1.float().mean().item() - 0.3) < 0.08
-
-
-def test_bernoulli_mask_like_follows_per_entry_probs() -> None:
-    probs = torch.tensor([0.0, 1.0]).repeat(500)
-    m = core.bernoulli_mask_like(probs, 0, "x")
-    assert not m[0::2].any() and m[1::2].all()
 
 
 def test_tensor_seed_is_stable() -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mergekit_rl.errors import UsageError
+from mergekit_rl.merge import core
 from mergekit_rl.merge.registry import TensorContext, get_method, list_methods
 
 SHAPE = (6, 11)  # small, 2-D, rows of odd length: exercises row-wise methods
@@ -65,20 +66,32 @@ def ref_seed(seed: int, *keys: str) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+def ref_words(n: int, seed: int, model: str, name: str) -> list[int]:
+    """The counter-based hash word of each entry of one model's tensor (pure Python)."""
+    key = ref_seed(seed, model, name)
+    return [core.hash_word(key, i) for i in range(n)]
+
+
+def ref_dare_keep(shape: tuple[int, ...], density: float, seed: int, model: str, name: str):
+    """DARE keep mask: the top 31 bits of each entry's word below density * 2**31."""
+    cut = round(density * 2**31)
+    words = ref_words(math.prod(shape), seed, model, name)
+    return torch.tensor([(w >> 1) < cut for w in words]).reshape(shape)
+
+
 def ref_uniform(shape: tuple[int, ...], seed: int, model: str, name: str) -> Tensor:
-    gen = torch.Generator().manual_seed(ref_seed(seed, model, name))
-    return torch.rand(shape, generator=gen)
+    """DELLA's uniforms: the top 24 bits of each entry's word, times 2**-24."""
+    words = ref_words(math.prod(shape), seed, model, name)
+    return torch.tensor([(w >> 8) * 2.0**-24 for w in words], dtype=torch.float64).reshape(shape)
 
 
 def ref_top_k(d: Tensor, density: float) -> Tensor:
-    """Keep mask: |d| >= the k-th largest |d|, k = int(density * numel); k = 0 keeps nothing."""
+    """Keep mask of exactly k = int(density * numel) entries with the largest |d|, ties with the
+    k-th taken in index order (a stable sort keeps equal entries in index order)."""
     k = int(density * d.numel())
-    if k >= d.numel():
-        return torch.ones_like(d, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(d, dtype=torch.bool)
-    kth = d.abs().flatten().sort(descending=True).values[k - 1]
-    return d.abs() >= kth
+    keep = torch.zeros(d.numel(), dtype=torch.bool)
+    keep[d.abs().flatten().argsort(descending=True, stable=True)[:k]] = True
+    return keep.reshape(d.shape)
 
 
 def ref_breadcrumbs(d: Tensor, density: float, gamma: float) -> Tensor:
@@ -86,7 +99,7 @@ def ref_breadcrumbs(d: Tensor, density: float, gamma: float) -> Tensor:
     n = d.numel()
     n_keep = int(density * n)
     n_top = min(int(gamma * n), n - n_keep)
-    order = d.abs().flatten().argsort(descending=True)
+    order = d.abs().flatten().argsort(descending=True, stable=True)  # ties in index order
     keep = torch.zeros(n, dtype=torch.bool)
     keep[order[n_top : n_top + n_keep]] = True
     return keep.reshape(d.shape)
@@ -330,7 +343,7 @@ def test_ties_density_near_zero_returns_the_base() -> None:
 def _dare_keeps(xs: list[Tensor], density: float, seed: int, name: str) -> list[Tensor]:
     if density >= 1.0:
         return [torch.ones(x.shape, dtype=torch.bool) for x in xs]
-    return [ref_uniform(x.shape, seed, f"m{i}", name) < density for i, x in enumerate(xs)]
+    return [ref_dare_keep(x.shape, density, seed, f"m{i}", name) for i, x in enumerate(xs)]
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
@@ -635,7 +648,7 @@ def _reference_on_models(name: str, xs: list[Tensor], b: Tensor, tensor: str) ->
         keeps = [ref_top_k(d, density) for d in deltas]
         return ref_task_vectors(xs, b, ws, keeps, elect=True, normalize=True)
     if name.startswith("dare"):
-        keeps = [ref_uniform(x.shape, 0, f"m{i}", tensor) < density for i, x in enumerate(xs)]
+        keeps = [ref_dare_keep(x.shape, density, 0, f"m{i}", tensor) for i, x in enumerate(xs)]
         mode = gp.get("rescale_mode", "l1")
         elect = name == "dare_ties"
         return ref_task_vectors(xs, b, ws, keeps, [density] * 3, rescale=mode, elect=elect)

@@ -429,27 +429,6 @@ def test_state_dict_round_trip_resumes_exactly(kwargs: dict) -> None:
         assert torch.equal(a, b), n
 
 
-# -- core.random_indices (the sparse fresh-mask primitive) --------------------------------------
-
-
-def test_random_indices_is_a_bernoulli_mask() -> None:
-    gen = torch.Generator().manual_seed(0)
-    n, p = 200_000, 0.01
-    idx = core.random_indices(n, p, gen)
-    assert idx.dtype == torch.int64 and (idx.diff() > 0).all() and idx[0] >= 0 and idx[-1] < n
-    sd = math.sqrt(n * p * (1 - p))
-    assert abs(idx.numel() - n * p) < 5 * sd
-    # uniform over positions: each tenth of the range holds about a tenth of the kept entries
-    per_block = torch.bincount(idx // (n // 10), minlength=10).float()
-    assert (per_block - n * p / 10).abs().max() < 5 * math.sqrt(n * p / 10)
-    # deterministic given the generator state, and covers the full range at p = 1 / p = 0
-    a = core.random_indices(1000, 0.3, torch.Generator().manual_seed(1))
-    b = core.random_indices(1000, 0.3, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
-    assert torch.equal(core.random_indices(5, 1.0, gen), torch.arange(5))
-    assert core.random_indices(5, 0.0, gen).numel() == 0
-
-
 # -- tau from checkpoints on disk ----------------------------------------------------------------
 
 

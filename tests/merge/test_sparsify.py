@@ -1,0 +1,71 @@
+"""Sparsifiers: exact counts on bf16 task vectors (many ties), and row blocks equal to the
+whole tensor bit for bit (what the engine's row-block streaming relies on)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_rl.merge import core, sparsify
+
+
+def _bf16_delta(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """x - base of two bf16 tensors, in float32: few distinct magnitudes, many exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    tuned = (base.float() + torch.randn(shape, generator=g) * 1e-3).bfloat16()
+    return tuned.float() - base.float()
+
+
+@pytest.mark.parametrize("shape", [(64, 50), (512, 300)])  # kthvalue and radix paths
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.8])
+def test_ties_and_breadcrumbs_keep_exactly_k_on_bf16(shape: tuple[int, int], density: float):
+    d = _bf16_delta(shape, seed=int(density * 100))
+    d[d == 0] = 1e-6  # no zero entries: the count of nonzeros is the count kept
+    n = d.numel()
+    k = int(density * n)
+    assert int((d.abs() >= d.abs().flatten().sort(descending=True).values[k - 1]).sum()) > k
+    assert int((sparsify.magnitude(d, density).values != 0).sum()) == k
+    gamma = 0.03
+    kept = sparsify.breadcrumbs(d, density, gamma).values
+    assert int((kept != 0).sum()) == k
+    # the dropped outliers are exactly the top int(gamma * n), ties in index order
+    order = d.flatten().abs().argsort(descending=True, stable=True)
+    n_top = min(int(gamma * n), n - k)
+    ref = torch.zeros(n, dtype=torch.bool)
+    ref[order[n_top : n_top + k]] = True
+    assert torch.equal(kept, d * ref.view(shape))
+
+
+def test_dare_and_della_masks_in_row_blocks_equal_the_whole_tensor() -> None:
+    d = _bf16_delta((37, 64), seed=1)
+    whole_dare = sparsify.bernoulli(d, 0.3, 7, "m0", "w").values
+    whole_della = sparsify.della(d, 0.5, 0.2, 7, "m0", "w").values
+    for rows in (1, 5, 37):
+        dare = [
+            sparsify.bernoulli(b, 0.3, 7, "m0", "w", offset=i * rows * 64).values
+            for i, b in enumerate(d.split(rows))
+        ]
+        della = [
+            sparsify.della(b, 0.5, 0.2, 7, "m0", "w", offset=i * rows * 64).values
+            for i, b in enumerate(d.split(rows))
+        ]
+        assert torch.equal(torch.cat(dare), whole_dare)
+        assert torch.equal(torch.cat(della), whole_della)
+    # the masks are the counter-based hash keyed by (seed, model, tensor name)
+    key = core.tensor_seed(7, "m0", "w")
+    assert torch.equal(whole_dare, d * core.hash_keep_mask(d.shape, 0.3, key))
+    assert not torch.equal(whole_dare, sparsify.bernoulli(d, 0.3, 7, "m1", "w").values)
+
+
+def test_dare_masks_do_not_depend_on_the_thread_count() -> None:
+    d = _bf16_delta((300, 301), seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sparsify.della(d, 0.5, 0.1, 3, "m", "t").values
+        torch.set_num_threads(max(2, threads))
+        many = sparsify.della(d, 0.5, 0.1, 3, "m", "t").values
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
