@@ -705,10 +705,7 @@ def _radix_step(digit: Tensor, among: Tensor | None, k: Tensor | int, bins: int)
     counts = torch.zeros(bins, dtype=torch.int64, device=digit.device)
     ones = torch.ones((), dtype=torch.int64, device=digit.device).expand(digit.numel())
     counts.index_add_(0, digit.to(torch.int64), ones if among is None else among.to(torch.int64))
-    at_or_above = counts.flip(0).cumsum(0).flip(0)  # [bins] entries with digit >= b
-    value = (at_or_above >= k).sum() - 1  # the highest b with at least k at or above it
-    above = torch.cat([at_or_above[1:], at_or_above.new_zeros(1)])[value]
-    return value, above
+    return _top_bin(counts, k)  # the same bin search as the merges' radix select
 
 
 def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float) -> None:
