@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -254,6 +254,19 @@ def put_in_place(src: Path, out: Path, old: Path, force: bool) -> Path | None:
     return old
 
 
+def commit_or_abort(failed: bool, commit: Callable[[], None], abort: Callable[[], None]) -> None:
+    """A context exit for an atomic output: abort when the body failed; otherwise commit, and
+    abort (then re-raise) when the commit itself fails, so nothing half-written is left."""
+    if failed:
+        abort()
+        return
+    try:
+        commit()
+    except BaseException:
+        abort()
+        raise
+
+
 class AtomicDir:
     """A folder that appears at `out` complete or not at all: fill `tmp`, exit cleanly.
 
@@ -315,14 +328,7 @@ class AtomicDir:
     def __exit__(
         self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is not None:
-            self.abort()
-            return
-        try:
-            self.commit()
-        except BaseException:
-            self.abort()
-            raise
+        commit_or_abort(exc is not None, self.commit, self.abort)
 
 
 @dataclass
@@ -467,12 +473,8 @@ class CheckpointWriter:
     def __exit__(
         self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is not None:
-            self.abort()
-            return
-        try:
-            self._finish()
-            self._dir.commit(self.tmp / self.out.name if self.single_file else self.tmp)
-        except BaseException:
-            self.abort()
-            raise
+        commit_or_abort(exc is not None, self._commit, self.abort)
+
+    def _commit(self) -> None:
+        self._finish()
+        self._dir.commit(self.tmp / self.out.name if self.single_file else self.tmp)
