@@ -322,6 +322,33 @@ def magnitude_prune(x: Tensor, density: float) -> Tensor:
     return apply_cut_(x, magnitude_cut(x, x.numel(), int(density * x.numel())))
 
 
+# nonzero_flat scans 8-byte words of a CPU mask first; past this fraction of nonzero words the
+# second stage costs more than it saves (measured: 2x faster at 1% density, 1.9x slower at 20%)
+WORDS_MAX_FRACTION = 0.25
+
+
+def nonzero_flat(mask: Tensor) -> Tensor:
+    """Sorted flat indices (int64) of the True entries of a bool tensor: `mask.nonzero()`.
+
+    On the host a sparse mask is scanned as int64 words first (8 entries per word), and only
+    the nonzero words are expanded: 2x faster than `nonzero` at the 1% densities of top-k
+    candidates (1 thread, 6M entries). Dense masks, and other devices, use `nonzero`.
+    """
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    body = n - n % 8
+    if flat.device.type != "cpu" or body == 0 or flat.storage_offset() % 8:
+        return flat.nonzero().squeeze(1)  # (an int64 view needs an aligned start)
+    words = flat[:body].view(torch.int64).nonzero().squeeze(1)  # [W] words holding a True
+    if words.numel() > WORDS_MAX_FRACTION * (body // 8):
+        return flat.nonzero().squeeze(1)
+    row, col = flat[:body].view(-1, 8).index_select(0, words).nonzero(as_tuple=True)
+    idx = words[row].mul_(8).add_(col)
+    if body < n:
+        idx = torch.cat([idx, flat[body:].nonzero().squeeze(1).add_(body)])
+    return idx
+
+
 # top_magnitude_indices bounds the threshold from every TOPK_SAMPLE_STRIDE-th entry; a prime
 # stride does not line up with row lengths
 TOPK_SAMPLE_STRIDE = 61
@@ -361,14 +388,14 @@ def _magnitude_candidates(mag: Tensor, k: int) -> Tensor | None:
     expected = k * sample.numel() / mag.numel()  # rank of the k-th largest within the sample
     rank = min(sample.numel(), int(1.2 * expected + 4.0 * math.sqrt(expected) + 8))
     bound = kth_largest(sample, rank)
-    candidates = (mag >= bound).nonzero().squeeze(1)
+    candidates = nonzero_flat(mag >= bound)
     return candidates if k <= candidates.numel() <= 4 * k + 64 else None
 
 
 def _top_k_in_order(mag: Tensor, k: int) -> Tensor:
     """Sorted indices of the k largest entries of a flat non-negative mag, ties by lowest index."""
     kth = kth_largest(mag, k)
-    idx = (mag >= kth).nonzero().squeeze(1)
+    idx = nonzero_flat(mag >= kth)
     extra = idx.numel() - k
     if extra > 0:  # more ties than room: drop the highest-indexed ones
         dropped = (mag[idx] == kth).nonzero().squeeze(1)[-extra:]

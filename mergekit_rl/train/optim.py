@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from ..errors import MismatchError, UsageError
 from ..merge import core
@@ -50,6 +51,12 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # state kept in float32 whatever the parameter dtype
 FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "acc")
+# devices where torch's fused AdamW kernel computes the moments and Delta in one pass
+# (`fused_adam_deltas_`); elsewhere multi-tensor moments and Delta per parameter (same math)
+FUSED_ADAM_DEVICES: tuple[str, ...] = tuple(_get_fused_kernels_supported_devices())
+# parameters are stepped in chunks of at most this many entries (or the largest parameter):
+# the scratch buffers Delta, |Delta| and float32 gradients live in are this big
+CHUNK_ELEMS = 1 << 22
 
 
 # -- pure helpers on flattened tensors -------------------------------------------------------
@@ -208,6 +215,59 @@ def adam_delta(m: Tensor, v: Tensor, idx: Tensor | None, step_size: float, eps: 
     m, v = gather(m.reshape(-1), idx), gather(v.reshape(-1), idx)
     denom = v.sqrt().add_(eps)
     return torch.div(m, denom, out=denom).mul_(-step_size)
+
+
+def fused_adam_deltas_(
+    out: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
+    """out[i] <- the HF-style AdamW update of parameter i at step steps[i], and its moments
+    updated in place, in one fused pass (torch's fused AdamW kernel run on zeroed float32 buffers
+    as "parameters"; every list float32, out zeroed by the caller).
+
+    The moments are those of `_update_moments` to rounding (the kernel may fuse multiply-adds;
+    the values are bit-identical on most entries). torch adds eps after the bias
+    correction, HF before it: eps / sqrt(1 - b2^t) makes the two the same formula
+    (-lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)), rounded differently (a few ulp).
+    One kernel per distinct step count; the step tensors are filled on the device (no copy).
+    """
+    b1, b2 = betas
+    for t in sorted(set(steps)):
+        at = [i for i, s in enumerate(steps) if s == t]
+        step = torch.full((), float(t), device=out[0].device)
+        torch._fused_adamw_(
+            [out[i] for i in at],
+            [grads[i] for i in at],
+            [exp_avgs[i] for i in at],
+            [exp_avg_sqs[i] for i in at],
+            [],
+            [step] * len(at),
+            lr=lr,
+            beta1=b1,
+            beta2=b2,
+            weight_decay=0.0,
+            eps=eps / math.sqrt(1.0 - b2**t),
+            amsgrad=False,
+            maximize=False,
+        )
+
+
+def chunks(numels: list[int], budget: int) -> list[range]:
+    """Consecutive runs of indices whose numels sum to at most max(budget, largest)."""
+    budget, out, start, total = max(budget, *numels), [], 0, 0
+    for i, n in enumerate(numels):
+        if total + n > budget:
+            out.append(range(start, i))
+            start, total = i, 0
+        total += n
+    out.append(range(start, len(numels)))
+    return out
 
 
 def adam_magnitude(m: Tensor, v: Tensor, step_size: float, eps: float) -> Tensor:
@@ -381,6 +441,7 @@ class OnlineMergingAdamW(Optimizer):
         self.decay_after_update, self.tau_dtype, self.seed = decay_after_update, tau_dtype, seed
         self.stochastic_rounding = stochastic_rounding
         self._names: dict[Tensor, str] = {}
+        self._buffers: dict[tuple[str, torch.device], Tensor] = {}  # see _scratch
         for group in self.param_groups:
             _check_group(group)
             names = group.get("param_names")
@@ -436,11 +497,66 @@ class OnlineMergingAdamW(Optimizer):
             if not params:
                 continue
             states = [self._state(p) for p in params]
-            self._update_moments(group, params, states)
+            for state in states:
+                state["step"] += 1
             masks = self._masks(group, params, states)
+            if self._fused(params):
+                self._fused_steps(group, params, states, masks)
+                continue
+            self._update_moments(group, params, states)
             for i, (p, state) in enumerate(zip(params, states, strict=True)):
                 self._step_param(group, p, state, None if masks is None else masks[i])
         return loss
+
+    @staticmethod
+    def _fused(params: list[Tensor]) -> bool:
+        """Whether torch's fused AdamW kernel serves these parameters (one device it has)."""
+        devices = {p.device for p in params}
+        return len(devices) == 1 and params[0].device.type in FUSED_ADAM_DEVICES
+
+    def _fused_steps(
+        self,
+        group: Mapping[str, Any],
+        params: list[Tensor],
+        states: list[dict],
+        masks: list[tuple[Tensor, Tensor]] | None,
+    ) -> None:
+        """The step of every parameter, a chunk at a time: one fused kernel writes the chunk's
+        Delta (and updates its moments), then each parameter merges its slice of it."""
+        numels = [p.numel() for p in params]
+        for run in chunks(numels, CHUNK_ELEMS):
+            size = sum(numels[i] for i in run)
+            delta = self._scratch("delta", size, params[0].device).zero_()
+            deltas = delta.split(numels[run.start : run.stop])
+            grads = [params[i].grad.reshape(-1) for i in run]
+            if any(g.dtype != torch.float32 for g in grads):
+                g32 = self._scratch("grad", size, params[0].device).split(
+                    numels[run.start : run.stop]
+                )
+                grads = [b.copy_(g) for b, g in zip(g32, grads, strict=True)]
+            fused_adam_deltas_(
+                deltas,
+                grads,
+                [states[i]["exp_avg"].view(-1) for i in run],
+                [states[i]["exp_avg_sq"].view(-1) for i in run],
+                [states[i]["step"] for i in run],
+                group["lr"],
+                group["betas"],
+                group["eps"],
+            )
+            for i, d in zip(run, deltas, strict=True):
+                self._step_param(
+                    group, params[i], states[i], None if masks is None else masks[i], d
+                )
+
+    def _scratch(self, what: str, size: int, device: torch.device) -> Tensor:
+        """A float32 buffer [size] kept between steps (a fresh one would page-fault on the host
+        every step); not optimizer state, never saved."""
+        buf = self._buffers.get((what, device))
+        if buf is None or buf.numel() < size:
+            buf = torch.empty(size, dtype=torch.float32, device=device)
+            self._buffers[(what, device)] = buf
+        return buf[:size]
 
     def _masks(
         self, group: Mapping[str, Any], params: list[Tensor], states: list[dict]
@@ -454,7 +570,7 @@ class OnlineMergingAdamW(Optimizer):
         if len({p.device for p in params}) > 1:
             return None
         keys = [
-            mask_key(self.seed, self._names[p], "delta", str(s["step"] + 1))
+            mask_key(self.seed, self._names[p], "delta", str(s["step"]))
             for p, s in zip(params, states, strict=True)
         ]
         numels = [p.numel() for p in params]
@@ -530,23 +646,33 @@ class OnlineMergingAdamW(Optimizer):
         p: Tensor,
         state: dict[str, Any],
         mask: tuple[Tensor, Tensor] | None = None,
+        delta: Tensor | None = None,
     ) -> None:
-        state["step"] += 1
+        """Merge (or accumulate) this step's update of p: delta, its Delta over every entry
+        [numel] float32, or None to compute Delta from the moments where needed."""
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
         decay = lr * group["weight_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if self.merge_every == 1:
+        if delta is None:
             delta_at = partial(adam_delta, m, v, step_size=step_size, eps=eps)
             magnitude = partial(adam_magnitude, m, v, step_size, eps)
+        else:
+            delta_at = partial(gather, delta)
+            magnitude = partial(self._magnitude, delta)
+        if self.merge_every == 1:
             self._merge(group, p, state, delta_at, decay, magnitude, mask)
             return
-        state["acc"].view(-1).add_(adam_delta(m, v, None, step_size, eps))
+        state["acc"].view(-1).add_(delta_at(None))
         state["decay_acc"] += decay
         state["acc_steps"] = self._pending(state) + 1
         if t % self.merge_every == 0:
             self._merge_pending(group, p, state)
+
+    def _magnitude(self, delta: Tensor) -> Tensor:
+        """|delta| in a scratch buffer (delta keeps its signs for the kept entries)."""
+        return torch.abs(delta, out=self._scratch("magnitude", delta.numel(), delta.device))
 
     def _merge_pending(self, group: Mapping[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         acc = state["acc"].view(-1)

@@ -295,3 +295,24 @@ def test_hash_bits_identical_on_cuda():
     off = 2**32 - 3
     cpu = core.hash_bits(10, key, offset=off)
     assert torch.equal(cpu, core.hash_bits(10, key, offset=off, device="cuda").cpu())
+
+
+@pytest.mark.parametrize("n", [0, 5, 8, 61, 4099, 200_003])
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.05, 0.6, 1.0])
+def test_nonzero_flat_equals_nonzero_at_any_size_and_density(n: int, density: float) -> None:
+    # sizes that are and are not multiples of a word (8), densities on both sides of the
+    # words-first cut-over; a True in the tail past the last whole word
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < density
+    if n % 8:
+        mask[-1] = True
+    expected = [i for i, m in enumerate(mask.tolist()) if m]
+    got = core.nonzero_flat(mask.view(-1, 1) if n else mask)
+    assert got.dtype == torch.int64
+    assert got.tolist() == expected
+
+
+def test_nonzero_flat_on_views_that_start_mid_word() -> None:
+    base = torch.rand(1003, generator=torch.Generator().manual_seed(0)) < 0.01
+    for start in (0, 3, 8, 11):
+        view = base[start:]
+        assert core.nonzero_flat(view).tolist() == view.nonzero().squeeze(1).tolist()

@@ -858,3 +858,89 @@ def test_batched_masks_equal_one_call_per_tensor() -> None:
         for i, v, n, k in parts:
             want = core.hash_sparse_keep(n, density, k)
             assert torch.equal(i, want[0]) and torch.equal(v, want[1]), (n, density)
+
+
+# -- the fused-kernel path (torch's fused AdamW kernel computes the moments and Delta) ------------
+
+
+def test_fused_adam_deltas_are_the_hf_update_with_identical_moments() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300,), (17, 5), (1,)]
+    grads = [torch.randn(s, generator=gen).reshape(-1) for s in shapes]
+    ms = [torch.randn(g.shape, generator=gen) * 0.1 for g in grads]
+    vs = [torch.rand(g.shape, generator=gen) * 0.01 for g in grads]
+    m_ref, v_ref = [m.clone() for m in ms], [v.clone() for v in vs]
+    steps, lr = [3, 3, 7], 1e-3  # two distinct step counts: two kernels
+    out = [torch.zeros_like(g) for g in grads]
+    om.fused_adam_deltas_(out, grads, ms, vs, steps, lr, BETAS, EPS)
+    b1, b2 = BETAS
+    for i, t in enumerate(steps):
+        # the moments are the multi-tensor path's (to rounding: the kernel may fuse multiply-adds)
+        m_ref[i].lerp_(grads[i], 1 - b1)
+        v_ref[i].mul_(b2).addcmul_(grads[i], grads[i], value=1 - b2)
+        torch.testing.assert_close(ms[i], m_ref[i], rtol=1e-6, atol=0)
+        torch.testing.assert_close(vs[i], v_ref[i], rtol=1e-6, atol=0)
+        # Delta is HF's formula (eps before the bias correction), in float64, to a few ulp
+        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        ref = -step_size * m_ref[i].double() / (v_ref[i].double().sqrt() + EPS)
+        torch.testing.assert_close(out[i].double(), ref, rtol=1e-6, atol=0)
+
+
+def test_chunks_cover_every_index_in_order_within_the_budget() -> None:
+    numels = [5, 3, 9, 1, 1, 8, 2]
+    runs = om.chunks(numels, budget=10)
+    assert [list(r) for r in runs] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert [list(r) for r in om.chunks([3, 20, 3], budget=10)] == [[0], [1], [2]]
+    assert [list(r) for r in om.chunks([4, 4], budget=100)] == [[0, 1]]
+    for run in om.chunks(numels, budget=1):  # the largest parameter is the floor
+        assert sum(numels[i] for i in run) <= max(numels)
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        test_ondare_full_keep_alpha0_is_hf_adamw,
+        test_full_keep_alpha_adds_alpha_tau_each_step,
+        test_onties_zero_tau_is_topk_masked_adam,
+        test_ondare_by_hand_over_three_steps,
+        test_onties_by_hand_over_three_steps,
+    ],
+)
+def test_oracles_on_the_unfused_path(test, monkeypatch) -> None:
+    # devices without torch's fused AdamW kernel: multi-tensor moments, Delta per parameter
+    monkeypatch.setattr(om, "FUSED_ADAM_DEVICES", ())
+    monkeypatch.setattr(om, "fused_adam_deltas_", None)  # any use fails
+    kwargs = {"wd": 0.1, "after": False} if test is test_ondare_full_keep_alpha0_is_hf_adamw else {}
+    test(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merge_every", [1, 2])
+def test_fused_and_unfused_paths_agree(mode, dtype, merge_every, monkeypatch) -> None:
+    # a chunk budget below the largest parameter: every chunk boundary is crossed
+    monkeypatch.setattr(om, "CHUNK_ELEMS", 40)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(om, "FUSED_ADAM_DEVICES", ())
+        model = tiny_model().to(dtype)
+        opt = OnlineMergingAdamW(
+            model.named_parameters(), random_tau(model), mode=mode, lr=LR, eps=EPS, alpha=0.01,
+            reserve_p=0.3, merge_every=merge_every, weight_decay=0.01,
+        )  # fmt: skip
+        for step in range(4):
+            grads = grads_for(step, model)
+            for n, p in model.named_parameters():
+                p.grad = grads[n].to(dtype)
+            opt.step()
+        runs.append((model, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert not torch.equal(p, tiny_model().to(dtype).state_dict()[n]), n  # it trained
+        # Delta differs by a few ulp (eps placement), which a bf16 weight may round across
+        tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0}
+        torch.testing.assert_close(p.float(), q.float(), **tol, msg=n)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-6, atol=0, msg=n)
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-6, atol=0, msg=n)
