@@ -253,8 +253,10 @@ def _float_bits(v: float) -> int:
     return int(torch.tensor([v], dtype=torch.float32).view(torch.int32)[0])
 
 
-# below this many entries a CPU tensor is selected with kthvalue (cheaper than two histograms)
-SMALL_SELECT = 65536
+# below this many entries a CPU tensor is selected with kthvalue (cheaper than two histograms:
+# 0.06 ms against 0.23 ms at 20K entries, 1 thread; from 32K up kthvalue costs more, 0.34 ms
+# against 0.28 ms at 40K)
+SMALL_SELECT = 1 << 15
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -374,7 +376,8 @@ def top_magnitude_indices(x: Tensor, k: int) -> Tensor:
     if 4 * k < n and n >= 64 * TOPK_SAMPLE_STRIDE:
         candidates = _magnitude_candidates(mag, k)
         if candidates is not None:
-            return candidates[_top_k_in_order(mag[candidates], k)]
+            kept = _top_k_in_order(mag.index_select(0, candidates), k)
+            return candidates.index_select(0, kept)
     return _top_k_in_order(mag, k)
 
 
@@ -398,7 +401,7 @@ def _top_k_in_order(mag: Tensor, k: int) -> Tensor:
     idx = nonzero_flat(mag >= kth)
     extra = idx.numel() - k
     if extra > 0:  # more ties than room: drop the highest-indexed ones
-        dropped = (mag[idx] == kth).nonzero().squeeze(1)[-extra:]
+        dropped = (mag.index_select(0, idx) == kth).nonzero().squeeze(1)[-extra:]
         keep = torch.ones_like(idx, dtype=torch.bool)
         keep[dropped] = False
         idx = idx[keep]
@@ -756,7 +759,8 @@ def top_indices_of_magnitudes(mag: Tensor, k: int) -> Tensor:
     if 4 * k < n and n >= 64 * TOPK_SAMPLE_STRIDE:
         candidates = _magnitude_candidates(mag, k)
         if candidates is not None:
-            return candidates[_top_k_in_order(mag[candidates], k)]
+            kept = _top_k_in_order(mag.index_select(0, candidates), k)
+            return candidates.index_select(0, kept)
     return _top_k_in_order(mag, k)
 
 

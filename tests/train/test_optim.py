@@ -944,3 +944,23 @@ def test_fused_and_unfused_paths_agree(mode, dtype, merge_every, monkeypatch) ->
         sa, sb = opt_a.state[p], opt_b.state[q]
         torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-6, atol=0, msg=n)
         torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-6, atol=0, msg=n)
+
+
+def test_tau_at_with_a_spare_buffer_equals_the_sorted_search() -> None:
+    gen = torch.Generator().manual_seed(0)
+    numel = 50_000
+    tau_idx = torch.randperm(numel, generator=gen)[:700].sort().values
+    state = {"tau": torch.randn(700, generator=gen).to(torch.bfloat16), "tau_idx": tau_idx}
+    # wanted indices: half stored ones, half others, plus the first and last entry
+    others = torch.randperm(numel, generator=gen)[:400]
+    idx = torch.cat([tau_idx[::2], others, torch.tensor([0, numel - 1])]).unique()
+    like = torch.zeros(1)
+    expected = om.tau_at(state, idx, numel, like)
+    spare = torch.rand(numel, generator=gen)  # |Delta|: non-negative, overwritten
+    got = om.tau_at(state, idx, numel, like, spare=spare)
+    assert torch.equal(got, expected)
+    assert (got != 0).sum() >= 350  # the stored half was found
+    # the reference by hand: a dense tau
+    dense = torch.zeros(numel)
+    dense[tau_idx] = state["tau"].float()
+    assert torch.equal(expected, dense[idx])
