@@ -57,8 +57,6 @@ FUSED_ADAM_DEVICES: tuple[str, ...] = tuple(_get_fused_kernels_supported_devices
 # parameters are stepped in chunks of at most this many entries (or the largest parameter):
 # the scratch buffers Delta, |Delta| and float32 gradients live in are this big
 CHUNK_ELEMS = 1 << 22
-# tau_at marks stored positions in a float32 buffer: exact below 2**24
-POSITION_LIMIT = 1 << 24
 
 
 # -- pure helpers on flattened tensors -------------------------------------------------------
@@ -162,20 +160,8 @@ def compact(idx: Tensor | None, val: Tensor, numel: int) -> tuple[Tensor | None,
     return None, dense
 
 
-def tau_at(
-    state: Mapping[str, Any],
-    idx: Tensor | None,
-    numel: int,
-    like: Tensor,
-    spare: Tensor | None = None,
-) -> Tensor:
-    """tau (as like's dtype) at flat indices idx (every entry if None); 0 where tau stores nothing.
-
-    spare: a float32 [numel] buffer of non-negative values that may be overwritten (|Delta| once
-    the selection is done): sparse tau is then located by writing each stored entry's position,
-    negated, into it and reading it back at idx (two sparse passes, 5x faster than searching
-    the sorted indices on the host).
-    """
+def tau_at(state: Mapping[str, Any], idx: Tensor | None, numel: int, like: Tensor) -> Tensor:
+    """tau (as like's dtype) at flat indices idx (every entry if None); 0 where tau stores nothing."""
     tau, tau_idx = state.get("tau"), state.get("tau_idx")
     size = numel if idx is None else idx.numel()
     if tau is None or (tau_idx is not None and tau_idx.numel() == 0):
@@ -186,18 +172,8 @@ def tau_at(
         dense = like.new_zeros(numel)
         dense[tau_idx] = tau.to(like.dtype)
         return dense
-    if spare is not None and tau_idx.numel() < POSITION_LIMIT:
-        # float32 holds every position below 2**24 exactly; -1 - position < 0 marks a stored entry
-        marks = torch.arange(tau_idx.numel(), device=spare.device, dtype=torch.float32)
-        spare.index_copy_(0, tau_idx, marks.add_(1.0).neg_())
-        at = spare.index_select(0, idx)  # [k]
-        hit = at < 0
-        pos = at.neg_().sub_(1.0).clamp_(min=0.0).to(torch.int64)
-        return torch.where(hit, tau.index_select(0, pos).to(like.dtype), 0.0)
-    # both sorted: locate each wanted index among the stored ones
-    pos = torch.searchsorted(tau_idx, idx).clamp_(max=tau_idx.numel() - 1)
-    hit = tau_idx[pos] == idx
-    return torch.where(hit, tau[pos].to(like.dtype), 0.0)
+    pos = core.sorted_positions(tau_idx, idx)  # both sorted; -1 where tau stores nothing
+    return torch.where(pos >= 0, gather(tau, pos.clamp(min=0)).to(like.dtype), 0.0)
 
 
 def add_at_(flat: Tensor, idx: Tensor | None, val: Tensor, round_key: int | None = None) -> None:
@@ -342,23 +318,20 @@ def onties_merge_(
 ) -> None:
     """p += alpha * tau * [tau agrees] + (1 - alpha) * topk(Delta) * [Delta agrees].
 
-    magnitude: |Delta| over every entry, when cheaper than Delta itself (a float32 buffer this
-    merge may overwrite once the selection is done).
+    magnitude: |Delta| over every entry (a fresh buffer), when cheaper than Delta itself.
 
     Off the kept entries of Delta the elected sign is tau's own, so tau always agrees there:
     every stored tau entry gets alpha * tau, and the k kept entries then get the difference
     between their merged update and alpha * tau (the election runs on them only).
     """
-    spare = None  # |Delta| once the selection is done (see tau_at)
     if magnitude is None:
         dense = delta_at(None)  # [numel] float32
         idx = top_indices(dense, reserve_p)
         delta = gather(dense, idx)  # [k]
     else:  # select on |Delta| alone; Delta itself only at the k kept entries
-        spare = magnitude()
-        idx = top_indices(spare, reserve_p, magnitudes=True)
+        idx = top_indices(magnitude(), reserve_p, magnitudes=True)
         delta = delta_at(idx)  # [k] (or [numel] when every entry is kept)
-    tau = tau_at(state, idx, flat.numel(), like=delta, spare=spare)  # [k]
+    tau = tau_at(state, idx, flat.numel(), like=delta)  # [k]
     if weighted_sign:
         sign = core.elect_sign(torch.stack([tau * alpha, delta * (1.0 - alpha)]))
     else:
@@ -683,9 +656,8 @@ class OnlineMergingAdamW(Optimizer):
         if delta is None:
             delta_at = partial(adam_delta, m, v, step_size=step_size, eps=eps)
             magnitude = partial(adam_magnitude, m, v, step_size, eps)
-        else:
-            delta_at = partial(gather, delta)
-            magnitude = partial(self._magnitude, delta)
+        else:  # Delta is at hand: select on it directly (the candidate scan takes |.| itself)
+            delta_at, magnitude = partial(gather, delta), None
         if self.merge_every == 1:
             self._merge(group, p, state, delta_at, decay, magnitude, mask)
             return
@@ -694,10 +666,6 @@ class OnlineMergingAdamW(Optimizer):
         state["acc_steps"] = self._pending(state) + 1
         if t % self.merge_every == 0:
             self._merge_pending(group, p, state)
-
-    def _magnitude(self, delta: Tensor) -> Tensor:
-        """|delta| in a scratch buffer (delta keeps its signs for the kept entries)."""
-        return torch.abs(delta, out=self._scratch("magnitude", delta.numel(), delta.device))
 
     def _merge_pending(self, group: Mapping[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         acc = state["acc"].view(-1)

@@ -1,0 +1,98 @@
+"""The C host kernels (`merge/native.py`) against their pure-torch fallbacks and by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_rl.merge import core, native
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
+
+
+def fallback(monkeypatch) -> None:
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 3_000_001])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_at_least_equals_abs_compare_nonzero(n: int, threads: int, monkeypatch) -> None:
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1000)  # several ranges even for small n
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(n)
+        x = torch.randn(n, generator=gen)
+        if n >= 7:  # the edges: -0.0, +0.0, NaN, +-inf, and values exactly at the bound
+            x[:7] = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf"), 1.5, -1.5])
+        for bound in (0.0, 1.5, 2.5, float("inf")):
+            expected = (x.abs() >= bound).nonzero().squeeze(1)
+            got = native.at_least(x, bound, cap=n + 1)
+            assert got is not None and torch.equal(got, expected), bound
+            if expected.numel() > 0:  # more than cap: None
+                assert native.at_least(x, bound, cap=expected.numel() - 1) is None
+                assert torch.equal(native.at_least(x, bound, cap=expected.numel()), expected)
+    finally:
+        torch.set_num_threads(1)
+
+
+@needs_native
+def test_positions_is_a_sorted_lookup() -> None:
+    keys = torch.tensor([2, 5, 9, 10, 40], dtype=torch.int64)
+    queries = torch.tensor([0, 2, 3, 9, 10, 11, 40, 41], dtype=torch.int64)
+    assert native.positions(keys, queries).tolist() == [-1, 0, -1, 2, 3, -1, 4, -1]
+    assert native.positions(keys, queries[:0]).numel() == 0
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_sorted_positions_and_indices_at_least_on_both_paths(use_native, monkeypatch) -> None:
+    if use_native and native.library() is None:
+        pytest.skip("no C compiler here")
+    if not use_native:
+        fallback(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randperm(100_000, generator=gen)[:3000].sort().values
+    queries = torch.cat([keys[::3], torch.randint(0, 100_000, (2000,), generator=gen)])
+    queries = queries.unique()
+    pos = core.sorted_positions(keys, queries)
+    where = {int(k): i for i, k in enumerate(keys)}
+    assert pos.tolist() == [where.get(int(q), -1) for q in queries]
+    assert core.sorted_positions(keys[:0], queries).eq(-1).all()
+    x = torch.randn(50_000, generator=gen)
+    got = core.indices_at_least(x, 2.0, cap=50_000)
+    assert torch.equal(got, (x.abs() >= 2.0).nonzero().squeeze(1))
+    assert core.indices_at_least(x, 2.0, cap=10) is None
+    half = x.to(torch.bfloat16)  # other dtypes take the torch path
+    expected = (half.float().abs() >= 2.0).nonzero().squeeze(1)
+    assert torch.equal(core.indices_at_least(half, 2.0, cap=50_000), expected)
+
+
+def test_no_compiler_means_no_library(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert not native.usable(torch.zeros(3))
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("RLMERGE_NATIVE", "0")
+        assert native.library() is None  # switched off
+    finally:
+        native.library.cache_clear()
+
+
+@needs_native
+def test_build_goes_to_the_cache_once(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list((tmp_path / "mergekit_rl").glob("native-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        assert native.library() is not None  # loaded, not rebuilt
+        assert built[0].stat().st_mtime_ns == stamp
+        assert not [p for p in (tmp_path / "mergekit_rl").iterdir() if p.is_dir()]  # no temp left
+    finally:
+        native.library.cache_clear()
