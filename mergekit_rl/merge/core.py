@@ -384,15 +384,16 @@ def _top_k(flat: Tensor, k: int, magnitudes: bool) -> Tensor:
     if k <= 0:
         return torch.empty(0, dtype=torch.int64, device=flat.device)
     if 4 * k < n and n >= 64 * TOPK_SAMPLE_STRIDE:
-        candidates = _magnitude_candidates(flat, k)
-        if candidates is not None:
-            kept = _top_k_in_order(flat.index_select(0, candidates).abs_(), k)
-            return candidates.index_select(0, kept)
+        found = _magnitude_candidates(flat, k)
+        if found is not None:
+            candidates, mags = found
+            return candidates.index_select(0, _top_k_in_order(mags, k))
     return _top_k_in_order(flat if magnitudes else flat.abs(), k)
 
 
-def _magnitude_candidates(x: Tensor, k: int) -> Tensor | None:
-    """Sorted indices of the entries with |x| >= a bound taken from a strided sample of x [n].
+def _magnitude_candidates(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """(sorted indices, |x| there) of the entries with |x| >= a bound taken from a strided
+    sample of x [n].
 
     When they number at least k, the k-th largest entry is >= the bound, so they hold the
     whole top k. None when the sample misjudged (fewer than k, or too many to gain anything).
@@ -401,19 +402,19 @@ def _magnitude_candidates(x: Tensor, k: int) -> Tensor | None:
     expected = k * sample.numel() / x.numel()  # rank of the k-th largest within the sample
     rank = min(sample.numel(), int(1.2 * expected + 4.0 * math.sqrt(expected) + 8))
     bound = kth_largest(sample, rank)
-    candidates = indices_at_least(x, bound, cap=4 * k + 64)
-    return candidates if candidates is not None and k <= candidates.numel() else None
+    found = indices_at_least(x, bound, cap=4 * k + 64)
+    return found if found is not None and k <= found[0].numel() else None
 
 
-def indices_at_least(x: Tensor, bound: Tensor | float, cap: int) -> Tensor | None:
-    """Sorted flat indices (int64) of the entries with |x| >= bound, or None when there are
-    more than cap of them. One pass of a C kernel over a float32 host tensor (`native`, 4x
-    faster than torch's abs, compare and nonzero); the torch ops elsewhere."""
+def indices_at_least(x: Tensor, bound: Tensor | float, cap: int) -> tuple[Tensor, Tensor] | None:
+    """(sorted flat indices int64, |x| there) of the entries with |x| >= bound, or None when
+    there are more than cap of them. One pass of a C kernel over a float32 host tensor
+    (`native`, 4x faster than torch's abs, compare and nonzero); the torch ops elsewhere."""
     flat = x.reshape(-1)
     if flat.dtype == torch.float32 and native.usable(flat):
         return native.at_least(flat, float(bound), cap)
     idx = nonzero_flat(flat.abs() >= bound)
-    return idx if idx.numel() <= cap else None
+    return (idx, flat.index_select(0, idx).abs_()) if idx.numel() <= cap else None
 
 
 def sorted_positions(keys: Tensor, queries: Tensor) -> Tensor:
@@ -428,7 +429,11 @@ def sorted_positions(keys: Tensor, queries: Tensor) -> Tensor:
 
 
 def _top_k_in_order(mag: Tensor, k: int) -> Tensor:
-    """Sorted indices of the k largest entries of a flat non-negative mag, ties by lowest index."""
+    """Sorted indices of the k largest entries of a flat non-negative mag, ties by lowest index
+    (in C on the host: `native.top_k_positions`)."""
+    on_host = 0 < k <= mag.numel() and mag.dtype == torch.float32 and native.usable(mag)
+    if on_host and not bool(mag.isnan().any()):
+        return native.top_k_positions(mag, k)
     kth = kth_largest(mag, k)
     idx = nonzero_flat(mag >= kth)
     extra = idx.numel() - k
@@ -512,8 +517,16 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
     be hashed in row blocks or shards and give the mask it would give whole.
     """
     device = torch.device(device)
-    chunk = HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT)
     out = torch.empty(n, dtype=torch.int32, device=device)
+    if native.usable(out):  # one C loop per 2**32 block instead of ~25 torch passes
+        pos = 0
+        while pos < n:
+            first = offset + pos
+            stop = min(n, (((first >> 32) + 1) << 32) - offset)
+            native.hash_u32(out[pos:stop], *_chunk_words(key, first >> 32), first & _M32)
+            pos = stop
+        return out
+    chunk = HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT)
     pos, steps, steps_hi = 0, None, None
     while pos < n:
         first = offset + pos
@@ -792,6 +805,8 @@ def hash_bits_many(
         return torch.empty(0, dtype=torch.int32, device=device)
     if max(sizes) >= 1 << 32:
         raise ValueError("hash_bits_many: every size must be below 2**32")
+    if device.type == "cpu" and native.library() is not None:  # the C loop, segment by segment
+        return torch.cat([hash_bits(n, key) for n, key in zip(sizes, keys, strict=True)])
     words = torch.tensor([[_s32(w) for w in _chunk_words(k, 0)] for k in keys], dtype=torch.int32)
     reps = torch.tensor(list(sizes), dtype=torch.int64)
     starts = reps.cumsum(0) - reps  # [S] first element of each segment

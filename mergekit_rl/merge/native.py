@@ -1,10 +1,15 @@
-"""Host kernels in C for the two sparse scans torch has no single op for, behind the
-primitives in `core` (`core.indices_at_least`, `core.sorted_positions`), each with a pure-torch
+"""Host kernels in C for three loops torch has no single op for, behind the primitives in `core`
+(`core.indices_at_least`, `core.hash_bits`, `core.sorted_positions`), each with a pure-torch
 fallback that gives the same result.
 
-- `at_least`: sorted flat indices of the entries with |x| >= bound (top-k candidates). torch
+- `at_least`: sorted flat indices of the entries with |x| >= bound, and |x| there (top-k
+  candidates). torch
   needs three passes (abs, compare, nonzero: about 1.2 ns per entry on one core); one C loop
   reads x once (about 0.3 ns with SSE2 bit masks).
+- `hash_u32`: the counter-based hash of `core.hash_bits` (about 25 torch passes per entry) in
+  one loop.
+- `top_k_positions`: the exact top k of those candidates' magnitudes (a quickselect, then the
+  index-order tie rule in one pass).
 - `positions`: where each of a sorted list of indices sits in another sorted list (-1 if
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
 
@@ -40,12 +45,12 @@ SOURCE = r"""
 #endif
 
 /* Indices i in [0, n) with fabsf(x[i]) >= bound, ascending, written to out[0..cap) as
-   offset + i. Returns how many there are; a return value above cap means out was too small
-   (its first cap entries are still right). NaN never qualifies (ordered compares). With SSE2
+   offset + i, and their magnitudes to mag[0..cap). Returns how many there are; a return value
+   above cap means out was too small (its first cap entries are still right). NaN never qualifies (ordered compares). With SSE2
    (every x86-64) 16 entries are compared at a time into a bit mask and only its set bits are
    visited: 0.31 ns per entry against 0.72 for the plain loop (1.5% density, one core). */
 int64_t at_least_f32(const float *x, int64_t n, float bound, int64_t offset,
-                     int64_t *out, int64_t cap) {
+                     int64_t *out, float *mag, int64_t cap) {
     int64_t c = 0, i = 0;
 #if defined(__SSE2__)
     const __m128 absmask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
@@ -57,7 +62,8 @@ int64_t at_least_f32(const float *x, int64_t n, float bound, int64_t offset,
             m |= (unsigned)_mm_movemask_ps(_mm_cmpge_ps(v, b)) << (4 * q);
         }
         while (m) {
-            if (c < cap) out[c] = offset + i + __builtin_ctz(m);
+            int j = __builtin_ctz(m);
+            if (c < cap) { out[c] = offset + i + j; mag[c] = fabsf(x[i + j]); }
             c++;
             m &= m - 1;
         }
@@ -65,11 +71,58 @@ int64_t at_least_f32(const float *x, int64_t n, float bound, int64_t offset,
 #endif
     for (; i < n; i++) {
         if (fabsf(x[i]) >= bound) {
-            if (c < cap) out[c] = offset + i;
+            if (c < cap) { out[c] = offset + i; mag[c] = fabsf(x[i]); }
             c++;
         }
     }
     return c;
+}
+
+/* The k-th smallest of v[0..n) (0-based k < n, no NaN), reordering v: quickselect with a
+   median-of-three pivot and a three-way split, so runs of ties end it at once. */
+static float kth_smallest(float *v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi];
+        float p = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t lt = lo, i = lo, gt = hi;  /* [lo,lt) < p, [lt,i) == p, (gt,hi] > p */
+        while (i <= gt) {
+            float x = v[i];
+            if (x < p) { v[i] = v[lt]; v[lt] = x; lt++; i++; }
+            else if (x > p) { v[i] = v[gt]; v[gt] = x; gt--; }
+            else i++;
+        }
+        if (k < lt) hi = lt - 1;
+        else if (k > gt) lo = gt + 1;
+        else return p;
+    }
+    return v[k];
+}
+
+/* The positions of the k (0 < k <= n) largest of v[0..n) (no NaN), ties at the k-th value taken
+   lowest position first, ascending, written to out; work holds n floats. */
+void top_k_positions(const float *v, int64_t n, int64_t k, float *work, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) work[i] = v[i];
+    float t = kth_smallest(work, n, n - k);
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; i++) above += v[i] > t;
+    int64_t ties = k - above, c = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (v[i] > t || (v[i] == t && ties-- > 0)) out[c++] = i;
+}
+
+/* core.hash_bits for n consecutive elements of one 2**32 block: element lo + j (lo + n <= 2**32)
+   gets mix32(mix32(a * (lo + j) + b) ^ d), all arithmetic mod 2**32 (gcc vectorizes it). */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 16;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+void hash_u32(uint32_t a, uint32_t b, uint32_t d, uint32_t lo, int64_t n, uint32_t *out) {
+    for (int64_t j = 0; j < n; j++) out[j] = mix32(mix32(a * (lo + (uint32_t)j) + b) ^ d);
 }
 
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
@@ -126,10 +179,15 @@ def _build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.at_least_f32.argtypes = [ptr, i64, ctypes.c_float, i64, ptr, i64]
+    lib.at_least_f32.argtypes = [ptr, i64, ctypes.c_float, i64, ptr, ptr, i64]
     lib.at_least_f32.restype = i64
     lib.positions_i64.argtypes = [ptr, i64, ptr, i64, ptr]
     lib.positions_i64.restype = None
+    lib.top_k_positions.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.top_k_positions.restype = None
+    u32 = ctypes.c_uint32
+    lib.hash_u32.argtypes = [u32, u32, u32, u32, i64, ptr]
+    lib.hash_u32.restype = None
     return lib
 
 
@@ -140,31 +198,74 @@ def usable(*tensors: Tensor) -> bool:
     )
 
 
-def at_least(x: Tensor, bound: float, cap: int) -> Tensor | None:
-    """Sorted flat indices (int64) of |x| >= bound for a contiguous float32 host tensor x, or
-    None when there are more than cap of them. Split into one range per torch thread when x is
-    long; each range writes its own block of at most cap indices."""
+def _ranges(n: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges splitting n entries across torch's thread count (one below
+    PARALLEL_MIN entries per thread)."""
+    parts = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
+    cuts = [n * i // parts for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def _run(fn, ranges: list[tuple[int, int]]) -> list:
+    """fn(lo, hi) for every range, on a thread pool when there are several (ctypes calls
+    release the GIL)."""
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    with ThreadPoolExecutor(len(ranges)) as pool:
+        return list(pool.map(lambda r: fn(*r), ranges))
+
+
+def hash_u32(out: Tensor, a: int, b: int, d: int, lo: int) -> None:
+    """out[j] <- the hash word of element lo + j of one 2**32 block with words (a, b, d), for a
+    contiguous int32 host tensor out (lo + len(out) <= 2**32); see `core.hash_bits`."""
+    lib = library()
+    assert lib is not None and out.dtype == torch.int32 and out.is_contiguous()
+    assert lo + out.numel() <= 1 << 32
+    base = out.data_ptr()
+
+    def part(start: int, stop: int) -> None:
+        lib.hash_u32(a, b, d, lo + start, stop - start, base + 4 * start)
+
+    _run(part, _ranges(out.numel()))
+
+
+def at_least(x: Tensor, bound: float, cap: int) -> tuple[Tensor, Tensor] | None:
+    """(sorted flat indices int64, |x| there float32) of the entries with |x| >= bound, for a
+    contiguous float32 host tensor x, or None when there are more than cap of them. Split into
+    one range per torch thread when x is long; each range writes its own rows of cap."""
     lib = library()
     assert lib is not None and x.dtype == torch.float32 and x.is_contiguous()
-    n = x.numel()
-    parts = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    out = torch.empty(parts, cap, dtype=torch.int64)
-    base, size = x.data_ptr(), x.element_size()
+    ranges = _ranges(x.numel())
+    idx = torch.empty(len(ranges), cap, dtype=torch.int64)
+    mag = torch.empty(len(ranges), cap, dtype=torch.float32)
+    base, row = x.data_ptr(), {lo: i for i, (lo, _) in enumerate(ranges)}
 
-    def scan(i: int) -> int:
-        lo, hi = bounds[i], bounds[i + 1]
-        row = out[i].data_ptr()
-        return lib.at_least_f32(base + lo * size, hi - lo, bound, lo, row, cap)
+    def scan(lo: int, hi: int) -> int:
+        i = row[lo]
+        out, val = idx[i].data_ptr(), mag[i].data_ptr()
+        return lib.at_least_f32(base + 4 * lo, hi - lo, bound, lo, out, val, cap)
 
-    if parts == 1:
-        counts = [scan(0)]
-    else:
-        with ThreadPoolExecutor(parts) as pool:
-            counts = list(pool.map(scan, range(parts)))
+    counts = _run(scan, ranges)
     if sum(counts) > cap:
         return None
-    return torch.cat([out[i, :c] for i, c in enumerate(counts)])
+    if len(ranges) == 1:
+        return idx[0, : counts[0]], mag[0, : counts[0]]
+    pieces = [(idx[i, :c], mag[i, :c]) for i, c in enumerate(counts)]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
+def top_k_positions(values: Tensor, k: int) -> Tensor:
+    """Sorted positions (int64) of the k largest of a contiguous float32 host tensor without
+    NaN, ties at the k-th value taken lowest position first: a quickselect and one pass, for
+    what torch does with kthvalue, a compare, nonzero and a tie fix-up."""
+    lib = library()
+    assert lib is not None and values.dtype == torch.float32 and values.is_contiguous()
+    n = values.numel()
+    assert 0 < k <= n
+    work = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(k, dtype=torch.int64)
+    lib.top_k_positions(values.data_ptr(), n, k, work.data_ptr(), out.data_ptr())
+    return out
 
 
 def positions(keys: Tensor, queries: Tensor) -> Tensor:

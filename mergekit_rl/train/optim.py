@@ -189,15 +189,24 @@ def add_at_(flat: Tensor, idx: Tensor | None, val: Tensor, round_key: int | None
     if round_key is None or flat.dtype not in (torch.bfloat16, torch.float16):
         if idx is None:
             flat.add_(val)
-        else:  # scatter_add_: 1.6x faster than index_add_ on the host, the same sums
-            flat.scatter_add_(0, idx, val.to(flat.dtype))
+        else:
+            scatter_add_(flat, idx, val.to(flat.dtype))
         return
     old = gather(flat, idx).float()
     new = core.stochastic_round(old + val, flat.dtype, round_key)
     if idx is None:
         flat.copy_(new)
     else:
-        flat.scatter_add_(0, idx, new.float().sub_(old).to(flat.dtype))
+        scatter_add_(flat, idx, new.float().sub_(old).to(flat.dtype))
+
+
+def scatter_add_(flat: Tensor, idx: Tensor, val: Tensor) -> None:
+    """flat[idx] += val, repeated indices accumulating. On the host `scatter_add_` is 1.7x
+    faster than `index_add_` for float32 and 10x slower for bfloat16 (measured, 1 thread)."""
+    if flat.dtype == torch.float32:
+        flat.scatter_add_(0, idx, val)
+    else:
+        flat.index_add_(0, idx, val)
 
 
 def add_tau_(flat: Tensor, state: Mapping[str, Any], alpha: float, round_key: int | None = None):

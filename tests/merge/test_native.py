@@ -28,10 +28,11 @@ def test_at_least_equals_abs_compare_nonzero(n: int, threads: int, monkeypatch) 
         for bound in (0.0, 1.5, 2.5, float("inf")):
             expected = (x.abs() >= bound).nonzero().squeeze(1)
             got = native.at_least(x, bound, cap=n + 1)
-            assert got is not None and torch.equal(got, expected), bound
+            assert got is not None and torch.equal(got[0], expected), bound
+            assert torch.equal(got[1], x[expected].abs())
             if expected.numel() > 0:  # more than cap: None
                 assert native.at_least(x, bound, cap=expected.numel() - 1) is None
-                assert torch.equal(native.at_least(x, bound, cap=expected.numel()), expected)
+                assert torch.equal(native.at_least(x, bound, cap=expected.numel())[0], expected)
     finally:
         torch.set_num_threads(1)
 
@@ -59,12 +60,13 @@ def test_sorted_positions_and_indices_at_least_on_both_paths(use_native, monkeyp
     assert pos.tolist() == [where.get(int(q), -1) for q in queries]
     assert core.sorted_positions(keys[:0], queries).eq(-1).all()
     x = torch.randn(50_000, generator=gen)
-    got = core.indices_at_least(x, 2.0, cap=50_000)
-    assert torch.equal(got, (x.abs() >= 2.0).nonzero().squeeze(1))
+    idx, mag = core.indices_at_least(x, 2.0, cap=50_000)
+    assert torch.equal(idx, (x.abs() >= 2.0).nonzero().squeeze(1))
+    assert torch.equal(mag, x[idx].abs())
     assert core.indices_at_least(x, 2.0, cap=10) is None
     half = x.to(torch.bfloat16)  # other dtypes take the torch path
     expected = (half.float().abs() >= 2.0).nonzero().squeeze(1)
-    assert torch.equal(core.indices_at_least(half, 2.0, cap=50_000), expected)
+    assert torch.equal(core.indices_at_least(half, 2.0, cap=50_000)[0], expected)
 
 
 def test_no_compiler_means_no_library(monkeypatch, tmp_path) -> None:
@@ -96,3 +98,60 @@ def test_build_goes_to_the_cache_once(monkeypatch, tmp_path) -> None:
         assert not [p for p in (tmp_path / "mergekit_rl").iterdir() if p.is_dir()]  # no temp left
     finally:
         native.library.cache_clear()
+
+
+@needs_native
+def test_native_hash_equals_the_torch_hash_and_the_reference(monkeypatch) -> None:
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1000)
+    torch.set_num_threads(3)
+    try:
+        key = core.tensor_seed(5, "model", "w")
+        cases = [(100_003, 0), (5000, 2**32 - 1234), (7, 3 * 2**32 + 11)]  # one crosses 2**32
+        fast = [core.hash_bits(n, key, offset=off) for n, off in cases]
+        many = core.hash_bits_many([10, 0, 70_001], [key, key + 1, key + 2])
+    finally:
+        torch.set_num_threads(1)
+    for (n, off), got in zip(cases, fast, strict=True):  # the first and last 50 by hand
+        some = sorted(set(range(min(n, 50))) | set(range(max(0, n - 50), n)))
+        words = (got.long() & 0xFFFFFFFF)[some].tolist()
+        assert words == [core.hash_word(key, off + i) for i in some], (n, off)
+    fallback(monkeypatch)
+    for (n, off), got in zip(cases, fast, strict=True):
+        assert torch.equal(got, core.hash_bits(n, key, offset=off)), (n, off)
+    assert torch.equal(many, core.hash_bits_many([10, 0, 70_001], [key, key + 1, key + 2]))
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["smooth", "tied", "all_equal", "zeros"])
+def test_top_k_positions_keeps_ties_in_index_order(case: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(40_000, generator=gen).abs()
+    if case == "tied":
+        v = v.round(decimals=1)  # thousands of ties at every value
+    if case == "all_equal":
+        v = torch.full((40_000,), 0.5)
+    if case == "zeros":
+        v = torch.zeros(40_000)
+        v[[5, 17]] = 1.0
+    for k in [1, 2, 7, 13_333, 39_999, 40_000]:
+        got = native.top_k_positions(v, k)
+        # by hand: a stable descending sort
+        expected = torch.sort(v, descending=True, stable=True).indices[:k].sort().values
+        assert torch.equal(got, expected), k
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_top_magnitude_indices_on_both_paths(use_native, monkeypatch) -> None:
+    if use_native and native.library() is None:
+        pytest.skip("no C compiler here")
+    if not use_native:
+        fallback(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    for x in (
+        torch.randn(300_000, generator=gen),
+        torch.randn(300_000, generator=gen).round(decimals=2),
+    ):
+        for k in (1, 3000, 70_000):
+            expected = torch.sort(x.abs(), descending=True, stable=True).indices[:k].sort().values
+            assert torch.equal(core.top_magnitude_indices(x, k), expected), k
+            assert torch.equal(core.top_indices_of_magnitudes(x.abs(), k), expected), k
