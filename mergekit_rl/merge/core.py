@@ -743,6 +743,21 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, *, offset: int = 0
     return torch.where(u < frac, other, near)
 
 
+def stochastic_add_at_(flat: Tensor, idx: Tensor, val: Tensor, key: int) -> None:
+    """flat[idx] += val (float32 val [n], flat bfloat16 / float16 and flat, int64 idx [n]), each
+    sum rounded with `stochastic_round` under key (element j of idx gets hash bit j). Indices
+    must be distinct, except repeats whose val is 0 (they leave the entry as it is). On the
+    host a bfloat16 flat takes one C loop (`native.add_at_bf16_rounded_`), the same result."""
+    if flat.dtype == torch.bfloat16 and native.usable(flat, idx, val) and val.numel() < 1 << 32:
+        native.add_at_bf16_rounded_(flat, idx, val.float().contiguous(), _chunk_words(key, 0))
+        return
+    # the rounded sum goes in as an exact difference (Sterbenz: new - old is representable when
+    # new is within a factor 2 of old), so repeats carrying a zero val leave the entry alone
+    old = flat.index_select(0, idx).float()
+    new = stochastic_round(old + val, flat.dtype, key)
+    flat.index_add_(0, idx, new.float().sub_(old).to(flat.dtype))
+
+
 def top_magnitude_indices_static(x: Tensor, k: int) -> Tensor:
     """`top_magnitude_indices` (exactly k, ties in index order, sorted) without host syncs.
 

@@ -10,6 +10,9 @@ fallback that gives the same result.
   one loop.
 - `top_k_positions`: the exact top k of those candidates' magnitudes (a quickselect, then the
   index-order tie rule in one pass).
+- `add_at_bf16_rounded_`: a sparse add into bfloat16 weights with stochastic rounding
+  (`core.stochastic_round`'s rule and bits) in one loop instead of a gather, the hash, the
+  rounding ops and a scatter.
 - `positions`: where each of a sorted list of indices sits in another sorted list (-1 if
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
 
@@ -125,6 +128,25 @@ void hash_u32(uint32_t a, uint32_t b, uint32_t d, uint32_t lo, int64_t n, uint32
     for (int64_t j = 0; j < n; j++) out[j] = mix32(mix32(a * (lo + (uint32_t)j) + b) ^ d);
 }
 
+/* flat[idx[j]] += val[j] for a bfloat16 flat (raw uint16), rounded stochastically with the
+   hash word of element j (words a, b, d of block 0), exactly as core.stochastic_round: the
+   float32 sum plus the hash's low 16 bits, truncated to the top 16. In order, so a repeated
+   index sees the earlier sum (a zero val leaves a bf16 value unchanged). The weights are
+   touched at scattered places: prefetching 32 entries ahead halves the time (cache-cold,
+   1% of 6.3M entries: 17 against 31 ns per entry). */
+void add_at_bf16_rounded(uint16_t *flat, const int64_t *idx, const float *val, int64_t n,
+                         uint32_t a, uint32_t b, uint32_t d) {
+    for (int64_t j = 0; j < n; j++) {
+        if (j + 32 < n) __builtin_prefetch(flat + idx[j + 32], 1);
+        uint32_t h = mix32(mix32(a * (uint32_t)j + b) ^ d);
+        uint16_t *w = flat + idx[j];
+        union { float f; uint32_t u; } x;
+        x.u = (uint32_t)*w << 16;
+        x.f = x.f + val[j];
+        *w = (uint16_t)((x.u + (h & 0xFFFFu)) >> 16);
+    }
+}
+
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
 void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq,
                    int64_t *out) {
@@ -188,6 +210,8 @@ def _load(path: Path) -> ctypes.CDLL:
     u32 = ctypes.c_uint32
     lib.hash_u32.argtypes = [u32, u32, u32, u32, i64, ptr]
     lib.hash_u32.restype = None
+    lib.add_at_bf16_rounded.argtypes = [ptr, ptr, ptr, i64, u32, u32, u32]
+    lib.add_at_bf16_rounded.restype = None
     return lib
 
 
@@ -266,6 +290,17 @@ def top_k_positions(values: Tensor, k: int) -> Tensor:
     out = torch.empty(k, dtype=torch.int64)
     lib.top_k_positions(values.data_ptr(), n, k, work.data_ptr(), out.data_ptr())
     return out
+
+
+def add_at_bf16_rounded_(flat: Tensor, idx: Tensor, val: Tensor, words: tuple[int, ...]) -> None:
+    """flat[idx] += val for a contiguous bfloat16 host flat, float32 val, int64 idx, each sum
+    rounded stochastically with the hash words (a, b, d) of block 0 for element j of idx: the
+    gather, add, hash, rounding and scatter in one loop."""
+    lib = library()
+    assert lib is not None and flat.dtype == torch.bfloat16 and val.dtype == torch.float32
+    assert idx.dtype == torch.int64 and idx.numel() == val.numel() < 1 << 32
+    assert flat.is_contiguous() and idx.is_contiguous() and val.is_contiguous()
+    lib.add_at_bf16_rounded(flat.data_ptr(), idx.data_ptr(), val.data_ptr(), idx.numel(), *words)
 
 
 def positions(keys: Tensor, queries: Tensor) -> Tensor:

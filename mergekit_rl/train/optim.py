@@ -182,9 +182,8 @@ def add_at_(flat: Tensor, idx: Tensor | None, val: Tensor, round_key: int | None
 
     round_key: for a bfloat16 / float16 flat, round every sum up or down at random (unbiased,
     `core.stochastic_round` with bits from the key) instead of to nearest, so updates far below
-    half an ulp still move the weights on average. The rounded sum goes in as an exact
-    difference (Sterbenz: new - old is representable when new is within a factor 2 of old), so
-    duplicate indices carrying a zero update leave the entry alone.
+    half an ulp still move the weights on average (`core.stochastic_add_at_`; a repeated index
+    must carry 0 there).
     """
     if round_key is None or flat.dtype not in (torch.bfloat16, torch.float16):
         if idx is None:
@@ -192,12 +191,10 @@ def add_at_(flat: Tensor, idx: Tensor | None, val: Tensor, round_key: int | None
         else:
             scatter_add_(flat, idx, val.to(flat.dtype))
         return
-    old = gather(flat, idx).float()
-    new = core.stochastic_round(old + val, flat.dtype, round_key)
     if idx is None:
-        flat.copy_(new)
+        flat.copy_(core.stochastic_round(flat.float() + val, flat.dtype, round_key))
     else:
-        scatter_add_(flat, idx, new.float().sub_(old).to(flat.dtype))
+        core.stochastic_add_at_(flat, idx, val, round_key)
 
 
 def scatter_add_(flat: Tensor, idx: Tensor, val: Tensor) -> None:

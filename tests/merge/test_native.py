@@ -155,3 +155,31 @@ def test_top_magnitude_indices_on_both_paths(use_native, monkeypatch) -> None:
             expected = torch.sort(x.abs(), descending=True, stable=True).indices[:k].sort().values
             assert torch.equal(core.top_magnitude_indices(x, k), expected), k
             assert torch.equal(core.top_indices_of_magnitudes(x.abs(), k), expected), k
+
+
+def test_stochastic_add_at_is_the_same_on_both_paths(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    base = torch.randn(n, generator=gen).to(torch.bfloat16)
+    idx = torch.randperm(n, generator=gen)[:5000].sort().values
+    val = torch.randn(5000, generator=gen) * 1e-4  # mostly far below half an ulp
+    # repeats that carry 0 (OnDARE's draws past the end): they must leave the entry alone
+    idx = torch.cat([idx, torch.full((7,), n - 1)])
+    val = torch.cat([val, torch.zeros(7)])
+    key = core.tensor_seed(3, "w")
+    results = []
+    for use_native in ([True] if native.library() else []) + [False]:
+        if not use_native:
+            fallback(monkeypatch)
+        flat = base.clone()
+        core.stochastic_add_at_(flat, idx, val, key)
+        results.append(flat)
+    # by hand: stochastic_round of each sum, the hash bit of element j of idx for entry idx[j]
+    expected = base.clone()
+    expected[idx[:5000]] = core.stochastic_round(
+        base[idx[:5000]].float() + val[:5000], torch.bfloat16, key
+    )
+    for flat in results:
+        assert torch.equal(flat.view(torch.int16), expected.view(torch.int16))
+    moved = (results[0] != base).sum()
+    assert 0 < moved < 5000  # some sums rounded up or down to a neighbour, most stayed
