@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -158,6 +159,7 @@ void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq
 }
 """
 
+FLAGS = ("-O3", "-shared", "-fPIC")
 # below this many entries a scan runs on one thread (a thread pool costs ~50 us)
 PARALLEL_MIN = 1 << 20
 
@@ -174,14 +176,16 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         return _load(_build())
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, RuntimeError, subprocess.SubprocessError):  # RuntimeError: no home dir
         return None
 
 
 def _build() -> Path:
     """Compile SOURCE once per source hash; concurrent builders race harmlessly (each writes
     its own temporary file and renames it into place)."""
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    # the machine type and flags are in the key: a cache on a shared home serves every machine
+    stamp = "\0".join([SOURCE, platform.machine(), platform.system(), *FLAGS])
+    digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     path = cache_dir() / f"native-{digest}.so"
     if path.exists():
         return path
@@ -192,7 +196,7 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         src, lib = Path(tmp) / "native.c", Path(tmp) / "native.so"
         src.write_text(SOURCE)
-        cmd = [compiler, "-O3", "-shared", "-fPIC", "-o", str(lib), str(src), "-lm"]
+        cmd = [compiler, *FLAGS, "-o", str(lib), str(src), "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(lib, path)
     return path
