@@ -1,15 +1,13 @@
-"""Host kernels in C for three loops torch has no single op for, behind the primitives in `core`
-(`core.indices_at_least`, `core.hash_bits`, `core.sorted_positions`), each with a pure-torch
-fallback that gives the same result.
+"""Host kernels in C for loops torch has no single op for, behind primitives in `core`
+(`indices_at_least`, `top_magnitude_indices`, `hash_bits`, `stochastic_add_at_`,
+`sorted_positions`), each with a pure-torch path that gives the same result (tests run both).
 
 - `at_least`: sorted flat indices of the entries with |x| >= bound, and |x| there (top-k
-  candidates). torch
-  needs three passes (abs, compare, nonzero: about 1.2 ns per entry on one core); one C loop
-  reads x once (about 0.3 ns with SSE2 bit masks).
-- `hash_u32`: the counter-based hash of `core.hash_bits` (about 25 torch passes per entry) in
-  one loop.
-- `top_k_positions`: the exact top k of those candidates' magnitudes (a quickselect, then the
-  index-order tie rule in one pass).
+  candidates): one read of x (0.31 ns per entry with SSE2 bit masks, one core) where torch
+  needs abs, compare and nonzero (about 1.2 ns).
+- `top_k_positions`: the exact top k of those magnitudes (a quickselect, then the index-order
+  tie rule in one pass) where torch needs kthvalue, a compare, nonzero and a tie fix-up.
+- `hash_u32`: the counter-based hash of `core.hash_bits` in one loop (about 25 torch passes).
 - `add_at_bf16_rounded_`: a sparse add into bfloat16 weights with stochastic rounding
   (`core.stochastic_round`'s rule and bits) in one loop instead of a gather, the hash, the
   rounding ops and a scatter.
@@ -17,12 +15,12 @@ fallback that gives the same result.
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
 
 The library is compiled on first use with the system C compiler (`cc -O3`, no
-machine-specific flags, so a shared cache stays valid across CPUs) into
-`$XDG_CACHE_HOME/mergekit_rl` (default `~/.cache/mergekit_rl`), keyed by a hash of the source,
-and loaded with ctypes: no Python headers, no build step at install. Where there is no
-compiler, the cache is not writable or `RLMERGE_NATIVE=0` is set, `library()` is None and
-callers use the torch path. ctypes releases the GIL, so long scans are split across torch's
-thread count with a thread pool.
+machine-specific flags) into `$XDG_CACHE_HOME/mergekit_rl` (default `~/.cache/mergekit_rl`),
+keyed by a hash of the source, the machine type and the flags, and loaded with ctypes: no
+Python headers, no build step at install. Where there is no compiler, the cache is not writable
+or `RLMERGE_NATIVE=0` is set, `library()` is None and callers use the torch path. ctypes
+releases the GIL, so long loops are split across torch's thread count with a thread pool.
+Accelerator tensors never come here.
 """
 
 from __future__ import annotations
@@ -50,9 +48,10 @@ SOURCE = r"""
 
 /* Indices i in [0, n) with fabsf(x[i]) >= bound, ascending, written to out[0..cap) as
    offset + i, and their magnitudes to mag[0..cap). Returns how many there are; a return value
-   above cap means out was too small (its first cap entries are still right). NaN never qualifies (ordered compares). With SSE2
-   (every x86-64) 16 entries are compared at a time into a bit mask and only its set bits are
-   visited: 0.31 ns per entry against 0.72 for the plain loop (1.5% density, one core). */
+   above cap means out was too small (its first cap entries are still right). NaN never
+   qualifies (ordered compares). With SSE2 (every x86-64) 16 entries are compared at a time
+   into a bit mask and only its set bits are visited: 0.31 ns per entry against 0.72 for the
+   plain loop (1.5% density, one core). */
 int64_t at_least_f32(const float *x, int64_t n, float bound, int64_t offset,
                      int64_t *out, float *mag, int64_t cap) {
     int64_t c = 0, i = 0;
