@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -426,9 +426,11 @@ def tensor_seed(seed: int, *keys: str) -> int:
 # tests against a pure-Python reference), and `(x >> 16) & 0xFFFF` is the logical shift.
 _M32 = 0xFFFFFFFF
 _MIX = (0x7FEB352D, 0x846CA68B)  # odd multipliers with good avalanche (hash-prospector)
-# elements hashed per chunk: small on the CPU (the int32 temporaries stay in cache), large on
-# accelerators (one kernel per op per chunk)
-HASH_CHUNK = {"cpu": 1 << 15}
+# elements hashed per chunk: on the CPU 2 MB of int32 words (and as much scratch), which keeps
+# them in cache while making the ~25 ops per chunk few enough that their dispatch cost is small
+# (1 << 19 measured 2x faster than 1 << 15, 1 thread, 4M entries); large on accelerators (one
+# kernel per op per chunk)
+HASH_CHUNK = {"cpu": 1 << 19}
 HASH_CHUNK_DEFAULT = 1 << 24
 
 
@@ -447,11 +449,14 @@ def mix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def _mix32_(x: Tensor) -> Tensor:
-    """`mix32` on an int32 tensor, in place."""
+def _mix32_(x: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """`mix32` on an int32 tensor, in place; `scratch` (int32, x's shape) holds the shifted
+    word, so a loop over chunks allocates nothing."""
+    t = torch.empty_like(x) if scratch is None else scratch
     for mult in _MIX:
-        x.bitwise_xor_((x >> 16) & 0xFFFF).mul_(_s32(mult))
-    return x.bitwise_xor_((x >> 16) & 0xFFFF)
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+        x.mul_(_s32(mult))
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
 
 
 def _chunk_words(key: int, hi: int) -> tuple[int, int, int]:
@@ -476,9 +481,22 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
     Element i always gets the same bits whatever n, offset, chunking or device, so a tensor can
     be hashed in row blocks or shards and give the mask it would give whole.
     """
-    device = torch.device(device)
-    chunk = HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT)
     out = torch.empty(n, dtype=torch.int32, device=device)
+    for _ in _hash_chunks(n, key, offset, torch.device(device), out):
+        pass  # each chunk is hashed in place in out
+    return out
+
+
+def _hash_chunks(
+    n: int, key: int, offset: int, device: torch.device, out: Tensor | None = None
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Hash elements offset .. offset + n - 1 chunk by chunk: yields (pos, stop, words), words
+    the int32 hashes of elements offset + pos .. offset + stop - 1, written into out[pos:stop]
+    when out [n] is given, else into one chunk-sized buffer that the next chunk overwrites
+    (callers that reduce each chunk to something smaller never hold all n words)."""
+    chunk = min(n, HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT))
+    buf = torch.empty(chunk, dtype=torch.int32, device=device) if out is None else None
+    scratch = torch.empty(chunk, dtype=torch.int32, device=device)
     pos, steps, steps_hi = 0, None, None
     while pos < n:
         first = offset + pos
@@ -486,14 +504,17 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
         stop = min(n, pos + chunk, ((hi + 1) << 32) - offset)  # never straddle a 2**32 block
         a, b, d = _chunk_words(key, hi)
         if steps is None or steps_hi != hi:  # a * j for j < chunk, once per 2**32 block
-            steps = torch.arange(min(chunk, n), dtype=torch.int32, device=device).mul_(_s32(a))
+            steps = torch.arange(chunk, dtype=torch.int32, device=device).mul_(_s32(a))
             steps_hi = hi
         # a * (lo + j) + b = a * j + (a * lo + b), mod 2**32: one add per element, written in
         # place into the output, then mixed there
-        c = torch.add(steps[: stop - pos], _s32(a * (first & _M32) + b), out=out[pos:stop])
-        _mix32_(_mix32_(c).bitwise_xor_(_s32(d)))
+        m = stop - pos
+        words = out[pos:stop] if out is not None else buf[:m]  # type: ignore[index]
+        c = torch.add(steps[:m], _s32(a * (first & _M32) + b), out=words)
+        t = scratch[:m]
+        _mix32_(_mix32_(c, t).bitwise_xor_(_s32(d)), t)
+        yield pos, stop, c
         pos = stop
-    return out
 
 
 def keep_threshold(density: float) -> int:
@@ -509,20 +530,31 @@ def hash_keep_mask(
     offset: int = 0,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """I.i.d. Bernoulli(density) keep mask (bool, shape) from `hash_bits`; exact on every device."""
+    """I.i.d. Bernoulli(density) keep mask (bool, shape) from `hash_bits`; exact on every device.
+
+    Entry i is kept when the top 31 bits of its word, (word >>> 1), are below
+    `keep_threshold(density)` = T, i.e. when the word as an unsigned number is below 2T; with
+    the sign bit flipped (word ^ 2**31) that is a signed int32 comparison with 2T - 2**31.
+    Compared chunk by chunk as the words are made: no [n] int32 tensor is held.
+    """
     if density >= 1.0:  # the cut 2**31 does not fit the int32 comparison
         return torch.ones(tuple(shape), dtype=torch.bool, device=device)
-    bits = hash_bits(math.prod(shape), key, offset=offset, device=device)
-    top31 = (bits >> 1) & 0x7FFFFFFF  # the word's top 31 bits, as a non-negative int32
-    return (top31 < keep_threshold(density)).view(tuple(shape))
+    n = math.prod(shape)
+    mask = torch.empty(n, dtype=torch.bool, device=device)
+    cut = 2 * keep_threshold(density) - (1 << 31)  # in [-2**31, 2**31 - 2]
+    for pos, stop, words in _hash_chunks(n, key, offset, torch.device(device)):
+        torch.lt(words.bitwise_xor_(-(1 << 31)), cut, out=mask[pos:stop])
+    return mask.view(tuple(shape))
 
 
 def hash_uniform(
     n: int, key: int, *, offset: int = 0, device: torch.device | str = "cpu"
 ) -> Tensor:
     """Uniform float32 in [0, 1) on a 2**-24 grid from the word's top 24 bits (exact anywhere)."""
-    top24 = (hash_bits(n, key, offset=offset, device=device) >> 8) & 0xFFFFFF
-    return top24.to(torch.float32) * 2.0**-24
+    u = torch.empty(n, dtype=torch.float32, device=device)
+    for pos, stop, words in _hash_chunks(n, key, offset, torch.device(device)):
+        u[pos:stop].copy_(words.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF))  # exact: < 2**24
+    return u.mul_(2.0**-24)
 
 
 def elect_sign(deltas: Tensor | Sequence[Tensor]) -> Tensor:

@@ -281,6 +281,35 @@ def test_hash_keep_mask_density_and_exact_edges():
     assert bool((small <= big).all())
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 333])
+def test_hash_keep_mask_and_uniform_match_the_python_reference(chunk: int | None) -> None:
+    # the mask compares the word's top 31 bits with keep_threshold, and the uniform is the top
+    # 24 bits / 2**24, whatever the chunking; offsets across the 2**32 boundary included
+    key = core.tensor_seed(5, "m", "w")
+    old = dict(core.HASH_CHUNK)
+    try:
+        if chunk is not None:
+            core.HASH_CHUNK["cpu"] = chunk
+        for off, n in ((0, 1000), (2**32 - 300, 600)):
+            words = [core.hash_word(key, off + i) for i in range(n)]
+            for density in (0.0, 1e-9, 0.1, 0.5, 0.7, 1.0 - 1e-9):
+                cut = core.keep_threshold(density)
+                ref = torch.tensor([(w >> 1) < cut for w in words])
+                got = core.hash_keep_mask((n,), density, key, offset=off)
+                assert torch.equal(got, ref), (off, density)
+            u_ref = torch.tensor([(w >> 8) * 2.0**-24 for w in words], dtype=torch.float32)
+            assert torch.equal(core.hash_uniform(n, key, offset=off), u_ref)
+    finally:
+        core.HASH_CHUNK.update(old)
+    # at the cut exactly: a density whose threshold equals an entry's top 31 bits drops that
+    # entry, one step higher keeps it (an off-by-one in the comparison fails here)
+    for i in (3, 500, 999):
+        top31 = core.hash_word(key, i) >> 1
+        for t, kept in ((top31, False), (top31 + 1, True)):
+            assert core.keep_threshold(t / 2**31) == t
+            assert bool(core.hash_keep_mask((1000,), t / 2**31, key)[i]) == kept
+
+
 def test_hash_uniform_grid():
     u = core.hash_uniform(1 << 16, core.tensor_seed(1, "x"))
     assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
