@@ -24,10 +24,21 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """sum_i w_i * x_i, accumulated in place (one extra tensor of memory)."""
     if len(tensors) != len(weights) or not tensors:
         raise ValueError("weighted_sum needs one weight per tensor and at least one tensor")
-    out = tensors[0] * weights[0]
-    for x, w in zip(tensors[1:], weights[1:], strict=True):
+    first, rest = 1, tensors[0]
+    if len(tensors) > 1 and float(weights[0]) == 1.0 and _same_layout(tensors[0], tensors[1]):
+        # x_0 * 1 is x_0 exactly, so the first add can write the new tensor: one pass less
+        out = torch.add(rest, tensors[1], alpha=float(weights[1]))
+        first = 2
+    else:
+        out = rest * weights[0]
+    for x, w in zip(tensors[first:], weights[first:], strict=True):
         out.add_(x, alpha=float(w))
     return out
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and device: `torch.add(a, b)` has a's type and shape."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
 
 
 def lerp(a: Tensor, b: Tensor, t: float | Tensor) -> Tensor:
@@ -576,23 +587,42 @@ def agrees_with(delta: Tensor, sign: Tensor) -> Tensor:
     return (delta * sign) > 0  # exact: sign is +-1, so the product only flips the sign bit
 
 
-def sign_consensus_(weighted: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+def sign_consensus_(
+    weighted: Sequence[Tensor], weights: Sequence[float], *, with_divisor: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """TIES mixing of weighted deltas w_i * delta_i: elect the sign (elect_sign), keep in each
     term the entries that agree with it (agrees_with), and return
 
-        (sum_i of the agreeing entries, per-entry sum of w_i over the agreeing terms).
+        (sum_i of the agreeing entries, per-entry sum of w_i over the agreeing terms),
 
-    Fused and in place: the input tensors are overwritten (the name ends in an underscore).
+    the second None when not `with_divisor` (a merge that does not normalize skips its two
+    passes per term). Fused and in place: the input tensors are overwritten (the name ends in
+    an underscore).
     """
     sign = elect_sign(weighted)
     mixed = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign)
-    scratch = torch.empty_like(sign)
+    divisor = torch.zeros_like(sign) if with_divisor else None
+    scratch = torch.empty_like(sign) if with_divisor else None
     for d, w in zip(weighted, weights, strict=True):
         d.mul_(sign).clamp_min_(0.0)  # |d| where d agrees with sign, else 0
         mixed.add_(d)
-        divisor.add_(torch.sign(d, out=scratch), alpha=float(w))  # 1 where it agreed
+        if divisor is not None:
+            divisor.add_(torch.sign(d, out=scratch), alpha=float(w))  # 1 where it agreed
     return mixed.mul_(sign), divisor
+
+
+def nonzero_divisor_(divisor: Tensor, weights: Sequence[float]) -> Tensor:
+    """The TIES divisor with its zeros (no term agreed there, or agreeing weights summing to 0)
+    replaced by 1, in place, for dividing the mixed sum by it.
+
+    With every weight > 0 a nonzero entry is a sum of weights, so at least min(w), and a zero
+    one only occurs where no term agreed, where the mixed sum is +-0 and any positive divisor
+    leaves it as it is: one clamp to min(w) then divides exactly like the replacement by 1,
+    and is 5-10x cheaper on the CPU than a compare and a masked fill.
+    """
+    if weights and min(weights) > 0.0:
+        return divisor.clamp_min_(min(weights))
+    return divisor.masked_fill_(divisor == 0, 1.0)
 
 
 # Rows of this many entries are each summed by one thread (below torch's parallel grain size).

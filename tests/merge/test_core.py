@@ -345,3 +345,48 @@ def test_nonzero_flat_on_views_that_start_mid_word() -> None:
     for start in (0, 3, 8, 11):
         view = base[start:]
         assert core.nonzero_flat(view).tolist() == view.nonzero().squeeze(1).tolist()
+
+
+# ---- exactness of the fast paths (the outputs are pinned bit for bit) -------------------------
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)  # signed zeros and NaN payloads included
+
+
+def _signed_deltas(seed: int) -> list[torch.Tensor]:
+    """Two weighted deltas with exact zeros of both signs and many disagreements."""
+    g = torch.Generator().manual_seed(seed)
+    ds = [torch.randn(5000, generator=g) for _ in range(2)]
+    for d in ds:
+        d[torch.rand(5000, generator=g) < 0.4] = 0.0
+        d[torch.rand(5000, generator=g) < 0.2] = -0.0
+    return ds
+
+
+@pytest.mark.parametrize("weights", [[0.3, 0.7], [1.0, 1.0], [1.0, -1.0], [0.5, 0.0]])
+def test_nonzero_divisor_divides_exactly_like_replacing_zeros_by_one(weights: list[float]) -> None:
+    ds = _signed_deltas(1)
+    weighted = [d * w for d, w in zip(ds, weights, strict=True)]
+    mixed, divisor = core.sign_consensus_(weighted, weights)
+    assert divisor is not None and bool((divisor == 0).any())
+    want = mixed / divisor.clone().masked_fill_(divisor == 0, 1.0)
+    got = mixed / core.nonzero_divisor_(divisor.clone(), weights)
+    assert torch.equal(_bits(got), _bits(want))
+    # without the divisor, the same mixed sum
+    again, none = core.sign_consensus_(
+        [d * w for d, w in zip(ds, weights, strict=True)], weights, with_divisor=False
+    )
+    assert none is None and torch.equal(_bits(again), _bits(mixed))
+
+
+def test_weighted_sum_first_weight_one_is_bitwise_the_two_step_sum() -> None:
+    a, b, c = _signed_deltas(2) + [torch.randn(5000)]
+    for ws in ([1.0, 1.0], [1.0, 0.3, -2.0], [0.5, 1.0]):
+        ts = [a, b, c][: len(ws)]
+        want = ts[0] * ws[0]
+        for x, w in zip(ts[1:], ws[1:], strict=True):
+            want.add_(x, alpha=w)
+        assert torch.equal(_bits(core.weighted_sum(ts, ws)), _bits(want))
+    # a first tensor of another dtype keeps its dtype, as before
+    assert core.weighted_sum([a.bfloat16(), b], [1.0, 1.0]).dtype == torch.bfloat16
