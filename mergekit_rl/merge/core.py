@@ -573,6 +573,27 @@ def hash_keep_mask(
     return mask.view(tuple(shape))
 
 
+def hash_keep(x: Tensor, density: float, key: int, *, offset: int = 0) -> Tensor:
+    """x * hash_keep_mask(x.shape, density, key, offset=offset) (DARE's drop), a new tensor.
+
+    The keep decisions are written as 1.0 / 0.0 in x's dtype chunk by chunk and multiplied in
+    while in cache: the same products as x * mask (bool promotes to exactly these), without the
+    bool tensor, whose compare and mixed-type multiply cost 3-4x more on the CPU.
+    """
+    if density >= 1.0:
+        return x.clone()
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    cut = 2 * keep_threshold(density) - (1 << 31)  # as in hash_keep_mask
+    keep = None
+    for pos, stop, words in _hash_chunks(flat.numel(), key, offset, x.device):
+        if keep is None:  # one chunk-sized buffer, reused
+            keep = torch.empty(words.numel(), dtype=x.dtype, device=x.device)
+        k = torch.lt(words.bitwise_xor_(-(1 << 31)), cut, out=keep[: stop - pos])
+        torch.mul(flat[pos:stop], k, out=out[pos:stop])
+    return out.view(x.shape)
+
+
 def hash_uniform(
     n: int, key: int, *, offset: int = 0, device: torch.device | str = "cpu"
 ) -> Tensor:

@@ -45,8 +45,7 @@ def bernoulli(
     """DARE: keep each entry independently with probability density. `offset`: flat index of
     delta's first entry in its tensor (row blocks get the entries' own bits)."""
     key = mask_key(seed, model_id, name)
-    mask = core.hash_keep_mask(delta.shape, density, key, offset=offset, device=delta.device)
-    return Kept(delta * mask, density)
+    return Kept(core.hash_keep(delta, density, key, offset=offset), density)
 
 
 def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:

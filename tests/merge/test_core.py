@@ -392,3 +392,22 @@ def test_weighted_sum_first_weight_one_is_bitwise_the_two_step_sum() -> None:
         assert torch.equal(_bits(core.weighted_sum(ts, ws)), _bits(want))
     # a first tensor of another dtype keeps its dtype, as before
     assert core.weighted_sum([a.bfloat16(), b], [1.0, 1.0]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk", [None, 333])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hash_keep_is_bitwise_x_times_the_keep_mask(chunk: int | None, dtype: torch.dtype) -> None:
+    x = torch.cat(_signed_deltas(3)).to(dtype).view(100, 100)
+    key = core.tensor_seed(0, "m", "w")
+    old = dict(core.HASH_CHUNK)
+    try:
+        if chunk is not None:
+            core.HASH_CHUNK["cpu"] = chunk
+        for density, off in ((0.5, 0), (0.1, 2**32 - 5000), (0.0, 7), (1.0, 0)):
+            want = x * core.hash_keep_mask(x.shape, density, key, offset=off)
+            got = core.hash_keep(x, density, key, offset=off)
+            assert got.shape == x.shape and got.dtype == dtype
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), density
+            assert got.data_ptr() != x.data_ptr()
+    finally:
+        core.HASH_CHUNK.update(old)
