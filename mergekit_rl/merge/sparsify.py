@@ -101,7 +101,10 @@ def della(
     probs = della_keep_prob(delta, density, epsilon)
     key = mask_key(seed, model_id, name)
     u = core.hash_uniform(delta.numel(), key, offset=offset, device=delta.device)
-    return Kept(delta * (u.view(delta.shape) < probs), probs)
+    # keep as 1.0 / 0.0 written over u (the products of delta * (u < probs), without a bool
+    # tensor and its slower mixed-type multiply)
+    keep = torch.lt(u.view(delta.shape), probs, out=u.view(delta.shape))
+    return Kept(delta * keep, probs)
 
 
 def rescale(delta: Tensor, kept: Kept, mode: str) -> Tensor:

@@ -69,3 +69,18 @@ def test_dare_masks_do_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+def test_dare_and_della_drop_bitwise_as_delta_times_the_bool_mask() -> None:
+    # the masks are applied as 1.0 / 0.0 factors: the same products, signed zeros included
+    g = torch.Generator().manual_seed(4)
+    d = torch.randn(96, 70, generator=g)
+    d[d.abs() < 0.3] = -0.0
+    key = sparsify.mask_key(7, "m0", "w")
+    dare = sparsify.bernoulli(d, 0.4, 7, "m0", "w").values
+    want = d * core.hash_keep_mask(d.shape, 0.4, key)
+    assert torch.equal(dare.view(torch.int32), want.view(torch.int32))
+    probs = sparsify.della_keep_prob(d, 0.5, 0.2)
+    u = core.hash_uniform(d.numel(), key).view(d.shape)
+    della = sparsify.della(d, 0.5, 0.2, 7, "m0", "w").values
+    assert torch.equal(della.view(torch.int32), (d * (u < probs)).view(torch.int32))
