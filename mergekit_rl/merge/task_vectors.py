@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -152,10 +153,14 @@ def task_vector_merge(
                 f"tensor '{ctx.name}': the model weights sum to {divisor:g}, so `normalize: "
                 "true` would divide by zero; set normalize: false or change the weights."
             )
+    lam = global_params.lambda_
+    if normalize and lam == 1.0 and isinstance(divisor, Tensor):
+        # base + mixed / divisor in one pass: the same quotient and sum as the steps below
+        return torch.addcdiv(base, mixed, divisor)
     if normalize:
         mixed /= divisor
-    if global_params.lambda_ != 1.0:  # x * 1 is x: skip the pass
-        mixed.mul_(global_params.lambda_)
+    if lam != 1.0:  # x * 1 is x: skip the pass
+        mixed.mul_(lam)
     return base + mixed
 
 
