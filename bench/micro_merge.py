@@ -6,7 +6,7 @@ The old tree's `mergekit_rl` is loaded under another package name, so both versi
 the same tensors in the same process (same allocator, cache and load). Tensors: task vectors of
 real bf16 checkpoints when bench/_work/0.5B exists (make_models.py; the 4096 x 1024 MLP
 tensor and the 32000 x 1024 embedding of m2, m3 over m1), else synthetic bf16-rounded ones of
-the same shapes. Cases: the whole TIES, DARE-TIES and DELLA merge of one tensor (the method
+the same shapes. Cases: the whole TIES, DARE-TIES, DELLA and slerp merge of one tensor (the method
 function the engine calls), and the pieces (magnitude prune, the DARE keep mask, DELLA's keep).
 Prints one Markdown table (old s, new s, new / old); JSON in bench/_work/micro-merge.json.
 """
@@ -101,6 +101,7 @@ def cases(pkg: ModuleType, base: torch.Tensor, xs: list[torch.Tensor]) -> dict[s
         "ties merge": lambda: methods["ties"].run(ctx, xs, base, params, {}),
         "dare_ties merge": lambda: methods["dare_ties"].run(ctx, xs, base, params, {}),
         "della merge": lambda: methods["della"].run(ctx, xs, base, params, {}),
+        "slerp merge": lambda: methods["slerp"].run(ctx, xs[:1], base, [{}], {"t": 0.5}),
         "magnitude_prune d=0.5": lambda: core.magnitude_prune(delta, 0.5),
         "magnitude_prune d=0.1": lambda: core.magnitude_prune(delta, 0.1),
         "DARE keep mask d=0.5": dare_mask,

@@ -60,11 +60,14 @@ def slerp(
     The angle comes from the flattened, L2-normalised tensors; the interpolation is applied to the
     unnormalised tensors. Nearly (anti)parallel tensors (|cos| > parallel_cos) fall back to lerp.
     """
-    a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+    # float64 copies that are ours, so the normalisation divides in place (no two more
+    # float64 temporaries: the same quotients)
+    a64 = a.reshape(-1).to(torch.float64, copy=True)
+    b64 = b.reshape(-1).to(torch.float64, copy=True)
     na, nb = a64.norm(), b64.norm()
     if na < eps or nb < eps:
         return lerp(a, b, t)
-    cos = float(torch.dot(a64 / na, b64 / nb).clamp(-1.0, 1.0))
+    cos = float(torch.dot(a64.div_(na), b64.div_(nb)).clamp(-1.0, 1.0))
     if abs(cos) > parallel_cos:
         return lerp(a, b, t)
     theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))

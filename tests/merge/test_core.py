@@ -411,3 +411,20 @@ def test_hash_keep_is_bitwise_x_times_the_keep_mask(chunk: int | None, dtype: to
             assert got.data_ptr() != x.data_ptr()
     finally:
         core.HASH_CHUNK.update(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slerp_is_bitwise_the_out_of_place_formula(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(300, 70, generator=g).to(dtype), torch.randn(300, 70, generator=g).to(dtype)
+    a0, b0 = a.clone(), b.clone()
+    for t in (0.0, 0.3, 0.5, 1.0):
+        a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+        cos = float(torch.dot(a64 / a64.norm(), b64 / b64.norm()).clamp(-1.0, 1.0))
+        theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
+        s0 = float(torch.sin((1.0 - t) * theta) / torch.sin(theta))
+        s1 = float(torch.sin(t * theta) / torch.sin(theta))
+        want = a * s0 + b * s1
+        got = core.slerp(a, b, t)
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(a, a0) and torch.equal(b, b0)  # the inputs are not divided in place
