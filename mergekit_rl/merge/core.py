@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,21 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """sum_i w_i * x_i, accumulated in place (one extra tensor of memory)."""
     if len(tensors) != len(weights) or not tensors:
         raise ValueError("weighted_sum needs one weight per tensor and at least one tensor")
-    out = tensors[0] * weights[0]
-    for x, w in zip(tensors[1:], weights[1:], strict=True):
+    first, rest = 1, tensors[0]
+    if len(tensors) > 1 and float(weights[0]) == 1.0 and _same_layout(tensors[0], tensors[1]):
+        # x_0 * 1 is x_0 exactly, so the first add can write the new tensor: one pass less
+        out = torch.add(rest, tensors[1], alpha=float(weights[1]))
+        first = 2
+    else:
+        out = rest * weights[0]
+    for x, w in zip(tensors[first:], weights[first:], strict=True):
         out.add_(x, alpha=float(w))
     return out
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and device: `torch.add(a, b)` has a's type and shape."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
 
 
 def lerp(a: Tensor, b: Tensor, t: float | Tensor) -> Tensor:
@@ -50,11 +62,14 @@ def slerp(
     The angle comes from the flattened, L2-normalised tensors; the interpolation is applied to the
     unnormalised tensors. Nearly (anti)parallel tensors (|cos| > parallel_cos) fall back to lerp.
     """
-    a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+    # float64 copies that are ours, so the normalisation divides in place (no two more
+    # float64 temporaries: the same quotients)
+    a64 = a.reshape(-1).to(torch.float64, copy=True)
+    b64 = b.reshape(-1).to(torch.float64, copy=True)
     na, nb = a64.norm(), b64.norm()
     if na < eps or nb < eps:
         return lerp(a, b, t)
-    cos = float(torch.dot(a64 / na, b64 / nb).clamp(-1.0, 1.0))
+    cos = float(torch.dot(a64.div_(na), b64.div_(nb)).clamp(-1.0, 1.0))
     if abs(cos) > parallel_cos:
         return lerp(a, b, t)
     theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
@@ -118,6 +133,21 @@ def magnitude_bits(x: Tensor) -> Tensor:
     return x.reshape(-1).float().view(torch.int32) & 0x7FFFFFFF
 
 
+def magnitude_words(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(bits, hi) of a float32 block, flat: the int32 bits of |x| (`magnitude_bits`) and their
+    top 16 bits (the radix select's first digit, in [0, 2**15)).
+
+    On a little-endian host the top half of each int32 word is its second int16, so hi is a
+    strided view of |x| made contiguous: 40% cheaper than a mask and a shift over int32 words,
+    and half the memory. Elsewhere (accelerators, big-endian hosts) the plain integer ops.
+    """
+    if x.device.type == "cpu" and sys.byteorder == "little":
+        mag = x.reshape(-1).float().abs()  # |x|: its bits are x's with the sign bit cleared
+        return mag.view(torch.int32), mag.view(torch.int16)[1::2].contiguous()
+    bits = magnitude_bits(x)
+    return bits, bits >> 16
+
+
 def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
     """(bin b holding the k-th largest entry of a histogram, entries in bins above b)."""
     above = hist.flip(0).cumsum(0).flip(0)  # above[b]: entries in bins >= b (non-increasing)
@@ -144,8 +174,7 @@ def _radix_select(
     """`radix_select`, plus the flat indices of the ties when there was a single block."""
     hist, cached, n_blocks = None, None, 0
     for blk in blocks():
-        bits = magnitude_bits(blk)
-        hi = bits >> 16
+        bits, hi = magnitude_words(blk)
         h = torch.bincount(hi, minlength=_HI_BINS)
         hist = h if hist is None else hist.add_(h)
         cached, n_blocks = (bits, hi), n_blocks + 1
@@ -158,7 +187,7 @@ def _radix_select(
         inside = bits[where]
     else:
         cached = None
-        inside = torch.cat([b[(b >> 16) == bucket] for b in map(magnitude_bits, blocks())])
+        inside = torch.cat([b[h == bucket] for b, h in map(magnitude_words, blocks())])
     kth, is_tie, n_above, n_equal = _finish_select(inside, k, bucket, n_higher)
     return kth, n_above, n_equal, None if where is None else where[is_tie]
 
@@ -192,14 +221,14 @@ def magnitude_cuts(
     hists: dict[int, Tensor] = {}
     for blk in blocks():
         for i in live:
-            h = torch.bincount(magnitude_bits(blk[i]) >> 16, minlength=_HI_BINS)
+            h = torch.bincount(magnitude_words(blk[i])[1], minlength=_HI_BINS)
             hists[i] = hists[i].add_(h) if i in hists else h
     tops = {i: _top_bin(hists[i], ks[i]) for i in live}
     insides: dict[int, list[Tensor]] = {i: [] for i in live}
     for blk in blocks():
         for i in live:
-            bits = magnitude_bits(blk[i])
-            insides[i].append(bits[(bits >> 16) == tops[i][0]])
+            bits, hi = magnitude_words(blk[i])
+            insides[i].append(bits[hi == tops[i][0]])
     cuts = []
     for i, k in enumerate(ks):
         if k >= numel:
@@ -466,9 +495,11 @@ def tensor_seed(seed: int, *keys: str) -> int:
 # tests against a pure-Python reference), and `(x >> 16) & 0xFFFF` is the logical shift.
 _M32 = 0xFFFFFFFF
 _MIX = (0x7FEB352D, 0x846CA68B)  # odd multipliers with good avalanche (hash-prospector)
-# elements hashed per chunk: small on the CPU (the int32 temporaries stay in cache), large on
-# accelerators (one kernel per op per chunk)
-HASH_CHUNK = {"cpu": 1 << 15}
+# elements hashed per chunk: on the CPU 2 MB of int32 words (and as much scratch), which keeps
+# them in cache while making the ~25 ops per chunk few enough that their dispatch cost is small
+# (1 << 19 measured 2x faster than 1 << 15, 1 thread, 4M entries); large on accelerators (one
+# kernel per op per chunk)
+HASH_CHUNK = {"cpu": 1 << 19}
 HASH_CHUNK_DEFAULT = 1 << 24
 
 
@@ -487,11 +518,14 @@ def mix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def _mix32_(x: Tensor) -> Tensor:
-    """`mix32` on an int32 tensor, in place."""
+def _mix32_(x: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """`mix32` on an int32 tensor, in place; `scratch` (int32, x's shape) holds the shifted
+    word, so a loop over chunks allocates nothing."""
+    t = torch.empty_like(x) if scratch is None else scratch
     for mult in _MIX:
-        x.bitwise_xor_((x >> 16) & 0xFFFF).mul_(_s32(mult))
-    return x.bitwise_xor_((x >> 16) & 0xFFFF)
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+        x.mul_(_s32(mult))
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
 
 
 def _chunk_words(key: int, hi: int) -> tuple[int, int, int]:
@@ -518,7 +552,7 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
     """
     device = torch.device(device)
     out = torch.empty(n, dtype=torch.int32, device=device)
-    if native.usable(out):  # one C loop per 2**32 block instead of ~25 torch passes
+    if native.usable(out):  # one C loop per 2**32 block (threads split it) for ~25 torch ops
         pos = 0
         while pos < n:
             first = offset + pos
@@ -526,7 +560,32 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
             native.hash_u32(out[pos:stop], *_chunk_words(key, first >> 32), first & _M32)
             pos = stop
         return out
-    chunk = HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT)
+    for _ in _hash_chunks(n, key, offset, device, out):
+        pass  # each chunk is hashed in place in out
+    return out
+
+
+def _hash_chunks(
+    n: int, key: int, offset: int, device: torch.device, out: Tensor | None = None
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Hash elements offset .. offset + n - 1 chunk by chunk: yields (pos, stop, words), words
+    the int32 hashes of elements offset + pos .. offset + stop - 1, written into out[pos:stop]
+    when out [n] is given, else into one chunk-sized buffer that the next chunk overwrites
+    (callers that reduce each chunk to something smaller never hold all n words). On the host
+    each chunk is one C loop (`native.hash_u32`) when the kernels are there."""
+    chunk = min(n, HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT))
+    buf = torch.empty(chunk, dtype=torch.int32, device=device) if out is None else None
+    if device.type == "cpu" and native.library() is not None:
+        pos = 0
+        while pos < n:
+            first = offset + pos
+            stop = min(n, pos + chunk, (((first >> 32) + 1) << 32) - offset)
+            words = out[pos:stop] if out is not None else buf[: stop - pos]  # type: ignore[index]
+            native.hash_u32(words, *_chunk_words(key, first >> 32), first & _M32)
+            yield pos, stop, words
+            pos = stop
+        return
+    scratch = torch.empty(chunk, dtype=torch.int32, device=device)
     pos, steps, steps_hi = 0, None, None
     while pos < n:
         first = offset + pos
@@ -534,14 +593,17 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
         stop = min(n, pos + chunk, ((hi + 1) << 32) - offset)  # never straddle a 2**32 block
         a, b, d = _chunk_words(key, hi)
         if steps is None or steps_hi != hi:  # a * j for j < chunk, once per 2**32 block
-            steps = torch.arange(min(chunk, n), dtype=torch.int32, device=device).mul_(_s32(a))
+            steps = torch.arange(chunk, dtype=torch.int32, device=device).mul_(_s32(a))
             steps_hi = hi
         # a * (lo + j) + b = a * j + (a * lo + b), mod 2**32: one add per element, written in
         # place into the output, then mixed there
-        c = torch.add(steps[: stop - pos], _s32(a * (first & _M32) + b), out=out[pos:stop])
-        _mix32_(_mix32_(c).bitwise_xor_(_s32(d)))
+        m = stop - pos
+        words = out[pos:stop] if out is not None else buf[:m]  # type: ignore[index]
+        c = torch.add(steps[:m], _s32(a * (first & _M32) + b), out=words)
+        t = scratch[:m]
+        _mix32_(_mix32_(c, t).bitwise_xor_(_s32(d)), t)
+        yield pos, stop, c
         pos = stop
-    return out
 
 
 def keep_threshold(density: float) -> int:
@@ -557,20 +619,52 @@ def hash_keep_mask(
     offset: int = 0,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """I.i.d. Bernoulli(density) keep mask (bool, shape) from `hash_bits`; exact on every device."""
+    """I.i.d. Bernoulli(density) keep mask (bool, shape) from `hash_bits`; exact on every device.
+
+    Entry i is kept when the top 31 bits of its word, (word >>> 1), are below
+    `keep_threshold(density)` = T, i.e. when the word as an unsigned number is below 2T; with
+    the sign bit flipped (word ^ 2**31) that is a signed int32 comparison with 2T - 2**31.
+    Compared chunk by chunk as the words are made: no [n] int32 tensor is held.
+    """
     if density >= 1.0:  # the cut 2**31 does not fit the int32 comparison
         return torch.ones(tuple(shape), dtype=torch.bool, device=device)
-    bits = hash_bits(math.prod(shape), key, offset=offset, device=device)
-    top31 = (bits >> 1) & 0x7FFFFFFF  # the word's top 31 bits, as a non-negative int32
-    return (top31 < keep_threshold(density)).view(tuple(shape))
+    n = math.prod(shape)
+    mask = torch.empty(n, dtype=torch.bool, device=device)
+    cut = 2 * keep_threshold(density) - (1 << 31)  # in [-2**31, 2**31 - 2]
+    for pos, stop, words in _hash_chunks(n, key, offset, torch.device(device)):
+        torch.lt(words.bitwise_xor_(-(1 << 31)), cut, out=mask[pos:stop])
+    return mask.view(tuple(shape))
+
+
+def hash_keep(x: Tensor, density: float, key: int, *, offset: int = 0) -> Tensor:
+    """x * hash_keep_mask(x.shape, density, key, offset=offset) (DARE's drop), a new tensor.
+
+    The keep decisions are written as 1.0 / 0.0 in x's dtype chunk by chunk and multiplied in
+    while in cache: the same products as x * mask (bool promotes to exactly these), without the
+    bool tensor, whose compare and mixed-type multiply cost 3-4x more on the CPU.
+    """
+    if density >= 1.0:
+        return x.clone()
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    cut = 2 * keep_threshold(density) - (1 << 31)  # as in hash_keep_mask
+    keep = None
+    for pos, stop, words in _hash_chunks(flat.numel(), key, offset, x.device):
+        if keep is None:  # one chunk-sized buffer, reused
+            keep = torch.empty(words.numel(), dtype=x.dtype, device=x.device)
+        k = torch.lt(words.bitwise_xor_(-(1 << 31)), cut, out=keep[: stop - pos])
+        torch.mul(flat[pos:stop], k, out=out[pos:stop])
+    return out.view(x.shape)
 
 
 def hash_uniform(
     n: int, key: int, *, offset: int = 0, device: torch.device | str = "cpu"
 ) -> Tensor:
     """Uniform float32 in [0, 1) on a 2**-24 grid from the word's top 24 bits (exact anywhere)."""
-    top24 = (hash_bits(n, key, offset=offset, device=device) >> 8) & 0xFFFFFF
-    return top24.to(torch.float32) * 2.0**-24
+    u = torch.empty(n, dtype=torch.float32, device=device)
+    for pos, stop, words in _hash_chunks(n, key, offset, torch.device(device)):
+        u[pos:stop].copy_(words.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF))  # exact: < 2**24
+    return u.mul_(2.0**-24)
 
 
 def elect_sign(deltas: Tensor | Sequence[Tensor]) -> Tensor:
@@ -592,23 +686,42 @@ def agrees_with(delta: Tensor, sign: Tensor) -> Tensor:
     return (delta * sign) > 0  # exact: sign is +-1, so the product only flips the sign bit
 
 
-def sign_consensus_(weighted: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+def sign_consensus_(
+    weighted: Sequence[Tensor], weights: Sequence[float], *, with_divisor: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """TIES mixing of weighted deltas w_i * delta_i: elect the sign (elect_sign), keep in each
     term the entries that agree with it (agrees_with), and return
 
-        (sum_i of the agreeing entries, per-entry sum of w_i over the agreeing terms).
+        (sum_i of the agreeing entries, per-entry sum of w_i over the agreeing terms),
 
-    Fused and in place: the input tensors are overwritten (the name ends in an underscore).
+    the second None when not `with_divisor` (a merge that does not normalize skips its two
+    passes per term). Fused and in place: the input tensors are overwritten (the name ends in
+    an underscore).
     """
     sign = elect_sign(weighted)
     mixed = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign)
-    scratch = torch.empty_like(sign)
+    divisor = torch.zeros_like(sign) if with_divisor else None
+    scratch = torch.empty_like(sign) if with_divisor else None
     for d, w in zip(weighted, weights, strict=True):
         d.mul_(sign).clamp_min_(0.0)  # |d| where d agrees with sign, else 0
         mixed.add_(d)
-        divisor.add_(torch.sign(d, out=scratch), alpha=float(w))  # 1 where it agreed
+        if divisor is not None:
+            divisor.add_(torch.sign(d, out=scratch), alpha=float(w))  # 1 where it agreed
     return mixed.mul_(sign), divisor
+
+
+def nonzero_divisor_(divisor: Tensor, weights: Sequence[float]) -> Tensor:
+    """The TIES divisor with its zeros (no term agreed there, or agreeing weights summing to 0)
+    replaced by 1, in place, for dividing the mixed sum by it.
+
+    With every weight > 0 a nonzero entry is a sum of weights, so at least min(w), and a zero
+    one only occurs where no term agreed, where the mixed sum is +-0 and any positive divisor
+    leaves it as it is: one clamp to min(w) then divides exactly like the replacement by 1,
+    and is 5-10x cheaper on the CPU than a compare and a masked fill.
+    """
+    if weights and min(weights) > 0.0:
+        return divisor.clamp_min_(min(weights))
+    return divisor.masked_fill_(divisor == 0, 1.0)
 
 
 # Rows of this many entries are each summed by one thread (below torch's parallel grain size).

@@ -45,8 +45,7 @@ def bernoulli(
     """DARE: keep each entry independently with probability density. `offset`: flat index of
     delta's first entry in its tensor (row blocks get the entries' own bits)."""
     key = mask_key(seed, model_id, name)
-    mask = core.hash_keep_mask(delta.shape, density, key, offset=offset, device=delta.device)
-    return Kept(delta * mask, density)
+    return Kept(core.hash_keep(delta, density, key, offset=offset), density)
 
 
 def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
@@ -69,6 +68,9 @@ def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
     return Kept(kept, density)
 
 
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
 def della_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """DELLA (MAGPRUNE) keep probabilities: within each row (last dimension), entries ranked by
     |delta| get probabilities spread linearly from density - epsilon (smallest) to
@@ -77,7 +79,12 @@ def della_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """
     rows = delta.reshape(1, 1) if delta.dim() == 0 else delta.reshape(-1, delta.shape[-1])
     r, d = rows.shape
-    order = torch.sort(rows.abs(), dim=-1, stable=True).indices  # [R, D] ascending |delta|
+    mag = rows.abs()
+    # non-negative floats order like their bit patterns as integers, ties included, so a stable
+    # integer sort gives the same permutation (1.5x faster on the CPU, float32)
+    as_int = _SAME_WIDTH_INT.get(mag.dtype)
+    keys = mag if as_int is None else mag.view(as_int)
+    order = torch.sort(keys, dim=-1, stable=True).indices  # [R, D] ascending |delta|
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(d, device=delta.device).expand(r, d))
     frac = ranks.float() / (d - 1) if d > 1 else torch.full_like(rows, 0.5)  # [R, D] in [0, 1]
@@ -102,7 +109,10 @@ def della(
     probs = della_keep_prob(delta, density, epsilon)
     key = mask_key(seed, model_id, name)
     u = core.hash_uniform(delta.numel(), key, offset=offset, device=delta.device)
-    return Kept(delta * (u.view(delta.shape) < probs), probs)
+    # keep as 1.0 / 0.0 written over u (the products of delta * (u < probs), without a bool
+    # tensor and its slower mixed-type multiply)
+    keep = torch.lt(u.view(delta.shape), probs, out=u.view(delta.shape))
+    return Kept(delta * keep, probs)
 
 
 def rescale(delta: Tensor, kept: Kept, mode: str) -> Tensor:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -137,22 +138,30 @@ def task_vector_merge(
             delta = sparsify.rescale(delta, kept, mode) if rescale else kept.values  # 3
         weighted.append(delta.mul_(p.weight))  # 4
 
+    normalize = global_params.normalize
     if elect:
         # 5-6: sum of the entries agreeing with the elected sign; per-entry divisor is the sum
-        # of the weights of the models that contributed there (0 -> 1)
-        mixed, divisor = core.sign_consensus_(weighted, weights)
-        divisor = divisor.masked_fill_(divisor == 0, 1.0)
+        # of the weights of the models that contributed there (0 -> 1), needed to normalize
+        mixed, divisor = core.sign_consensus_(weighted, weights, with_divisor=normalize)
+        if divisor is not None:
+            divisor = core.nonzero_divisor_(divisor, weights)
     else:
         mixed = core.weighted_sum(weighted, [1.0] * len(weighted))  # 6
         divisor = sum(weights)
-        if global_params.normalize and abs(divisor) < 1e-8:
+        if normalize and abs(divisor) < 1e-8:
             raise UsageError(
                 f"tensor '{ctx.name}': the model weights sum to {divisor:g}, so `normalize: "
                 "true` would divide by zero; set normalize: false or change the weights."
             )
-    if global_params.normalize:
+    lam = global_params.lambda_
+    if normalize and lam == 1.0 and isinstance(divisor, Tensor):
+        # base + mixed / divisor in one pass: the same quotient and sum as the steps below
+        return torch.addcdiv(base, mixed, divisor)
+    if normalize:
         mixed /= divisor
-    return base + mixed.mul_(global_params.lambda_)
+    if lam != 1.0:  # x * 1 is x: skip the pass
+        mixed.mul_(lam)
+    return base + mixed
 
 
 def _method(

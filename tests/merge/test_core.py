@@ -112,6 +112,8 @@ def test_radix_select_counts_match_sort(
 ) -> None:
     if accelerator_path:  # the integer-histogram finish CUDA uses, run on the CPU
         monkeypatch.setattr(core, "KTHVALUE_BUCKET_DEVICES", ())
+        # and the digits from integer ops (the int16-view shortcut is for little-endian hosts)
+        monkeypatch.setattr(core.sys, "byteorder", "big")
     x = _bf16_delta(100_000, seed=k)
     bits, n_above, n_equal = core.radix_select(lambda: (x,), k)
     kth = x.abs().sort(descending=True).values[k - 1]
@@ -281,6 +283,35 @@ def test_hash_keep_mask_density_and_exact_edges():
     assert bool((small <= big).all())
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 333])
+def test_hash_keep_mask_and_uniform_match_the_python_reference(chunk: int | None) -> None:
+    # the mask compares the word's top 31 bits with keep_threshold, and the uniform is the top
+    # 24 bits / 2**24, whatever the chunking; offsets across the 2**32 boundary included
+    key = core.tensor_seed(5, "m", "w")
+    old = dict(core.HASH_CHUNK)
+    try:
+        if chunk is not None:
+            core.HASH_CHUNK["cpu"] = chunk
+        for off, n in ((0, 1000), (2**32 - 300, 600)):
+            words = [core.hash_word(key, off + i) for i in range(n)]
+            for density in (0.0, 1e-9, 0.1, 0.5, 0.7, 1.0 - 1e-9):
+                cut = core.keep_threshold(density)
+                ref = torch.tensor([(w >> 1) < cut for w in words])
+                got = core.hash_keep_mask((n,), density, key, offset=off)
+                assert torch.equal(got, ref), (off, density)
+            u_ref = torch.tensor([(w >> 8) * 2.0**-24 for w in words], dtype=torch.float32)
+            assert torch.equal(core.hash_uniform(n, key, offset=off), u_ref)
+    finally:
+        core.HASH_CHUNK.update(old)
+    # at the cut exactly: a density whose threshold equals an entry's top 31 bits drops that
+    # entry, one step higher keeps it (an off-by-one in the comparison fails here)
+    for i in (3, 500, 999):
+        top31 = core.hash_word(key, i) >> 1
+        for t, kept in ((top31, False), (top31 + 1, True)):
+            assert core.keep_threshold(t / 2**31) == t
+            assert bool(core.hash_keep_mask((1000,), t / 2**31, key)[i]) == kept
+
+
 def test_hash_uniform_grid():
     u = core.hash_uniform(1 << 16, core.tensor_seed(1, "x"))
     assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
@@ -316,3 +347,84 @@ def test_nonzero_flat_on_views_that_start_mid_word() -> None:
     for start in (0, 3, 8, 11):
         view = base[start:]
         assert core.nonzero_flat(view).tolist() == view.nonzero().squeeze(1).tolist()
+
+
+# ---- exactness of the fast paths (the outputs are pinned bit for bit) -------------------------
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)  # signed zeros and NaN payloads included
+
+
+def _signed_deltas(seed: int) -> list[torch.Tensor]:
+    """Two weighted deltas with exact zeros of both signs and many disagreements."""
+    g = torch.Generator().manual_seed(seed)
+    ds = [torch.randn(5000, generator=g) for _ in range(2)]
+    for d in ds:
+        d[torch.rand(5000, generator=g) < 0.4] = 0.0
+        d[torch.rand(5000, generator=g) < 0.2] = -0.0
+    return ds
+
+
+@pytest.mark.parametrize("weights", [[0.3, 0.7], [1.0, 1.0], [1.0, -1.0], [0.5, 0.0]])
+def test_nonzero_divisor_divides_exactly_like_replacing_zeros_by_one(weights: list[float]) -> None:
+    ds = _signed_deltas(1)
+    weighted = [d * w for d, w in zip(ds, weights, strict=True)]
+    mixed, divisor = core.sign_consensus_(weighted, weights)
+    assert divisor is not None and bool((divisor == 0).any())
+    want = mixed / divisor.clone().masked_fill_(divisor == 0, 1.0)
+    got = mixed / core.nonzero_divisor_(divisor.clone(), weights)
+    assert torch.equal(_bits(got), _bits(want))
+    # without the divisor, the same mixed sum
+    again, none = core.sign_consensus_(
+        [d * w for d, w in zip(ds, weights, strict=True)], weights, with_divisor=False
+    )
+    assert none is None and torch.equal(_bits(again), _bits(mixed))
+
+
+def test_weighted_sum_first_weight_one_is_bitwise_the_two_step_sum() -> None:
+    a, b, c = _signed_deltas(2) + [torch.randn(5000)]
+    for ws in ([1.0, 1.0], [1.0, 0.3, -2.0], [0.5, 1.0]):
+        ts = [a, b, c][: len(ws)]
+        want = ts[0] * ws[0]
+        for x, w in zip(ts[1:], ws[1:], strict=True):
+            want.add_(x, alpha=w)
+        assert torch.equal(_bits(core.weighted_sum(ts, ws)), _bits(want))
+    # a first tensor of another dtype keeps its dtype, as before
+    assert core.weighted_sum([a.bfloat16(), b], [1.0, 1.0]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk", [None, 333])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hash_keep_is_bitwise_x_times_the_keep_mask(chunk: int | None, dtype: torch.dtype) -> None:
+    x = torch.cat(_signed_deltas(3)).to(dtype).view(100, 100)
+    key = core.tensor_seed(0, "m", "w")
+    old = dict(core.HASH_CHUNK)
+    try:
+        if chunk is not None:
+            core.HASH_CHUNK["cpu"] = chunk
+        for density, off in ((0.5, 0), (0.1, 2**32 - 5000), (0.0, 7), (1.0, 0)):
+            want = x * core.hash_keep_mask(x.shape, density, key, offset=off)
+            got = core.hash_keep(x, density, key, offset=off)
+            assert got.shape == x.shape and got.dtype == dtype
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), density
+            assert got.data_ptr() != x.data_ptr()
+    finally:
+        core.HASH_CHUNK.update(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slerp_is_bitwise_the_out_of_place_formula(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(300, 70, generator=g).to(dtype), torch.randn(300, 70, generator=g).to(dtype)
+    a0, b0 = a.clone(), b.clone()
+    for t in (0.0, 0.3, 0.5, 1.0):
+        a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+        cos = float(torch.dot(a64 / a64.norm(), b64 / b64.norm()).clamp(-1.0, 1.0))
+        theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
+        s0 = float(torch.sin((1.0 - t) * theta) / torch.sin(theta))
+        s1 = float(torch.sin(t * theta) / torch.sin(theta))
+        want = a * s0 + b * s1
+        got = core.slerp(a, b, t)
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(a, a0) and torch.equal(b, b0)  # the inputs are not divided in place

@@ -322,6 +322,47 @@ def test_ties(density: float, rescale: bool) -> None:
     assert_matches(got, want)
 
 
+def _ties_stepwise(
+    xs: list[Tensor], base: Tensor, ws: list[float], density: float, lam: float, normalize: bool
+) -> Tensor:
+    """TIES as the separate float32 steps it was first written as (cut, weight, elect, mix,
+    replace zero divisors by 1, divide, times lambda, add base): the fused paths must give
+    these exact bits."""
+    weighted = []
+    for x, w in zip(xs, ws, strict=True):
+        d = x - base
+        weighted.append(
+            core.apply_cut_(d, core.magnitude_cut(d, d.numel(), int(density * d.numel()))) * w
+        )
+    total = weighted[0] * 1.0
+    for d in weighted[1:]:
+        total.add_(d)
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    mixed, divisor = torch.zeros_like(sign), torch.zeros_like(sign)
+    for d, w in zip(weighted, ws, strict=True):
+        a = (d * sign).clamp_min(0.0)
+        mixed.add_(a)
+        divisor.add_(torch.sign(a), alpha=w)
+    mixed.mul_(sign)
+    if normalize:
+        mixed /= divisor.masked_fill(divisor == 0, 1.0)
+    return base + mixed * lam
+
+
+@pytest.mark.parametrize("ws", [[1.0, 0.6, 0.8], [1.0, -0.5, 0.3], [0.5, 0.5, 0.5]])
+@pytest.mark.parametrize("lam", [1.0, 0.9])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_is_bitwise_the_stepwise_formula(ws: list[float], lam: float, normalize: bool) -> None:
+    xs, base = family(3, shape=(64, 50))
+    for x in xs:  # exact zeros of both signs in the deltas, and many disagreements
+        x[::3] = base[::3]
+        x[1::7] = -x[1::7]
+    mps = [{"weight": w, "density": 0.6} for w in ws]
+    got = merge("ties", xs, base, mps, {"lambda": lam, "normalize": normalize})
+    want = _ties_stepwise(xs, base, ws, 0.6, lam, normalize)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_ties_exact_cancellation_elects_plus() -> None:
     # w = [1, -1] on identical models: the weighted deltas cancel exactly, the sum is 0 and the
     # elected sign is +, so every entry keeps the positive term: base + |delta|

@@ -69,3 +69,30 @@ def test_dare_masks_do_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+def test_dare_and_della_drop_bitwise_as_delta_times_the_bool_mask() -> None:
+    # the masks are applied as 1.0 / 0.0 factors: the same products, signed zeros included
+    g = torch.Generator().manual_seed(4)
+    d = torch.randn(96, 70, generator=g)
+    d[d.abs() < 0.3] = -0.0
+    key = sparsify.mask_key(7, "m0", "w")
+    dare = sparsify.bernoulli(d, 0.4, 7, "m0", "w").values
+    want = d * core.hash_keep_mask(d.shape, 0.4, key)
+    assert torch.equal(dare.view(torch.int32), want.view(torch.int32))
+    probs = sparsify.della_keep_prob(d, 0.5, 0.2)
+    u = core.hash_uniform(d.numel(), key).view(d.shape)
+    della = sparsify.della(d, 0.5, 0.2, 7, "m0", "w").values
+    assert torch.equal(della.view(torch.int32), (d * (u < probs)).view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_della_ranks_from_the_integer_sort_equal_the_float_sort(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    d = (torch.randint(-40, 40, (37, 300), generator=g) * 0.125).to(dtype)  # many ties, zeros
+    d[d == 0.5] = float("-0.0")
+    got = sparsify.della_keep_prob(d, 0.5, 0.2)
+    order = torch.sort(d.abs(), dim=-1, stable=True).indices  # the float sort, as before
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(300).expand(37, 300))
+    want = ((0.5 - 0.2) + 0.4 * (ranks.float() / 299)).clamp(0.0, 1.0)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
