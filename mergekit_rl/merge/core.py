@@ -575,7 +575,7 @@ def _hash_chunks(
     each chunk is one C loop (`native.hash_u32`) when the kernels are there."""
     chunk = min(n, HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT))
     buf = torch.empty(chunk, dtype=torch.int32, device=device) if out is None else None
-    if device.type == "cpu" and native.library() is not None:
+    if native.usable(out if out is not None else buf):  # type: ignore[arg-type]
         pos = 0
         while pos < n:
             first = offset + pos

@@ -183,3 +183,27 @@ def test_stochastic_add_at_is_the_same_on_both_paths(monkeypatch) -> None:
         assert torch.equal(flat.view(torch.int16), expected.view(torch.int16))
     moved = (results[0] != base).sum()
     assert 0 < moved < 5000  # some sums rounded up or down to a neighbour, most stayed
+
+
+def test_hash_masks_and_uniforms_are_the_same_on_both_paths(monkeypatch) -> None:
+    key = core.tensor_seed(9, "m", "t")
+    shape, n = (300, 1001), 300 * 1001
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for use_native in ([True] if native.library() else []) + [False]:
+        if not use_native:
+            fallback(monkeypatch)
+        runs.append(
+            (
+                core.hash_keep_mask(shape, 0.3, key, offset=5),
+                core.hash_keep(x, 0.3, key),
+                core.hash_uniform(n, key, offset=2**32 - 1000),  # across the 2**32 boundary
+            )
+        )
+    for a, b in zip(runs[0], runs[-1], strict=True):
+        assert torch.equal(a, b)
+    mask, kept, u = runs[0]
+    words = (core.hash_bits(50, key, offset=5).long() & 0xFFFFFFFF) >> 1
+    assert mask.reshape(-1)[:50].tolist() == (words < core.keep_threshold(0.3)).tolist()
+    assert torch.equal(kept, x * core.hash_keep_mask(shape, 0.3, key))
+    assert float(u.min()) >= 0 and float(u.max()) < 1
