@@ -72,6 +72,31 @@ def test_bench_io_and_merge_record_every_run(work: Path) -> None:
 
 
 @pytest.mark.slow
+def test_compare_commits_runs_each_tree_and_digests_its_outputs(work: Path) -> None:
+    repo = str(BENCH.parent)  # the same tree twice: the same outputs, bit for bit
+    args = ["--tree", f"a={repo}", "--tree", f"b={repo}", "--size", "micro", "--repeats", "1"]
+    run_script(work, "compare_commits.py", *args, "--methods", "linear", "ties", "--threads", "1")
+    data = json.loads((work / "compare-micro.json").read_text())
+    assert sorted((r["method"], r["side"]) for r in data["runs"]) == [
+        ("linear", "a"),
+        ("linear", "b"),
+        ("ties", "a"),
+        ("ties", "b"),
+    ]
+    for method in ("linear", "ties"):
+        rows = {r["tree"]: r for r in data["rows"] if r["method"] == method}
+        assert rows["a"]["digests"] == rows["b"]["digests"] and len(rows["a"]["digests"]) == 1
+        assert rows["b"]["cpu_ratio"] == pytest.approx(
+            rows["b"]["cpu_s"] / rows["a"]["cpu_s"], abs=0.01
+        )
+        assert rows["a"]["engine_s"] > 0
+    linear, ties = (data["rows"][0]["digests"], data["rows"][2]["digests"])
+    assert linear != ties  # the digest sees the tensors
+    assert data["machine"]["run threads"] == "1"
+    assert not (work / "out" / "compare").exists()  # outputs are removed after every run
+
+
+@pytest.mark.slow
 def test_bench_optim_counts_adamw_state_exactly(work: Path) -> None:
     run_script(
         work, "bench_optim.py", "--size", "tiny", "--rounds", "1", "--steps", "2", "--no-cold"

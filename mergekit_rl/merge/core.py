@@ -641,7 +641,7 @@ def hash_keep(x: Tensor, density: float, key: int, *, offset: int = 0) -> Tensor
 
     The keep decisions are written as 1.0 / 0.0 in x's dtype chunk by chunk and multiplied in
     while in cache: the same products as x * mask (bool promotes to exactly these), without the
-    bool tensor, whose compare and mixed-type multiply cost 3-4x more on the CPU.
+    bool tensor, whose compare and mixed-type multiply cost 2.5x and 5.5x more on the CPU.
     """
     if density >= 1.0:
         return x.clone()
@@ -717,7 +717,7 @@ def nonzero_divisor_(divisor: Tensor, weights: Sequence[float]) -> Tensor:
     With every weight > 0 a nonzero entry is a sum of weights, so at least min(w), and a zero
     one only occurs where no term agreed, where the mixed sum is +-0 and any positive divisor
     leaves it as it is: one clamp to min(w) then divides exactly like the replacement by 1,
-    and is 5-10x cheaper on the CPU than a compare and a masked fill.
+    and costs 0.6 ms per 4M entries on the CPU against 9 ms for a compare and a masked fill.
     """
     if weights and min(weights) > 0.0:
         return divisor.clamp_min_(min(weights))
