@@ -552,14 +552,6 @@ def hash_bits(n: int, key: int, *, offset: int = 0, device: torch.device | str =
     """
     device = torch.device(device)
     out = torch.empty(n, dtype=torch.int32, device=device)
-    if native.usable(out):  # one C loop per 2**32 block (threads split it) for ~25 torch ops
-        pos = 0
-        while pos < n:
-            first = offset + pos
-            stop = min(n, (((first >> 32) + 1) << 32) - offset)
-            native.hash_u32(out[pos:stop], *_chunk_words(key, first >> 32), first & _M32)
-            pos = stop
-        return out
     for _ in _hash_chunks(n, key, offset, device, out):
         pass  # each chunk is hashed in place in out
     return out
@@ -572,14 +564,17 @@ def _hash_chunks(
     the int32 hashes of elements offset + pos .. offset + stop - 1, written into out[pos:stop]
     when out [n] is given, else into one chunk-sized buffer that the next chunk overwrites
     (callers that reduce each chunk to something smaller never hold all n words). On the host
-    each chunk is one C loop (`native.hash_u32`) when the kernels are there."""
+    each chunk is one C loop (`native.hash_u32`) when the kernels are there; writing into out,
+    a chunk is a whole 2**32 block (the loop splits it across threads itself)."""
     chunk = min(n, HASH_CHUNK.get(device.type, HASH_CHUNK_DEFAULT))
     buf = torch.empty(chunk, dtype=torch.int32, device=device) if out is None else None
     if native.usable(out if out is not None else buf):  # type: ignore[arg-type]
         pos = 0
         while pos < n:
             first = offset + pos
-            stop = min(n, pos + chunk, (((first >> 32) + 1) << 32) - offset)
+            stop = min(n, (((first >> 32) + 1) << 32) - offset)  # never straddle a 2**32 block
+            if out is None:
+                stop = min(stop, pos + chunk)
             words = out[pos:stop] if out is not None else buf[: stop - pos]  # type: ignore[index]
             native.hash_u32(words, *_chunk_words(key, first >> 32), first & _M32)
             yield pos, stop, words
@@ -933,7 +928,7 @@ def hash_bits_many(
         return torch.empty(0, dtype=torch.int32, device=device)
     if max(sizes) >= 1 << 32:
         raise ValueError("hash_bits_many: every size must be below 2**32")
-    if device.type == "cpu" and native.library() is not None:  # the C loop, segment by segment
+    if device.type == "cpu" and native.usable():  # the C loop, segment by segment
         return torch.cat([hash_bits(n, key) for n, key in zip(sizes, keys, strict=True)])
     words = torch.tensor([[_s32(w) for w in _chunk_words(k, 0)] for k in keys], dtype=torch.int32)
     reps = torch.tensor(list(sizes), dtype=torch.int64)
