@@ -55,7 +55,7 @@ FLOAT32_STATE = ("exp_avg", "exp_avg_sq", "acc")
 # (`fused_adam_deltas_`); elsewhere multi-tensor moments and Delta per parameter (same math)
 FUSED_ADAM_DEVICES: tuple[str, ...] = tuple(_get_fused_kernels_supported_devices())
 # parameters are stepped in chunks of at most this many entries (or the largest parameter):
-# the scratch buffers Delta, |Delta| and float32 gradients live in are this big
+# the scratch buffers Delta and the float32 gradients live in are this big
 CHUNK_ELEMS = 1 << 22
 
 
@@ -260,6 +260,11 @@ def fused_adam_deltas_(
             amsgrad=False,
             maximize=False,
         )
+
+
+def one_device(params: list[Tensor]) -> bool:
+    """All on one device: one batch of kernels can serve them."""
+    return len({p.device for p in params}) == 1
 
 
 def chunks(numels: list[int], budget: int) -> list[range]:
@@ -515,8 +520,7 @@ class OnlineMergingAdamW(Optimizer):
     @staticmethod
     def _fused(params: list[Tensor]) -> bool:
         """Whether torch's fused AdamW kernel serves these parameters (one device it has)."""
-        devices = {p.device for p in params}
-        return len(devices) == 1 and params[0].device.type in FUSED_ADAM_DEVICES
+        return one_device(params) and params[0].device.type in FUSED_ADAM_DEVICES
 
     def _fused_steps(
         self,
@@ -571,7 +575,7 @@ class OnlineMergingAdamW(Optimizer):
         reserve_p = group["reserve_p"]
         if self.mode != "ondare" or self.merge_every > 1 or reserve_p >= 1.0:
             return None
-        if len({p.device for p in params}) > 1:
+        if not one_device(params):
             return None
         keys = [
             mask_key(self.seed, self._names[p], "delta", str(s["step"]))
