@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -12,6 +14,25 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="no C compile
 
 def fallback(monkeypatch) -> None:
     monkeypatch.setattr(native, "usable", lambda *tensors: False)
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch) -> str:
+    """Runs a test on the C kernels (skipped without a compiler), then on the torch paths."""
+    if request.param == "native" and native.library() is None:
+        pytest.skip("no C compiler here")
+    if request.param == "torch":
+        fallback(monkeypatch)
+    return request.param
+
+
+def both_paths(monkeypatch) -> Iterator[str]:
+    """For comparing the two in one test: yields "native" (where the library exists), then
+    switches to the torch paths and yields "torch"."""
+    if native.library() is not None:
+        yield "native"
+    fallback(monkeypatch)
+    yield "torch"
 
 
 @needs_native
@@ -45,12 +66,7 @@ def test_positions_is_a_sorted_lookup() -> None:
     assert native.positions(keys, queries[:0]).numel() == 0
 
 
-@pytest.mark.parametrize("use_native", [True, False])
-def test_sorted_positions_and_indices_at_least_on_both_paths(use_native, monkeypatch) -> None:
-    if use_native and native.library() is None:
-        pytest.skip("no C compiler here")
-    if not use_native:
-        fallback(monkeypatch)
+def test_sorted_positions_and_indices_at_least_on_both_paths(path: str) -> None:
     gen = torch.Generator().manual_seed(0)
     keys = torch.randperm(100_000, generator=gen)[:3000].sort().values
     queries = torch.cat([keys[::3], torch.randint(0, 100_000, (2000,), generator=gen)])
@@ -140,12 +156,7 @@ def test_top_k_positions_keeps_ties_in_index_order(case: str) -> None:
         assert torch.equal(got, expected), k
 
 
-@pytest.mark.parametrize("use_native", [True, False])
-def test_top_magnitude_indices_on_both_paths(use_native, monkeypatch) -> None:
-    if use_native and native.library() is None:
-        pytest.skip("no C compiler here")
-    if not use_native:
-        fallback(monkeypatch)
+def test_top_magnitude_indices_on_both_paths(path: str) -> None:
     gen = torch.Generator().manual_seed(0)
     for x in (
         torch.randn(300_000, generator=gen),
@@ -168,9 +179,7 @@ def test_stochastic_add_at_is_the_same_on_both_paths(monkeypatch) -> None:
     val = torch.cat([val, torch.zeros(7)])
     key = core.tensor_seed(3, "w")
     results = []
-    for use_native in ([True] if native.library() else []) + [False]:
-        if not use_native:
-            fallback(monkeypatch)
+    for _ in both_paths(monkeypatch):
         flat = base.clone()
         core.stochastic_add_at_(flat, idx, val, key)
         results.append(flat)
@@ -190,9 +199,7 @@ def test_hash_masks_and_uniforms_are_the_same_on_both_paths(monkeypatch) -> None
     shape, n = (300, 1001), 300 * 1001
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     runs = []
-    for use_native in ([True] if native.library() else []) + [False]:
-        if not use_native:
-            fallback(monkeypatch)
+    for _ in both_paths(monkeypatch):
         runs.append(
             (
                 core.hash_keep_mask(shape, 0.3, key, offset=5),
