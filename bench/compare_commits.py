@@ -95,7 +95,7 @@ def run_once(tree: Path, recipe_path: Path, out: Path) -> dict:
     return {
         "engine_s": tool_seconds(m.stdout),
         "wall_s": round(m.seconds, 3),
-        "cpu_s": round(m.cpu_seconds, 2),
+        "cpu_s": round(m.cpu_seconds, 4),
         "peak_rss_mb": round(m.peak_rss_mb, 1),
         "load1": round(m.load1, 2),
         "digest": digest,
@@ -111,8 +111,8 @@ def summarize(method: str, runs: list[dict], names: list[str]) -> list[dict]:
             {
                 "method": method,
                 "tree": name,
-                "engine_s": round(median([r["engine_s"] for r in mine]), 2),
-                "cpu_s": round(median([r["cpu_s"] for r in mine]), 2),
+                "engine_s": round(median([r["engine_s"] for r in mine]), 4),
+                "cpu_s": round(median([r["cpu_s"] for r in mine]), 4),
                 "peak_rss_mb": round(max(r["peak_rss_mb"] for r in mine)),
                 "load": f"{min(r['load1'] for r in mine):.1f}-{max(r['load1'] for r in mine):.1f}",
                 "digests": sorted({r["digest"] for r in mine}),
@@ -130,8 +130,8 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|\n"
     )
     return head + "".join(
-        f"| {r['method']} | {r['tree']} | {r['engine_s']} | {r['engine_ratio']} "
-        f"| {r['cpu_s']} | **{r['cpu_ratio']}** | {r['peak_rss_mb']} | {r['load']} |\n"
+        f"| {r['method']} | {r['tree']} | {r['engine_s']:.2f} | {r['engine_ratio']} "
+        f"| {r['cpu_s']:.2f} | **{r['cpu_ratio']}** | {r['peak_rss_mb']} | {r['load']} |\n"
         for r in rows
     )
 
