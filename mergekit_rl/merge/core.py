@@ -152,7 +152,8 @@ def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
     """(bin b holding the k-th largest entry of a histogram, entries in bins above b)."""
     above = hist.flip(0).cumsum(0).flip(0)  # above[b]: entries in bins >= b (non-increasing)
     b = (above >= k).sum() - 1  # the last bin with at least k entries at or above it
-    higher = torch.cat([above[1:], above.new_zeros(1)])[b]  # entries in bins > b
+    at = b.view(1)  # indexing with a 0-dim tensor would read it on the host (a sync)
+    higher = (above.index_select(0, at) - hist.index_select(0, at)).squeeze(0)  # bins > b
     return b, higher
 
 

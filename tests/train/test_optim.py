@@ -13,6 +13,7 @@ from mergekit_rl.errors import MismatchError, UsageError
 from mergekit_rl.merge import core
 from mergekit_rl.train import optim as om
 from mergekit_rl.train.optim import OnlineMergingAdamW
+from tests.syncs import HostSyncs
 
 # eps well above rounding: the first Adam step gives |Delta| ~ lr everywhere, and top-k tests need
 # magnitudes that are distinct in both the optimizer and the reference
@@ -959,3 +960,46 @@ def test_tau_at_locates_sparse_tau_entries() -> None:
     dense[tau_idx] = state["tau"].float()
     assert torch.equal(got, dense[idx])
     assert (got != 0).sum() >= 350  # the stored half was found
+
+
+def test_the_sync_detector_sees_syncs() -> None:
+    x = torch.arange(6.0)
+    with HostSyncs() as syncs:
+        int(x.sum()), x[x > 2], x.nonzero(), torch.repeat_interleave(x, torch.tensor([1] * 6))
+        x[torch.tensor(1)], x.nonzero_static(size=2), torch.repeat_interleave(x, 2)  # no syncs
+        torch.repeat_interleave(x, torch.tensor([1] * 6), output_size=6)
+    ops = [op for op, _ in syncs.found]
+    assert ops == [
+        "_local_scalar_dense",
+        "index",
+        "nonzero",
+        "repeat_interleave",
+        "_local_scalar_dense",
+    ]
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merge_every", [1, 2])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_on_the_accelerator_path_never_syncs(mode, dtype, merge_every, fused, monkeypatch):
+    # the accelerator path forced on the CPU (no C kernels, no host-side selection); every op
+    # that would make a GPU wait for the host is recorded. (Branches keyed on the CPU device
+    # itself, such as the host cast of bf16 gradients, still take their host form here.)
+    monkeypatch.setenv("RLMERGE_NATIVE", "0")
+    monkeypatch.setattr(om, "HOST_SELECTION_DEVICES", ())
+    if not fused:
+        monkeypatch.setattr(om, "FUSED_ADAM_DEVICES", ())
+    model = tiny_model().to(dtype)
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), random_tau(model), mode=mode, lr=LR, alpha=0.01, reserve_p=0.3,
+        merge_every=merge_every, weight_decay=0.01,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(2 * merge_every):
+        set_grads(model, {n: g.to(dtype) for n, g in grads_for(step, model).items()})
+        with HostSyncs() as syncs:
+            opt.step()
+        assert not syncs.found, "\n".join(f"{op} at\n{where}" for op, where in syncs.found)
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n  # the steps merged something
