@@ -827,17 +827,23 @@ def hash_sparse_keep(
     return idx.clamp_(max=numel - 1), valid
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, *, offset: int = 0) -> Tensor:
+def stochastic_round(
+    x: Tensor, dtype: torch.dtype, key: int | Tensor, *, offset: int = 0
+) -> Tensor:
     """float32 x rounded to dtype (bfloat16 / float16), down or up at random: E[result] = x.
 
     An entry between neighbours lo < x < hi of dtype becomes hi with probability
     (x - lo) / (hi - lo); the random bits are `hash_bits(x.numel(), key, offset=offset)`, so the
     result is the same on every device and rank. Used for updates far below half an ulp, which
-    round-to-nearest would drop every time. Other dtypes are returned as a cast.
+    round-to-nearest would drop every time. Other dtypes are returned as a cast. key may also be
+    those bits themselves (int32 [x.numel()]), drawn for many tensors at once (`hash_bits_many`).
     """
     if dtype not in (torch.bfloat16, torch.float16):
         return x.to(dtype)
-    bits = hash_bits(x.numel(), key, offset=offset, device=x.device).view(x.shape)
+    if isinstance(key, Tensor):
+        bits = key.view(x.shape)
+    else:
+        bits = hash_bits(x.numel(), key, offset=offset, device=x.device).view(x.shape)
     if dtype == torch.bfloat16:
         # bf16 keeps the top 16 bits of a float32: add a uniform 16-bit number to the 16 bits
         # that are dropped, then truncate; the magnitude rounds up with exactly their fraction
@@ -852,12 +858,14 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: int, *, offset: int = 0
     return torch.where(u < frac, other, near)
 
 
-def stochastic_add_at_(flat: Tensor, idx: Tensor, val: Tensor, key: int) -> None:
+def stochastic_add_at_(flat: Tensor, idx: Tensor, val: Tensor, key: int | Tensor) -> None:
     """flat[idx] += val (float32 val [n], flat bfloat16 / float16 and flat, int64 idx [n]), each
-    sum rounded with `stochastic_round` under key (element j of idx gets hash bit j). Indices
-    must be distinct, except repeats whose val is 0 (they leave the entry as it is). On the
-    host a bfloat16 flat takes one C loop (`native.add_at_bf16_rounded_`), the same result."""
-    if flat.dtype == torch.bfloat16 and native.usable(flat, idx, val) and val.numel() < 1 << 32:
+    sum rounded with `stochastic_round` under key (element j of idx gets hash bit j; key may be
+    the bits themselves). Indices must be distinct, except repeats whose val is 0 (they leave the
+    entry as it is). On the host a bfloat16 flat takes one C loop (`native.add_at_bf16_rounded_`),
+    the same result."""
+    native_ok = isinstance(key, int) and native.usable(flat, idx, val) and val.numel() < 1 << 32
+    if flat.dtype == torch.bfloat16 and native_ok:
         native.add_at_bf16_rounded_(flat, idx, val.float().contiguous(), _chunk_words(key, 0))
         return
     # the rounded sum goes in as an exact difference (Sterbenz: new - old is representable when
@@ -917,6 +925,15 @@ def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float)
     torch._foreach_lerp_(list(emas), same, 1.0 - float(decay))
 
 
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor (indices, sizes) on device without making the host wait: a plain
+    `.to(device)` from pageable memory synchronises the stream after the copy; a pinned source
+    is copied in the stream's order like a kernel (torch keeps it alive until then)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def hash_bits_many(
     sizes: Sequence[int], keys: Sequence[int], *, device: torch.device | str = "cpu"
 ) -> Tensor:
@@ -931,12 +948,11 @@ def hash_bits_many(
         raise ValueError("hash_bits_many: every size must be below 2**32")
     if device.type == "cpu" and native.usable():  # the C loop, segment by segment
         return torch.cat([hash_bits(n, key) for n, key in zip(sizes, keys, strict=True)])
-    words = torch.tensor([[_s32(w) for w in _chunk_words(k, 0)] for k in keys], dtype=torch.int32)
+    words = torch.tensor([[_s32(w) for w in _chunk_words(k, 0)] for k in keys], dtype=torch.int64)
     reps = torch.tensor(list(sizes), dtype=torch.int64)
     starts = reps.cumsum(0) - reps  # [S] first element of each segment
-    host = torch.cat([words, starts[:, None]], dim=1).to(device)  # one copy: [S, 4] int64
-    reps = reps.to(device)
-    per = torch.repeat_interleave(host, reps, dim=0, output_size=total)  # [N, 4]
+    host = to_device(torch.cat([words, starts[:, None], reps[:, None]], dim=1), device)  # [S, 5]
+    per = torch.repeat_interleave(host[:, :4], host[:, 4], dim=0, output_size=total)  # [N, 4]
     c = torch.arange(total, device=device).sub_(per[:, 3]).to(torch.int32)  # index in segment
     a, b, d = (per[:, i].to(torch.int32) for i in range(3))
     return _mix32_(_mix32_(c.mul_(a).add_(b)).bitwise_xor_(d))
@@ -958,13 +974,13 @@ def hash_sparse_keep_many(
     gaps = geometric_gaps(u, density)  # [N]
     ends = gaps.cumsum(0)  # [N] running sum over every segment
     reps = torch.tensor(draws, dtype=torch.int64)
-    first = (reps.cumsum(0) - reps).to(device)  # [S] each segment's first draw
-    base = ends[first] - gaps[first]  # [S] the running sum before each segment
-    total = int(sum(draws))
-    reps = reps.to(device)
-    idx = ends.sub_(torch.repeat_interleave(base, reps, output_size=total)).sub_(1)
-    limit = torch.repeat_interleave(
-        torch.tensor(list(numels), dtype=torch.int64).to(device), reps, output_size=total
+    # one copy: each segment's draws, first draw and numel [3, S]
+    reps, first, numel = to_device(
+        torch.stack([reps, reps.cumsum(0) - reps, torch.tensor(list(numels))]), device
     )
+    base = ends.index_select(0, first) - gaps.index_select(0, first)  # [S] sum before each segment
+    total = int(sum(draws))
+    idx = ends.sub_(torch.repeat_interleave(base, reps, output_size=total)).sub_(1)
+    limit = torch.repeat_interleave(numel, reps, output_size=total)
     valid = idx < limit
     return torch.minimum(idx, limit - 1), valid, draws

@@ -22,6 +22,7 @@ k kept entries.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -176,14 +177,16 @@ def tau_at(state: Mapping[str, Any], idx: Tensor | None, numel: int, like: Tenso
     return torch.where(pos >= 0, gather(tau, pos.clamp(min=0)).to(like.dtype), 0.0)
 
 
-def add_at_(flat: Tensor, idx: Tensor | None, val: Tensor, round_key: int | None = None) -> None:
+def add_at_(
+    flat: Tensor, idx: Tensor | None, val: Tensor, round_key: int | Tensor | None = None
+) -> None:
     """flat[idx] += val (val float32 [len(idx)], or [numel] with idx None); repeated indices
     accumulate.
 
     round_key: for a bfloat16 / float16 flat, round every sum up or down at random (unbiased,
-    `core.stochastic_round` with bits from the key) instead of to nearest, so updates far below
-    half an ulp still move the weights on average (`core.stochastic_add_at_`; a repeated index
-    must carry 0 there).
+    `core.stochastic_round` with bits from the key, or the bits themselves) instead of to
+    nearest, so updates far below half an ulp still move the weights on average
+    (`core.stochastic_add_at_`; a repeated index must carry 0 there).
     """
     if round_key is None or flat.dtype not in (torch.bfloat16, torch.float16):
         if idx is None:
@@ -206,7 +209,9 @@ def scatter_add_(flat: Tensor, idx: Tensor, val: Tensor) -> None:
         flat.index_add_(0, idx, val)
 
 
-def add_tau_(flat: Tensor, state: Mapping[str, Any], alpha: float, round_key: int | None = None):
+def add_tau_(
+    flat: Tensor, state: Mapping[str, Any], alpha: float, round_key: int | Tensor | None = None
+) -> None:
     """flat += alpha * tau (dense, or at the stored entries)."""
     tau = state.get("tau")
     if tau is None or alpha == 0.0:
@@ -285,36 +290,43 @@ def adam_magnitude(m: Tensor, v: Tensor, step_size: float, eps: float) -> Tensor
     return torch.div(m.reshape(-1), denom, out=denom).abs_().mul_(step_size)
 
 
-def ondare_merge_(
-    flat: Tensor,
-    state: Mapping[str, Any],
+def ondare_drop(
     delta_at: Callable[[Tensor | None], Tensor],
+    idx: Tensor | None,
+    valid: Tensor | None,
     reserve_p: float,
     alpha: float,
     rescale: bool,
-    key: int,
-    round_keys: tuple[int, int] | None = None,
-    mask: tuple[Tensor, Tensor] | None = None,
-) -> None:
-    """p += alpha * tau + (1 - alpha) * drop(Delta), with a fresh drop mask drawn under key
-    (or given: mask, the same draw made for many tensors at once).
+) -> Tensor:
+    """(1 - alpha) * drop(Delta) at the drawn entries idx [n] (every entry if None): Delta there,
+    x 1/reserve_p when rescaling, 0 at the draws past the end (valid False). A fresh tensor.
 
-    The mask is a fixed-size draw (`core.hash_sparse_keep`): no host sync, Adam's update is
-    computed only at the ~reserve_p * numel drawn entries, and the draws past the end add 0.
+    The mask is a fixed-size draw (`core.hash_sparse_keep`): no host sync, and Adam's update is
+    computed only at the ~reserve_p * numel drawn entries. idx and delta_at may also span the
+    parameters of a whole chunk (one gather for all of them).
     """
-    idx = valid = None
-    if mask is not None:
-        idx, valid = mask
-    elif reserve_p < 1.0:
-        idx, valid = core.hash_sparse_keep(flat.numel(), reserve_p, key, device=flat.device)
-    delta = delta_at(idx)  # [n] or [numel], float32
+    delta = delta_at(idx)  # [n] or [numel], float32 (with idx None, maybe the buffer itself)
     if idx is not None and rescale:
         delta = delta.div_(reserve_p)
     if valid is not None:
         delta = torch.where(valid, delta, 0.0)
-    tau_key, delta_key = round_keys or (None, None)
-    add_tau_(flat, state, alpha, tau_key)
-    add_at_(flat, idx, delta * (1.0 - alpha), delta_key)  # delta may be the buffer
+    return delta * (1.0 - alpha)
+
+
+def ondare_merge_(
+    flat: Tensor,
+    state: Mapping[str, Any],
+    idx: Tensor | None,
+    dropped: Tensor,
+    alpha: float,
+    rounds: tuple[int | Tensor, int | Tensor] | None = None,
+) -> None:
+    """p += alpha * tau + dropped at idx (`ondare_drop`, a fresh draw each step).
+
+    rounds: (tau, delta) stochastic-rounding keys, or their bits, for low-precision p."""
+    tau_round, delta_round = rounds or (None, None)
+    add_tau_(flat, state, alpha, tau_round)
+    add_at_(flat, idx, dropped, delta_round)
 
 
 def onties_merge_(
@@ -324,7 +336,7 @@ def onties_merge_(
     reserve_p: float,
     alpha: float,
     weighted_sign: bool,
-    round_keys: tuple[int, int] | None = None,
+    rounds: tuple[int | Tensor, int | Tensor] | None = None,
     magnitude: Callable[[], Tensor] | None = None,
 ) -> None:
     """p += alpha * tau * [tau agrees] + (1 - alpha) * topk(Delta) * [Delta agrees].
@@ -350,12 +362,12 @@ def onties_merge_(
     kept_tau = torch.where(core.agrees_with(tau, sign), tau, 0.0)
     kept_delta = torch.where(core.agrees_with(delta, sign), delta, 0.0)
     update = kept_tau.mul_(alpha).add_(kept_delta, alpha=1.0 - alpha)  # [k]
-    tau_key, delta_key = round_keys or (None, None)
+    tau_round, delta_round = rounds or (None, None)
     if idx is None:
-        add_at_(flat, None, update, delta_key)
+        add_at_(flat, None, update, delta_round)
         return
-    add_tau_(flat, state, alpha, tau_key)
-    add_at_(flat, idx, update.sub_(tau, alpha=alpha), delta_key)
+    add_tau_(flat, state, alpha, tau_round)
+    add_at_(flat, idx, update.sub_(tau, alpha=alpha), delta_round)
 
 
 # -- the optimizer ---------------------------------------------------------------------------
@@ -513,8 +525,12 @@ class OnlineMergingAdamW(Optimizer):
                 self._fused_steps(group, params, states, masks)
                 continue
             self._update_moments(group, params, states)
-            for i, (p, state) in enumerate(zip(params, states, strict=True)):
-                self._step_param(group, p, state, None if masks is None else masks[i])
+            per = [None] * len(params)
+            if masks is not None:
+                idx, valid, draws = masks
+                per = list(zip(idx.split(draws), valid.split(draws), strict=True))
+            for p, state, mask in zip(params, states, per, strict=True):
+                self._step_param(group, p, state, mask)
         return loss
 
     @staticmethod
@@ -527,11 +543,24 @@ class OnlineMergingAdamW(Optimizer):
         group: Mapping[str, Any],
         params: list[Tensor],
         states: list[dict],
-        masks: list[tuple[Tensor, Tensor]] | None,
+        masks: tuple[Tensor, Tensor, list[int]] | None,
     ) -> None:
         """The step of every parameter, a chunk at a time: one fused kernel writes the chunk's
-        Delta (and updates its moments), then each parameter merges its slice of it."""
+        Delta (and updates its moments), then each parameter merges its slice of it.
+
+        What can be done for the whole chunk at once is (a fixed number of kernels per chunk,
+        not per parameter, which is what bounds a step on an accelerator): OnDARE's gather,
+        rescale and mask of Delta at the drawn entries, and the stochastic-rounding bits of
+        every low-precision parameter (`_rounds_many`)."""
         numels = [p.numel() for p in params]
+        starts = [0, *itertools.accumulate(numels)]  # each parameter's offset in the group
+        if masks is not None:
+            idx_all, valid_all, draws = masks
+            firsts = [0, *itertools.accumulate(draws)]  # each parameter's first draw
+            # the drawn entries as offsets into the group's parameters laid end to end
+            host = torch.tensor([starts[:-1], draws])
+            offsets, reps = core.to_device(host, idx_all.device)
+            flat_idx = idx_all + torch.repeat_interleave(offsets, reps, output_size=firsts[-1])
         for run in chunks(numels, CHUNK_ELEMS):
             size = sum(numels[i] for i in run)
             delta = self._scratch("delta", size, params[0].device).zero_()
@@ -552,9 +581,20 @@ class OnlineMergingAdamW(Optimizer):
                 group["betas"],
                 group["eps"],
             )
-            for i, d in zip(run, deltas, strict=True):
+            dropped: list[Tensor | None] = [None] * len(run)
+            if masks is not None:  # Delta at every drawn entry of the chunk, in one gather
+                a, b = firsts[run.start], firsts[run.stop]
+                at = flat_idx[a:b] - starts[run.start]  # [draws of the chunk] into delta
+                reserve_p, alpha = group["reserve_p"], group["alpha"]
+                drop = ondare_drop(
+                    partial(gather, delta), at, valid_all[a:b], reserve_p, alpha, self.rescale
+                )
+                dropped = list(drop.split(draws[run.start : run.stop]))
+            rounds = self._rounds_many(group, run, params, states, masks)
+            for j, i in enumerate(run):
+                mask = None if masks is None else (idx_all[firsts[i] : firsts[i + 1]], None)
                 self._step_param(
-                    group, params[i], states[i], None if masks is None else masks[i], d
+                    group, params[i], states[i], mask, deltas[j], dropped[j], rounds[j]
                 )
 
     def _scratch(self, what: str, size: int, device: torch.device) -> Tensor:
@@ -568,9 +608,10 @@ class OnlineMergingAdamW(Optimizer):
 
     def _masks(
         self, group: Mapping[str, Any], params: list[Tensor], states: list[dict]
-    ) -> list[tuple[Tensor, Tensor]] | None:
+    ) -> tuple[Tensor, Tensor, list[int]] | None:
         """This step's OnDARE masks for every parameter of the group, drawn in one batch of
-        kernels (`core.hash_sparse_keep_many`: the same masks as one call per parameter).
+        kernels (`core.hash_sparse_keep_many`: the same masks as one call per parameter):
+        (idx, valid) of all of them end to end, and the draws per parameter to split them by.
         None when masks are drawn per merge instead (merge_every > 1, a single device only)."""
         reserve_p = group["reserve_p"]
         if self.mode != "ondare" or self.merge_every > 1 or reserve_p >= 1.0:
@@ -582,10 +623,68 @@ class OnlineMergingAdamW(Optimizer):
             for p, s in zip(params, states, strict=True)
         ]
         numels = [p.numel() for p in params]
-        idx, valid, draws = core.hash_sparse_keep_many(
-            numels, reserve_p, keys, device=params[0].device
+        return core.hash_sparse_keep_many(numels, reserve_p, keys, device=params[0].device)
+
+    def _round_keys(self, p: Tensor, t: int) -> tuple[int, int, int] | None:
+        """Stochastic-rounding keys of p's updates at step t: (tau push, Delta, weight decay);
+        None when p's updates are rounded to nearest."""
+        if not (self.stochastic_rounding and p.dtype in LOW_PRECISION):
+            return None
+        name = self._names[p]
+        return tuple(
+            mask_key(self.seed, name, "round", str(t), w) for w in ("tau", "delta", "decay")
         )
-        return list(zip(idx.split(draws), valid.split(draws), strict=True))
+
+    def _round_sizes(
+        self, group: Mapping[str, Any], p: Tensor, state: Mapping[str, Any], draws: int | None
+    ) -> tuple[int, int, int]:
+        """How many entries each rounded add of p's merge touches (0: no such add): the tau
+        push (`add_tau_`), Delta (OnDARE's draws, OnTIES' top k, or every entry) and the weight
+        decay (every entry). They size the bits `_rounds_many` draws, so they follow `_merge`."""
+        numel, reserve_p, alpha = p.numel(), group["reserve_p"], group["alpha"]
+        tau = state.get("tau")
+        tau_n = 0 if tau is None or alpha == 0.0 else tau.numel()
+        decay_n = numel if group["lr"] * group["weight_decay"] else 0
+        if self.mode == "ondare":
+            return tau_n, numel if draws is None else draws, decay_n
+        if reserve_p >= 1.0 or reserve_p * numel < 1:  # top_indices keeps every entry
+            return 0, numel, decay_n
+        return tau_n, int(reserve_p * numel), decay_n
+
+    def _rounds_many(
+        self,
+        group: Mapping[str, Any],
+        run: range,
+        params: list[Tensor],
+        states: list[dict],
+        masks: tuple[Tensor, Tensor, list[int]] | None,
+    ) -> list[tuple[int | Tensor, ...] | None]:
+        """The stochastic-rounding keys of parameters run (`_round_keys`), or on devices without
+        the host kernels the random bits themselves, for every rounded add of the chunk in one
+        `core.hash_bits_many` (its ~20 integer ops once per chunk instead of once per add)."""
+        keys = [self._round_keys(params[i], states[i]["step"]) for i in run]
+        rounded = [j for j, k in enumerate(keys) if k is not None]
+        if not rounded or self.merge_every > 1 or core.native.usable(params[run.start]):
+            return keys  # the C loops draw their bits themselves (and merge_every hashes per merge)
+        sizes, flat_keys = [], []
+        for j in rounded:
+            i = run.start + j
+            draws = None if masks is None else masks[2][i]
+            for n, key in zip(
+                self._round_sizes(group, params[i], states[i], draws), keys[j], strict=True
+            ):
+                sizes.append(n)
+                flat_keys.append(key)
+        used = [(n, k) for n, k in zip(sizes, flat_keys, strict=True) if n]
+        bits = core.hash_bits_many(
+            [n for n, _ in used], [k for _, k in used], device=params[run.start].device
+        )
+        pieces = iter(bits.split([n for n, _ in used]))
+        out: list[tuple[int | Tensor, ...] | None] = list(keys)
+        for pos, j in enumerate(rounded):
+            three = zip(sizes[3 * pos : 3 * pos + 3], keys[j], strict=True)
+            out[j] = tuple(next(pieces) if n else key for n, key in three)
+        return out
 
     @torch.no_grad()
     def flush(self) -> bool:
@@ -653,11 +752,15 @@ class OnlineMergingAdamW(Optimizer):
         group: Mapping[str, Any],
         p: Tensor,
         state: dict[str, Any],
-        mask: tuple[Tensor, Tensor] | None = None,
+        mask: tuple[Tensor, Tensor | None] | None = None,
         delta: Tensor | None = None,
+        dropped: Tensor | None = None,
+        rounds: tuple[int | Tensor, ...] | None = None,
     ) -> None:
         """Merge (or accumulate) this step's update of p: delta, its Delta over every entry
-        [numel] float32, or None to compute Delta from the moments where needed."""
+        [numel] float32, or None to compute Delta from the moments where needed. OnDARE's mask
+        (idx, valid) and the update at idx (`ondare_drop`), and the rounding keys or bits
+        (`_rounds_many`), may come computed for many parameters at once."""
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
@@ -669,7 +772,7 @@ class OnlineMergingAdamW(Optimizer):
         else:  # Delta is at hand: select on it directly (the candidate scan takes |.| itself)
             delta_at, magnitude = partial(gather, delta), None
         if self.merge_every == 1:
-            self._merge(group, p, state, delta_at, decay, magnitude, mask)
+            self._merge(group, p, state, delta_at, decay, magnitude, mask, dropped, rounds)
             return
         state["acc"].view(-1).add_(delta_at(None))
         state["decay_acc"] += decay
@@ -691,39 +794,56 @@ class OnlineMergingAdamW(Optimizer):
         delta_at: Callable[[Tensor | None], Tensor],
         decay: float,
         magnitude: Callable[[], Tensor] | None = None,
-        mask: tuple[Tensor, Tensor] | None = None,
+        mask: tuple[Tensor, Tensor | None] | None = None,
+        dropped: Tensor | None = None,
+        rounds: tuple[int | Tensor, ...] | None = None,
     ) -> None:
         """Weight decay and the OnDARE / OnTIES merge of the update delta_at gives (at flat
         indices) into p, at optimizer step state["step"]."""
-        name, t = self._names[p], state["step"]
-        flat = p.view(-1)
-        rounding = self.stochastic_rounding and p.dtype in LOW_PRECISION
-        keys = None
-        if rounding:
-            keys = tuple(mask_key(self.seed, name, "round", str(t), w) for w in ("tau", "delta"))
+        t, flat = state["step"], p.view(-1)
+        rounds = rounds if rounds is not None else self._round_keys(p, t)
+        tau_round, delta_round, decay_round = rounds or (None, None, None)
         if decay and not self.decay_after_update:
-            self._decay(p, decay, name, t, rounding)
+            self._decay(p, decay, decay_round)
+        reserve_p, alpha = group["reserve_p"], group["alpha"]
         if self.mode == "ondare":
-            key = mask_key(self.seed, name, "delta", str(t))
-            reserve_p, alpha = group["reserve_p"], group["alpha"]
-            ondare_merge_(flat, state, delta_at, reserve_p, alpha, self.rescale, key, keys, mask)
+            idx, valid = mask if mask is not None else self._draw(p, t, reserve_p)
+            if dropped is None:
+                dropped = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
+            ondare_merge_(flat, state, idx, dropped, alpha, (tau_round, delta_round))
         else:
-            reserve_p, alpha, weighted = group["reserve_p"], group["alpha"], self.weighted_sign
-            onties_merge_(flat, state, delta_at, reserve_p, alpha, weighted, keys, magnitude)
+            weighted = self.weighted_sign
+            onties_merge_(
+                flat,
+                state,
+                delta_at,
+                reserve_p,
+                alpha,
+                weighted,
+                (tau_round, delta_round),
+                magnitude,
+            )
         if decay and self.decay_after_update:
-            self._decay(p, decay, name, t, rounding)
+            self._decay(p, decay, decay_round)
 
-    def _decay(self, p: Tensor, decay: float, name: str, t: int, rounding: bool) -> None:
-        """p *= 1 - decay; a dense stochastic rounding pass for low-precision parameters."""
-        if not rounding:
+    def _draw(self, p: Tensor, t: int, reserve_p: float) -> tuple[Tensor | None, Tensor | None]:
+        """OnDARE's mask of p at step t drawn on its own: (idx, valid), or every entry."""
+        if reserve_p >= 1.0:
+            return None, None
+        key = mask_key(self.seed, self._names[p], "delta", str(t))
+        return core.hash_sparse_keep(p.numel(), reserve_p, key, device=p.device)
+
+    def _decay(self, p: Tensor, decay: float, round_key: int | Tensor | None) -> None:
+        """p *= 1 - decay; a dense stochastic rounding pass for low-precision parameters
+        (round_key given)."""
+        if round_key is None:
             if self.decay_after_update:
                 p.add_(p, alpha=-decay)
             else:
                 p.mul_(1.0 - decay)
             return
-        key = mask_key(self.seed, name, "round", str(t), "decay")
         flat = p.view(-1)
-        add_at_(flat, None, flat.float().mul_(-decay), key)
+        add_at_(flat, None, flat.float().mul_(-decay), round_key)
 
     # -- checkpointing ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

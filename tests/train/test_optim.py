@@ -1003,3 +1003,35 @@ def test_a_step_on_the_accelerator_path_never_syncs(mode, dtype, merge_every, fu
         assert not syncs.found, "\n".join(f"{op} at\n{where}" for op, where in syncs.found)
     for n, p in model.named_parameters():
         assert not torch.equal(p, before[n]), n  # the steps merged something
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_bits_drawn_per_chunk_equal_the_per_parameter_draws(mode, dtype, monkeypatch):
+    # without the host kernels the rounding bits of a whole chunk come from one hash_bits_many;
+    # they must be the bits each add would draw under its own key, so the weights are the same
+    monkeypatch.setenv("RLMERGE_NATIVE", "0")
+    monkeypatch.setattr(om, "CHUNK_ELEMS", 100)  # several chunks
+    batched = om.OnlineMergingAdamW._rounds_many
+    runs = []
+    for per_parameter in (False, True):
+        if per_parameter:  # every add hashes its own key
+            monkeypatch.setattr(
+                om.OnlineMergingAdamW,
+                "_rounds_many",
+                lambda self, group, run, params, states, masks: [
+                    self._round_keys(params[i], states[i]["step"]) for i in run
+                ],
+            )
+        model = tiny_model().to(dtype)
+        opt = OnlineMergingAdamW(
+            model.named_parameters(), random_tau(model), mode=mode, lr=LR, alpha=0.01,
+            reserve_p=0.3, weight_decay=0.1,
+        )  # fmt: skip
+        for step in range(3):
+            set_grads(model, {n: g.to(dtype) for n, g in grads_for(step, model).items()})
+            opt.step()
+        runs.append(model)
+    assert batched is not om.OnlineMergingAdamW._rounds_many  # the second run was per parameter
+    for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(p, q), n
