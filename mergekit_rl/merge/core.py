@@ -776,7 +776,7 @@ def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
         cuts = torch.round(torch.exp(j * log_q) * 2.0**31).to(torch.int64)
         one = torch.ones(1, dtype=torch.int64)
         cuts = torch.cat([one << 31, cuts[cuts >= 1], one * 0])
-        _GAP_CUTS[key] = cuts.to(device)
+        _GAP_CUTS[key] = to_device(cuts, torch.device(device))
     return _GAP_CUTS[key]
 
 

@@ -1035,3 +1035,28 @@ def test_rounding_bits_drawn_per_chunk_equal_the_per_parameter_draws(mode, dtype
     assert batched is not om.OnlineMergingAdamW._rounds_many  # the second run was per parameter
     for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cuda_step_never_synchronises(mode, dtype) -> None:
+    # torch raises on every synchronising CUDA call (item, nonzero, pageable copies, ...)
+    model = tiny_model().to("cuda", dtype)
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), random_tau(model), mode=mode, lr=LR, alpha=0.01, reserve_p=0.3,
+        weight_decay=0.01,
+    )  # fmt: skip
+    for step in range(3):
+        grads = grads_for(step, model)
+        for n, p in model.named_parameters():
+            p.grad = grads[n].to("cuda", dtype)
+        torch.cuda.synchronize()
+        if step == 0:  # the first step builds the scratch buffers and cached tables
+            opt.step()
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
