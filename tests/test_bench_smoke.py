@@ -136,3 +136,16 @@ def test_gpu_bench_small_runs_on_the_cpu_and_reports_ratios(tmp_path: Path) -> N
     assert fused["x_fused_adamw"] == 1.0
     assert "| ties |" in printed and "| rlmerge OnTIES |" in printed
     assert not (tmp_path / "gpu" / "small").exists()  # the built models are removed
+
+
+def test_launches_counts_calls_on_the_accelerator_path(tmp_path: Path) -> None:
+    printed = run_script(tmp_path, "launches.py", "--params", "4")
+    rows = json.loads((tmp_path / "launches.json").read_text())["rows"]
+    assert len(rows) == 8 and "| ondare | float32 | 0.0 |" in printed
+    for r in rows:
+        assert 0 < r["without_views"] < r["calls_per_param"], r
+    by = {(r["optimizer"], r["dtype"], r["weight_decay"]): r["calls_per_param"] for r in rows}
+    # rounding and weight decay add work; OnTIES' selection more than OnDARE's draw
+    assert by["ondare", "bfloat16", 0.0] > by["ondare", "float32", 0.0]
+    assert by["ondare", "bfloat16", 0.01] > by["ondare", "bfloat16", 0.0]
+    assert by["onties", "float32", 0.0] > by["ondare", "float32", 0.0]
