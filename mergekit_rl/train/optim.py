@@ -806,22 +806,16 @@ class OnlineMergingAdamW(Optimizer):
         if decay and not self.decay_after_update:
             self._decay(p, decay, decay_round)
         reserve_p, alpha = group["reserve_p"], group["alpha"]
+        merge_rounds = (tau_round, delta_round)
         if self.mode == "ondare":
             idx, valid = mask if mask is not None else self._draw(p, t, reserve_p)
             if dropped is None:
                 dropped = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
-            ondare_merge_(flat, state, idx, dropped, alpha, (tau_round, delta_round))
+            ondare_merge_(flat, state, idx, dropped, alpha, merge_rounds)
         else:
             weighted = self.weighted_sign
             onties_merge_(
-                flat,
-                state,
-                delta_at,
-                reserve_p,
-                alpha,
-                weighted,
-                (tau_round, delta_round),
-                magnitude,
+                flat, state, delta_at, reserve_p, alpha, weighted, merge_rounds, magnitude
             )
         if decay and self.decay_after_update:
             self._decay(p, decay, decay_round)
