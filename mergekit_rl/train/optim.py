@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -313,20 +313,21 @@ def ondare_drop(
     return delta * (1.0 - alpha)
 
 
-def ondare_merge_(
+def merge_into_(
     flat: Tensor,
     state: Mapping[str, Any],
     idx: Tensor | None,
-    dropped: Tensor,
+    vals: Tensor,
     alpha: float,
-    rounds: tuple[int | Tensor, int | Tensor] | None = None,
+    rounds: tuple[int | Tensor | None, int | Tensor | None] | None = None,
 ) -> None:
-    """p += alpha * tau + dropped at idx (`ondare_drop`, a fresh draw each step).
+    """p += alpha * tau (at its stored entries) + vals at idx (every entry if None): OnDARE's
+    `ondare_drop`, or OnTIES' update less the alpha * tau it already holds.
 
     rounds: (tau, delta) stochastic-rounding keys, or their bits, for low-precision p."""
     tau_round, delta_round = rounds or (None, None)
     add_tau_(flat, state, alpha, tau_round)
-    add_at_(flat, idx, dropped, delta_round)
+    add_at_(flat, idx, vals, delta_round)
 
 
 def onties_merge_(
@@ -355,19 +356,23 @@ def onties_merge_(
         idx = top_indices(magnitude(), reserve_p, magnitudes=True)
         delta = delta_at(idx)  # [k] (or [numel] when every entry is kept)
     tau = tau_at(state, idx, flat.numel(), like=delta)  # [k]
+    update = onties_update(tau, delta, alpha, weighted_sign)  # [k]
+    if idx is None:  # tau, stored dense, is in the update already
+        add_at_(flat, None, update, (rounds or (None, None))[1])
+        return
+    merge_into_(flat, state, idx, update.sub_(tau, alpha=alpha), alpha, rounds)
+
+
+def onties_update(tau: Tensor, delta: Tensor, alpha: float, weighted_sign: bool) -> Tensor:
+    """alpha * tau * [tau agrees] + (1 - alpha) * Delta * [Delta agrees] at the kept entries
+    (tau and Delta float32 [k], entry by entry: k may span many parameters). A fresh tensor."""
     if weighted_sign:
         sign = core.elect_sign(torch.stack([tau * alpha, delta * (1.0 - alpha)]))
     else:
         sign = core.elect_sign(torch.stack([tau, delta]))
     kept_tau = torch.where(core.agrees_with(tau, sign), tau, 0.0)
     kept_delta = torch.where(core.agrees_with(delta, sign), delta, 0.0)
-    update = kept_tau.mul_(alpha).add_(kept_delta, alpha=1.0 - alpha)  # [k]
-    tau_round, delta_round = rounds or (None, None)
-    if idx is None:
-        add_at_(flat, None, update, delta_round)
-        return
-    add_tau_(flat, state, alpha, tau_round)
-    add_at_(flat, idx, update.sub_(tau, alpha=alpha), delta_round)
+    return kept_tau.mul_(alpha).add_(kept_delta, alpha=1.0 - alpha)
 
 
 # -- the optimizer ---------------------------------------------------------------------------
@@ -550,17 +555,13 @@ class OnlineMergingAdamW(Optimizer):
 
         What can be done for the whole chunk at once is (a fixed number of kernels per chunk,
         not per parameter, which is what bounds a step on an accelerator): OnDARE's gather,
-        rescale and mask of Delta at the drawn entries, and the stochastic-rounding bits of
-        every low-precision parameter (`_rounds_many`)."""
+        rescale and mask of Delta at the drawn entries (`_ondare_chunk`), OnTIES' tau lookup,
+        sign election and update at the kept entries (`_onties_chunk`; the top-k itself stays
+        per parameter), and the stochastic-rounding bits of every low-precision parameter
+        (`_rounds_many`). Each parameter then only adds its slice of the result."""
         numels = [p.numel() for p in params]
         starts = [0, *itertools.accumulate(numels)]  # each parameter's offset in the group
-        if masks is not None:
-            idx_all, valid_all, draws = masks
-            firsts = [0, *itertools.accumulate(draws)]  # each parameter's first draw
-            # the drawn entries as offsets into the group's parameters laid end to end
-            host = torch.tensor([starts[:-1], draws])
-            offsets, reps = core.to_device(host, idx_all.device)
-            flat_idx = idx_all + torch.repeat_interleave(offsets, reps, output_size=firsts[-1])
+        drawn = None if masks is None else self._drawn(masks, starts)
         for run in chunks(numels, CHUNK_ELEMS):
             size = sum(numels[i] for i in run)
             delta = self._scratch("delta", size, params[0].device).zero_()
@@ -581,21 +582,91 @@ class OnlineMergingAdamW(Optimizer):
                 group["betas"],
                 group["eps"],
             )
-            dropped: list[Tensor | None] = [None] * len(run)
-            if masks is not None:  # Delta at every drawn entry of the chunk, in one gather
-                a, b = firsts[run.start], firsts[run.stop]
-                at = flat_idx[a:b] - starts[run.start]  # [draws of the chunk] into delta
-                reserve_p, alpha = group["reserve_p"], group["alpha"]
-                drop = ondare_drop(
-                    partial(gather, delta), at, valid_all[a:b], reserve_p, alpha, self.rescale
-                )
-                dropped = list(drop.split(draws[run.start : run.stop]))
+            sparse: list[tuple[Tensor, Tensor] | None] = [None] * len(run)
+            if drawn is not None:
+                sparse = self._ondare_chunk(group, run, delta, starts, drawn)
+            elif self.mode == "onties" and self.merge_every == 1:
+                sparse = self._onties_chunk(group, run, states, delta, deltas, starts)
             rounds = self._rounds_many(group, run, params, states, masks)
             for j, i in enumerate(run):
-                mask = None if masks is None else (idx_all[firsts[i] : firsts[i + 1]], None)
-                self._step_param(
-                    group, params[i], states[i], mask, deltas[j], dropped[j], rounds[j]
-                )
+                self._step_param(group, params[i], states[i], None, deltas[j], sparse[j], rounds[j])
+
+    @staticmethod
+    def _drawn(
+        masks: tuple[Tensor, Tensor, list[int]], starts: list[int]
+    ) -> tuple[Tensor, Tensor, Tensor, list[int], list[int]]:
+        """OnDARE's masks (`_masks`) with their entries also as offsets into the group's
+        parameters laid end to end: (idx, flat idx, valid, draws, each parameter's first draw)."""
+        idx, valid, draws = masks
+        firsts = [0, *itertools.accumulate(draws)]
+        offsets, reps = core.to_device(torch.tensor([starts[:-1], draws]), idx.device)
+        flat_idx = idx + torch.repeat_interleave(offsets, reps, output_size=firsts[-1])
+        return idx, flat_idx, valid, draws, firsts
+
+    def _ondare_chunk(
+        self,
+        group: Mapping[str, Any],
+        run: range,
+        delta: Tensor,
+        starts: list[int],
+        drawn: tuple[Tensor, Tensor, Tensor, list[int], list[int]],
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """(idx, (1 - alpha) * drop(Delta) there) for every parameter of the chunk run, from one
+        gather of the chunk's Delta buffer [size] (`ondare_drop`)."""
+        idx, flat_idx, valid, draws, firsts = drawn
+        a, b = firsts[run.start], firsts[run.stop]
+        at = flat_idx[a:b] - starts[run.start]  # [draws of the chunk] into delta
+        reserve_p, alpha = group["reserve_p"], group["alpha"]
+        drop = ondare_drop(partial(gather, delta), at, valid[a:b], reserve_p, alpha, self.rescale)
+        pieces = drop.split(draws[run.start : run.stop])
+        return [(idx[firsts[i] : firsts[i + 1]], d) for i, d in zip(run, pieces, strict=True)]
+
+    def _onties_chunk(
+        self,
+        group: Mapping[str, Any],
+        run: range,
+        states: list[dict],
+        delta: Tensor,
+        deltas: Sequence[Tensor],
+        starts: list[int],
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """(idx, update - alpha * tau there) for the parameters of the chunk run: each one's top
+        k of its Delta, then tau at the kept entries of all of them (sparse tau laid end to end,
+        `tau_at`), the election and the update (`onties_update`) in one batch of kernels. None
+        for a parameter that keeps every entry or stores tau dense: `onties_merge_` serves it."""
+        reserve_p, alpha = group["reserve_p"], group["alpha"]
+        batch = []  # (position in run, parameter, its kept entries [k])
+        for j, i in enumerate(run):
+            if "tau" in states[i] and "tau_idx" not in states[i]:
+                continue
+            idx = top_indices(deltas[j], reserve_p)
+            if idx is not None:
+                batch.append((j, i, idx))
+        out: list[tuple[Tensor, Tensor] | None] = [None] * len(run)
+        if not batch:
+            return out
+        base = starts[run.start]
+        offsets = [starts[i] - base for _, i, _ in batch]
+        ks = [idx.numel() for *_, idx in batch]
+        taus = [(starts[i] - base, states[i]) for _, i, _ in batch if "tau" in states[i]]
+        sizes = [st["tau_idx"].numel() for _, st in taus]
+        host = torch.tensor([*offsets, *ks, *(o for o, _ in taus), *sizes])
+        o_k, n_k, o_t, n_t = core.to_device(host, delta.device).split(
+            [len(offsets), len(ks), len(taus), len(sizes)]
+        )
+        at = torch.cat([idx for *_, idx in batch])  # [K] kept entries, sorted, into delta
+        at += torch.repeat_interleave(o_k, n_k, output_size=sum(ks))
+        kept = gather(delta, at)  # [K]
+        tau = {}
+        if taus:
+            tau_idx = torch.cat([st["tau_idx"] for _, st in taus])
+            tau_idx += torch.repeat_interleave(o_t, n_t, output_size=sum(sizes))
+            tau = {"tau": torch.cat([st["tau"] for _, st in taus]), "tau_idx": tau_idx}
+        tau_k = tau_at(tau, at, delta.numel(), like=kept)  # [K]
+        update = onties_update(tau_k, kept, alpha, self.weighted_sign).sub_(tau_k, alpha=alpha)
+        for (j, _, idx), vals in zip(batch, update.split(ks), strict=True):
+            out[j] = (idx, vals)
+        return out
 
     def _scratch(self, what: str, size: int, device: torch.device) -> Tensor:
         """A float32 buffer [size] kept between steps (a fresh one would page-fault on the host
@@ -752,15 +823,15 @@ class OnlineMergingAdamW(Optimizer):
         group: Mapping[str, Any],
         p: Tensor,
         state: dict[str, Any],
-        mask: tuple[Tensor, Tensor | None] | None = None,
+        mask: tuple[Tensor, Tensor] | None = None,
         delta: Tensor | None = None,
-        dropped: Tensor | None = None,
+        sparse: tuple[Tensor, Tensor] | None = None,
         rounds: tuple[int | Tensor, ...] | None = None,
     ) -> None:
         """Merge (or accumulate) this step's update of p: delta, its Delta over every entry
         [numel] float32, or None to compute Delta from the moments where needed. OnDARE's mask
-        (idx, valid) and the update at idx (`ondare_drop`), and the rounding keys or bits
-        (`_rounds_many`), may come computed for many parameters at once."""
+        (idx, valid), the sparse update after the tau push (idx, vals: `merge_into_`) and the
+        rounding keys or bits (`_rounds_many`) may come computed for many parameters at once."""
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
@@ -772,7 +843,7 @@ class OnlineMergingAdamW(Optimizer):
         else:  # Delta is at hand: select on it directly (the candidate scan takes |.| itself)
             delta_at, magnitude = partial(gather, delta), None
         if self.merge_every == 1:
-            self._merge(group, p, state, delta_at, decay, magnitude, mask, dropped, rounds)
+            self._merge(group, p, state, delta_at, decay, magnitude, mask, sparse, rounds)
             return
         state["acc"].view(-1).add_(delta_at(None))
         state["decay_acc"] += decay
@@ -794,8 +865,8 @@ class OnlineMergingAdamW(Optimizer):
         delta_at: Callable[[Tensor | None], Tensor],
         decay: float,
         magnitude: Callable[[], Tensor] | None = None,
-        mask: tuple[Tensor, Tensor | None] | None = None,
-        dropped: Tensor | None = None,
+        mask: tuple[Tensor, Tensor] | None = None,
+        sparse: tuple[Tensor, Tensor] | None = None,
         rounds: tuple[int | Tensor, ...] | None = None,
     ) -> None:
         """Weight decay and the OnDARE / OnTIES merge of the update delta_at gives (at flat
@@ -807,11 +878,12 @@ class OnlineMergingAdamW(Optimizer):
             self._decay(p, decay, decay_round)
         reserve_p, alpha = group["reserve_p"], group["alpha"]
         merge_rounds = (tau_round, delta_round)
-        if self.mode == "ondare":
+        if sparse is not None:  # computed for the whole chunk
+            merge_into_(flat, state, *sparse, alpha, merge_rounds)
+        elif self.mode == "ondare":
             idx, valid = mask if mask is not None else self._draw(p, t, reserve_p)
-            if dropped is None:
-                dropped = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
-            ondare_merge_(flat, state, idx, dropped, alpha, merge_rounds)
+            dropped = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
+            merge_into_(flat, state, idx, dropped, alpha, merge_rounds)
         else:
             weighted = self.weighted_sign
             onties_merge_(

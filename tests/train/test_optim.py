@@ -1060,3 +1060,37 @@ def test_a_cuda_step_never_synchronises(mode, dtype) -> None:
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [40, 1 << 22])
+def test_chunk_batched_merges_equal_the_per_parameter_merges(mode, dtype, chunk, monkeypatch):
+    # the chunk path (one gather, one tau lookup and election for all parameters of a chunk)
+    # against each parameter merging on its own; tau sparse for the weights, dense for the
+    # 4-entry bias (it keeps every entry), absent for one parameter
+    monkeypatch.setattr(om, "CHUNK_ELEMS", chunk)
+    taus = random_tau(tiny_model())
+    del taus["0.bias"]
+    runs = []
+    for per_parameter in (False, True):
+        if per_parameter:
+            for name in ("_ondare_chunk", "_onties_chunk"):
+                monkeypatch.setattr(
+                    om.OnlineMergingAdamW, name, lambda self, group, run, *a: [None] * len(run)
+                )
+        model = tiny_model().to(dtype)
+        opt = OnlineMergingAdamW(
+            model.named_parameters(), taus, mode=mode, lr=LR, alpha=0.05, reserve_p=0.1,
+            weight_decay=0.01,
+        )  # fmt: skip
+        if mode == "onties":  # (OnDARE's tau is a random draw: the small bias may keep none)
+            assert "tau_idx" in opt.state[model[0].weight]
+            assert "tau_idx" not in opt.state[model[2].bias]
+        for step in range(3):
+            set_grads(model, {n: g.to(dtype) for n, g in grads_for(step, model).items()})
+            opt.step()
+        runs.append(model)
+    for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(p, q), n
+        assert not torch.equal(p, tiny_model().to(dtype).state_dict()[n]), n  # it trained
