@@ -149,11 +149,16 @@ def magnitude_words(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
-    """(bin b holding the k-th largest entry of a histogram, entries in bins above b)."""
-    above = hist.flip(0).cumsum(0).flip(0)  # above[b]: entries in bins >= b (non-increasing)
-    b = (above >= k).sum() - 1  # the last bin with at least k entries at or above it
-    at = b.view(1)  # indexing with a 0-dim tensor would read it on the host (a sync)
-    higher = (above.index_select(0, at) - hist.index_select(0, at)).squeeze(0)  # bins > b
+    """(bin b holding the k-th largest entry of a histogram, entries in bins above b), for
+    1 <= k <= hist.sum(); both 0-dim int64 tensors, found without a host sync.
+
+    With c the running count, entries in bins >= b are total - c[b - 1], at least k exactly
+    while c[b - 1] <= total - k; c never decreases, so b is the number of bins with
+    c <= total - k, and the entries above b are total - c[b]."""
+    c = hist.cumsum(0)  # [bins]
+    total = c[-1]
+    b = (c <= total - k).sum()
+    higher = total - c.index_select(0, b.view(1)).squeeze(0)  # (x[0-dim tensor] would sync)
     return b, higher
 
 
@@ -894,29 +899,23 @@ def top_magnitude_indices_static(x: Tensor, k: int) -> Tensor:
         return torch.empty(0, dtype=torch.int64, device=flat.device)
     bits = flat.float().abs().view(torch.int32)  # [n] >= 0
     hi = bits >> 16  # [n] in [0, 2^15)
-    kth = _radix_step(hi, None, k, 1 << 15)  # (bucket, entries in higher buckets)
-    bucket, higher = kth
-    lo = bits & 0xFFFF
-    low, _ = _radix_step(lo, hi == bucket, k - higher, 1 << 16)
+    # both histograms in one buffer: 2^15 bins of hi, 2^16 of lo, and a spare bin
+    counts = torch.zeros((1 << 15) + (1 << 16) + 1, dtype=torch.int64, device=flat.device)
+    hi_counts, lo_counts = counts[: 1 << 15], counts[1 << 15 :]
+    ones = torch.ones((), dtype=torch.int64, device=flat.device).expand(n)
+    hi_counts.index_add_(0, hi, ones)
+    bucket, higher = _top_bin(hi_counts, k)  # the k-th largest's bucket, entries above it
+    # digit (int32) indexes the histogram as it is; entries outside the bucket go to the
+    # spare bin: no int64 copies of the digits or of the mask
+    lo_counts.index_add_(0, torch.where(hi == bucket, bits & 0xFFFF, 1 << 16), ones)
+    k_in = k - higher  # the k-th largest's rank inside the bucket
+    low, higher_in = _top_bin(lo_counts[: 1 << 16], k_in)
     kth_bits = (bucket << 16) | low  # 0-dim int64: the k-th largest |x|'s bits
-    above = bits > kth_bits
+    above = bits > kth_bits  # higher + higher_in entries
     tied = bits == kth_bits
-    room = k - above.sum()  # how many tied entries fit, lowest index first
+    room = k_in - higher_in  # how many tied entries fit, lowest index first
     keep = above | (tied & (tied.cumsum(0) <= room))
     return torch.nonzero_static(keep, size=k).squeeze(1)
-
-
-def _radix_step(digit: Tensor, among: Tensor | None, k: Tensor | int, bins: int) -> tuple:
-    """The digit value holding the k-th largest entry (of those in `among`), and how many of
-    them have a larger digit; both as 0-dim int64 tensors on the device.
-
-    digit (int32) indexes the histogram as it is, and entries outside `among` count in an extra
-    bin past the end: no int64 copy of the digits or of the mask (two dense passes fewer)."""
-    counts = torch.zeros(bins + 1, dtype=torch.int64, device=digit.device)
-    ones = torch.ones((), dtype=torch.int64, device=digit.device).expand(digit.numel())
-    at = digit if among is None else torch.where(among, digit, bins)
-    counts.index_add_(0, at, ones)
-    return _top_bin(counts[:bins], k)  # the same bin search as the merges' radix select
 
 
 def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float) -> None:
