@@ -210,13 +210,19 @@ def scatter_add_(flat: Tensor, idx: Tensor, val: Tensor) -> None:
 
 
 def add_tau_(
-    flat: Tensor, state: Mapping[str, Any], alpha: float, round_key: int | Tensor | None = None
+    flat: Tensor,
+    state: Mapping[str, Any],
+    alpha: float,
+    round_key: int | Tensor | None = None,
+    push: Tensor | None = None,
 ) -> None:
-    """flat += alpha * tau (dense, or at the stored entries)."""
+    """flat += alpha * tau (dense, or at the stored entries); push: alpha * tau as float32,
+    when it was computed already (for many parameters at once)."""
     tau = state.get("tau")
     if tau is None or alpha == 0.0:
         return
-    add_at_(flat, state.get("tau_idx"), tau.float() * alpha, round_key)  # not in place
+    push = tau.float() * alpha if push is None else push  # not in place
+    add_at_(flat, state.get("tau_idx"), push, round_key)
 
 
 def adam_delta(m: Tensor, v: Tensor, idx: Tensor | None, step_size: float, eps: float) -> Tensor:
@@ -320,13 +326,15 @@ def merge_into_(
     vals: Tensor,
     alpha: float,
     rounds: tuple[int | Tensor | None, int | Tensor | None] | None = None,
+    push: Tensor | None = None,
 ) -> None:
     """p += alpha * tau (at its stored entries) + vals at idx (every entry if None): OnDARE's
     `ondare_drop`, or OnTIES' update less the alpha * tau it already holds.
 
-    rounds: (tau, delta) stochastic-rounding keys, or their bits, for low-precision p."""
+    rounds: (tau, delta) stochastic-rounding keys, or their bits, for low-precision p.
+    push: alpha * tau in float32, if computed already (`add_tau_`)."""
     tau_round, delta_round = rounds or (None, None)
-    add_tau_(flat, state, alpha, tau_round)
+    add_tau_(flat, state, alpha, tau_round, push)
     add_at_(flat, idx, vals, delta_round)
 
 
@@ -557,8 +565,9 @@ class OnlineMergingAdamW(Optimizer):
         not per parameter, which is what bounds a step on an accelerator): OnDARE's gather,
         rescale and mask of Delta at the drawn entries (`_ondare_chunk`), OnTIES' tau lookup,
         sign election and update at the kept entries (`_onties_chunk`; the top-k itself stays
-        per parameter), and the stochastic-rounding bits of every low-precision parameter
-        (`_rounds_many`). Each parameter then only adds its slice of the result."""
+        per parameter), the alpha * tau pushes (`_with_pushes`) and the stochastic-rounding
+        bits of every low-precision parameter (`_rounds_many`). Each parameter then only adds
+        its slices of the results."""
         numels = [p.numel() for p in params]
         starts = [0, *itertools.accumulate(numels)]  # each parameter's offset in the group
         drawn = None if masks is None else self._drawn(masks, starts)
@@ -587,9 +596,34 @@ class OnlineMergingAdamW(Optimizer):
                 sparse = self._ondare_chunk(group, run, delta, starts, drawn)
             elif self.mode == "onties" and self.merge_every == 1:
                 sparse = self._onties_chunk(group, run, states, delta, deltas, starts)
+            merges = self._with_pushes(group, run, states, sparse)
             rounds = self._rounds_many(group, run, params, states, masks)
             for j, i in enumerate(run):
-                self._step_param(group, params[i], states[i], None, deltas[j], sparse[j], rounds[j])
+                self._step_param(group, params[i], states[i], None, deltas[j], merges[j], rounds[j])
+
+    @staticmethod
+    def _with_pushes(
+        group: Mapping[str, Any],
+        run: range,
+        states: list[dict],
+        sparse: list[tuple[Tensor, Tensor] | None],
+    ) -> list[tuple[Tensor, Tensor, Tensor | None] | None]:
+        """Each (idx, vals) of the chunk with its alpha * tau push in float32, cast and scaled
+        for all of the chunk's parameters at once (one kernel each instead of one per
+        parameter); None where the parameter has no tau to push."""
+        alpha = group["alpha"]
+        have = [j for j, s in enumerate(sparse) if s is not None and "tau" in states[run[j]]]
+        if alpha == 0.0 or not have:
+            return [None if s is None else (*s, None) for s in sparse]
+        taus = [states[run[j]]["tau"] for j in have]
+        pushes = dict(
+            zip(
+                have,
+                torch.cat(taus).float().mul_(alpha).split([t.numel() for t in taus]),
+                strict=True,
+            )
+        )
+        return [None if s is None else (*s, pushes.get(j)) for j, s in enumerate(sparse)]
 
     @staticmethod
     def _drawn(
@@ -825,13 +859,14 @@ class OnlineMergingAdamW(Optimizer):
         state: dict[str, Any],
         mask: tuple[Tensor, Tensor] | None = None,
         delta: Tensor | None = None,
-        sparse: tuple[Tensor, Tensor] | None = None,
+        sparse: tuple[Tensor, Tensor, Tensor | None] | None = None,
         rounds: tuple[int | Tensor, ...] | None = None,
     ) -> None:
         """Merge (or accumulate) this step's update of p: delta, its Delta over every entry
-        [numel] float32, or None to compute Delta from the moments where needed. OnDARE's mask
-        (idx, valid), the sparse update after the tau push (idx, vals: `merge_into_`) and the
-        rounding keys or bits (`_rounds_many`) may come computed for many parameters at once."""
+        [numel] float32, or None to compute Delta from the moments where needed. These may come
+        computed for many parameters at once: OnDARE's mask (idx, valid); sparse, the update
+        after the tau push and the push itself (idx, vals, push: `merge_into_`); the rounding
+        keys or bits (`_rounds_many`)."""
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
@@ -866,7 +901,7 @@ class OnlineMergingAdamW(Optimizer):
         decay: float,
         magnitude: Callable[[], Tensor] | None = None,
         mask: tuple[Tensor, Tensor] | None = None,
-        sparse: tuple[Tensor, Tensor] | None = None,
+        sparse: tuple[Tensor, Tensor, Tensor | None] | None = None,
         rounds: tuple[int | Tensor, ...] | None = None,
     ) -> None:
         """Weight decay and the OnDARE / OnTIES merge of the update delta_at gives (at flat
@@ -879,7 +914,8 @@ class OnlineMergingAdamW(Optimizer):
         reserve_p, alpha = group["reserve_p"], group["alpha"]
         merge_rounds = (tau_round, delta_round)
         if sparse is not None:  # computed for the whole chunk
-            merge_into_(flat, state, *sparse, alpha, merge_rounds)
+            idx, vals, push = sparse
+            merge_into_(flat, state, idx, vals, alpha, merge_rounds, push)
         elif self.mode == "ondare":
             idx, valid = mask if mask is not None else self._draw(p, t, reserve_p)
             dropped = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
