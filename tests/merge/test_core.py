@@ -428,3 +428,24 @@ def test_slerp_is_bitwise_the_out_of_place_formula(dtype: torch.dtype) -> None:
         got = core.slerp(a, b, t)
         assert got.dtype == dtype and torch.equal(got, want)
     assert torch.equal(a, a0) and torch.equal(b, b0)  # the inputs are not divided in place
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_add_at_many_rounds_each_tensor_as_alone(dtype) -> None:
+    # three tensors, one of them with repeats carrying 0 (OnDARE's draws past the end), their
+    # bits drawn together: each tensor ends as stochastic_add_at_ with its own key leaves it
+    gen = torch.Generator().manual_seed(0)
+    sizes, keys = [1000, 37, 5000], [core.tensor_seed(1, str(i)) for i in range(3)]
+    flats = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    idxs = [torch.randperm(n, generator=gen)[: n // 3].sort().values for n in sizes]
+    idxs[2] = torch.cat([idxs[2], torch.full((5,), sizes[2] - 1)])
+    vals = [torch.randn(i.numel(), generator=gen) * 2e-3 for i in idxs]  # around an ulp
+    vals[2][-5:] = 0.0
+    bits = core.hash_bits_many([i.numel() for i in idxs], keys).split([i.numel() for i in idxs])
+    together = [f.clone() for f in flats]
+    core.stochastic_add_at_many_(together, idxs, vals, bits)
+    for f, g, i, v, k in zip(flats, together, idxs, vals, keys, strict=True):
+        alone = f.clone()
+        core.stochastic_add_at_(alone, i, v, k)
+        assert torch.equal(g.view(torch.int16), alone.view(torch.int16))
+    assert sum(int((g != f).sum()) for f, g in zip(flats, together, strict=True)) > 100

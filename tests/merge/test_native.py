@@ -168,12 +168,15 @@ def test_top_magnitude_indices_on_both_paths(path: str) -> None:
             assert torch.equal(core.top_indices_of_magnitudes(x.abs(), k), expected), k
 
 
-def test_stochastic_add_at_is_the_same_on_both_paths(monkeypatch) -> None:
+@pytest.mark.parametrize("scale", [1e-4, 2.0])
+def test_stochastic_add_at_is_the_same_on_both_paths(scale: float, monkeypatch) -> None:
     gen = torch.Generator().manual_seed(0)
     n = 200_000
     base = torch.randn(n, generator=gen).to(torch.bfloat16)
     idx = torch.randperm(n, generator=gen)[:5000].sort().values
-    val = torch.randn(5000, generator=gen) * 1e-4  # mostly far below half an ulp
+    # 1e-4: mostly far below half an ulp; 2.0: sums that cross zero or change binade, where
+    # new - old is not a bf16 number (the torch path must still write new exactly)
+    val = torch.randn(5000, generator=gen) * scale
     # repeats that carry 0 (OnDARE's draws past the end): they must leave the entry alone
     idx = torch.cat([idx, torch.full((7,), n - 1)])
     val = torch.cat([val, torch.zeros(7)])
@@ -191,7 +194,9 @@ def test_stochastic_add_at_is_the_same_on_both_paths(monkeypatch) -> None:
     for flat in results:
         assert torch.equal(flat.view(torch.int16), expected.view(torch.int16))
     moved = (results[0] != base).sum()
-    assert 0 < moved < 5000  # some sums rounded up or down to a neighbour, most stayed
+    assert 0 < moved <= 5000  # some sums rounded up or down to a neighbour (1e-4: most stayed)
+    if scale == 1e-4:
+        assert moved < 1000
 
 
 def test_hash_masks_and_uniforms_are_the_same_on_both_paths(monkeypatch) -> None:
