@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -200,6 +201,21 @@ def add_at_(
         core.stochastic_add_at_(flat, idx, val, round_key)
 
 
+def add_many_(adds: list[tuple[Tensor, Tensor | None, Tensor, int | Tensor | None]]) -> None:
+    """`add_at_(flat, idx, val, round)` for many tensors. The sparse rounded adds whose random
+    bits were drawn already (`OnlineMergingAdamW._rounds_many`) run as one batch per dtype
+    (`core.stochastic_add_at_many_`: ~10 kernels for all of them instead of ~11 per tensor);
+    the others one by one (the host kernels draw their own bits)."""
+    batches: dict[torch.dtype, list] = {}
+    for flat, idx, val, rnd in adds:
+        if idx is not None and isinstance(rnd, Tensor) and flat.dtype in LOW_PRECISION:
+            batches.setdefault(flat.dtype, []).append((flat, idx, val, rnd))
+        else:
+            add_at_(flat, idx, val, rnd)
+    for batch in batches.values():
+        core.stochastic_add_at_many_(*(list(x) for x in zip(*batch, strict=True)))
+
+
 def scatter_add_(flat: Tensor, idx: Tensor, val: Tensor) -> None:
     """flat[idx] += val, repeated indices accumulating. On the host `scatter_add_` is 1.7x
     faster than `index_add_` for float32 and 10x slower for bfloat16 (measured, 1 thread)."""
@@ -218,11 +234,20 @@ def add_tau_(
 ) -> None:
     """flat += alpha * tau (dense, or at the stored entries); push: alpha * tau as float32,
     when it was computed already (for many parameters at once)."""
+    pushed = tau_push(state, alpha, push)
+    if pushed is not None:
+        add_at_(flat, *pushed, round_key)
+
+
+def tau_push(
+    state: Mapping[str, Any], alpha: float, push: Tensor | None = None
+) -> tuple[Tensor | None, Tensor] | None:
+    """(tau's flat indices or None for dense, alpha * tau in float32): what the per-step push
+    adds; None when there is nothing to add. push: alpha * tau, if computed already."""
     tau = state.get("tau")
     if tau is None or alpha == 0.0:
-        return
-    push = tau.float() * alpha if push is None else push  # not in place
-    add_at_(flat, state.get("tau_idx"), push, round_key)
+        return None
+    return state.get("tau_idx"), tau.float() * alpha if push is None else push  # not in place
 
 
 def adam_delta(m: Tensor, v: Tensor, idx: Tensor | None, step_size: float, eps: float) -> Tensor:
@@ -319,6 +344,25 @@ def ondare_drop(
     return delta * (1.0 - alpha)
 
 
+@dataclass
+class Merge:
+    """One parameter's merge at one step, ready to apply (`OnlineMergingAdamW._apply`):
+
+        p *= 1 - decay (before or after);  p += alpha * tau (push);  p[idx] += vals
+
+    push: whether alpha * tau is added (OnTIES keeping every entry has it in vals already), or
+    alpha * tau itself in float32 when computed for many parameters at once. rounds: the
+    stochastic-rounding keys or bits (tau push, vals, decay), None for round-to-nearest."""
+
+    p: Tensor
+    state: dict[str, Any]
+    idx: Tensor | None
+    vals: Tensor
+    push: bool | Tensor
+    rounds: tuple[int | Tensor, ...] | None
+    decay: float
+
+
 def merge_into_(
     flat: Tensor,
     state: Mapping[str, Any],
@@ -350,11 +394,33 @@ def onties_merge_(
 ) -> None:
     """p += alpha * tau * [tau agrees] + (1 - alpha) * topk(Delta) * [Delta agrees].
 
-    magnitude: |Delta| over every entry (a fresh buffer), when cheaper than Delta itself.
-
     Off the kept entries of Delta the elected sign is tau's own, so tau always agrees there:
     every stored tau entry gets alpha * tau, and the k kept entries then get the difference
-    between their merged update and alpha * tau (the election runs on them only).
+    between their merged update and alpha * tau (`onties_sparse`).
+    """
+    idx, vals = onties_sparse(
+        flat.numel(), state, delta_at, reserve_p, alpha, weighted_sign, magnitude
+    )
+    if idx is None:  # every entry kept: the update holds alpha * tau already
+        add_at_(flat, None, vals, (rounds or (None, None))[1])
+    else:
+        merge_into_(flat, state, idx, vals, alpha, rounds)
+
+
+def onties_sparse(
+    numel: int,
+    state: Mapping[str, Any],
+    delta_at: Callable[[Tensor | None], Tensor],
+    reserve_p: float,
+    alpha: float,
+    weighted_sign: bool,
+    magnitude: Callable[[], Tensor] | None = None,
+) -> tuple[Tensor | None, Tensor]:
+    """OnTIES' update of one parameter as (idx, vals) for `merge_into_`: the top reserve_p of
+    |Delta| (idx [k]) and there the merged update less the alpha * tau the push adds; or, when
+    every entry is kept, (None, the whole update [numel]), which then takes no push.
+
+    magnitude: |Delta| over every entry (a fresh buffer), when cheaper than Delta itself.
     """
     if magnitude is None:
         dense = delta_at(None)  # [numel] float32
@@ -363,12 +429,11 @@ def onties_merge_(
     else:  # select on |Delta| alone; Delta itself only at the k kept entries
         idx = top_indices(magnitude(), reserve_p, magnitudes=True)
         delta = delta_at(idx)  # [k] (or [numel] when every entry is kept)
-    tau = tau_at(state, idx, flat.numel(), like=delta)  # [k]
+    tau = tau_at(state, idx, numel, like=delta)  # [k]
     update = onties_update(tau, delta, alpha, weighted_sign)  # [k]
     if idx is None:  # tau, stored dense, is in the update already
-        add_at_(flat, None, update, (rounds or (None, None))[1])
-        return
-    merge_into_(flat, state, idx, update.sub_(tau, alpha=alpha), alpha, rounds)
+        return None, update
+    return idx, update.sub_(tau, alpha=alpha)
 
 
 def onties_update(tau: Tensor, delta: Tensor, alpha: float, weighted_sign: bool) -> Tensor:
@@ -543,7 +608,9 @@ class OnlineMergingAdamW(Optimizer):
                 idx, valid, draws = masks
                 per = list(zip(idx.split(draws), valid.split(draws), strict=True))
             for p, state, mask in zip(params, states, per, strict=True):
-                self._step_param(group, p, state, mask)
+                merge = self._step_param(group, p, state, mask)
+                if merge is not None:
+                    self._apply(group, [merge])
         return loss
 
     @staticmethod
@@ -598,8 +665,11 @@ class OnlineMergingAdamW(Optimizer):
                 sparse = self._onties_chunk(group, run, states, delta, deltas, starts)
             merges = self._with_pushes(group, run, states, sparse)
             rounds = self._rounds_many(group, run, params, states, masks)
-            for j, i in enumerate(run):
+            pending = [
                 self._step_param(group, params[i], states[i], None, deltas[j], merges[j], rounds[j])
+                for j, i in enumerate(run)
+            ]
+            self._apply(group, [m for m in pending if m is not None])  # before delta is reused
 
     @staticmethod
     def _with_pushes(
@@ -861,12 +931,13 @@ class OnlineMergingAdamW(Optimizer):
         delta: Tensor | None = None,
         sparse: tuple[Tensor, Tensor, Tensor | None] | None = None,
         rounds: tuple[int | Tensor, ...] | None = None,
-    ) -> None:
-        """Merge (or accumulate) this step's update of p: delta, its Delta over every entry
-        [numel] float32, or None to compute Delta from the moments where needed. These may come
-        computed for many parameters at once: OnDARE's mask (idx, valid); sparse, the update
-        after the tau push and the push itself (idx, vals, push: `merge_into_`); the rounding
-        keys or bits (`_rounds_many`)."""
+    ) -> Merge | None:
+        """This step's merge of p (`_merge_of`), to apply; None when the update was accumulated
+        instead (merge_every > 1: a cycle's last step merges here). delta: Delta over every
+        entry [numel] float32, or None to compute it from the moments where needed. These may
+        come computed for many parameters at once: OnDARE's mask (idx, valid); sparse, the
+        update after the tau push and the push itself (idx, vals, push); the rounding keys or
+        bits (`_rounds_many`)."""
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
@@ -878,21 +949,23 @@ class OnlineMergingAdamW(Optimizer):
         else:  # Delta is at hand: select on it directly (the candidate scan takes |.| itself)
             delta_at, magnitude = partial(gather, delta), None
         if self.merge_every == 1:
-            self._merge(group, p, state, delta_at, decay, magnitude, mask, sparse, rounds)
-            return
+            return self._merge_of(group, p, state, delta_at, decay, magnitude, mask, sparse, rounds)
         state["acc"].view(-1).add_(delta_at(None))
         state["decay_acc"] += decay
         state["acc_steps"] = self._pending(state) + 1
         if t % self.merge_every == 0:
             self._merge_pending(group, p, state)
+        return None
 
     def _merge_pending(self, group: Mapping[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         acc = state["acc"].view(-1)
-        self._merge(group, p, state, partial(gather, acc), state["decay_acc"])
+        self._apply(
+            group, [self._merge_of(group, p, state, partial(gather, acc), state["decay_acc"])]
+        )
         acc.zero_()
         state["decay_acc"], state["acc_steps"] = 0.0, 0
 
-    def _merge(
+    def _merge_of(
         self,
         group: Mapping[str, Any],
         p: Tensor,
@@ -903,30 +976,47 @@ class OnlineMergingAdamW(Optimizer):
         mask: tuple[Tensor, Tensor] | None = None,
         sparse: tuple[Tensor, Tensor, Tensor | None] | None = None,
         rounds: tuple[int | Tensor, ...] | None = None,
-    ) -> None:
-        """Weight decay and the OnDARE / OnTIES merge of the update delta_at gives (at flat
-        indices) into p, at optimizer step state["step"]."""
-        t, flat = state["step"], p.view(-1)
+    ) -> Merge:
+        """The OnDARE / OnTIES merge of the update delta_at gives (at flat indices) into p at
+        optimizer step state["step"], with weight decay, as a `Merge` to apply."""
+        t = state["step"]
         rounds = rounds if rounds is not None else self._round_keys(p, t)
-        tau_round, delta_round, decay_round = rounds or (None, None, None)
-        if decay and not self.decay_after_update:
-            self._decay(p, decay, decay_round)
         reserve_p, alpha = group["reserve_p"], group["alpha"]
-        merge_rounds = (tau_round, delta_round)
         if sparse is not None:  # computed for the whole chunk
             idx, vals, push = sparse
-            merge_into_(flat, state, idx, vals, alpha, merge_rounds, push)
-        elif self.mode == "ondare":
+            return Merge(p, state, idx, vals, True if push is None else push, rounds, decay)
+        if self.mode == "ondare":
             idx, valid = mask if mask is not None else self._draw(p, t, reserve_p)
-            dropped = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
-            merge_into_(flat, state, idx, dropped, alpha, merge_rounds)
-        else:
-            weighted = self.weighted_sign
-            onties_merge_(
-                flat, state, delta_at, reserve_p, alpha, weighted, merge_rounds, magnitude
-            )
-        if decay and self.decay_after_update:
-            self._decay(p, decay, decay_round)
+            vals = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
+            return Merge(p, state, idx, vals, True, rounds, decay)
+        weighted = self.weighted_sign
+        idx, vals = onties_sparse(p.numel(), state, delta_at, reserve_p, alpha, weighted, magnitude)
+        return Merge(p, state, idx, vals, idx is not None, rounds, decay)
+
+    def _apply(self, group: Mapping[str, Any], merges: list[Merge]) -> None:
+        """Apply the merges of many parameters, in the order each parameter needs: weight decay
+        (when before the update), every alpha * tau push, every sparse add, weight decay (when
+        after). The rounded sparse adds of each phase run as one batch (`add_many_`)."""
+
+        def rounding(m: Merge, which: int) -> int | Tensor | None:
+            return None if m.rounds is None else m.rounds[which]  # (tau, vals, decay)
+
+        decays = [m for m in merges if m.decay]
+        if not self.decay_after_update:
+            for m in decays:
+                self._decay(m.p, m.decay, rounding(m, 2))
+        flats, pushes = [m.p.view(-1) for m in merges], []
+        for m, flat in zip(merges, flats, strict=True):
+            pushed = None
+            if m.push is not False:
+                pushed = tau_push(m.state, group["alpha"], None if m.push is True else m.push)
+            if pushed is not None:
+                pushes.append((flat, *pushed, rounding(m, 0)))
+        add_many_(pushes)
+        add_many_([(f, m.idx, m.vals, rounding(m, 1)) for m, f in zip(merges, flats, strict=True)])
+        if self.decay_after_update:
+            for m in decays:
+                self._decay(m.p, m.decay, rounding(m, 2))
 
     def _draw(self, p: Tensor, t: int, reserve_p: float) -> tuple[Tensor | None, Tensor | None]:
         """OnDARE's mask of p at step t drawn on its own: (idx, valid), or every entry."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mergekit_rl.errors import MismatchError, UsageError
-from mergekit_rl.merge import core
+from mergekit_rl.merge import core, native
 from mergekit_rl.train import optim as om
 from mergekit_rl.train.optim import OnlineMergingAdamW
 from tests.syncs import HostSyncs
@@ -39,6 +39,13 @@ def grads_for(step: int, model: nn.Module) -> dict[str, Tensor]:
 def set_grads(model: nn.Module, grads: dict[str, Tensor]) -> None:
     for n, p in model.named_parameters():
         p.grad = grads[n].clone()
+
+
+def accelerator_path(monkeypatch) -> None:
+    """Run the torch paths accelerators take, here on the CPU: no C kernels (RLMERGE_NATIVE=0
+    would not do: the library is loaded once per process) and the sync-free top-k."""
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    monkeypatch.setattr(om, "HOST_SELECTION_DEVICES", ())
 
 
 class RefAdam:
@@ -986,8 +993,7 @@ def test_a_step_on_the_accelerator_path_never_syncs(mode, dtype, merge_every, fu
     # the accelerator path forced on the CPU (no C kernels, no host-side selection); every op
     # that would make a GPU wait for the host is recorded. (Branches keyed on the CPU device
     # itself, such as the host cast of bf16 gradients, still take their host form here.)
-    monkeypatch.setenv("RLMERGE_NATIVE", "0")
-    monkeypatch.setattr(om, "HOST_SELECTION_DEVICES", ())
+    accelerator_path(monkeypatch)
     if not fused:
         monkeypatch.setattr(om, "FUSED_ADAM_DEVICES", ())
     model = tiny_model().to(dtype)
@@ -1010,7 +1016,7 @@ def test_a_step_on_the_accelerator_path_never_syncs(mode, dtype, merge_every, fu
 def test_rounding_bits_drawn_per_chunk_equal_the_per_parameter_draws(mode, dtype, monkeypatch):
     # without the host kernels the rounding bits of a whole chunk come from one hash_bits_many;
     # they must be the bits each add would draw under its own key, so the weights are the same
-    monkeypatch.setenv("RLMERGE_NATIVE", "0")
+    accelerator_path(monkeypatch)
     monkeypatch.setattr(om, "CHUNK_ELEMS", 100)  # several chunks
     batched = om.OnlineMergingAdamW._rounds_many
     runs = []
@@ -1065,11 +1071,16 @@ def test_a_cuda_step_never_synchronises(mode, dtype) -> None:
 @pytest.mark.parametrize("mode", ["ondare", "onties"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [40, 1 << 22])
-def test_chunk_batched_merges_equal_the_per_parameter_merges(mode, dtype, chunk, monkeypatch):
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_chunk_batched_merges_equal_the_per_parameter_merges(
+    mode, dtype, chunk, accelerator, monkeypatch
+):
     # the chunk path (one gather, one tau lookup and election for all parameters of a chunk)
     # against each parameter merging on its own; tau sparse for the weights, dense for the
     # 4-entry bias (it keeps every entry), absent for one parameter
     monkeypatch.setattr(om, "CHUNK_ELEMS", chunk)
+    if accelerator:
+        accelerator_path(monkeypatch)
     taus = random_tau(tiny_model())
     del taus["0.bias"]
     runs = []
@@ -1094,3 +1105,24 @@ def test_chunk_batched_merges_equal_the_per_parameter_merges(mode, dtype, chunk,
     for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(p, q), n
         assert not torch.equal(p, tiny_model().to(dtype).state_dict()[n]), n  # it trained
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+def test_bf16_weights_are_the_same_on_the_host_and_the_accelerator_path(mode, monkeypatch):
+    # the C kernels and top-k on the host against the torch ops accelerators run (forced here),
+    # with steps big enough that sums cross zero (where an add of new - old would round)
+    runs = []
+    for accelerator in (False, True):
+        if accelerator:
+            accelerator_path(monkeypatch)
+        model = tiny_model().to(torch.bfloat16)
+        opt = OnlineMergingAdamW(
+            model.named_parameters(), random_tau(model, scale=0.5), mode=mode, lr=0.2, alpha=0.1,
+            reserve_p=0.3, weight_decay=0.01,
+        )  # fmt: skip
+        for step in range(3):
+            set_grads(model, {n: g.bfloat16() for n, g in grads_for(step, model).items()})
+            opt.step()
+        runs.append(model)
+    for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16)), n
