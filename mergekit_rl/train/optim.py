@@ -203,7 +203,7 @@ def add_at_(
 
 def add_many_(adds: list[tuple[Tensor, Tensor | None, Tensor, int | Tensor | None]]) -> None:
     """`add_at_(flat, idx, val, round)` for many tensors. The sparse rounded adds whose random
-    bits were drawn already (`OnlineMergingAdamW._rounds_many`) run as one batch per dtype
+    bits were drawn already (`OnlineMergingAdamW._rounding`) run as one batch per dtype
     (`core.stochastic_add_at_many_`: ~10 kernels for all of them instead of ~11 per tensor);
     the others one by one (the host kernels draw their own bits)."""
     batches: dict[torch.dtype, list] = {}
@@ -225,29 +225,21 @@ def scatter_add_(flat: Tensor, idx: Tensor, val: Tensor) -> None:
         flat.index_add_(0, idx, val)
 
 
-def add_tau_(
-    flat: Tensor,
-    state: Mapping[str, Any],
-    alpha: float,
-    round_key: int | Tensor | None = None,
-    push: Tensor | None = None,
-) -> None:
-    """flat += alpha * tau (dense, or at the stored entries); push: alpha * tau as float32,
-    when it was computed already (for many parameters at once)."""
-    pushed = tau_push(state, alpha, push)
-    if pushed is not None:
-        add_at_(flat, *pushed, round_key)
-
-
-def tau_push(
-    state: Mapping[str, Any], alpha: float, push: Tensor | None = None
-) -> tuple[Tensor | None, Tensor] | None:
-    """(tau's flat indices or None for dense, alpha * tau in float32): what the per-step push
-    adds; None when there is nothing to add. push: alpha * tau, if computed already."""
-    tau = state.get("tau")
-    if tau is None or alpha == 0.0:
-        return None
-    return state.get("tau_idx"), tau.float() * alpha if push is None else push  # not in place
+def tau_pushes(
+    states: Sequence[Mapping[str, Any]], alpha: float
+) -> list[tuple[Tensor | None, Tensor] | None]:
+    """What the per-step push p += alpha * tau adds for each state: (tau's flat indices, None
+    for dense; alpha * tau in float32), cast and scaled for all of them at once (one kernel
+    each, not one per parameter). None where a state has no tau, or alpha is 0."""
+    out: list[tuple[Tensor | None, Tensor] | None] = [None] * len(states)
+    have = [i for i, st in enumerate(states) if st.get("tau") is not None]
+    if alpha == 0.0 or not have:
+        return out
+    taus = [states[i]["tau"] for i in have]
+    vals = torch.cat(taus).float().mul_(alpha).split([t.numel() for t in taus])
+    for i, v in zip(have, vals, strict=True):
+        out[i] = (states[i].get("tau_idx"), v)
+    return out
 
 
 def adam_delta(m: Tensor, v: Tensor, idx: Tensor | None, step_size: float, eps: float) -> Tensor:
@@ -350,61 +342,16 @@ class Merge:
 
         p *= 1 - decay (before or after);  p += alpha * tau (push);  p[idx] += vals
 
-    push: whether alpha * tau is added (OnTIES keeping every entry has it in vals already), or
-    alpha * tau itself in float32 when computed for many parameters at once. rounds: the
-    stochastic-rounding keys or bits (tau push, vals, decay), None for round-to-nearest."""
+    push: whether alpha * tau is added (OnTIES keeping every entry has it in vals already).
+    rounds: the stochastic-rounding keys (tau push, vals, decay), None for round-to-nearest."""
 
     p: Tensor
     state: dict[str, Any]
     idx: Tensor | None
     vals: Tensor
-    push: bool | Tensor
-    rounds: tuple[int | Tensor, ...] | None
+    push: bool
+    rounds: tuple[int, int, int] | None
     decay: float
-
-
-def merge_into_(
-    flat: Tensor,
-    state: Mapping[str, Any],
-    idx: Tensor | None,
-    vals: Tensor,
-    alpha: float,
-    rounds: tuple[int | Tensor | None, int | Tensor | None] | None = None,
-    push: Tensor | None = None,
-) -> None:
-    """p += alpha * tau (at its stored entries) + vals at idx (every entry if None): OnDARE's
-    `ondare_drop`, or OnTIES' update less the alpha * tau it already holds.
-
-    rounds: (tau, delta) stochastic-rounding keys, or their bits, for low-precision p.
-    push: alpha * tau in float32, if computed already (`add_tau_`)."""
-    tau_round, delta_round = rounds or (None, None)
-    add_tau_(flat, state, alpha, tau_round, push)
-    add_at_(flat, idx, vals, delta_round)
-
-
-def onties_merge_(
-    flat: Tensor,
-    state: Mapping[str, Any],
-    delta_at: Callable[[Tensor | None], Tensor],
-    reserve_p: float,
-    alpha: float,
-    weighted_sign: bool,
-    rounds: tuple[int | Tensor, int | Tensor] | None = None,
-    magnitude: Callable[[], Tensor] | None = None,
-) -> None:
-    """p += alpha * tau * [tau agrees] + (1 - alpha) * topk(Delta) * [Delta agrees].
-
-    Off the kept entries of Delta the elected sign is tau's own, so tau always agrees there:
-    every stored tau entry gets alpha * tau, and the k kept entries then get the difference
-    between their merged update and alpha * tau (`onties_sparse`).
-    """
-    idx, vals = onties_sparse(
-        flat.numel(), state, delta_at, reserve_p, alpha, weighted_sign, magnitude
-    )
-    if idx is None:  # every entry kept: the update holds alpha * tau already
-        add_at_(flat, None, vals, (rounds or (None, None))[1])
-    else:
-        merge_into_(flat, state, idx, vals, alpha, rounds)
 
 
 def onties_sparse(
@@ -416,9 +363,14 @@ def onties_sparse(
     weighted_sign: bool,
     magnitude: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor]:
-    """OnTIES' update of one parameter as (idx, vals) for `merge_into_`: the top reserve_p of
-    |Delta| (idx [k]) and there the merged update less the alpha * tau the push adds; or, when
-    every entry is kept, (None, the whole update [numel]), which then takes no push.
+    """p += alpha * tau * [tau agrees] + (1 - alpha) * topk(Delta) * [Delta agrees], for one
+    parameter, as (idx, vals) of a `Merge`: the top reserve_p of |Delta| (idx [k]) and there
+    the merged update less the alpha * tau the push adds; or, when every entry is kept, (None,
+    the whole update [numel]), which then takes no push.
+
+    Off the kept entries of Delta the elected sign is tau's own, so tau always agrees there:
+    every stored tau entry gets alpha * tau (the push), and the k kept entries the difference
+    between their merged update and alpha * tau (the election runs on them only).
 
     magnitude: |Delta| over every entry (a fresh buffer), when cheaper than Delta itself.
     """
@@ -632,9 +584,8 @@ class OnlineMergingAdamW(Optimizer):
         not per parameter, which is what bounds a step on an accelerator): OnDARE's gather,
         rescale and mask of Delta at the drawn entries (`_ondare_chunk`), OnTIES' tau lookup,
         sign election and update at the kept entries (`_onties_chunk`; the top-k itself stays
-        per parameter), the alpha * tau pushes (`_with_pushes`) and the stochastic-rounding
-        bits of every low-precision parameter (`_rounds_many`). Each parameter then only adds
-        its slices of the results."""
+        per parameter), and in `_apply` the alpha * tau pushes and the stochastic rounding of
+        every sparse add. Each parameter then only adds its slices of the results."""
         numels = [p.numel() for p in params]
         starts = [0, *itertools.accumulate(numels)]  # each parameter's offset in the group
         drawn = None if masks is None else self._drawn(masks, starts)
@@ -663,37 +614,11 @@ class OnlineMergingAdamW(Optimizer):
                 sparse = self._ondare_chunk(group, run, delta, starts, drawn)
             elif self.mode == "onties" and self.merge_every == 1:
                 sparse = self._onties_chunk(group, run, states, delta, deltas, starts)
-            merges = self._with_pushes(group, run, states, sparse)
-            rounds = self._rounds_many(group, run, params, states, masks)
             pending = [
-                self._step_param(group, params[i], states[i], None, deltas[j], merges[j], rounds[j])
+                self._step_param(group, params[i], states[i], None, deltas[j], sparse[j])
                 for j, i in enumerate(run)
             ]
             self._apply(group, [m for m in pending if m is not None])  # before delta is reused
-
-    @staticmethod
-    def _with_pushes(
-        group: Mapping[str, Any],
-        run: range,
-        states: list[dict],
-        sparse: list[tuple[Tensor, Tensor] | None],
-    ) -> list[tuple[Tensor, Tensor, Tensor | None] | None]:
-        """Each (idx, vals) of the chunk with its alpha * tau push in float32, cast and scaled
-        for all of the chunk's parameters at once (one kernel each instead of one per
-        parameter); None where the parameter has no tau to push."""
-        alpha = group["alpha"]
-        have = [j for j, s in enumerate(sparse) if s is not None and "tau" in states[run[j]]]
-        if alpha == 0.0 or not have:
-            return [None if s is None else (*s, None) for s in sparse]
-        taus = [states[run[j]]["tau"] for j in have]
-        pushes = dict(
-            zip(
-                have,
-                torch.cat(taus).float().mul_(alpha).split([t.numel() for t in taus]),
-                strict=True,
-            )
-        )
-        return [None if s is None else (*s, pushes.get(j)) for j, s in enumerate(sparse)]
 
     @staticmethod
     def _drawn(
@@ -737,7 +662,7 @@ class OnlineMergingAdamW(Optimizer):
         """(idx, update - alpha * tau there) for the parameters of the chunk run: each one's top
         k of its Delta, then tau at the kept entries of all of them (sparse tau laid end to end,
         `tau_at`), the election and the update (`onties_update`) in one batch of kernels. None
-        for a parameter that keeps every entry or stores tau dense: `onties_merge_` serves it."""
+        for a parameter that keeps every entry or stores tau dense: `onties_sparse` serves it."""
         reserve_p, alpha = group["reserve_p"], group["alpha"]
         batch = []  # (position in run, parameter, its kept entries [k])
         for j, i in enumerate(run):
@@ -810,57 +735,6 @@ class OnlineMergingAdamW(Optimizer):
             mask_key(self.seed, name, "round", str(t), w) for w in ("tau", "delta", "decay")
         )
 
-    def _round_sizes(
-        self, group: Mapping[str, Any], p: Tensor, state: Mapping[str, Any], draws: int | None
-    ) -> tuple[int, int, int]:
-        """How many entries each rounded add of p's merge touches (0: no such add): the tau
-        push (`add_tau_`), Delta (OnDARE's draws, OnTIES' top k, or every entry) and the weight
-        decay (every entry). They size the bits `_rounds_many` draws, so they follow `_merge`."""
-        numel, reserve_p, alpha = p.numel(), group["reserve_p"], group["alpha"]
-        tau = state.get("tau")
-        tau_n = 0 if tau is None or alpha == 0.0 else tau.numel()
-        decay_n = numel if group["lr"] * group["weight_decay"] else 0
-        if self.mode == "ondare":
-            return tau_n, numel if draws is None else draws, decay_n
-        if reserve_p >= 1.0 or reserve_p * numel < 1:  # top_indices keeps every entry
-            return 0, numel, decay_n
-        return tau_n, int(reserve_p * numel), decay_n
-
-    def _rounds_many(
-        self,
-        group: Mapping[str, Any],
-        run: range,
-        params: list[Tensor],
-        states: list[dict],
-        masks: tuple[Tensor, Tensor, list[int]] | None,
-    ) -> list[tuple[int | Tensor, ...] | None]:
-        """The stochastic-rounding keys of parameters run (`_round_keys`), or on devices without
-        the host kernels the random bits themselves, for every rounded add of the chunk in one
-        `core.hash_bits_many` (its ~20 integer ops once per chunk instead of once per add)."""
-        keys = [self._round_keys(params[i], states[i]["step"]) for i in run]
-        rounded = [j for j, k in enumerate(keys) if k is not None]
-        if not rounded or self.merge_every > 1 or core.native.usable(params[run.start]):
-            return keys  # the C loops draw their bits themselves (and merge_every hashes per merge)
-        sizes, flat_keys = [], []
-        for j in rounded:
-            i = run.start + j
-            draws = None if masks is None else masks[2][i]
-            for n, key in zip(
-                self._round_sizes(group, params[i], states[i], draws), keys[j], strict=True
-            ):
-                sizes.append(n)
-                flat_keys.append(key)
-        used = [(n, k) for n, k in zip(sizes, flat_keys, strict=True) if n]
-        bits = core.hash_bits_many(
-            [n for n, _ in used], [k for _, k in used], device=params[run.start].device
-        )
-        pieces = iter(bits.split([n for n, _ in used]))
-        out: list[tuple[int | Tensor, ...] | None] = list(keys)
-        for pos, j in enumerate(rounded):
-            three = zip(sizes[3 * pos : 3 * pos + 3], keys[j], strict=True)
-            out[j] = tuple(next(pieces) if n else key for n, key in three)
-        return out
-
     @torch.no_grad()
     def flush(self) -> bool:
         """Merge the updates accumulated since the last merge (merge_every > 1) now, as a merge
@@ -929,15 +803,13 @@ class OnlineMergingAdamW(Optimizer):
         state: dict[str, Any],
         mask: tuple[Tensor, Tensor] | None = None,
         delta: Tensor | None = None,
-        sparse: tuple[Tensor, Tensor, Tensor | None] | None = None,
-        rounds: tuple[int | Tensor, ...] | None = None,
+        sparse: tuple[Tensor, Tensor] | None = None,
     ) -> Merge | None:
         """This step's merge of p (`_merge_of`), to apply; None when the update was accumulated
         instead (merge_every > 1: a cycle's last step merges here). delta: Delta over every
         entry [numel] float32, or None to compute it from the moments where needed. These may
         come computed for many parameters at once: OnDARE's mask (idx, valid); sparse, the
-        update after the tau push and the push itself (idx, vals, push); the rounding keys or
-        bits (`_rounds_many`)."""
+        update after the tau push (idx, vals)."""
         t, lr, eps = state["step"], group["lr"], group["eps"]
         b1, b2 = group["betas"]
         step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
@@ -949,7 +821,7 @@ class OnlineMergingAdamW(Optimizer):
         else:  # Delta is at hand: select on it directly (the candidate scan takes |.| itself)
             delta_at, magnitude = partial(gather, delta), None
         if self.merge_every == 1:
-            return self._merge_of(group, p, state, delta_at, decay, magnitude, mask, sparse, rounds)
+            return self._merge_of(group, p, state, delta_at, decay, magnitude, mask, sparse)
         state["acc"].view(-1).add_(delta_at(None))
         state["decay_acc"] += decay
         state["acc_steps"] = self._pending(state) + 1
@@ -974,17 +846,15 @@ class OnlineMergingAdamW(Optimizer):
         decay: float,
         magnitude: Callable[[], Tensor] | None = None,
         mask: tuple[Tensor, Tensor] | None = None,
-        sparse: tuple[Tensor, Tensor, Tensor | None] | None = None,
-        rounds: tuple[int | Tensor, ...] | None = None,
+        sparse: tuple[Tensor, Tensor] | None = None,
     ) -> Merge:
         """The OnDARE / OnTIES merge of the update delta_at gives (at flat indices) into p at
         optimizer step state["step"], with weight decay, as a `Merge` to apply."""
         t = state["step"]
-        rounds = rounds if rounds is not None else self._round_keys(p, t)
+        rounds = self._round_keys(p, t)
         reserve_p, alpha = group["reserve_p"], group["alpha"]
         if sparse is not None:  # computed for the whole chunk
-            idx, vals, push = sparse
-            return Merge(p, state, idx, vals, True if push is None else push, rounds, decay)
+            return Merge(p, state, *sparse, True, rounds, decay)
         if self.mode == "ondare":
             idx, valid = mask if mask is not None else self._draw(p, t, reserve_p)
             vals = ondare_drop(delta_at, idx, valid, reserve_p, alpha, self.rescale)
@@ -996,27 +866,58 @@ class OnlineMergingAdamW(Optimizer):
     def _apply(self, group: Mapping[str, Any], merges: list[Merge]) -> None:
         """Apply the merges of many parameters, in the order each parameter needs: weight decay
         (when before the update), every alpha * tau push, every sparse add, weight decay (when
-        after). The rounded sparse adds of each phase run as one batch (`add_many_`)."""
-
-        def rounding(m: Merge, which: int) -> int | Tensor | None:
-            return None if m.rounds is None else m.rounds[which]  # (tau, vals, decay)
-
-        decays = [m for m in merges if m.decay]
+        after). The pushes are cast in one batch (`tau_pushes`), and the rounded sparse adds of
+        each phase run as one batch (`add_many_`) with bits drawn at once (`_rounding`)."""
+        pushes = tau_pushes([m.state if m.push else {} for m in merges], group["alpha"])
+        rounds = self._rounding(merges, pushes)  # per merge: (tau, vals, decay) or None
+        decays = [(m, r and r[2]) for m, r in zip(merges, rounds, strict=True) if m.decay]
         if not self.decay_after_update:
-            for m in decays:
-                self._decay(m.p, m.decay, rounding(m, 2))
-        flats, pushes = [m.p.view(-1) for m in merges], []
-        for m, flat in zip(merges, flats, strict=True):
-            pushed = None
-            if m.push is not False:
-                pushed = tau_push(m.state, group["alpha"], None if m.push is True else m.push)
-            if pushed is not None:
-                pushes.append((flat, *pushed, rounding(m, 0)))
-        add_many_(pushes)
-        add_many_([(f, m.idx, m.vals, rounding(m, 1)) for m, f in zip(merges, flats, strict=True)])
+            for m, rnd in decays:
+                self._decay(m.p, m.decay, rnd)
+        flats = [m.p.view(-1) for m in merges]
+        add_many_(
+            [
+                (f, *pushed, r and r[0])
+                for f, pushed, r in zip(flats, pushes, rounds, strict=True)
+                if pushed is not None
+            ]
+        )
+        add_many_(
+            [(f, m.idx, m.vals, r and r[1]) for m, f, r in zip(merges, flats, rounds, strict=True)]
+        )
         if self.decay_after_update:
-            for m in decays:
-                self._decay(m.p, m.decay, rounding(m, 2))
+            for m, rnd in decays:
+                self._decay(m.p, m.decay, rnd)
+
+    def _rounding(
+        self, merges: list[Merge], pushes: list[tuple[Tensor | None, Tensor] | None]
+    ) -> list[tuple[int | Tensor, ...] | None]:
+        """Each merge's stochastic-rounding keys (tau push, vals, decay), or, off the host
+        kernels (which draw their own), the random bits themselves: those of every rounded add
+        of the merges from one `core.hash_bits_many`, sized by the adds at hand (~20 integer ops
+        for all of them instead of per add)."""
+        keys = [m.rounds for m in merges]
+        rounded = [j for j, k in enumerate(keys) if k is not None]
+        if not rounded or core.native.usable(merges[rounded[0]].p):
+            return keys
+        sizes = {}  # (merge, which add) -> entries it touches
+        for j in rounded:
+            m, pushed = merges[j], pushes[j]
+            sizes[j, 0] = 0 if pushed is None else pushed[1].numel()
+            sizes[j, 1] = m.vals.numel()
+            sizes[j, 2] = m.p.numel() if m.decay else 0
+        used = [jw for jw, n in sizes.items() if n]
+        if not used:
+            return keys
+        device = merges[rounded[0]].p.device
+        bits = core.hash_bits_many(
+            [sizes[jw] for jw in used], [keys[j][w] for j, w in used], device=device
+        )
+        drawn = dict(zip(used, bits.split([sizes[jw] for jw in used]), strict=True))
+        return [
+            None if k is None else tuple(drawn.get((j, w), k[w]) for w in range(3))
+            for j, k in enumerate(keys)
+        ]
 
     def _draw(self, p: Tensor, t: int, reserve_p: float) -> tuple[Tensor | None, Tensor | None]:
         """OnDARE's mask of p at step t drawn on its own: (idx, valid), or every entry."""

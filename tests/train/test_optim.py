@@ -235,6 +235,17 @@ def test_onties_by_hand_over_three_steps() -> None:
     assert_params(model, expected)
 
 
+def onties_merge_(flat: Tensor, state: dict, delta: Tensor, alpha: float, weighted: bool) -> None:
+    """OnTIES (reserve_p 0.5) into flat, as the optimizer applies it: push, then the adds."""
+    idx, vals = om.onties_sparse(
+        flat.numel(), state, lambda idx: om.gather(delta, idx), 0.5, alpha, weighted
+    )
+    (pushed,) = om.tau_pushes([state if idx is not None else {}], alpha)
+    if pushed is not None:
+        om.add_at_(flat, *pushed)
+    om.add_at_(flat, idx, vals)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_onties_merge_election_on_numbers(weighted: bool) -> None:
     # 6 entries, keep the top 3 |Delta|: indices 0, 1, 2 (3..5 are dropped, tau alone there)
@@ -243,7 +254,7 @@ def test_onties_merge_election_on_numbers(weighted: bool) -> None:
     alpha = 0.2
     state = {"tau": tau.bfloat16()}
     flat = torch.zeros(6)
-    om.onties_merge_(flat, state, lambda idx: om.gather(delta, idx), 0.5, alpha, weighted)
+    onties_merge_(flat, state, delta, alpha, weighted)
     t = tau.bfloat16().float()
     if weighted:  # sign(0.2 tau + 0.8 Delta): entry 0 is 0.36 > 0, Delta wins
         expected = [0.8 * 0.5, alpha * t[1] + 0.8 * -0.4, alpha * t[2] + 0.8 * 0.3]
@@ -254,7 +265,7 @@ def test_onties_merge_election_on_numbers(weighted: bool) -> None:
     # entry 0 flips with a strong tau: tau wins the unweighted vote, Delta the weighted one
     flat = torch.zeros(6)
     state = {"tau": torch.tensor([-0.9, 0, 0, 0, 0, 0]).bfloat16()}
-    om.onties_merge_(flat, state, lambda idx: om.gather(delta, idx), 0.5, alpha, weighted)
+    onties_merge_(flat, state, delta, alpha, weighted)
     want0 = 0.8 * 0.5 if weighted else alpha * -0.8984375  # bf16(-0.9)
     torch.testing.assert_close(flat[0], torch.tensor(want0), atol=1e-7, rtol=0)
 
@@ -272,7 +283,8 @@ def test_sparse_and_dense_tau_storage_agree() -> None:
         got = om.tau_at(state, want, 1000, like)
         torch.testing.assert_close(got, torch.tensor([0, 0, val[0], val[1], 0, val[3]]))
         flat = torch.ones(1000)
-        om.add_tau_(flat, state, 0.5)
+        (pushed,) = om.tau_pushes([state], 0.5)
+        om.add_at_(flat, *pushed)
         torch.testing.assert_close(flat, 1 + 0.5 * dense["tau"])
 
 
@@ -1018,16 +1030,14 @@ def test_rounding_bits_drawn_per_chunk_equal_the_per_parameter_draws(mode, dtype
     # they must be the bits each add would draw under its own key, so the weights are the same
     accelerator_path(monkeypatch)
     monkeypatch.setattr(om, "CHUNK_ELEMS", 100)  # several chunks
-    batched = om.OnlineMergingAdamW._rounds_many
+    batched = om.OnlineMergingAdamW._rounding
     runs = []
     for per_parameter in (False, True):
         if per_parameter:  # every add hashes its own key
             monkeypatch.setattr(
                 om.OnlineMergingAdamW,
-                "_rounds_many",
-                lambda self, group, run, params, states, masks: [
-                    self._round_keys(params[i], states[i]["step"]) for i in run
-                ],
+                "_rounding",
+                lambda self, merges, pushes: [m.rounds for m in merges],
             )
         model = tiny_model().to(dtype)
         opt = OnlineMergingAdamW(
@@ -1038,7 +1048,7 @@ def test_rounding_bits_drawn_per_chunk_equal_the_per_parameter_draws(mode, dtype
             set_grads(model, {n: g.to(dtype) for n, g in grads_for(step, model).items()})
             opt.step()
         runs.append(model)
-    assert batched is not om.OnlineMergingAdamW._rounds_many  # the second run was per parameter
+    assert batched is not om.OnlineMergingAdamW._rounding  # the second run was per parameter
     for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(p, q), n
 
