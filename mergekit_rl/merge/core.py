@@ -873,41 +873,33 @@ def stochastic_add_at_(flat: Tensor, idx: Tensor, val: Tensor, key: int | Tensor
     if flat.dtype == torch.bfloat16 and native_ok:
         native.add_at_bf16_rounded_(flat, idx, val.float().contiguous(), _chunk_words(key, 0))
         return
-    old = flat.index_select(0, idx)
-    new = stochastic_round(old.float() + val, flat.dtype, key)
-    _put_exactly_(flat, idx, *_exact_terms(old, new, val != 0))
-
-
-def _exact_terms(old: Tensor, new: Tensor, touched: Tensor) -> tuple[Tensor, Tensor]:
-    """The two terms `_put_exactly_` adds: -old and new where touched, 0 elsewhere."""
-    return torch.where(touched, -old, 0.0), torch.where(touched, new, 0.0)
-
-
-def _put_exactly_(flat: Tensor, idx: Tensor, minus_old: Tensor, new: Tensor) -> None:
-    """flat[idx] = new where the entry is touched, other entries of idx left alone even where
-    they repeat a touched index (`_exact_terms`: both terms 0 there). Two index adds, old +
-    (-old) = 0 and 0 + new = new, both exact. One add of new - old would round whenever new and
-    old are more than a factor 2 apart, as when a sum crosses zero; a plain indexed write would
-    race between a repeat and the entry it repeats. A -0.0 result is written as +0.0."""
-    flat.index_add_(0, idx, minus_old)
-    flat.index_add_(0, idx, new)
+    bits = hash_bits(val.numel(), key, device=flat.device) if isinstance(key, int) else key
+    stochastic_add_at_many_([flat], [idx], [val], [bits])
 
 
 def stochastic_add_at_many_(
     flats: Sequence[Tensor], idxs: Sequence[Tensor], vals: Sequence[Tensor], bits: Sequence[Tensor]
 ) -> None:
-    """`stochastic_add_at_(flat_i, idx_i, val_i, bits_i)` for many tensors of one low-precision
-    dtype: a gather and the two exact index adds per tensor, the rounding once for all of them
-    (the same result: every entry is rounded on its own with its own bits)."""
+    """`stochastic_add_at_(flat_i, idx_i, val_i, bits_i)` with the random bits given, for many
+    tensors of one low-precision dtype: a gather and two index adds per tensor, the rounding
+    once for all of them (every entry is rounded on its own with its own bits).
+
+    The rounded sum `new` is written exactly as two adds, old + (-old) = 0 and 0 + new = new.
+    One add of new - old would round whenever new and old are more than a factor 2 apart (a
+    sum crossing zero), and a plain indexed write would race between a repeat and the entry it
+    repeats; repeats carry val 0 and add 0 twice. A -0.0 result is written as +0.0."""
     if not flats:
         return
     dtype, sizes = flats[0].dtype, [i.numel() for i in idxs]
     old = torch.cat([f.index_select(0, i) for f, i in zip(flats, idxs, strict=True)])
     val = torch.cat(list(vals))
     new = stochastic_round(old.float() + val, dtype, torch.cat(list(bits)))
-    minus, put = (t.split(sizes) for t in _exact_terms(old, new, val != 0))
+    touched = val != 0
+    minus = torch.where(touched, -old, 0.0).split(sizes)
+    put = torch.where(touched, new, 0.0).split(sizes)
     for f, i, m, n in zip(flats, idxs, minus, put, strict=True):
-        _put_exactly_(f, i, m, n)
+        f.index_add_(0, i, m)
+        f.index_add_(0, i, n)
 
 
 def top_magnitude_indices_static(x: Tensor, k: int) -> Tensor:
