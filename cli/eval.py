@@ -18,7 +18,11 @@ from .errors import boundary
 def eval_command(
     models: Annotated[list[str], typer.Argument(help="Models to score (dirs or hub ids).")],
     prompts: Annotated[
-        Path, typer.Option(help="Prompts: .jsonl with a 'prompt' field, or one per line.")
+        Path,
+        typer.Option(
+            help="Prompts: .jsonl with a 'prompt' field (text or chat messages; other fields "
+            "go to reward functions by name), or one per line."
+        ),
     ],
     reward: Annotated[
         str,
@@ -28,7 +32,11 @@ def eval_command(
         ),
     ] = "sentiment",
     reference: Annotated[
-        str | None, typer.Option(help="Reference model for KL(model || reference) and win rate.")
+        str | None,
+        typer.Option(
+            help="Reference model for the KL (between the two models' sampling distributions "
+            "at --temperature / --top-k) and win rate."
+        ),
     ] = None,
     heldout: Annotated[
         Path | None, typer.Option(help="Held-out text, one document per line: perplexity.")
@@ -92,7 +100,7 @@ def eval_command(
                 rows=rows,
             )
         else:
-            _table(rows)
+            _table(rows, settings)
 
 
 def _run(models: list[str], settings, quiet: bool) -> list[dict]:  # noqa: ANN001
@@ -115,9 +123,20 @@ def _fmt(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _table(rows: list[dict]) -> None:
-    table = Table(title="rlmerge eval")
-    for col in ("model", "reward", "± se", "KL/token", "ppl", "win rate", "tokens"):
+def _kl_header(settings) -> str:  # noqa: ANN001
+    """Which KL, in a column header: the sampling distributions' temperature and top-k."""
+    if settings.temperature == 0:
+        return "KL/token (greedy; T=1)"
+    top = f", top-{settings.top_k}" if settings.top_k else ""
+    return f"KL/token (T={settings.temperature:g}{top})"
+
+
+def _table(rows: list[dict], settings) -> None:  # noqa: ANN001
+    from mergekit_rl.lab.evaluate import kl_definition
+
+    caption = f"KL: {kl_definition(settings)}." if settings.reference else None
+    table = Table(title="rlmerge eval", caption=caption)
+    for col in ("model", "reward", "± se", _kl_header(settings), "ppl", "win rate", "tokens"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         table.add_row(

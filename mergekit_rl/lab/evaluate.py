@@ -1,12 +1,19 @@
 """`rlmerge eval`: score checkpoints side by side on reward and drift (the alignment tax).
 
 For each model, on the same prompts with the same seed:
+- prompts are encoded as training feeds them (train.data.prompt_ids: the tokenizer's special
+  tokens, BOS included where it adds one; the chat template for message lists);
 - reward: completions sampled per prompt (batched, left-padded), scored by a reward that
-  `rlmerge train` accepts; mean and standard error over all samples;
-- KL(model || reference) per token: the exact KL over the vocabulary at each completion
-  position of the model's own samples, summed over tokens and divided by their count (an
-  unbiased estimate of the per-token sequence KL);
-- perplexity on held-out text: exp(total NLL / tokens);
+  `rlmerge train` accepts, through the same scorer as training's held-out evaluation
+  (train.rewards.score, reward models as train.rewards.RewardModel, the prompts file's other
+  columns passed to reward functions by name); mean and standard error over all samples;
+- KL per token between the distributions sampled from: at each completion position of the
+  model's own samples, the exact KL over the vocabulary between the model's sampling
+  distribution (logits / temperature, then top-k) and the reference's, processed the same way;
+  summed over tokens and divided by their count. With greedy decoding (temperature 0) the
+  sampler is a point mass, so the KL is of the untempered distributions (as training's held-out
+  eval/kl). It is infinite where the model's top-k holds a token outside the reference's;
+- perplexity on held-out text (train.data.document_ids): exp(total NLL / tokens);
 - win rate against the reference: each sample's reward against the reference's sample for the
   same prompt and sample index (ties count one half).
 """
@@ -27,29 +34,44 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..errors import InputNotFoundError, UsageError
-from ..train.data import read_records
+from ..train.data import document_ids, is_conversational, pad_left, prompt_ids, read_records
 from ..train.recipe import RewardSpec
 from . import metrics
 
 OnBatch = Callable[[str, int, int], None]  # (model label, batches done, batches in all)
 
 
-def read_lines(
-    path: str | Path, what: str, key: str = "prompt", limit: int | None = None
-) -> list[str]:
-    """The `key` text of each held-out record (train.data.read_records: .jsonl / .json objects,
-    or one per line of any other file). Chat prompts (message lists) are refused: eval samples
-    from plain text."""
-    texts = []
-    for n, record in enumerate(read_records(path, what, key, limit), 1):
-        value = record[key]
-        if not isinstance(value, str):
+# columns of a prompts file that are not passed to reward functions (TRL's rule)
+NOT_COLUMNS = ("prompt", "completion", "completion_ids")
+
+
+@dataclass
+class Prompts:
+    """Prompts (text or chat messages) and the file's other columns, as TRL passes them."""
+
+    prompts: list[Any]
+    columns: dict[str, list[Any]]
+    where: str  # the file, for error messages
+
+
+def read_prompts(path: str | Path, what: str, limit: int | None = None) -> Prompts:
+    """Each record's `prompt` (text, or a list of chat messages) and its other fields as columns
+    (train.data.read_records: .jsonl / .json objects, or one prompt per line of any other file)."""
+    records = read_records(path, what, "prompt", limit)
+    for n, r in enumerate(records, 1):
+        if not (isinstance(r["prompt"], str) or is_conversational(r["prompt"])):
             raise UsageError(
-                f"{what} {path} record {n}: '{key}' must be text; rlmerge eval does not take "
-                "chat prompts (message lists) yet."
+                f"{what} {path} record {n}: 'prompt' must be text or a list of chat messages "
+                f"(role, content), got {r['prompt']!r:.80}."
             )
-        texts.append(value)
-    return texts
+    names = sorted({k for r in records for k in r if k not in NOT_COLUMNS})
+    columns = {k: [r.get(k) for r in records] for k in names}
+    return Prompts([r["prompt"] for r in records], columns, f"{what} {path}")
+
+
+def read_documents(path: str | Path, what: str, limit: int | None = None) -> list[Any]:
+    """The `text` of each held-out record (text or chat messages)."""
+    return [r["text"] for r in read_records(path, what, "text", limit)]
 
 
 @dataclass(frozen=True)
@@ -78,12 +100,22 @@ class EvalSettings:
 class Samples:
     """A model's completions to the prompts (samples x prompts, prompt-major)."""
 
-    prompts: list[str]
-    texts: list[str]
-    ids: list[list[int]]
+    prompts: list[Any]  # one per completion: text or chat messages
+    index: list[int]  # the prompt's row in the prompts file, per completion
+    texts: list[str]  # decoded without special tokens, as TRL decodes completions
+    ids: list[list[int]]  # up to and including the first eos
     rewards: list[float] = field(default_factory=list)
     kl_sum: float = 0.0
     kl_tokens: float = 0.0
+
+    @property
+    def completions(self) -> list[Any]:
+        """What reward functions get, as in TRL: the text, or one assistant message for a chat
+        prompt."""
+        return [
+            [{"role": "assistant", "content": t}] if is_conversational(p) else t
+            for p, t in zip(self.prompts, self.texts, strict=True)
+        ]
 
 
 def parse_reward(text: str) -> dict[str, Any]:
@@ -116,10 +148,18 @@ def parse_reward(text: str) -> dict[str, Any]:
 
 
 class Scorer:
-    """The weighted sum of a reward mapping's functions; reward models are loaded here."""
+    """The weighted sum of a reward mapping's functions, through the scorer training's held-out
+    evaluation uses (train.rewards.score; reward models as train.rewards.RewardModel)."""
 
-    def __init__(self, reward: dict[str, Any], device: str, allow_code: bool) -> None:
-        from ..train.rewards import build_rewards
+    def __init__(
+        self,
+        reward: dict[str, Any],
+        device: str,
+        allow_code: bool,
+        columns: Sequence[str] = (),
+        where: str = "the prompts file",
+    ) -> None:
+        from ..train.rewards import RewardModel, build_rewards, check_columns
 
         spec = RewardSpec.model_validate(reward)
         if spec.function is not None and not allow_code:
@@ -127,30 +167,42 @@ class Scorer:
                 "reward.function runs Python code named by the caller; pass --allow-code."
             )
         funcs, self.weights = build_rewards(spec)
-        self.funcs = [f if callable(f) else _reward_model(f, device) for f in funcs]
+        check_columns(funcs, list(columns), where)  # fail before any model is loaded
+        self.funcs = [
+            RewardModel(f, torch.device(device), torch.float32) if isinstance(f, str) else f
+            for f in funcs
+        ]
 
-    def __call__(self, prompts: list[str], texts: list[str], ids: list[list[int]]) -> list[float]:
-        total = [0.0] * len(texts)
-        for f, w in zip(self.funcs, self.weights, strict=True):
-            values = f(prompts, texts, completion_ids=ids)
-            total = [t + w * float(v or 0.0) for t, v in zip(total, values, strict=True)]
-        return total
+    def __call__(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        ids: list[list[int]],
+        columns: dict[str, list[Any]] | None = None,
+    ) -> list[float]:
+        """One reward per completion; `columns` hold one value per completion."""
+        from ..train.rewards import score
+
+        values = score(
+            self.funcs,
+            self.weights,
+            prompts,
+            completions,
+            ids,
+            columns,
+            log_extra=_ignore,
+            log_metric=_ignore,
+        )
+        return [float(v) for v in values]
+
+    def samples(self, got: Samples, data: Prompts) -> list[float]:
+        """The rewards of sampled completions, each with its prompt's columns."""
+        columns = {k: [v[i] for i in got.index] for k, v in data.columns.items()}
+        return self(got.prompts, got.completions, got.ids, columns)
 
 
-def _reward_model(path: str, device: str) -> Callable[..., list[float]]:
-    """A one-label sequence classifier scoring prompt + completion (as TRL's GRPO does)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-
-    @torch.no_grad()
-    def score(prompts: Sequence[str], completions: Sequence[str], **kw: Any) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-        batch = tok(texts, return_tensors="pt", padding=True, truncation=True).to(device)
-        return model(**batch).logits[:, 0].float().tolist()
-
-    return score
+def _ignore(*args: Any, **kw: Any) -> None:
+    """TRL's log_extra / log_metric hooks: eval reports only the rewards."""
 
 
 def load_model(ref: str, device: str) -> tuple[Any, nn.Module]:
@@ -185,29 +237,51 @@ def _forward(model: nn.Module, seq: Tensor, attn: Tensor, keep: int) -> Tensor:
     return out[:, -keep:]
 
 
+def kl_definition(s: EvalSettings) -> str:
+    """Which KL the `kl` column holds, in words (written beside it in the table and --json)."""
+    if s.temperature == 0:
+        return (
+            "KL(model || reference) per token of the untempered next-token distributions, "
+            "on the model's greedy completions"
+        )
+    proc = f"softmax(logits / {s.temperature:g})" + (f", top-{s.top_k}" if s.top_k else "")
+    return (
+        f"KL(model || reference) per token between the sampling distributions ({proc}, each "
+        "model's own), on the model's samples"
+    )
+
+
+def encode(tok: Any, prompts: Sequence[Any]) -> list[list[int]]:
+    """Each prompt's tokens as training feeds them (train.data.prompt_ids)."""
+    return [prompt_ids(tok, p) for p in prompts]
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
     tok: Any,
-    prompts: list[str],
+    prompts: Sequence[Any],
     s: EvalSettings,
     reference: nn.Module | None = None,
     on_batch: OnBatch | None = None,
     label: str = "",
 ) -> Samples:
     """Sampled completions (seeded per batch, so every model sees the same random stream),
-    and, with a reference, the summed per-token KL(model || reference) on them."""
+    and, with a reference, the summed per-token KL (kl_definition) on them."""
     device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(s.samples)]
-    out = Samples(rows, [], [])
-    batches = math.ceil(len(rows) / s.batch_size)
+    encoded = encode(tok, prompts)
+    index = [i for i in range(len(prompts)) for _ in range(s.samples)]
+    out = Samples([prompts[i] for i in index], index, [], [])
+    batches = math.ceil(len(index) / s.batch_size)
     for b in range(batches):
-        chunk = rows[b * s.batch_size : (b + 1) * s.batch_size]
-        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        chunk = index[b * s.batch_size : (b + 1) * s.batch_size]
+        ids, attn = pad_left([encoded[i] for i in chunk], tok.pad_token_id)  # [B, P]
+        ids, attn = ids.to(device), attn.to(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(s.seed * 100_003 + b)
             seq = model.generate(
-                **enc,
+                input_ids=ids,
+                attention_mask=attn,
                 max_new_tokens=s.max_new_tokens,
                 do_sample=s.temperature > 0,
                 temperature=s.temperature if s.temperature > 0 else None,
@@ -216,19 +290,18 @@ def sample(
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
             )  # [B, P + C]
-        prompt_len = enc["input_ids"].shape[1]
-        completion = seq[:, prompt_len:]  # [B, C]
+        completion = seq[:, ids.shape[1] :]  # [B, C]
         mask = metrics.completion_mask(completion, tok.eos_token_id, tok.pad_token_id)
-        for ids, m in zip(completion.tolist(), mask.tolist(), strict=True):
-            kept = [i for i, keep in zip(ids, m, strict=True) if keep]
+        for row, m in zip(completion.tolist(), mask.tolist(), strict=True):
+            kept = [i for i, keep in zip(row, m, strict=True) if keep]
             out.ids.append(kept)
             out.texts.append(tok.decode(kept, skip_special_tokens=True))
         if reference is not None and completion.shape[1] > 0:
-            attn = torch.cat([enc["attention_mask"], mask.long()], dim=1)  # [B, P + C]
+            full = torch.cat([attn, mask.long()], dim=1)  # [B, P + C]
             keep = completion.shape[1] + 1  # position P-1 predicts the first completion token
-            lp = _forward(model, seq, attn, keep)[:, :-1]
-            lq = _forward(reference, seq, attn, keep)[:, :-1]
-            kl, n = metrics.token_kl(lp, lq, mask)
+            lp = _forward(model, seq, full, keep)[:, :-1]  # [B, C, V]
+            lq = _forward(reference, seq, full, keep)[:, :-1]
+            kl, n = metrics.token_kl(lp, lq, mask, s.temperature, s.top_k)
             out.kl_sum += kl.item()  # one sync per batch
             out.kl_tokens += n.item()
         if on_batch:
@@ -237,27 +310,30 @@ def sample(
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tok: Any, texts: list[str], s: EvalSettings) -> float:
-    """exp(total NLL / total predicted tokens) over the held-out texts, batched."""
+def perplexity(model: nn.Module, tok: Any, texts: Sequence[Any], s: EvalSettings) -> float:
+    """exp(total NLL / total predicted tokens) over the held-out texts, batched; each text
+    encoded as training's held-out perplexity encodes it, cut to its first max_length tokens."""
     device = next(model.parameters()).device
+    docs = [document_ids(tok, t, "held-out text")[: s.max_length] for t in texts]
     nll, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for b in range(0, len(texts), s.batch_size):
-        enc = tok(
-            texts[b : b + s.batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=s.max_length,
-        ).to(device)
-        attn = enc["attention_mask"]  # [B, T]
+    for b in range(0, len(docs), s.batch_size):
+        ids, attn = pad_left(docs[b : b + s.batch_size], tok.pad_token_id)  # [B, T]
+        ids, attn = ids.to(device), attn.to(device)
         logits = model(
-            input_ids=enc["input_ids"], attention_mask=attn, position_ids=metrics.position_ids(attn)
+            input_ids=ids, attention_mask=attn, position_ids=metrics.position_ids(attn)
         ).logits
         # logits at t predict token t+1; count a target only where both are real tokens
         mask = (attn[:, 1:] * attn[:, :-1]).float()
-        n, c = metrics.token_nll(logits[:, :-1], enc["input_ids"][:, 1:], mask)
+        n, c = metrics.token_nll(logits[:, :-1], ids[:, 1:], mask)
         nll, count = nll + n, count + c
     return math.exp(nll.item() / count.item()) if count.item() else float("nan")
+
+
+def example(tok: Any, prompt: Any, text: str) -> str:
+    """A prompt and its completion as one string (a chat prompt through its template)."""
+    if is_conversational(prompt):
+        prompt = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return prompt + text
 
 
 def evaluate(
@@ -266,29 +342,26 @@ def evaluate(
     labels: Sequence[str] | None = None,
     on_batch: OnBatch | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per model: reward (mean, se), kl, ppl, win_rate, example completions."""
-    prompts = read_lines(s.prompts, "prompts file", limit=s.max_prompts)
-    heldout = (
-        read_lines(s.heldout, "held-out text", key="text", limit=s.max_heldout)
-        if s.heldout
-        else None
-    )
-    scorer = Scorer(s.reward, s.device, s.allow_code)
+    """One row per model: reward (mean, se), kl (and kl_definition), ppl, win_rate, example
+    completions."""
+    data = read_prompts(s.prompts, "prompts file", limit=s.max_prompts)
+    heldout = read_documents(s.heldout, "held-out text", s.max_heldout) if s.heldout else None
+    scorer = Scorer(s.reward, s.device, s.allow_code, list(data.columns), data.where)
     labels = list(labels) if labels else [str(m) for m in models]
     ref_model, ref_samples = None, None
     if s.reference is not None:
         ref_tok, ref_model = load_model(s.reference, s.device)
         if s.win_rate:
-            ref_samples = sample(ref_model, ref_tok, prompts, s, None, on_batch, "reference")
-            ref_samples.rewards = scorer(ref_samples.prompts, ref_samples.texts, ref_samples.ids)
+            ref_samples = sample(ref_model, ref_tok, data.prompts, s, None, on_batch, "reference")
+            ref_samples.rewards = scorer.samples(ref_samples, data)
     elif s.win_rate:
         raise UsageError("--win-rate compares against the reference: give --reference.")
     rows = []
     for ref, label in zip(models, labels, strict=True):
         t0 = time.time()
         tok, model = load_model(ref, s.device)
-        got = sample(model, tok, prompts, s, ref_model, on_batch, label)
-        got.rewards = scorer(got.prompts, got.texts, got.ids)
+        got = sample(model, tok, data.prompts, s, ref_model, on_batch, label)
+        got.rewards = scorer.samples(got, data)
         mean, se = metrics.mean_se(got.rewards)
         rows.append(
             {
@@ -297,13 +370,16 @@ def evaluate(
                 "reward": mean,
                 "reward_se": se,
                 "kl": got.kl_sum / got.kl_tokens if got.kl_tokens else None,
+                "kl_definition": kl_definition(s) if ref_model is not None else None,
                 "ppl": perplexity(model, tok, heldout, s) if heldout else None,
                 "win_rate": (
                     metrics.win_rate(got.rewards, ref_samples.rewards) if ref_samples else None
                 ),
                 "samples": len(got.texts),
                 "mean_tokens": sum(len(i) for i in got.ids) / max(len(got.ids), 1),
-                "examples": [p + t for p, t in zip(got.prompts[:3], got.texts[:3], strict=True)],
+                "examples": [
+                    example(tok, p, t) for p, t in zip(got.prompts[:3], got.texts[:3], strict=True)
+                ],
                 "seconds": round(time.time() - t0, 2),
             }
         )

@@ -64,10 +64,12 @@ def greedy_soup_weights(
     models: Sequence[str], settings: EvalSettings
 ) -> tuple[list[float], GreedyResult]:
     """Soup weights (1 for chosen candidates, 0 for the rest) and the selection record."""
-    scorer = Scorer(settings.reward, settings.device, settings.allow_code)
-    from .evaluate import read_lines
+    from .evaluate import read_prompts
 
-    prompts = read_lines(settings.prompts, "--eval-prompts file", limit=settings.max_prompts)
+    data = read_prompts(settings.prompts, "--eval-prompts file", limit=settings.max_prompts)
+    scorer = Scorer(
+        settings.reward, settings.device, settings.allow_code, list(data.columns), data.where
+    )
     tok, model = load_model(models[0], settings.device)
     states = [_state(model)] + [_state(load_model(m, settings.device)[1]) for m in models[1:]]
     cache: dict[tuple[int, ...], float] = {}
@@ -77,8 +79,8 @@ def greedy_soup_weights(
         key = tuple(sorted(members))
         if key not in cache:
             model.load_state_dict(metrics.average_states([states[i] for i in key]))
-            got = sample(model, tok, prompts, settings)
-            cache[key] = metrics.mean_se(scorer(got.prompts, got.texts, got.ids))[0]
+            got = sample(model, tok, data.prompts, settings)
+            cache[key] = metrics.mean_se(scorer.samples(got, data))[0]
         return cache[key]
 
     result = greedy_select(len(models), score)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,16 +31,37 @@ def completion_mask(completion: Tensor, eos_id: int, pad_id: int) -> Tensor:
     return mask.float()
 
 
-def token_kl(logits_p: Tensor, logits_q: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact KL(p || q) over the vocabulary at each counted position.
+def sampling_logprobs(logits: Tensor, temperature: float = 1.0, top_k: int = 0) -> Tensor:
+    """[..., V] log-probabilities of the distribution a sampler draws from: logits / temperature
+    (TRL's convention), then every token below the k-th largest logit removed (as `generate`'s
+    top-k, ties kept), renormalised. Temperature 0 (greedy): the untempered distribution."""
+    x = logits.float()
+    if temperature > 0:
+        x = x / temperature
+        if 0 < top_k < x.shape[-1]:
+            kth = x.topk(top_k, dim=-1).values[..., -1:]  # [..., 1]
+            x = x.masked_fill(x < kth, float("-inf"))
+    return F.log_softmax(x, dim=-1)
+
+
+def token_kl(
+    logits_p: Tensor, logits_q: Tensor, mask: Tensor, temperature: float = 1.0, top_k: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Exact KL(p || q) over the vocabulary at each counted position, p and q the sampling
+    distributions of the two models' logits (`sampling_logprobs`, the same processing for both).
 
     logits_*: [B, T, V]; mask: [B, T]. Returns (sum of KL over counted tokens, token count),
-    both 0-dim, so batches add up before the one division.
+    both 0-dim, so batches add up before the one division. The sum is infinite when p gives
+    mass to a token that q's top-k removed.
     """
-    logp = F.log_softmax(logits_p.float(), dim=-1)
-    logq = F.log_softmax(logits_q.float(), dim=-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # [B, T]; < 0 only by rounding
-    return (kl * mask).sum(), mask.sum()
+    logp = sampling_logprobs(logits_p, temperature, top_k)
+    logq = sampling_logprobs(logits_q, temperature, top_k)
+    p = logp.exp()
+    # tokens p never draws add nothing (0 * log 0 = 0, also where q removed them)
+    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+    kl = terms.sum(-1).clamp_min(0.0)  # [B, T]; < 0 only by rounding
+    counted = mask > 0
+    return torch.where(counted, kl, torch.zeros_like(kl)).sum(), mask.sum()
 
 
 def token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

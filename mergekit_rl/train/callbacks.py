@@ -21,7 +21,14 @@ from transformers import TrainerCallback
 
 from ..errors import UsageError
 from . import evaluate
-from .data import is_conversational, prompt_ids, read_records, truncate_prompt, warn_overlap
+from .data import (
+    document_ids,
+    is_conversational,
+    prompt_ids,
+    read_records,
+    truncate_prompt,
+    warn_overlap,
+)
 from .recipe import TrainRecipe
 
 # console summary: these keys when present, in this order
@@ -174,7 +181,10 @@ class EvalCallback(TrainerCallback):
         special tokens (messages through the chat template); prompts as the trainer feeds them,
         cut to leave room for max_new_tokens in the window."""
         if self._inputs is None:
-            docs = [_document_ids(tokenizer, d) for d in self.documents]
+            docs = [
+                document_ids(tokenizer, d, "evaluation.perplexity_text: a document")
+                for d in self.documents
+            ]
             room = self.window(model) - self.spec.max_new_tokens
             if room < 1:
                 raise UsageError(
@@ -247,14 +257,3 @@ class EvalCallback(TrainerCallback):
 
 def _ignore(*args: Any, **kw: Any) -> None:
     """TRL's log_extra / log_metric hooks: held-out evaluation logs only its mean reward."""
-
-
-def _document_ids(tokenizer: Any, document: Any) -> list[int]:
-    if is_conversational(document):
-        out = tokenizer.apply_chat_template(document, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-    if not isinstance(document, str):
-        raise UsageError(
-            f"evaluation.perplexity_text: a document must be text or chat messages, got {document!r:.80}"
-        )
-    return list(tokenizer(document)["input_ids"])

@@ -8,6 +8,8 @@ Column formats (TRL's standard ones; a prompt is a string, or a list of chat mes
 
 The prompt tokens a trainer sees are `prompt_ids` below: the tokenizer's own special tokens for a
 string, the chat template with its generation prompt for messages (what TRL 1.16 feeds).
+`rlmerge eval` and training's held-out evaluation encode prompts and documents with the same
+`prompt_ids` and `document_ids`.
 """
 
 from __future__ import annotations
@@ -109,6 +111,33 @@ def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, Any]]) -> list[int]:
             f"a prompt must be a string or a list of chat messages, got {prompt!r:.80}"
         )
     return list(tokenizer(prompt)["input_ids"])
+
+
+def document_ids(tokenizer: Any, document: Any, what: str = "a document") -> list[int]:
+    """The tokens of a held-out document, as training's held-out perplexity reads them: the
+    tokenizer's own special tokens for text (BOS where it adds one), the chat template (no
+    generation prompt) for a list of messages."""
+    if is_conversational(document):
+        out = tokenizer.apply_chat_template(document, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    if not isinstance(document, str):
+        raise UsageError(f"{what} must be text or chat messages, got {document!r:.80}")
+    return list(tokenizer(document)["input_ids"])
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
+    """Token id lists -> (input_ids [B, T], attention_mask [B, T]) int64 tensors, left-padded
+    with `pad_id` to the longest row (generation continues every row at its right end)."""
+    import torch
+
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
 
 
 def _suffix_that_fits(text: str, tokenizer: Any, length: Callable[[str], int], limit: int) -> str:

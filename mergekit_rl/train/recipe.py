@@ -109,7 +109,7 @@ class DatasetSpec(_Strict):
 
 
 class KeywordReward(_Strict):
-    words: list[str] = Field(min_length=1)
+    words: list[typing.Annotated[str, Field(min_length=1)]] = Field(min_length=1)  # no empty word
     mode: Literal["count", "presence"] = "presence"
     case_sensitive: bool = False
     weight: float = 1.0

@@ -133,6 +133,8 @@ def build_rewards(spec: RewardSpec) -> tuple[list[RewardFunc | str], list[float]
         elif key == "sentiment":
             funcs.append(sentiment_reward(entry))
         elif key == "model":
+            if Path(entry.path).is_dir():  # a hub id is checked when it is loaded
+                check_reward_model(entry.path)
             funcs.append(entry.path)
         else:
             funcs.append(import_function(entry.call))
@@ -174,14 +176,36 @@ def check_columns(funcs: Sequence[Any], columns: Sequence[str], where: str) -> N
             )
 
 
+def check_reward_model(path: str) -> None:
+    """UsageError for a checkpoint saved as a classifier with several labels: TRL (and
+    `RewardModel`) load a reward model with one output and read that one logit, so the score of
+    a multi-label classifier would be a new, untrained head. A checkpoint without labels (say a
+    causal LM) gets a new one-output head, as in TRL."""
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(path)
+    labels = config.get("id2label") or {}
+    if len(labels) > 1:
+        names = ", ".join(str(v) for v in labels.values())
+        raise UsageError(
+            f"reward.model.path '{path}' is a classifier with {len(labels)} labels ({names}); "
+            "a reward model must have one output (num_labels: 1), its score. Train or export a "
+            "one-label head, or write a reward.function that turns this classifier's labels "
+            "into one number."
+        )
+
+
 class RewardModel:
     """A sequence-classification reward model as a reward function, scored as TRL 1.16 scores
-    it: prompt + completion text (the chat template for messages), the model's own tokenizer,
-    right padding, no added special tokens, the first logit."""
+    it: prompt + completion text (the chat template for messages), the model's own tokenizer
+    (its eos as the pad token when it has none), right padding, no added special tokens, the
+    one logit of a one-label head, read at the last non-pad token. Used by `rlmerge eval` and
+    training's held-out evaluation alike."""
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        check_reward_model(path)
         self.__name__ = Path(path).name or path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:

@@ -66,10 +66,10 @@ def test_kl_matches_per_sequence_reference(family: dict[str, Path], files) -> No
     s = _settings(files, samples=3)
     tok, model = ev.load_model(str(family["rlhf"]), "cpu")
     _, ref = ev.load_model(str(family["sft1"]), "cpu")
-    got = ev.sample(model, tok, ev.read_lines(s.prompts, "p"), s, ref)
+    got = ev.sample(model, tok, ev.read_prompts(s.prompts, "p").prompts, s, ref)
     total, count = 0.0, 0
     for prompt, ids in zip(got.prompts, got.ids, strict=True):
-        p_ids = tok(prompt, add_special_tokens=False).input_ids
+        p_ids = tok(prompt).input_ids  # as training feeds it
         seq = torch.tensor([p_ids + ids])  # no padding: one sequence
         start = len(p_ids) - 1
         lp = F.log_softmax(model(input_ids=seq).logits[0, start:-1].double(), -1)
@@ -84,7 +84,7 @@ def test_kl_matches_per_sequence_reference(family: dict[str, Path], files) -> No
 
 def test_sampling_is_seeded(family: dict[str, Path], files) -> None:  # noqa: ANN001
     tok, model = ev.load_model(str(family["sft1"]), "cpu")
-    prompts = ev.read_lines(files["prompts"], "p")
+    prompts = ev.read_prompts(files["prompts"], "p").prompts
     a = ev.sample(model, tok, prompts, _settings(files))
     b = ev.sample(model, tok, prompts, _settings(files))
     c = ev.sample(model, tok, prompts, _settings(files, seed=1))
@@ -125,7 +125,7 @@ def test_eval_rows(family: dict[str, Path], files) -> None:  # noqa: ANN001
     assert rows[0]["samples"] == 6
     tok, model = ev.load_model(str(family["rlhf"]), "cpu")
     assert rows[1]["ppl"] == pytest.approx(ev.perplexity(model, tok, TEXTS, s))
-    got = ev.sample(model, tok, ev.read_lines(s.prompts, "p"), s)
+    got = ev.sample(model, tok, ev.read_prompts(s.prompts, "p").prompts, s)
     vader = SentimentIntensityAnalyzer()
     want = [vader.polarity_scores(t)["compound"] for t in got.texts]
     assert rows[1]["reward"] == pytest.approx(sum(want) / len(want))
