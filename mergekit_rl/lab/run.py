@@ -34,7 +34,7 @@ from ..engine import RunOptions
 from ..errors import OutputExistsError, UsageError
 from . import data as labdata
 from . import metrics
-from .evaluate import EvalSettings, Scorer, evaluate, load_model, sample
+from .evaluate import EvalSettings, Scorer, evaluate, load_model, read_prompts, sample
 from .plot import plot
 
 Echo = Callable[[str], None]
@@ -384,7 +384,6 @@ def preference_pairs(
 ) -> dict[str, Any]:
     """Sample `pref_samples` completions per train prompt from the SFT model; the best and
     worst under the sentiment reward become (chosen, rejected) when they differ."""
-    prompts = [json.loads(ln)["prompt"] for ln in files["prompts"].read_text().splitlines()]
     s = EvalSettings(
         prompts=str(files["prompts"]),
         reward={"sentiment": {}},
@@ -394,9 +393,11 @@ def preference_pairs(
         batch_size=64,
         device=device,
     )
+    data = read_prompts(s.prompts, "prompts file")
+    prompts = data.prompts
     tok, model = load_model(str(policy), device)
     got = sample(model, tok, prompts, s)
-    rewards = Scorer(s.reward, device, False)(got.prompts, got.texts, got.ids)
+    rewards = Scorer(s.reward, device, False).samples(got, data)
     pairs, gaps = [], []
     k = b.pref_samples
     for i, prompt in enumerate(prompts):
@@ -547,6 +548,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [float(r[key]) for r in rs if r.get(key) is not None]
             entry[key] = statistics.mean(vals) if vals else None
             entry[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        # the standard error of a run's mean reward over its samples (the noise of one seed)
+        ses = [float(r["reward_se"]) for r in rs if r.get("reward_se") is not None]
+        entry["reward_se"] = statistics.mean(ses) if ses else 0.0
         out.append(entry)
     return out
 
@@ -590,7 +594,52 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def comparisons(summary: list[dict[str, Any]], b: Budget) -> list[str]:
+def noise(m: dict[str, Any], base: dict[str, Any], key: str) -> float | None:
+    """How large a difference of `key` must be to count: the seed spread of the difference,
+    sqrt(std_m^2 + std_base^2), with several seeds; with one seed the reward's standard error
+    over samples, sqrt(se_m^2 + se_base^2), and None (unknown) for the other measures."""
+    if m["seeds"] > 1 and base["seeds"] > 1:
+        return (m[key + "_std"] ** 2 + base[key + "_std"] ** 2) ** 0.5
+    if key == "reward":
+        return (m["reward_se"] ** 2 + base["reward_se"] ** 2) ** 0.5
+    return None
+
+
+def direction(diff: float, limit: float | None) -> int:
+    """+1 / -1 for a difference larger than its noise, 0 otherwise (or when it is unknown)."""
+    if limit is None or abs(diff) <= limit:
+        return 0
+    return 1 if diff > 0 else -1
+
+
+VERDICTS = {  # (reward, KL) directions -> words; a verdict never goes beyond the numbers
+    (0, 0): "no measurable difference",
+    (1, 0): "more reward, no measurable difference in KL",
+    (1, -1): "more reward and less KL",
+    (1, 1): "more reward but also more KL: a different point on the trade-off",
+    (0, -1): "less KL, no measurable difference in reward",
+    (0, 1): "more KL, no measurable difference in reward",
+    (-1, -1): "less reward but also less KL: a different point on the trade-off",
+    (-1, 0): "less reward, no measurable difference in KL",
+    (-1, 1): "less reward and more KL",
+}
+
+
+def verdict(m: dict[str, Any], base: dict[str, Any], quick: bool) -> str:
+    """The comparison in words: a difference counts only when it exceeds its noise."""
+    if quick:
+        return "not measurable: --quick checks the plumbing (one seed, a few steps)"
+    nr, nk = noise(m, base, "reward"), noise(m, base, "kl")
+    words = VERDICTS[
+        (direction(m["reward"] - base["reward"], nr), direction(m["kl"] - base["kl"], nk))
+    ]
+    bounds = f"reward noise {nr:.3f}" + (
+        f", KL noise {nk:.4f}" if nk is not None else ", KL noise unknown with one seed"
+    )
+    return f"{words} ({bounds})"
+
+
+def comparisons(summary: list[dict[str, Any]], b: Budget, quick: bool = False) -> list[str]:
     """Each method against its baseline at the same beta, in words computed from the numbers."""
     by = {(e["method"], e["param"]): e for e in summary}
     pairs = [
@@ -606,25 +655,9 @@ def comparisons(summary: list[dict[str, Any]], b: Budget) -> list[str]:
             continue
         dr, dk = m["reward"] - base["reward"], m["kl"] - base["kl"]
         dp = m["ppl"] - base["ppl"]
-        noise = max(m["reward_std"], base["reward_std"])
-        if abs(dr) < 5e-4 and abs(dk) < 5e-5:
-            verdict = "no measurable difference at this budget"
-        elif dr > 0 and dk <= 0:
-            verdict = "more reward at no more KL: the paper's claim holds here"
-        elif dr <= 0 and dk < 0:
-            verdict = "less KL but also less reward: a different point on the trade-off"
-        elif dr > 0:
-            verdict = "more reward but also more KL: a different point on the trade-off"
-        else:
-            verdict = "less reward at more KL: the paper's claim does not hold here"
-        if b.seeds > 1 and abs(dr) <= noise:
-            verdict += (
-                f"; but the reward difference is within one seed std ({noise:.3f}), so "
-                f"{b.seeds} seeds do not settle it"
-            )
         lines.append(
             f"- **{method}** vs {baseline} at beta {beta:g} ({paper}): reward {dr:+.3f}, "
-            f"KL {dk:+.4f}, held-out perplexity {dp:+.2f}; {verdict}."
+            f"KL {dk:+.4f}, held-out perplexity {dp:+.2f}; {verdict(m, base, quick)}."
         )
     return lines
 
@@ -656,9 +689,11 @@ def report(results: dict[str, Any], arms: list[Arm], best: Arm) -> str:
         "## What was run",
         "",
         f"- Data made from templates (nothing downloaded): {b.corpus} corpus lines (plain "
-        f"sentences and mixed-sentiment reviews), {b.heldout} held-out lines from the same mixture, "
-        f"{b.sft} SFT examples (review opening -> continuation, positive and negative words at "
-        f"even odds), {b.prompts} train prompts, {b.eval_prompts} held-out eval prompts.",
+        f"sentences and mixed-sentiment reviews), {b.sft} SFT examples (review opening -> "
+        f"continuation, positive and negative words at even odds), {b.prompts} train prompts; "
+        f"held out, never trained on: {b.eval_prompts} distinct eval prompts and {b.heldout} "
+        "lines of the corpus's grammar, built on review openings (subject, verb) and sentence "
+        "openings (thing, action) that no corpus line, SFT example or train prompt uses.",
         f"- A Llama with {b.layers} layers, hidden size {b.hidden}, a {b.vocab}-token BPE "
         f"vocabulary, pretrained {b.pretrain_steps} steps on the corpus, then SFT'd "
         f"{b.sft_steps} steps with seeds 1 and 2 (sft-1, sft-2); their uniform soup is the "
@@ -675,7 +710,8 @@ def report(results: dict[str, Any], arms: list[Arm], best: Arm) -> str:
         f"alpha {', '.join(f'{x:g}' for x in b.alphas)}, per seed.",
         f"- Evaluation (`rlmerge eval`): {b.eval_prompts} held-out prompts x {b.eval_samples} "
         f"samples (temperature 1, seed 0, {b.max_new_tokens} new tokens); KL per token to "
-        "sft-1 on each model's own samples; perplexity on the held-out text; win rate against "
+        "sft-1 on each model's own samples (at temperature 1 without top-k: the models' own "
+        "distributions); perplexity on the held-out text; win rate against "
         "sft-1's samples.",
         "",
         "## Results",
@@ -690,7 +726,11 @@ def report(results: dict[str, Any], arms: list[Arm], best: Arm) -> str:
         "",
         "## Against the papers' claims",
         "",
-        *comparisons(summary, b),
+        "A difference counts when it is larger than its noise: the seed spread of the "
+        "difference (sqrt of the sum of the two variances over seeds), or with one seed the "
+        "reward's standard error over samples; otherwise it reads no measurable difference.",
+        "",
+        *comparisons(summary, b, results["quick"]),
         "",
         "Pareto front (reward against KL): "
         + ", ".join(
