@@ -236,3 +236,19 @@ def test_eval_names_its_kl(bos_family, prompts_file) -> None:  # noqa: ANN001
     table = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
     assert "KL/token (T=0.7, top-5)" in table.stdout
+
+
+def test_empty_keyword_is_refused_at_validation(tmp_path: Path) -> None:
+    from mergekit_rl.errors import RecipeError
+    from mergekit_rl.train.recipe import parse_train_recipe
+
+    with pytest.raises(UsageError, match=r"keyword\.words\.1: String should have at least 1"):
+        ev.parse_reward("{keyword: {words: ['<answer>', '']}}")
+    text = (
+        "algorithm: grpo\npolicy: p\ndataset: {path: d.jsonl}\n"
+        "reward: {keyword: {words: ['']}}\ntraining: {output_dir: o}\n"
+    )
+    with pytest.raises(
+        RecipeError, match=r"(?s)r\.yaml.*reward\.keyword\.words\[0\]: String should"
+    ):
+        parse_train_recipe(text, "r.yaml")
