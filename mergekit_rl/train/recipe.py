@@ -29,7 +29,14 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import InputNotFoundError, RecipeError, UsageError
 from ..recipe.schema import load_documents, schema_problems
@@ -109,10 +116,18 @@ class DatasetSpec(_Strict):
 
 
 class KeywordReward(_Strict):
-    words: list[typing.Annotated[str, Field(min_length=1)]] = Field(min_length=1)  # no empty word
+    words: list[str] = Field(min_length=1)
     mode: Literal["count", "presence"] = "presence"
     case_sensitive: bool = False
     weight: float = 1.0
+
+    @field_validator("words")
+    @classmethod
+    def _no_empty_word(cls, words: list[str]) -> list[str]:
+        empty = [i for i, w in enumerate(words) if not w]
+        if empty:
+            raise ValueError(f"word {empty[0]} is empty; every word needs at least one character")
+        return words
 
 
 class RegexReward(_Strict):

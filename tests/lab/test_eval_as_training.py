@@ -242,13 +242,13 @@ def test_empty_keyword_is_refused_at_validation(tmp_path: Path) -> None:
     from mergekit_rl.errors import RecipeError
     from mergekit_rl.train.recipe import parse_train_recipe
 
-    with pytest.raises(UsageError, match=r"keyword\.words\.1: String should have at least 1"):
+    with pytest.raises(UsageError, match=r"keyword\.words: Value error, word 1 is empty"):
         ev.parse_reward("{keyword: {words: ['<answer>', '']}}")
     text = (
         "algorithm: grpo\npolicy: p\ndataset: {path: d.jsonl}\n"
         "reward: {keyword: {words: ['']}}\ntraining: {output_dir: o}\n"
     )
     with pytest.raises(
-        RecipeError, match=r"(?s)r\.yaml.*reward\.keyword\.words\[0\]: String should"
+        RecipeError, match=r"(?s)r\.yaml.*reward\.keyword\.words: Value error, word 0 is empty"
     ):
         parse_train_recipe(text, "r.yaml")
