@@ -34,15 +34,18 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from ..errors import InputNotFoundError, UsageError
-from ..train.data import document_ids, is_conversational, pad_left, prompt_ids, read_records
+from ..train.data import (
+    document_ids,
+    is_conversational,
+    pad_left,
+    prompt_ids,
+    read_records,
+    reward_columns,
+)
 from ..train.recipe import RewardSpec
 from . import metrics
 
 OnBatch = Callable[[str, int, int], None]  # (model label, batches done, batches in all)
-
-
-# columns of a prompts file that are not passed to reward functions (TRL's rule)
-NOT_COLUMNS = ("prompt", "completion", "completion_ids")
 
 
 @dataclass
@@ -64,9 +67,7 @@ def read_prompts(path: str | Path, what: str, limit: int | None = None) -> Promp
                 f"{what} {path} record {n}: 'prompt' must be text or a list of chat messages "
                 f"(role, content), got {r['prompt']!r:.80}."
             )
-    names = sorted({k for r in records for k in r if k not in NOT_COLUMNS})
-    columns = {k: [r.get(k) for r in records] for k in names}
-    return Prompts([r["prompt"] for r in records], columns, f"{what} {path}")
+    return Prompts([r["prompt"] for r in records], reward_columns(records), f"{what} {path}")
 
 
 def read_documents(path: str | Path, what: str, limit: int | None = None) -> list[Any]:

@@ -26,6 +26,7 @@ from .data import (
     is_conversational,
     prompt_ids,
     read_records,
+    reward_columns,
     truncate_prompt,
     warn_overlap,
 )
@@ -113,10 +114,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# columns of a prompts file that are not passed to reward functions (TRL's rule)
-NOT_COLUMNS = ("prompt", "completion", "completion_ids")
-
-
 class EvalCallback(TrainerCallback):
     """Drift and reward on held-out data, every eval_every optimizer steps (see evaluate.py and
     docs/training.md, "Evaluation")."""
@@ -140,8 +137,7 @@ class EvalCallback(TrainerCallback):
             read_records(spec.prompts, "evaluation.prompts", "prompt", n) if spec.prompts else []
         )
         self.prompts = [r["prompt"] for r in records]
-        names = sorted({k for r in records for k in r if k not in NOT_COLUMNS})
-        self.columns = {k: [r.get(k) for r in records] for k in names}  # as TRL passes them
+        self.columns = reward_columns(records)  # as TRL passes them
         if spec.max_length is not None and spec.max_length <= spec.max_new_tokens:
             raise UsageError(
                 f"evaluation.max_length ({spec.max_length}) must exceed evaluation.max_new_tokens "

@@ -235,6 +235,17 @@ def read_records(
     return [record for _, record in rows[:limit]]
 
 
+# fields of a prompts record that are not passed to reward functions (TRL's rule)
+NOT_COLUMNS = ("prompt", "completion", "completion_ids")
+
+
+def reward_columns(records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The records' other fields, one list per field name, as TRL passes dataset columns to
+    reward functions (None where a record lacks the field)."""
+    names = sorted({k for r in records for k in r if k not in NOT_COLUMNS})
+    return {k: [r.get(k) for r in records] for k in names}
+
+
 def _json_rows(text: str, name: str) -> list[tuple[str, Any]]:
     """(where, value) for each item of a JSON list, or each line of JSON lines."""
     try:
