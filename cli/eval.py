@@ -135,6 +135,11 @@ def _table(rows: list[dict], settings) -> None:  # noqa: ANN001
     from mergekit_rl.lab.evaluate import kl_definition
 
     caption = f"KL: {kl_definition(settings)}." if settings.reference else None
+    if any(r["kl"] == float("inf") for r in rows):
+        caption += (
+            " inf: the model's top-k held a token outside the reference's top-k, which the "
+            "reference's sampler never draws."
+        )
     table = Table(title="rlmerge eval", caption=caption)
     for col in ("model", "reward", "± se", _kl_header(settings), "ppl", "win rate", "tokens"):
         table.add_column(col, justify="left" if col == "model" else "right")
