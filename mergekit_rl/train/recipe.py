@@ -437,9 +437,12 @@ def path_problems(doc: dict[str, Any]) -> Problems:
     return problems
 
 
+# the one refusal message, used by the recipe check and by the accelerate-environment check
 DEEPSPEED_REFUSED = (
     "DeepSpeed ZeRO keeps its own flattened fp32 weights, so the online merging optimizers and "
-    "Elastic Reset cannot edit the weights in place; use DDP or FSDP (accelerate launch) instead."
+    "Elastic Reset cannot edit the weights in place; run them under DDP (accelerate launch "
+    "--multi_gpu), or under FSDP2 where docs/training.md (Several processes) lists it as "
+    "supported, or train with optimizer adamw and no elastic_reset under DeepSpeed."
 )
 
 
