@@ -59,6 +59,9 @@ FUSED_ADAM_DEVICES: tuple[str, ...] = tuple(_get_fused_kernels_supported_devices
 # parameters are stepped in chunks of at most this many entries (or the largest parameter):
 # the scratch buffers Delta and the float32 gradients live in are this big
 CHUNK_ELEMS = 1 << 22
+# the param-group key counting the group's optimizer steps, which keys every random draw
+# (`mask_key`): saved with the param groups in every checkpoint, never reset with the state
+DRAW_STEP = "draw_step"
 
 
 # -- pure helpers on flattened tensors -------------------------------------------------------
@@ -115,9 +118,12 @@ def canonical_name(name: str) -> str:
 def mask_key(seed: int, name: str, *tags: str) -> int:
     """The key of a counter-based random draw (`core.hash_bits`) for one parameter.
 
-    OnDARE's tau mask: ("tau",); the Delta mask at optimizer step t: ("delta", str(t));
-    stochastic rounding at step t: ("round", str(t), what). Pure functions of the seed, the
-    parameter's canonical name and the step: every rank, device and resume draws the same.
+    OnDARE's tau mask: ("tau",); the Delta mask at draw step t: ("delta", str(t));
+    stochastic rounding at draw step t: ("round", str(t), what). The draw step is the param
+    group's DRAW_STEP counter (its optimizer steps), which no optimizer-state reset clears:
+    Elastic Reset's `reset_optimizer` restarts Adam's own step count, and keying on that would
+    draw the same masks every cycle. Pure functions of the seed, the parameter's canonical name
+    and the draw step: every rank, device and resume draws the same.
     """
     return core.tensor_seed(seed, "online-merging", canonical_name(name), *tags)
 
@@ -435,8 +441,14 @@ class OnlineMergingAdamW(Optimizer):
     clamps the stored tau to +-clip_val in both modes (the released code clamps OnDARE's).
 
     Random masks are counter-based (`core.hash_sparse_keep` under `mask_key`): a pure function
-    of (seed, parameter name, step), the same on every device and DDP rank, with no generator
-    state to save.
+    of (seed, parameter name, the group's step count), the same on every device and DDP rank,
+    with no generator state to save. The step count is the param group's "draw_step", saved
+    with the param groups and kept when the optimizer state is reset (Elastic Reset's
+    reset_optimizer), so every step draws a fresh mask.
+
+    alpha * tau is pushed at every step into every parameter that has a tau, also into one that
+    got no gradient that step (merge_every = 1; with K > 1 the push comes with a parameter's
+    merges). Parameters with no entries are skipped.
 
     Precision: Adam moments and the merge_every buffer are float32 whatever the parameter dtype.
     For bfloat16 / float16 parameters every update is added with stochastic rounding
@@ -486,6 +498,7 @@ class OnlineMergingAdamW(Optimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reserve_p=reserve_p, alpha=alpha
         )
+        defaults[DRAW_STEP] = 0
         super().__init__(named_params, defaults)
         self.mode, self.rescale, self.weighted_sign = mode, rescale, sign_on == "weighted"
         self.clip_val, self.tau_l1_rescale, self.merge_every = clip_val, tau_l1_rescale, merge_every
@@ -544,7 +557,10 @@ class OnlineMergingAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            group[DRAW_STEP] += 1
+            # an empty parameter has nothing to update (and no index a mask could draw)
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+            self._push_without_grad(group)
             if not params:
                 continue
             states = [self._state(p) for p in params]
@@ -564,6 +580,26 @@ class OnlineMergingAdamW(Optimizer):
                 if merge is not None:
                     self._apply(group, [merge])
         return loss
+
+    def _push_without_grad(self, group: Mapping[str, Any]) -> None:
+        """alpha * tau into the parameters of the group that got no gradient this step (an MoE
+        expert no token was routed to): the push is part of every step whatever the gradient
+        (design notes section 2), so such a parameter drifts towards tau like the others. No
+        Adam update and no weight decay (AdamW skips a parameter without a gradient). With
+        merge_every > 1 the push comes with a parameter's merges, every K of its own steps, so
+        a step without a gradient does not push it."""
+        if group["alpha"] == 0.0 or self.merge_every > 1:
+            return
+        t = group[DRAW_STEP]
+        merges = []
+        for p in group["params"]:
+            state = self.state.get(p, {})
+            if p.grad is None and p.numel() > 0 and state.get("tau") is not None:
+                empty = torch.empty(0, dtype=torch.int64, device=p.device)
+                vals = torch.empty(0, dtype=torch.float32, device=p.device)
+                merges.append(Merge(p, state, empty, vals, True, self._round_keys(p, t), 0.0))
+        if merges:
+            self._apply(group, merges)
 
     @staticmethod
     def _fused(params: list[Tensor]) -> bool:
@@ -718,16 +754,14 @@ class OnlineMergingAdamW(Optimizer):
             return None
         if not one_device(params):
             return None
-        keys = [
-            mask_key(self.seed, self._names[p], "delta", str(s["step"]))
-            for p, s in zip(params, states, strict=True)
-        ]
+        t = group[DRAW_STEP]
+        keys = [mask_key(self.seed, self._names[p], "delta", str(t)) for p in params]
         numels = [p.numel() for p in params]
         return core.hash_sparse_keep_many(numels, reserve_p, keys, device=params[0].device)
 
     def _round_keys(self, p: Tensor, t: int) -> tuple[int, int, int] | None:
-        """Stochastic-rounding keys of p's updates at step t: (tau push, Delta, weight decay);
-        None when p's updates are rounded to nearest."""
+        """Stochastic-rounding keys of p's updates at draw step t (the group's DRAW_STEP):
+        (tau push, Delta, weight decay); None when p's updates are rounded to nearest."""
         if not (self.stochastic_rounding and p.dtype in LOW_PRECISION):
             return None
         name = self._names[p]
@@ -849,8 +883,9 @@ class OnlineMergingAdamW(Optimizer):
         sparse: tuple[Tensor, Tensor] | None = None,
     ) -> Merge:
         """The OnDARE / OnTIES merge of the update delta_at gives (at flat indices) into p at
-        optimizer step state["step"], with weight decay, as a `Merge` to apply."""
-        t = state["step"]
+        the group's draw step (masks and rounding bits are keyed on it), with weight decay, as a
+        `Merge` to apply."""
+        t = group[DRAW_STEP]
         rounds = self._round_keys(p, t)
         reserve_p, alpha = group["reserve_p"], group["alpha"]
         if sparse is not None:  # computed for the whole chunk
@@ -920,7 +955,7 @@ class OnlineMergingAdamW(Optimizer):
         ]
 
     def _draw(self, p: Tensor, t: int, reserve_p: float) -> tuple[Tensor | None, Tensor | None]:
-        """OnDARE's mask of p at step t drawn on its own: (idx, valid), or every entry."""
+        """OnDARE's mask of p at draw step t drawn on its own: (idx, valid), or every entry."""
         if reserve_p >= 1.0:
             return None, None
         key = mask_key(self.seed, self._names[p], "delta", str(t))
@@ -959,3 +994,7 @@ class OnlineMergingAdamW(Optimizer):
                 dtype = self.tau_dtype if k == "tau" else t.dtype
                 dtype = torch.float32 if k in FLOAT32_STATE else dtype
                 self.state[p][k] = t.to(device=p.device, dtype=dtype)
+        for group in self.param_groups:  # older states keyed the draws on Adam's step count
+            if DRAW_STEP not in group:
+                steps = [self.state[p].get("step", 0) for p in group["params"] if p in self.state]
+                group[DRAW_STEP] = max(steps, default=0)
