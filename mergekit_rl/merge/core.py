@@ -761,6 +761,9 @@ def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
 
 _GAP_CUTS: dict[tuple[float, str], Tensor] = {}
 GAP_MIN_DENSITY = 1e-6  # the table holds ~22 / density cuts
+# from this density up `geometric_gaps` estimates in float32 (its error stays below 0.05 of a
+# gap there: ~2e-6 / density); below it in float64 (at 4e-6 float32 was off by 2)
+GAP_FLOAT32_MIN_DENSITY = 1e-4
 
 
 def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
@@ -788,14 +791,18 @@ def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
 def geometric_gaps(u: Tensor, density: float) -> Tensor:
     """1 + max{j : D_j > u} for uniform 31-bit integers u (int64) and the cuts D of `gap_cuts`.
 
-    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so a float32 logarithm gives j to
-    within one (its error, ~1e-7 of log u, is far below one step of log(1 - density) for any
-    density above 1e-5); one comparison on each side against the integer table makes it exact,
-    and the same on every device whatever its log rounds to. No search over the table.
+    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so j is the floor of
+    log((u + 1/2) / 2^31) / log(1 - density), estimated to within one and then made exact by
+    one comparison on each side against the integer table: the same on every device whatever
+    its log rounds to. No search over the table. The estimate is float32 from
+    GAP_FLOAT32_MIN_DENSITY up (log's error, ~2e-6, is a small fraction of one step
+    log(1 - density)) and float64 below, down to GAP_MIN_DENSITY (j up to ~2.2e7): in float32
+    the error there is several steps, and above 2^24 j itself is not representable.
     """
     cuts = gap_cuts(density, u.device)
     last = cuts.numel() - 2  # the largest j
-    est = torch.log((u.float() + 0.5).mul_(2.0**-31)).mul_(1.0 / math.log1p(-density))
+    real = torch.float32 if density >= GAP_FLOAT32_MIN_DENSITY else torch.float64
+    est = torch.log((u.to(real) + 0.5).mul_(2.0**-31)).mul_(1.0 / math.log1p(-density))
     j = est.floor_().clamp_(0, last).to(torch.int64)
     j += (cuts[j + 1] > u).to(torch.int64) - (cuts[j] <= u).to(torch.int64)
     return j.add_(1)
