@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mergekit_rl.errors import MismatchError, UsageError
+from mergekit_rl.errors import MismatchError, RunError, UsageError
 from mergekit_rl.merge import core, native
 from mergekit_rl.train import optim as om
 from mergekit_rl.train.optim import OnlineMergingAdamW
@@ -1193,3 +1193,52 @@ def test_a_parameter_without_a_gradient_still_gets_the_tau_push(mode, path, monk
     assert "step" not in opt.state[idle]  # Adam never ran on it
     moved = dict(model.named_parameters())["0.weight"]
     assert opt.state[moved]["step"] == 3
+
+
+# -- a diverged update stops the run -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("path", ["host", "accelerator"])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_update_stops_with_the_parameter_and_step(mode, path, fused, bad, monkeypatch):
+    # a NaN in 3 entries of one gradient: the host top-k kept fewer than k entries and the
+    # parameter trained on with NaN moments; now the step names it (the accelerator path a step
+    # later: its flags come back without a sync)
+    if path == "accelerator":
+        accelerator_path(monkeypatch)
+    if not fused:
+        monkeypatch.setattr(om, "FUSED_ADAM_DEVICES", ())
+    model = tiny_model()
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), random_tau(model), mode=mode, lr=LR, reserve_p=0.3, alpha=0.01
+    )
+    raised_at = None
+    for step in range(1, 5):
+        grads = grads_for(step, model)
+        if step == 2:
+            grads["2.weight"].view(-1)[[3, 17, 40]] = bad
+        set_grads(model, grads)
+        try:
+            opt.step()
+        except RunError as e:
+            raised_at, message = step, str(e)
+            break
+    if raised_at is None:
+        with pytest.raises(RunError) as info:
+            opt.flush()
+        raised_at, message = 5, str(info.value)
+    assert "parameter '2.weight'" in message and "optimizer step 2:" in message, message
+    assert raised_at == 2 if path == "host" else raised_at in (2, 3)
+
+
+def test_finite_updates_raise_nothing_and_flush_reads_every_flag(monkeypatch) -> None:
+    accelerator_path(monkeypatch)
+    model = tiny_model()
+    opt = OnlineMergingAdamW(model.named_parameters(), random_tau(model), lr=LR, reserve_p=0.3)
+    for step in range(3):
+        set_grads(model, grads_for(step, model))
+        opt.step()
+    opt.flush()
+    assert not opt._finite_checks
