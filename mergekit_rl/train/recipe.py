@@ -177,6 +177,9 @@ class TrainingSpec(_Strict):
     save_steps: int | None = Field(default=500, ge=1)  # None: no intermediate checkpoints
     save_total_limit: int | None = Field(default=None, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # policy load dtype
+    # final model: the policy checkpoint's dtypes (rounded stochastically from a more precise
+    # training dtype, seeded by seed and tensor name), or float32 for every float tensor
+    output_dtype: Literal["policy", "float32"] = "policy"
     deepspeed: str | None = None  # a DeepSpeed JSON config (refused with online merging)
 
 
