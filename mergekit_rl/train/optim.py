@@ -695,7 +695,7 @@ class OnlineMergingAdamW(Optimizer):
     ) -> list[Tensor]:
         """The step of every parameter, a chunk at a time: one fused kernel writes the chunk's
         Delta (and updates its moments), then each parameter merges its slice of it. Returns
-        each chunk's `all_finite` flags of Delta ([chunk size] bool on the device, in order).
+        each chunk's `all_finite` flags of Delta ([parameters in the chunk] bool, in order).
 
         What can be done for the whole chunk at once is (a fixed number of kernels per chunk,
         not per parameter, which is what bounds a step on an accelerator): OnDARE's gather,
