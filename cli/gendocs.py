@@ -142,6 +142,10 @@ KEY_DOCS: dict[str, str] = {
     "training.save_steps": "Steps between checkpoints (null: none; `--resume` needs one).",
     "training.save_total_limit": "Keep at most N checkpoints.",
     "training.dtype": "Dtype the policy is loaded and trained in.",
+    "training.output_dtype": "Dtypes of the final model: `policy` writes each tensor in the policy "
+    "checkpoint's dtype, rounding a more precise trained value stochastically (unbiased, seeded "
+    "by `training.seed` and the tensor name) so movements below half an ulp survive on average; "
+    "`float32` writes every float tensor in float32 (twice the size of a bf16 model).",
     "training.deepspeed": "A DeepSpeed JSON config (refused with online merging and Elastic "
     "Reset).",
     # evaluation

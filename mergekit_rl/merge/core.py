@@ -761,6 +761,9 @@ def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
 
 _GAP_CUTS: dict[tuple[float, str], Tensor] = {}
 GAP_MIN_DENSITY = 1e-6  # the table holds ~22 / density cuts
+# from this density up `geometric_gaps` estimates in float32 (its error stays below 0.05 of a
+# gap there: ~2e-6 / density); below it in float64 (at 4e-6 float32 was off by 2)
+GAP_FLOAT32_MIN_DENSITY = 1e-4
 
 
 def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
@@ -788,21 +791,28 @@ def gap_cuts(density: float, device: torch.device | str = "cpu") -> Tensor:
 def geometric_gaps(u: Tensor, density: float) -> Tensor:
     """1 + max{j : D_j > u} for uniform 31-bit integers u (int64) and the cuts D of `gap_cuts`.
 
-    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so a float32 logarithm gives j to
-    within one (its error, ~1e-7 of log u, is far below one step of log(1 - density) for any
-    density above 1e-5); one comparison on each side against the integer table makes it exact,
-    and the same on every device whatever its log rounds to. No search over the table.
+    D_j > u exactly when (1 - density)^j * 2^31 >= u + 1/2, so j is the floor of
+    log((u + 1/2) / 2^31) / log(1 - density), estimated to within one and then made exact by
+    one comparison on each side against the integer table: the same on every device whatever
+    its log rounds to. No search over the table. The estimate is float32 from
+    GAP_FLOAT32_MIN_DENSITY up (log's error, ~2e-6, is a small fraction of one step
+    log(1 - density)) and float64 below, down to GAP_MIN_DENSITY (j up to ~2.2e7): in float32
+    the error there is several steps, and above 2^24 j itself is not representable.
     """
     cuts = gap_cuts(density, u.device)
     last = cuts.numel() - 2  # the largest j
-    est = torch.log((u.float() + 0.5).mul_(2.0**-31)).mul_(1.0 / math.log1p(-density))
+    real = torch.float32 if density >= GAP_FLOAT32_MIN_DENSITY else torch.float64
+    est = torch.log((u.to(real) + 0.5).mul_(2.0**-31)).mul_(1.0 / math.log1p(-density))
     j = est.floor_().clamp_(0, last).to(torch.int64)
     j += (cuts[j + 1] > u).to(torch.int64) - (cuts[j] <= u).to(torch.int64)
     return j.add_(1)
 
 
 def sparse_draws(numel: int, density: float) -> int:
-    """Gaps drawn by `hash_sparse_keep`: the mean kept count + 8 standard deviations + 16."""
+    """Gaps drawn by `hash_sparse_keep`: the mean kept count + 8 standard deviations + 16; none
+    for an empty tensor (it has no index to keep)."""
+    if numel <= 0:
+        return 0
     mean = numel * density
     return int(mean + 8.0 * math.sqrt(mean * (1.0 - density)) + 16)
 
@@ -818,9 +828,13 @@ def hash_sparse_keep(
     on every device. The valid entries are a prefix; invalid ones (past the end) are clamped to
     numel - 1 so they can be gathered, and callers give them a zero update. The n gaps fall
     short of numel (the tail then keeps nothing) with probability below 1e-14: an 8-sigma event.
-    density >= 1 keeps every index.
+    density >= 1 keeps every index; an empty tensor gives two empty tensors.
     """
     device = torch.device(device)
+    if numel <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device), torch.empty(
+            0, dtype=torch.bool, device=device
+        )
     if density >= 1.0:
         return torch.arange(numel, device=device), torch.ones(
             numel, dtype=torch.bool, device=device
@@ -851,9 +865,13 @@ def stochastic_round(
         bits = hash_bits(x.numel(), key, offset=offset, device=x.device).view(x.shape)
     if dtype == torch.bfloat16:
         # bf16 keeps the top 16 bits of a float32: add a uniform 16-bit number to the 16 bits
-        # that are dropped, then truncate; the magnitude rounds up with exactly their fraction
+        # that are dropped, then truncate; the magnitude rounds up with exactly their fraction.
+        # inf has 16 zero low bits (the noise never carries into it); a NaN's payload could
+        # carry into the sign (0x7FFFFFFF + noise is -0), so NaN is written as torch's quiet
+        # NaN 0x7FC0 (a fill: a cast of NaN gives 0xFFFF or 0x7FC0 depending on the kernel)
         xi = x.to(torch.float32).contiguous().view(torch.int32) + (bits & 0xFFFF)
-        return xi.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+        out = xi.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+        return out.masked_fill_(x.isnan(), math.nan)
     near = x.to(dtype)
     near32 = near.float()
     toward = torch.where(near32 < x, math.inf, -math.inf).to(dtype)
@@ -887,14 +905,15 @@ def stochastic_add_at_many_(
     The rounded sum `new` is written exactly as two adds, old + (-old) = 0 and 0 + new = new.
     One add of new - old would round whenever new and old are more than a factor 2 apart (a
     sum crossing zero), and a plain indexed write would race between a repeat and the entry it
-    repeats; repeats carry val 0 and add 0 twice. A -0.0 result is written as +0.0."""
+    repeats; repeats carry val 0 and add 0 twice. A -0.0 result is written as +0.0. An inf or
+    NaN weight is left as it is (old - old would make it NaN), as the host kernel does."""
     if not flats:
         return
     dtype, sizes = flats[0].dtype, [i.numel() for i in idxs]
     old = torch.cat([f.index_select(0, i) for f, i in zip(flats, idxs, strict=True)])
     val = torch.cat(list(vals))
     new = stochastic_round(old.float() + val, dtype, torch.cat(list(bits)))
-    touched = val != 0
+    touched = (val != 0) & old.isfinite()
     minus = torch.where(touched, -old, 0.0).split(sizes)
     put = torch.where(touched, new, 0.0).split(sizes)
     for f, i, m, n in zip(flats, idxs, minus, put, strict=True):
@@ -992,19 +1011,22 @@ def hash_sparse_keep_many(
 ) -> tuple[Tensor, Tensor, list[int]]:
     """`hash_sparse_keep(numel_i, density, key_i)` for many tensors in one batch of kernels:
     (idx, valid) concatenated, and the draws per tensor (`sparse_draws`) to split them by.
-    Equal, segment by segment, to the one-tensor calls."""
+    Equal, segment by segment, to the one-tensor calls (an empty tensor draws nothing)."""
     device = torch.device(device)
     draws = [sparse_draws(n, density) for n in numels]
+    total = int(sum(draws))
+    if total == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty.bool(), draws
     u = ((hash_bits_many(draws, keys, device=device) >> 1) & 0x7FFFFFFF).to(torch.int64)
     gaps = geometric_gaps(u, density)  # [N]
     ends = gaps.cumsum(0)  # [N] running sum over every segment
     reps = torch.tensor(draws, dtype=torch.int64)
     # one copy: each segment's draws, first draw and numel [3, S]
-    reps, first, numel = to_device(
-        torch.stack([reps, reps.cumsum(0) - reps, torch.tensor(list(numels))]), device
-    )
+    # an empty segment's first draw is the next one's (or past the end: clamped, never used)
+    first = (reps.cumsum(0) - reps).clamp_(max=total - 1)
+    reps, first, numel = to_device(torch.stack([reps, first, torch.tensor(list(numels))]), device)
     base = ends.index_select(0, first) - gaps.index_select(0, first)  # [S] sum before each segment
-    total = int(sum(draws))
     idx = ends.sub_(torch.repeat_interleave(base, reps, output_size=total)).sub_(1)
     limit = torch.repeat_interleave(numel, reps, output_size=total)
     valid = idx < limit

@@ -20,7 +20,9 @@ keyed by a hash of the source, the machine type and the flags, and loaded with c
 Python headers, no build step at install. Where there is no compiler, the cache is not writable
 or `RLMERGE_NATIVE=0` is set, `library()` is None and callers use the torch path. ctypes
 releases the GIL, so long loops are split across torch's thread count with a thread pool.
-Accelerator tensors never come here.
+Accelerator tensors never come here. A kernel that writes through an index it is given
+checks the index first and returns an error code (the wrapper raises): whatever a caller
+passes, nothing is written out of bounds.
 """
 
 from __future__ import annotations
@@ -103,15 +105,19 @@ static float kth_smallest(float *v, int64_t n, int64_t k) {
 }
 
 /* The positions of the k (0 < k <= n) largest of v[0..n) (no NaN), ties at the k-th value taken
-   lowest position first, ascending, written to out; work holds n floats. */
-void top_k_positions(const float *v, int64_t n, int64_t k, float *work, int64_t *out) {
+   lowest position first, ascending, written to out (k entries); work holds n floats. Returns
+   0, or -1 (nothing written) when k is out of range. Never writes past out[k - 1], even when
+   v holds NaN against the contract (the comparisons then see fewer or more entries above t). */
+int64_t top_k_positions(const float *v, int64_t n, int64_t k, float *work, int64_t *out) {
+    if (k <= 0 || k > n) return -1;
     for (int64_t i = 0; i < n; i++) work[i] = v[i];
     float t = kth_smallest(work, n, n - k);
     int64_t above = 0;
     for (int64_t i = 0; i < n; i++) above += v[i] > t;
     int64_t ties = k - above, c = 0;
-    for (int64_t i = 0; i < n; i++)
+    for (int64_t i = 0; i < n && c < k; i++)
         if (v[i] > t || (v[i] == t && ties-- > 0)) out[c++] = i;
+    return 0;
 }
 
 /* core.hash_bits for n consecutive elements of one 2**32 block: element lo + j (lo + n <= 2**32)
@@ -128,23 +134,31 @@ void hash_u32(uint32_t a, uint32_t b, uint32_t d, uint32_t lo, int64_t n, uint32
     for (int64_t j = 0; j < n; j++) out[j] = mix32(mix32(a * (lo + (uint32_t)j) + b) ^ d);
 }
 
-/* flat[idx[j]] += val[j] for a bfloat16 flat (raw uint16), rounded stochastically with the
-   hash word of element j (words a, b, d of block 0), exactly as core.stochastic_round: the
-   float32 sum plus the hash's low 16 bits, truncated to the top 16. In order, so a repeated
-   index sees the earlier sum (a zero val leaves a bf16 value unchanged). The weights are
-   touched at scattered places: prefetching 32 entries ahead halves the time (cache-cold,
-   1% of 6.3M entries: 17 against 31 ns per entry). */
-void add_at_bf16_rounded(uint16_t *flat, const int64_t *idx, const float *val, int64_t n,
-                         uint32_t a, uint32_t b, uint32_t d) {
+/* flat[idx[j]] += val[j] for a bfloat16 flat (raw uint16) of size entries, rounded
+   stochastically with the hash word of element j (words a, b, d of block 0), exactly as
+   core.stochastic_round: the float32 sum plus the hash's low 16 bits, truncated to the top 16.
+   In order, so a repeated index sees the earlier sum (a zero val leaves a bf16 value
+   unchanged). An inf or NaN weight is left as it is; a NaN sum is written as 0x7FC0 (the
+   quiet NaN torch fills with); inf sums stay inf (their low 16 bits are 0, the noise cannot
+   carry). Every index is checked against [0, size) first: the return value is 0, or j + 1 for
+   the first bad idx[j], and then nothing is written. The weights are touched at scattered
+   places: prefetching 32 entries ahead halves the time (cache-cold, 1% of 6.3M entries: 17
+   against 31 ns per entry). */
+int64_t add_at_bf16_rounded(uint16_t *flat, int64_t size, const int64_t *idx, const float *val,
+                            int64_t n, uint32_t a, uint32_t b, uint32_t d) {
+    for (int64_t j = 0; j < n; j++)
+        if (idx[j] < 0 || idx[j] >= size) return j + 1;
     for (int64_t j = 0; j < n; j++) {
         if (j + 32 < n) __builtin_prefetch(flat + idx[j + 32], 1);
         uint32_t h = mix32(mix32(a * (uint32_t)j + b) ^ d);
         uint16_t *w = flat + idx[j];
+        if ((*w & 0x7F80u) == 0x7F80u) continue;
         union { float f; uint32_t u; } x;
         x.u = (uint32_t)*w << 16;
         x.f = x.f + val[j];
-        *w = (uint16_t)((x.u + (h & 0xFFFFu)) >> 16);
+        *w = x.f != x.f ? (uint16_t)0x7FC0u : (uint16_t)((x.u + (h & 0xFFFFu)) >> 16);
     }
+    return 0;
 }
 
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
@@ -209,12 +223,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.positions_i64.argtypes = [ptr, i64, ptr, i64, ptr]
     lib.positions_i64.restype = None
     lib.top_k_positions.argtypes = [ptr, i64, i64, ptr, ptr]
-    lib.top_k_positions.restype = None
+    lib.top_k_positions.restype = i64
     u32 = ctypes.c_uint32
     lib.hash_u32.argtypes = [u32, u32, u32, u32, i64, ptr]
     lib.hash_u32.restype = None
-    lib.add_at_bf16_rounded.argtypes = [ptr, ptr, ptr, i64, u32, u32, u32]
-    lib.add_at_bf16_rounded.restype = None
+    lib.add_at_bf16_rounded.argtypes = [ptr, i64, ptr, ptr, i64, u32, u32, u32]
+    lib.add_at_bf16_rounded.restype = i64
     return lib
 
 
@@ -291,19 +305,28 @@ def top_k_positions(values: Tensor, k: int) -> Tensor:
     assert 0 < k <= n
     work = torch.empty(n, dtype=torch.float32)
     out = torch.empty(k, dtype=torch.int64)
-    lib.top_k_positions(values.data_ptr(), n, k, work.data_ptr(), out.data_ptr())
+    if lib.top_k_positions(values.data_ptr(), n, k, work.data_ptr(), out.data_ptr()):
+        raise ValueError(f"top_k_positions: k={k} out of range for {n} values")
     return out
 
 
 def add_at_bf16_rounded_(flat: Tensor, idx: Tensor, val: Tensor, words: tuple[int, ...]) -> None:
     """flat[idx] += val for a contiguous bfloat16 host flat, float32 val, int64 idx, each sum
     rounded stochastically with the hash words (a, b, d) of block 0 for element j of idx: the
-    gather, add, hash, rounding and scatter in one loop."""
+    gather, add, hash, rounding and scatter in one loop. An index outside [0, flat.numel())
+    raises IndexError with flat untouched (the loop checks them all before writing)."""
     lib = library()
     assert lib is not None and flat.dtype == torch.bfloat16 and val.dtype == torch.float32
     assert idx.dtype == torch.int64 and idx.numel() == val.numel() < 1 << 32
     assert flat.is_contiguous() and idx.is_contiguous() and val.is_contiguous()
-    lib.add_at_bf16_rounded(flat.data_ptr(), idx.data_ptr(), val.data_ptr(), idx.numel(), *words)
+    bad = lib.add_at_bf16_rounded(
+        flat.data_ptr(), flat.numel(), idx.data_ptr(), val.data_ptr(), idx.numel(), *words
+    )
+    if bad:
+        raise IndexError(
+            f"add_at_bf16_rounded_: index {int(idx[bad - 1])} (entry {bad - 1}) is outside "
+            f"[0, {flat.numel()}) of the bfloat16 tensor; nothing was written."
+        )
 
 
 def positions(keys: Tensor, queries: Tensor) -> Tensor:

@@ -192,6 +192,9 @@ class TrainingSpec(_Strict):
     save_steps: int | None = Field(default=500, ge=1)  # None: no intermediate checkpoints
     save_total_limit: int | None = Field(default=None, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # policy load dtype
+    # final model: the policy checkpoint's dtypes (rounded stochastically from a more precise
+    # training dtype, seeded by seed and tensor name), or float32 for every float tensor
+    output_dtype: Literal["policy", "float32"] = "policy"
     deepspeed: str | None = None  # a DeepSpeed JSON config (refused with online merging)
 
 
@@ -452,9 +455,12 @@ def path_problems(doc: dict[str, Any]) -> Problems:
     return problems
 
 
+# the one refusal message, used by the recipe check and by the accelerate-environment check
 DEEPSPEED_REFUSED = (
     "DeepSpeed ZeRO keeps its own flattened fp32 weights, so the online merging optimizers and "
-    "Elastic Reset cannot edit the weights in place; use DDP or FSDP (accelerate launch) instead."
+    "Elastic Reset cannot edit the weights in place; run them under DDP (accelerate launch "
+    "--multi_gpu), or under FSDP2 where docs/training.md (Several processes) lists it as "
+    "supported, or train with optimizer adamw and no elastic_reset under DeepSpeed."
 )
 
 

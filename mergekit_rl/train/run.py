@@ -40,6 +40,7 @@ from ..io.adapter import split_adapter_ref
 from ..io.card import model_card, provenance, write_aux_files
 from ..io.reader import open_checkpoint
 from ..io.writer import CheckpointWriter, check_output_path
+from ..merge import core
 from .data import load_train_dataset, truncate_prompts
 from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, SoupReference, TrainRecipe
 
@@ -503,7 +504,8 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_final(
     trainer: Any, recipe: TrainRecipe, recipe_text: str, out: Path, opts: TrainOptions
 ) -> None:
-    """The trained weights (in the policy checkpoint's dtypes) + config, tokenizer, card, recipe."""
+    """The trained weights (training.output_dtype: the policy's dtypes, rounded stochastically,
+    or float32) + config, tokenizer, card, recipe."""
     state = final_state(trainer, out)
     if trainer.accelerator.is_main_process:
         _write(unique_tensors(state), recipe, recipe_text, out, opts)
@@ -525,6 +527,37 @@ def final_state(trainer: Any, out: Path) -> dict[str, torch.Tensor]:
     return model.merge_and_unload().state_dict()
 
 
+def saved_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A trained tensor as the final model stores it, in dtype (on t's device).
+
+    Training in float32 on a bf16 / fp16 policy moves most weights by less than half an ulp of
+    the stored dtype: rounding to nearest would write the policy back for them and drop the
+    alpha * tau push altogether. So a cast to a narrower float dtype rounds stochastically
+    (`core.stochastic_round`, unbiased: the written weight is the trained one in expectation),
+    with bits keyed by (seed, tensor name): a rerun writes the same bytes. Casts that lose
+    nothing (same or wider dtype, integers) are plain casts."""
+    t = t.detach()
+    narrower = (
+        t.is_floating_point()
+        and dtype.is_floating_point
+        and torch.finfo(dtype).bits < torch.finfo(t.dtype).bits
+    )
+    if not narrower:
+        return t.to(dtype)
+    key = core.tensor_seed(seed, "final-model", name)
+    return core.stochastic_round(t.float(), dtype, key)
+
+
+def output_dtypes(
+    state: dict[str, torch.Tensor], policy: Any, recipe: TrainRecipe
+) -> dict[str, torch.dtype]:
+    """The dtype each tensor is written in (training.output_dtype): the policy checkpoint's
+    (a tensor it lacks keeps its own), or float32 for every float tensor."""
+    if recipe.training.output_dtype == "float32":
+        return {n: torch.float32 if t.is_floating_point() else t.dtype for n, t in state.items()}
+    return {n: policy.info(n).dtype if n in policy else t.dtype for n, t in state.items()}
+
+
 def _write(
     state: dict[str, torch.Tensor],
     recipe: TrainRecipe,
@@ -533,7 +566,7 @@ def _write(
     opts: TrainOptions,
 ) -> None:
     with open_checkpoint(recipe.policy) as policy:
-        dtypes = {n: policy.info(n).dtype if n in policy else t.dtype for n, t in state.items()}
+        dtypes = output_dtypes(state, policy, recipe)
         entries = [(n, tuple(t.shape), dtypes[n]) for n, t in state.items()]
         command = opts.command or f"rlmerge train ({recipe.algorithm})"
         card = model_card(
@@ -548,12 +581,13 @@ def _write(
         )
         with writer:
             for name, t in state.items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                out = saved_tensor(name, t, dtypes[name], recipe.training.seed)
+                if out.is_floating_point() and not bool(torch.isfinite(out).all()):
                     raise RunError(
-                        f"trained tensor '{name}' contains NaN or Inf; no final model was "
-                        "written. Lower training.learning_rate or optimizer.alpha."
+                        f"trained tensor '{name}' contains NaN or Inf (in {dtypes[name]}); no "
+                        "final model was written. Lower training.learning_rate or optimizer.alpha."
                     )
-                writer.add(name, t.detach().to(dtypes[name]))
+                writer.add(name, out)
             write_aux_files(writer, policy, None)
             writer.add_file("README.md", card)
             writer.add_file("rlmerge_recipe.yaml", recipe_text)

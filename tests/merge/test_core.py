@@ -449,3 +449,40 @@ def test_stochastic_add_at_many_rounds_each_tensor_as_alone(dtype) -> None:
         core.stochastic_add_at_(alone, i, v, k)
         assert torch.equal(g.view(torch.int16), alone.view(torch.int16))
     assert sum(int((g != f).sum()) for f, g in zip(flats, together, strict=True)) > 100
+
+
+def test_sparse_draws_of_an_empty_tensor_are_empty() -> None:
+    # hash_sparse_keep(0, ...) clamped its draws to index -1 (numel - 1): a write there lands
+    # on another tensor's memory
+    idx, valid = core.hash_sparse_keep(0, 0.01, key=3)
+    assert idx.numel() == 0 and valid.numel() == 0 and idx.dtype == torch.int64
+    assert core.sparse_draws(0, 0.5) == 0
+    # empty segments first, in the middle and last: the others draw what they draw alone
+    for numels in ([0, 50, 0, 7, 0], [0], [0, 0], [30, 0]):
+        keys = [core.tensor_seed(2, str(i)) for i in range(len(numels))]
+        idx, valid, draws = core.hash_sparse_keep_many(numels, 0.3, keys)
+        assert draws == [core.sparse_draws(n, 0.3) for n in numels]
+        parts = zip(idx.split(draws), valid.split(draws), numels, keys, strict=True)
+        for i, v, n, k in parts:
+            want = core.hash_sparse_keep(n, 0.3, k)
+            assert torch.equal(i, want[0]) and torch.equal(v, want[1]), (numels, n)
+            assert ((i >= 0) & (i < max(n, 1))).all()
+
+
+@pytest.mark.parametrize("density", [1e-6, 1.5e-6, 4e-6, 9.9e-5, core.GAP_FLOAT32_MIN_DENSITY])
+def test_geometric_gaps_are_exact_at_the_smallest_densities(density: float) -> None:
+    # at reserve_p 1e-6 the table holds ~2.2e7 cuts: gaps above 2**24, where a float32 estimate
+    # is no longer an integer and was off by one; every u next to a cut must find its own gap
+    cuts = core.gap_cuts(density)
+    last = cuts.numel() - 2
+    near = torch.arange((1 << 24) - 3000, (1 << 24) + 3000)  # around 2**24, where there are
+    js = torch.cat(
+        [torch.arange(1, 2000), near[near <= last], torch.arange(last - 3000, last + 1),
+         torch.randint(1, last, (20_000,), generator=torch.Generator().manual_seed(0))]
+    )  # fmt: skip
+    d = cuts[js]
+    u = torch.cat([d, d - 1, d + 1, torch.tensor([0, 1, (1 << 31) - 1])]).clamp(0, (1 << 31) - 1)
+    want = cuts.numel() - torch.searchsorted(cuts.flip(0), u, right=True)  # 1 + max{D_j > u}
+    got = core.geometric_gaps(u, density)
+    assert torch.equal(got, want), int((got != want).sum())
+    assert last < 1 << 24 or int(want.max()) > 1 << 24

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -219,3 +220,80 @@ def test_hash_masks_and_uniforms_are_the_same_on_both_paths(monkeypatch) -> None
     assert mask.reshape(-1)[:50].tolist() == (words < core.keep_threshold(0.3)).tolist()
     assert torch.equal(kept, x * core.hash_keep_mask(shape, 0.3, key))
     assert float(u.min()) >= 0 and float(u.max()) < 1
+
+
+# the guard test runs in a child process: an out-of-bounds write may segfault, which must fail
+# the test rather than end pytest
+GUARD_SCRIPT = r"""
+import torch
+from mergekit_rl.merge import core, native
+
+assert native.library() is not None
+flat = torch.zeros(8, dtype=torch.bfloat16)
+val = torch.ones(3)
+for bad in ([0, 1, -1], [0, 8, 2], [-(1 << 40), 0, 1]):
+    idx = torch.tensor(bad, dtype=torch.int64)
+    try:
+        native.add_at_bf16_rounded_(flat, idx, val, core._chunk_words(5, 0))
+    except IndexError as e:
+        assert "outside [0, 8)" in str(e), e
+    else:
+        raise SystemExit(f"no error for {bad}")
+    assert torch.equal(flat, torch.zeros(8, dtype=torch.bfloat16)), "written before the check"
+    try:  # the primitive the optimizer calls
+        core.stochastic_add_at_(flat, idx, val, 5)
+    except IndexError:
+        pass
+    else:
+        raise SystemExit(f"stochastic_add_at_: no error for {bad}")
+lib = native.library()
+out = torch.empty(2, dtype=torch.int64)
+work = torch.empty(3)
+v = torch.tensor([1.0, float("nan"), 2.0])
+for k in (0, 4, -1):
+    assert lib.top_k_positions(v.data_ptr(), 3, k, work.data_ptr(), out.data_ptr()) == -1
+print("guarded")
+"""
+
+
+@needs_native
+def test_the_bf16_add_kernel_refuses_out_of_range_indices_without_writing() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "guarded" in done.stdout, (done.returncode, done.stderr)
+
+
+def test_the_rounded_add_keeps_inf_and_nan_on_both_paths(monkeypatch) -> None:
+    # weights: +-inf and NaN (left as they are), finite ones; updates: ordinary, NaN with the
+    # payload whose integer add overflowed (0x7FFFFFFF, and the negative 0xFFFFFFFF), +-inf
+    bf16 = torch.bfloat16
+    inf, nan = math.inf, math.nan
+    base = torch.tensor([inf, -inf, nan, 1.0, -2.0, 3.0, 0.5, 1.0, 4.0], dtype=bf16)
+    val = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, inf, -inf])
+    payloads = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    val[3:6] = payloads
+    val[6] = 0.25
+    idx = torch.arange(9)
+    results = []
+    for _ in both_paths(monkeypatch):
+        for key in range(20):  # whatever the random bits
+            flat = base.clone()
+            core.stochastic_add_at_(flat, idx, val, key)
+            results.append(flat.view(torch.int16))
+    for got in results:
+        assert torch.equal(got, results[0])
+    got = results[0].view(bf16).float()
+    assert got[0] == inf and got[1] == -inf and got[2].isnan()  # weights left as they are
+    assert got[3:6].isnan().all()  # NaN updates give NaN, never +-0
+    assert got[7] == inf and got[8] == -inf
+    assert results[0][3] == 0x7FC0  # torch's quiet NaN on both paths
+    # the dense rounded write (weight decay, dense pushes) and the rounding itself
+    x = torch.tensor([inf, -inf, 1.5, 2.0, 3.0], dtype=torch.float32)
+    x[2:] = payloads
+    for key in range(20):
+        r = core.stochastic_round(x, bf16, key).float()
+        assert r[0] == inf and r[1] == -inf and r[2:].isnan().all(), r

@@ -394,3 +394,67 @@ def test_ema_update_is_one_multi_tensor_lerp(tmp_path: Path, monkeypatch) -> Non
     for n, p in model.named_parameters():
         want = 0.9 * before[n].double() + 0.1 * p.detach().double()
         torch.testing.assert_close(cb.ema[n].double(), want, atol=1e-7, rtol=0)
+
+
+def test_reset_optimizer_draws_fresh_ondare_masks_every_cycle(tmp_path: Path) -> None:
+    # OnDARE with alpha 0: a step moves exactly the entries its mask keeps. Resetting the
+    # optimizer state must not replay the masks of the previous cycle.
+    from mergekit_rl.train.optim import OnlineMergingAdamW
+
+    torch.manual_seed(0)
+    model = nn.Linear(100, 100, bias=False)  # 10,000 weights
+    init = save_weights(model, tmp_path / "init.safetensors")
+    tau = {"weight": torch.zeros(100, 100)}
+    p_keep, every, cycles = 0.05, 4, 8
+    opt = OnlineMergingAdamW(model.named_parameters(), tau, lr=1e-3, reserve_p=p_keep, alpha=0.0)
+    cb = ElasticResetCallback(init, reset_every=every, reset_optimizer=True, ema_decay=0.5)
+    cb.attach(model)
+    gen = torch.Generator().manual_seed(1)
+    moved = []
+    for step in range(1, every * cycles + 1):
+        model.weight.grad = torch.randn(100, 100, generator=gen)
+        before = model.weight.detach().clone()
+        opt.step()
+        moved.append((model.weight != before).reshape(-1))
+        cb.on_step(model, opt, step)
+    assert 0.03 < float(moved[0].float().mean()) < 0.07  # a p-fraction moves per step
+    for t in range(every):  # step t and step t + reset_every: independent masks
+        overlap = (moved[t] & moved[t + every]).sum() / moved[t].sum()
+        assert overlap < 3 * p_keep, (t, float(overlap))
+    ever = torch.stack(moved).any(0).float().mean()
+    expected = 1 - (1 - p_keep) ** (every * cycles)  # 0.806
+    assert abs(float(ever) - expected) < 0.02, (float(ever), expected)
+    assert opt.param_groups[0]["draw_step"] == every * cycles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_resumed_optimizer_continues_the_draws_after_a_reset(dtype: torch.dtype) -> None:
+    # reset the optimizer state at step 3, save and load it there: the resumed run draws the
+    # masks (and rounding bits) of the run that went on, not those of steps 1, 2, ...
+    from mergekit_rl.train.elastic import reset_optimizer_state_
+    from mergekit_rl.train.optim import OnlineMergingAdamW
+
+    def run(resume: bool) -> Tensor:
+        torch.manual_seed(0)
+        model = nn.Linear(30, 20).to(dtype)
+        tau = {n: torch.full(p.shape, 0.01) for n, p in model.named_parameters()}
+
+        def make() -> OnlineMergingAdamW:
+            named = model.named_parameters()
+            return OnlineMergingAdamW(named, tau, lr=1e-3, reserve_p=0.2, alpha=1e-3)
+
+        opt = make()
+        gen = torch.Generator().manual_seed(3)
+        for step in range(6):
+            if step == 3:
+                reset_optimizer_state_(opt)
+                if resume:
+                    state = opt.state_dict()
+                    opt = make()
+                    opt.load_state_dict(state)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(run(True), run(False))

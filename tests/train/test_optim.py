@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mergekit_rl.errors import MismatchError, UsageError
+from mergekit_rl.errors import MismatchError, RunError, UsageError
 from mergekit_rl.merge import core, native
 from mergekit_rl.train import optim as om
 from mergekit_rl.train.optim import OnlineMergingAdamW
@@ -1136,3 +1136,109 @@ def test_bf16_weights_are_the_same_on_the_host_and_the_accelerator_path(mode, mo
         runs.append(model)
     for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(p.view(torch.int16), q.view(torch.int16)), n
+
+
+# -- edge parameters: empty ones, and ones without a gradient on a step -------------------------
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["host", "accelerator"])
+def test_an_empty_parameter_is_skipped(mode, dtype, path, monkeypatch) -> None:
+    # a zero-size trainable parameter (an empty embedding slice, a pruned head): its mask
+    # would index -1; it has nothing to update, and the others train as without it
+    if path == "accelerator":
+        accelerator_path(monkeypatch)
+    runs = []
+    for with_empty in (True, False):
+        model = tiny_model().to(dtype)
+        if with_empty:
+            model.register_parameter("empty", nn.Parameter(torch.zeros(0, 8, dtype=dtype)))
+        tau = random_tau(model)
+        opt = OnlineMergingAdamW(
+            model.named_parameters(), tau, mode=mode, lr=LR, reserve_p=0.3, alpha=0.01
+        )
+        for step in range(3):
+            set_grads(model, {n: g.to(dtype) for n, g in grads_for(step, model).items()})
+            opt.step()
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if p.numel()})
+    assert runs[0].keys() == runs[1].keys()
+    for n in runs[0]:
+        assert torch.equal(runs[0][n], runs[1][n]), n
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("path", ["host", "accelerator"])
+def test_a_parameter_without_a_gradient_still_gets_the_tau_push(mode, path, monkeypatch) -> None:
+    # an MoE expert no token was routed to: alpha * tau every step (the push is independent of
+    # the gradient), no Adam update, no weight decay, no Adam state
+    if path == "accelerator":
+        accelerator_path(monkeypatch)
+    model, alpha = tiny_model(), 0.05
+    tau = random_tau(model)
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), tau, mode=mode, lr=LR, reserve_p=1.0, alpha=alpha,
+        weight_decay=0.1,
+    )  # fmt: skip
+    idle = dict(model.named_parameters())["2.weight"]
+    start = idle.detach().clone()
+    tau_ref = tau["2.weight"].clamp(-1, 1).to(torch.bfloat16).float()  # stored in bf16
+    expected = start.clone()
+    for step in range(3):
+        set_grads(model, grads_for(step, model))
+        idle.grad = None
+        opt.step()
+        expected = expected + alpha * tau_ref
+    assert torch.equal(idle.detach(), expected)
+    assert "step" not in opt.state[idle]  # Adam never ran on it
+    moved = dict(model.named_parameters())["0.weight"]
+    assert opt.state[moved]["step"] == 3
+
+
+# -- a diverged update stops the run -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("path", ["host", "accelerator"])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_update_stops_with_the_parameter_and_step(mode, path, fused, bad, monkeypatch):
+    # a NaN in 3 entries of one gradient: the host top-k kept fewer than k entries and the
+    # parameter trained on with NaN moments; now the step names it (the accelerator path a step
+    # later: its flags come back without a sync)
+    if path == "accelerator":
+        accelerator_path(monkeypatch)
+    if not fused:
+        monkeypatch.setattr(om, "FUSED_ADAM_DEVICES", ())
+    model = tiny_model()
+    opt = OnlineMergingAdamW(
+        model.named_parameters(), random_tau(model), mode=mode, lr=LR, reserve_p=0.3, alpha=0.01
+    )
+    raised_at = None
+    for step in range(1, 5):
+        grads = grads_for(step, model)
+        if step == 2:
+            grads["2.weight"].view(-1)[[3, 17, 40]] = bad
+        set_grads(model, grads)
+        try:
+            opt.step()
+        except RunError as e:
+            raised_at, message = step, str(e)
+            break
+    if raised_at is None:
+        with pytest.raises(RunError) as info:
+            opt.flush()
+        raised_at, message = 5, str(info.value)
+    assert "parameter '2.weight'" in message and "optimizer step 2:" in message, message
+    assert raised_at == 2 if path == "host" else raised_at in (2, 3)
+
+
+def test_finite_updates_raise_nothing_and_flush_reads_every_flag(monkeypatch) -> None:
+    accelerator_path(monkeypatch)
+    model = tiny_model()
+    opt = OnlineMergingAdamW(model.named_parameters(), random_tau(model), lr=LR, reserve_p=0.3)
+    for step in range(3):
+        set_grads(model, grads_for(step, model))
+        opt.step()
+    opt.flush()
+    assert not opt._finite_checks

@@ -364,3 +364,71 @@ def test_perplexity_and_kl_against_independent_references(family: dict[str, Path
     want_kl = F.kl_div(logq, logp, log_target=True, reduction="sum").item()
     got_kl = evaluate.kl_to(policy, other, done)
     assert got_kl > 0 and got_kl == pytest.approx(want_kl, rel=1e-4)
+
+
+# -- the final model's dtypes ----------------------------------------------------------------
+
+
+def bf16_spacing(x: torch.Tensor) -> torch.Tensor:
+    """The distance from |x| (bf16 values, as float32) to the next bf16 number above it."""
+    a = x.float().abs()
+    return (a.view(torch.int32) + (1 << 16)).view(torch.float32) - a
+
+
+def test_the_final_write_keeps_sub_ulp_movement_in_expectation() -> None:
+    from mergekit_rl.train.run import saved_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    policy = (torch.randn(200_000, generator=gen) * 0.05).bfloat16().float()
+    direction = torch.randint(0, 2, policy.shape, generator=gen).float() * 2 - 1
+    step = 0.1 * bf16_spacing(policy)  # a fifth of half an ulp: below what nearest keeps
+    trained = policy + direction * step  # float32 training moved every weight this much
+    assert torch.equal(trained.bfloat16().float(), policy)  # rounding to nearest loses it all
+    saved = saved_tensor("model.w", trained, torch.bfloat16, seed=3)
+    assert saved.dtype == torch.bfloat16
+    kept = float(((saved.float() - policy) * direction).sum() / (step.sum()))
+    assert abs(kept - 1.0) < 0.03, kept  # the movement survives on average
+    # unbiased entry by entry: over seeds, the mean saved weight is the trained one
+    few = trained[:40]
+    runs = torch.stack(
+        [saved_tensor("w", few, torch.bfloat16, seed=s).float() for s in range(1000)]
+    )
+    err = (runs.mean(0) - few).abs() / bf16_spacing(policy[:40])
+    assert float(err.max()) < 0.05, float(err.max())  # 5 standard deviations
+    # reproducible, keyed by the seed and the tensor name
+    assert torch.equal(saved_tensor("model.w", trained, torch.bfloat16, 3), saved)
+    assert not torch.equal(saved_tensor("model.v", trained, torch.bfloat16, 3), saved)
+    assert not torch.equal(saved_tensor("model.w", trained, torch.bfloat16, 4), saved)
+    # casts that lose nothing stay casts
+    assert torch.equal(saved_tensor("w", trained, torch.float32, 3), trained)
+    assert torch.equal(saved_tensor("w", saved, torch.bfloat16, 3), saved)
+    ids = torch.arange(5)
+    assert torch.equal(saved_tensor("ids", ids, torch.int64, 3), ids)
+
+
+def test_final_model_of_float32_training_on_a_bf16_policy(
+    tied_family: dict[str, Path], tmp_path: Path
+) -> None:
+    # the default writes the policy's bf16, rounded stochastically from the float32 training;
+    # output_dtype float32 writes what training ended with
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_rl.train.run import saved_tensor
+
+    finals = {}
+    for output_dtype in ("float32", "policy"):
+        out = tmp_path / output_dtype
+        run(dpo_text(tied_family, out, max_steps=2, save_steps=None, output_dtype=output_dtype))
+        finals[output_dtype] = load_state(out / "final")
+    policy = load_state(tied_family["sft1"])
+    trained, written = finals["float32"], finals["policy"]
+    assert trained.keys() == written.keys() == policy.keys()
+    moved = 0
+    for name, t in trained.items():
+        assert t.dtype == torch.float32 and written[name].dtype == torch.bfloat16, name
+        want = saved_tensor(name, t, torch.bfloat16, seed=0)
+        assert torch.equal(written[name].view(torch.int16), want.view(torch.int16)), name
+        moved += int((written[name] != policy[name]).sum())
+    assert moved > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float32" / "final")
+    assert next(model.parameters()).dtype == torch.float32
