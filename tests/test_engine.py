@@ -111,7 +111,19 @@ def _spy_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]
     return calls
 
 
-@pytest.mark.parametrize("kind", ["soup", "interpolate", "ties", "dare_ties"])
+# recipe merges with whole-tensor quantities (cuts, L1 norms, the slerp angle): every one
+# streams the vocabulary tensor in row blocks, first passes included
+RECIPE_CASES = {
+    "ties": "parameters: {rescale: false}",
+    "dare_ties": "parameters: {rescale: false}",
+    "dare_ties_l1": "merge_method: dare_ties",  # the default L1 rescale
+    "ties_l1": "merge_method: ties\nparameters: {rescale: true}",
+    "della_l1": "merge_method: della\nparameters: {epsilon: 0.1}",
+    "slerp": "parameters: {t: 0.3}",
+}
+
+
+@pytest.mark.parametrize("kind", ["soup", "interpolate", *RECIPE_CASES])
 def test_row_blocks_equal_whole_tensors_bit_for_bit(
     kind: str, tied_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,10 +132,16 @@ def test_row_blocks_equal_whole_tensors_bit_for_bit(
 
     fam = tied_family  # bf16 with tied embeddings: the vocabulary tensor is the largest
     recipe = tmp_path / "r.yaml"
+    extra = RECIPE_CASES.get(kind, "")
+    models = ["rlhf"] if kind == "slerp" else list(fam)
     recipe.write_text(
-        f"merge_method: {kind}\nbase_model: {fam['base']}\nseed: 3\n"
-        "parameters: {rescale: false}\nmodels:\n"
-        + "".join(f"  - model: {fam[m]}\n    parameters: {{density: 0.4}}\n" for m in fam)
+        ("" if "merge_method" in extra else f"merge_method: {kind}\n")
+        + f"{extra}\nbase_model: {fam['base']}\nseed: 3\nmodels:\n"
+        + "".join(
+            f"  - model: {fam[m]}\n"
+            + ("" if kind == "slerp" else "    parameters: {density: 0.4}\n")
+            for m in models
+        )
     )
 
     def run(out: Path, block_elems: int) -> None:
