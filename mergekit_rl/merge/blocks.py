@@ -106,12 +106,7 @@ def _cuts(
     """Every model's magnitude cut of its whole task vector: two reads of the blocks."""
     numel = math.prod(shape)
     ks = [int(float(p.get("density", 1.0)) * numel) for p in model_params]
-
-    def deltas() -> Iterator[list[Tensor]]:
-        for _, xs in stream():
-            yield [x - xs[0] for x in xs[1:]]
-
-    return tuple(core.magnitude_cuts(deltas, numel, ks))
+    return tuple(core.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
 
 
 def _l1_factors(

@@ -9,6 +9,7 @@ ends in an underscore.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -293,6 +294,52 @@ def magnitude_cuts(
             cuts.append(MagnitudeCut(math.inf, 0, 0))
         else:
             kth, _, n_above, n_equal = _finish_select(torch.cat(insides.pop(i)), k, *tops[i])
+            cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
+    return cuts
+
+
+def delta_magnitude_cuts(
+    blocks: Callable[[], Iterable[Sequence[Tensor]]], numel: int, ks: Sequence[int]
+) -> list[MagnitudeCut]:
+    """`magnitude_cuts` of the task vectors x_i - base: blocks() yields, in index order, one
+    block of [base, x_1, ..., x_N] (float32); cut i keeps ks[i] entries of x_i - base. Two
+    passes. On the host a C loop counts and collects the magnitudes' bits straight from x_i
+    and base (`native.delta_hist`, `native.delta_bucket`): no delta, abs or digit tensors;
+    elsewhere the deltas go through `magnitude_cuts`. The same cuts either way."""
+
+    it = iter(blocks())
+    first = next(it, None)
+    opened = [] if first is None else [itertools.chain([first], it)]  # the first pass, begun
+
+    def deltas() -> Iterator[list[Tensor]]:
+        for xs in opened.pop() if opened else blocks():
+            yield [x - xs[0] for x in xs[1:]]
+
+    if first is None or not native.usable(*first) or first[0].dtype != torch.float32:
+        return magnitude_cuts(deltas, numel, ks)
+    live = [i for i, k in enumerate(ks) if 0 < k < numel]
+    hists: dict[int, Tensor] = {}
+    for xs in opened.pop():
+        for i in live:
+            h = native.delta_hist(xs[i + 1].contiguous(), xs[0].contiguous(), _HI_BINS)
+            hists[i] = hists[i].add_(h) if i in hists else h
+    tops = {i: _top_bin(hists[i], ks[i]) for i in live}
+    inside = {i: torch.empty(int(hists[i][tops[i][0]]), dtype=torch.int32) for i in live}
+    filled = dict.fromkeys(live, 0)
+    for xs in blocks():
+        for i in live:
+            rest = inside[i][filled[i] :]
+            x, base = xs[i + 1].contiguous(), xs[0].contiguous()
+            filled[i] += native.delta_bucket(x, base, int(tops[i][0]), rest)
+    cuts = []
+    for i, k in enumerate(ks):
+        if k >= numel:
+            cuts.append(MagnitudeCut(None, 0, 0))
+        elif k <= 0:
+            cuts.append(MagnitudeCut(math.inf, 0, 0))
+        else:
+            assert filled[i] == inside[i].numel()  # the two passes saw the same entries
+            kth, _, n_above, n_equal = _finish_select(inside.pop(i), k, *tops[i])
             cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
     return cuts
 
