@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from . import core, task_vectors
@@ -87,14 +89,17 @@ def merge_blocks(
         t = method.global_params.model_validate(global_params).t  # type: ignore[attr-defined]
         angle = core.slerp_weights(core.slerp_sums((xs[0], xs[1]) for _, xs in stream()), t)
     whole = replace(ctx, cuts=cuts, slerp=angle)
+    masks = None
     if needs_l1(method, global_params):
-        factors = _l1_factors(method, whole, stream, model_params)
+        factors, masks = _l1_factors(method, whole, stream, model_params)
         whole = replace(whole, l1_factors=factors)
 
     def results() -> Iterator[list[Tensor]]:
-        for blk, xs in stream():
+        for j, (blk, xs) in enumerate(stream()):
             base, models = (xs[0], xs[1:]) if has_base else (None, xs)
             bctx = replace(whole, offset=blk.offset)
+            if masks is not None:
+                bctx = replace(bctx, keep_masks=tuple(_unpack(m[j], xs[0]) for m in masks))
             yield [method.run(bctx, models, base, model_params, global_params)]
 
     return results()
@@ -109,20 +114,38 @@ def _cuts(
     return tuple(core.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
 
 
+# random sparsifiers whose keep decisions the L1 pass records (bit-packed, 1 bit per entry and
+# model) so the merge pass does not draw them again (DARE's hash, DELLA's per-row sort)
+RECORDED_MASKS = {"dare_linear", "dare_ties", "della", "della_linear"}
+
+
 def _l1_factors(
     method: MergeMethod, ctx: TensorContext, stream: Stream, model_params: list[dict[str, Any]]
-) -> tuple[float | None, ...]:
+) -> tuple[tuple[float | None, ...], list[list[np.ndarray]] | None]:
     """Every model's L1 rescale factor over the whole tensor: one read of the blocks, the
     magnitudes of each delta and of its kept entries summed as `stable_sum` sums them whole.
-    The cuts are copied: this pass consumes their ties as the merge pass will."""
+    The cuts are copied: this pass consumes their ties as the merge pass will. Also, for
+    RECORDED_MASKS on the host, each model's keep mask per block, bit-packed (kept != 0: a
+    dropped entry and a kept zero give the same product)."""
     n = len(model_params)
     sums = [(core.StableSum(), core.StableSum()) for _ in range(n)]
     cuts = None if ctx.cuts is None else tuple(copy.copy(c) for c in ctx.cuts)
+    masks: list[list[np.ndarray]] | None = [[] for _ in range(n)]
     for blk, xs in stream():
         bctx = replace(ctx, offset=blk.offset, cuts=cuts)
         mags = task_vectors.l1_magnitudes(method, bctx, xs[1:], xs[0], model_params)
-        for (sum_delta, sum_kept), (mag_delta, mag_kept) in zip(sums, mags, strict=True):
-            sum_delta.add(mag_delta)
-            sum_kept.add(mag_kept)
+        record = method.name in RECORDED_MASKS and xs[0].device.type == "cpu"
+        masks = masks if record else None
+        for i, (mag_delta, mag_kept) in enumerate(mags):
+            sums[i][0].add(mag_delta)
+            sums[i][1].add(mag_kept)
+            if masks is not None:
+                masks[i].append(np.packbits((mag_kept != 0).reshape(-1).numpy()))
         del mags
-    return tuple(core.l1_factor(d.total(), k.total()) for d, k in sums)
+    return tuple(core.l1_factor(d.total(), k.total()) for d, k in sums), masks
+
+
+def _unpack(packed: np.ndarray, like: Tensor) -> Tensor:
+    """A block's bool keep mask from its packed bits, shaped like the block."""
+    bits = np.unpackbits(packed, count=like.numel())
+    return torch.from_numpy(bits).view(torch.bool).view(like.shape)

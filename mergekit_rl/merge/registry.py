@@ -50,6 +50,9 @@ class TensorContext:
     # per-model L1 rescale factor of the whole tensor (core.l1_factor; None: nothing kept)
     l1_factors: tuple[float | None, ...] | None = None
     slerp: Any = None  # core.SlerpWeights of the whole tensor (slerp's angle)
+    # per-model bool keep mask of this block, recorded by an earlier pass over the blocks (the
+    # random sparsifiers need not draw it again): kept = delta * mask
+    keep_masks: tuple[Any, ...] | None = None
 
 
 # fn(ctx, tensors, base, model_params, global_params) -> merged tensor

@@ -171,9 +171,15 @@ def _sparsified(
     i: int,
     sparsifier: Sparsifier | None,
 ) -> tuple[Tensor, sparsify.Kept | None]:
-    """Steps 1-2 for model i: (delta_i, its kept entries, or None without a sparsifier)."""
+    """Steps 1-2 for model i: (delta_i, its kept entries, or None without a sparsifier). A
+    keep mask in the context (recorded by the L1 pass over row blocks) replaces the drawing:
+    delta * mask are the products the random sparsifiers make (their keep is 1.0 / 0.0)."""
     delta = x - base
-    return delta, None if sparsifier is None else sparsifier(delta, p, ctx, i)
+    if sparsifier is None:
+        return delta, None
+    if ctx.keep_masks is not None:
+        return delta, sparsify.Kept(delta * ctx.keep_masks[i].view(delta.shape), p.density)
+    return delta, sparsifier(delta, p, ctx, i)
 
 
 def _rescaled(ctx: TensorContext, delta: Tensor, kept: sparsify.Kept, mode: str, i: int) -> Tensor:

@@ -127,3 +127,27 @@ def test_slerp_blocks_match_a_naive_reference() -> None:
 )
 def test_merges_that_need_the_whole_tensor_are_not_blocked(name: str, gp: dict, shape) -> None:
     assert blocks.block_mode(get_method(name), shape, gp) is None
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "della"])
+def test_the_l1_pass_records_the_masks_so_the_merge_pass_draws_none(name, monkeypatch) -> None:
+    # DARE's hash and DELLA's per-row sort run once per block (in the L1 pass), not twice;
+    # the merge is still the whole-tensor one bit for bit
+    from mergekit_rl.merge import sparsify
+
+    base, xs = _inputs((40, 24), 2, seed=4)
+    mps = [{"density": 0.5, "weight": 0.6}, {"density": 0.3}]
+    if name == "della":
+        mps = [{**p, "epsilon": 0.1} for p in mps]
+    gp: dict = {}
+    method, ctx = get_method(name), TensorContext("w", ("m0", "m1"), 5)
+    whole = method.run(ctx, xs, base, mps, gp)
+    draws = []
+    real = sparsify.della if name == "della" else sparsify.bernoulli
+    monkeypatch.setattr(sparsify, real.__name__, lambda *a, **k: draws.append(1) or real(*a, **k))
+    stream = _stream([base, *xs], 8)
+    parts = blocks.merge_blocks(method, ctx, (40, 24), stream, True, mps, gp, 5)
+    assert parts is not None
+    got = torch.cat([p[0] for p in parts])
+    assert len(draws) == 5 * 2  # 5 blocks x 2 models, in the first pass only
+    assert torch.equal(got, whole)
