@@ -13,6 +13,10 @@
   rounding ops and a scatter.
 - `positions`: where each of a sorted list of indices sits in another sorted list (-1 if
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
+- `delta_hist`, `delta_bucket`: the two passes of TIES' magnitude cut over row blocks
+  (`core.delta_magnitude_cuts`) straight from x and base: the bits of |x - base| counted by
+  their top 16 bits, then those of one bucket collected, where torch needs a delta, an abs,
+  a digit copy and a bincount per block.
 
 The library is compiled on first use with the system C compiler (`cc -O3`, no
 machine-specific flags) into `$XDG_CACHE_HOME/mergekit_rl` (default `~/.cache/mergekit_rl`),
