@@ -28,7 +28,18 @@ from pathlib import Path
 
 import yaml
 from bench_merge import recipe
-from harness import WORK, machine, measure, median, save_json, settle, tool_seconds, warm_cache
+from harness import (
+    FLOOR,
+    WORK,
+    Measurement,
+    machine,
+    measure,
+    median,
+    save_json,
+    settle,
+    tool_seconds,
+    warm_cache,
+)
 
 METHODS = ("linear", "ties", "dare_ties", "della", "task_arithmetic", "slerp")
 
@@ -92,46 +103,73 @@ def run_once(tree: Path, recipe_path: Path, out: Path) -> dict:
     m = measure(cmd, cwd=tree)
     digest = output_digest(out)
     settle(out)
+    return {"engine_s": tool_seconds(m.stdout), **_usage(m), "digest": digest}
+
+
+def _usage(m: Measurement) -> dict:
     return {
-        "engine_s": tool_seconds(m.stdout),
         "wall_s": round(m.seconds, 3),
         "cpu_s": round(m.cpu_seconds, 4),
+        "sys_s": round(m.system_seconds, 3),
+        "minor_faults": m.minor_faults,
         "peak_rss_mb": round(m.peak_rss_mb, 1),
         "load1": round(m.load1, 2),
-        "digest": digest,
     }
 
 
+def floor_once(method: str, size: str) -> dict:
+    """The IO floor of one recipe: bench/floor.py reading the recipe's inputs, writing one
+    model (the same command and protocol as bench_merge.py's floor)."""
+    m1, m2, m3 = (WORK / size / f"m{k}" for k in (1, 2, 3))
+    inputs = [m1, m2] if method == "slerp" else [m1, m2, m3]
+    out = WORK / "out" / "floor"
+    cmd = [*FLOOR, "--inputs", *map(str, inputs), "--out", str(out), "--copies", "1"]
+    settle(out)
+    m = measure(cmd)
+    settle(out)
+    return _usage(m)
+
+
 def summarize(method: str, runs: list[dict], names: list[str]) -> list[dict]:
-    """Medians per tree for one recipe, with ratios to the first tree's."""
+    """Medians per tree (and for the IO floor, when measured) for one recipe, with ratios to
+    the first tree's and to the floor's wall seconds."""
     rows = []
-    for name in names:
+    floor = [r for r in runs if r["side"] == "floor"]
+    floor_wall = median([r["wall_s"] for r in floor]) if floor else None
+    for name in names + (["floor"] if floor else []):
         mine = [r for r in runs if r["side"] == name]
+        engine = [r["engine_s"] for r in mine if r.get("engine_s") is not None]
         rows.append(
             {
                 "method": method,
                 "tree": name,
-                "engine_s": round(median([r["engine_s"] for r in mine]), 4),
+                "engine_s": round(median(engine), 4) if engine else None,
+                "wall_s": round(median([r["wall_s"] for r in mine]), 3),
                 "cpu_s": round(median([r["cpu_s"] for r in mine]), 4),
+                "sys_s": round(median([r["sys_s"] for r in mine]), 3),
+                "minor_faults": int(median([r["minor_faults"] for r in mine])),
                 "peak_rss_mb": round(max(r["peak_rss_mb"] for r in mine)),
                 "load": f"{min(r['load1'] for r in mine):.1f}-{max(r['load1'] for r in mine):.1f}",
-                "digests": sorted({r["digest"] for r in mine}),
+                "digests": sorted({r["digest"] for r in mine if "digest" in r}),
             }
         )
     for row in rows:
-        row["engine_ratio"] = round(row["engine_s"] / rows[0]["engine_s"], 2)
+        row["wall_ratio"] = round(row["wall_s"] / rows[0]["wall_s"], 2)
         row["cpu_ratio"] = round(row["cpu_s"] / rows[0]["cpu_s"], 2)
+        row["floor_ratio"] = round(row["wall_s"] / floor_wall, 2) if floor_wall else None
     return rows
 
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| recipe | tree | engine s | / first | CPU s | / first | peak RSS MB | load |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "| recipe | tree | wall s | / floor | / first | engine s | CPU s | / first | system s "
+        "| minor faults | peak RSS MB | load |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     return head + "".join(
-        f"| {r['method']} | {r['tree']} | {r['engine_s']:.2f} | {r['engine_ratio']} "
-        f"| {r['cpu_s']:.2f} | **{r['cpu_ratio']}** | {r['peak_rss_mb']} | {r['load']} |\n"
+        f"| {r['method']} | {r['tree']} | {r['wall_s']:.2f} | {r['floor_ratio']} "
+        f"| {r['wall_ratio']} | {r['engine_s']} | {r['cpu_s']:.2f} | **{r['cpu_ratio']}** "
+        f"| {r['sys_s']:.2f} | {r['minor_faults']:,} | {r['peak_rss_mb']} | {r['load']} |\n"
         for r in rows
     )
 
@@ -152,6 +190,9 @@ def main() -> None:
         "--threads", type=int, default=0, help="OMP_NUM_THREADS of the runs (0: torch's default)"
     )
     ap.add_argument("--tag", default="compare", help="log names: bench/_work/TAG-SIZE.json/.md")
+    ap.add_argument(
+        "--floor", action="store_true", help="also run the IO floor of each recipe (bench/floor.py)"
+    )
     args = ap.parse_args()
     trees = {n: Path(p).resolve() for n, p in (t.split("=", 1) for t in args.tree)}
     if len(trees) < 2:
@@ -174,13 +215,18 @@ def main() -> None:
     for rep in range(args.repeats):
         for method in args.methods:
             path = write_recipe(method, args.size)
-            for name in names if rep % 2 == 0 else names[::-1]:
+            sides = names + (["floor"] if args.floor else [])
+            for name in sides if rep % 2 == 0 else sides[::-1]:
                 r = {"method": method, "side": name, "rep": rep}
-                r |= run_once(trees[name], path, out)
+                if name == "floor":
+                    r |= floor_once(method, args.size)
+                else:
+                    r |= run_once(trees[name], path, out)
                 runs.append(r)
                 print(
-                    f"  {method:16s} {name} rep {rep}: engine {r['engine_s']} s, cpu "
-                    f"{r['cpu_s']} s, {r['peak_rss_mb']:.0f} MB (load {r['load1']})",
+                    f"  {method:16s} {name} rep {rep}: wall {r['wall_s']} s, engine "
+                    f"{r.get('engine_s')} s, cpu {r['cpu_s']} s, sys {r['sys_s']} s, "
+                    f"{r['minor_faults']} faults, {r['peak_rss_mb']:.0f} MB (load {r['load1']})",
                     flush=True,
                 )
     rows = [
@@ -191,7 +237,7 @@ def main() -> None:
     md = table(rows)
     print(md)
     for method in args.methods:  # which trees wrote identical outputs
-        by_tree = {r["tree"]: r["digests"] for r in rows if r["method"] == method}
+        by_tree = {r["tree"]: r["digests"] for r in rows if r["method"] == method and r["digests"]}
         print(f"{method}: output digests {by_tree}")
     tag = f"{args.tag}-{args.size}"
     save_json(WORK / f"{tag}.json", {"machine": info, "runs": runs, "rows": rows})

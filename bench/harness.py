@@ -36,6 +36,8 @@ class Measurement:
     cpu_seconds: float  # user + system CPU time of the child: robust to other load
     load1: float  # 1-minute load average just before the run
     stdout: str
+    minor_faults: int = 0  # ru_minflt of the child: pages it touched fresh (zeroed or mapped)
+    system_seconds: float = 0.0  # ru_stime of the child: kernel time (page zeroing, unmapping)
 
 
 def measure(cmd: Sequence[str], cwd: Path = REPO) -> Measurement:
@@ -54,7 +56,15 @@ def measure(cmd: Sequence[str], cwd: Path = REPO) -> Measurement:
             f"{' '.join(cmd)} exited with {proc.returncode}:\n{err_path.read_text()[-3000:]}"
         )
     cpu = usage.ru_utime + usage.ru_stime
-    return Measurement(seconds, usage.ru_maxrss / 1024, cpu, load1, out_path.read_text())
+    return Measurement(
+        seconds,
+        usage.ru_maxrss / 1024,
+        cpu,
+        load1,
+        out_path.read_text(),
+        usage.ru_minflt,
+        usage.ru_stime,
+    )
 
 
 def warm_cache(paths: Sequence[Path], chunk: int = 64 << 20) -> int:

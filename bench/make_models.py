@@ -32,6 +32,9 @@ SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(
         hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4
     ),
+    "small": dict(  # 0.13B: the 0.5B family's largest tensors (32000 x 1024), 4 layers
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16
+    ),
     "0.5B": dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=26, num_attention_heads=16
     ),

@@ -9,7 +9,12 @@ in float32, whatever the model size.
 Tensors larger than `RunOptions.block_elems` entries (a 256k-vocabulary embedding) go through
 in row blocks when the compute says how (`compute.blocked`, see `rowwise`): inputs are read a
 block of rows at a time and each block's result is written as it comes, so peak memory follows
-the block size, not the vocabulary. Results equal the whole-tensor ones bit for bit.
+the block size, not the vocabulary. Results equal the whole-tensor ones bit for bit. Every
+built-in method but breadcrumbs, karcher, nuslerp and whole-tensor model_stock streams: cuts,
+L1 norms and slerp angles come from first passes over the blocks (`merge.blocks`).
+
+Each input's compute copy and each output's cast go into buffers the run reuses
+(`BufferPool`), so a job does not fault in fresh pages for them.
 
 On CUDA, safetensors inputs are read into pinned host buffers and copied asynchronously in
 their stored dtype; the cast to float32 runs on the device.
@@ -66,6 +71,40 @@ Blocked = Callable[[TensorJob, BlockStream, int], Iterator[list[Tensor]] | None]
 # tensors with more entries than this go through in row blocks of about this many entries
 # (64 MB in float32), when the compute supports it
 DEFAULT_BLOCK_ELEMS = 1 << 24
+
+
+class BufferPool:
+    """Reusable buffers owned by one run: a flat byte buffer per slot (input k's float32 copy,
+    output k's cast), grown to the largest request and handed out as views.
+
+    A fresh tensor costs the kernel a zeroed page per 4 KiB on first touch and an unmap when
+    freed, several times the conversion that fills it; a slot's pages are faulted in once per
+    run. Peak memory does not grow: a slot holds one tensor of its role, which the run held
+    anyway at its largest job. On accelerators the same calls reuse device buffers (the
+    caching allocator would too). A view is valid until its slot is taken again: callers
+    consume it (merge it, write it) before the next job or block is read.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[str, int, torch.device], Tensor] = {}
+
+    def take(
+        self, role: str, k: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """An uninitialised tensor of shape and dtype on device, in slot (role, k)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        key = (role, k, torch.device(device))
+        buf = self._slots.get(key)
+        if buf is None or buf.numel() < nbytes:
+            self._slots.pop(key, None)  # free the smaller buffer before the larger one
+            buf = self._slots[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buf[:nbytes].view(dtype).view(tuple(shape))
+
+    def cast(self, t: Tensor, dtype: torch.dtype, k: int) -> Tensor:
+        """t as dtype: t itself when it has it, else a copy in slot ("out", k)."""
+        if t.dtype == dtype:
+            return t
+        return self.take("out", k, t.shape, dtype, t.device).copy_(t)
 
 
 def rowwise(compute: Compute) -> Compute:
@@ -177,26 +216,30 @@ def run_jobs(
     reporter = make_reporter(options.progress)
     total = sum(inputs[i].info(n).nbytes for j in jobs for i, n in j.sources)
     bytes_read = 0
+    pool = BufferPool()  # conversion and cast buffers, reused by every job
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(_writer(spec, jobs, options)) for spec in outputs]
         reporter.start(len(jobs), total, label)
         try:
             for job in jobs:
-                blocked = _blocked(inputs, job, compute, device, options.block_elems)
+                blocked = _blocked(inputs, job, compute, device, options.block_elems, pool)
                 if blocked is not None:
-                    _write_blocks(job, blocked, outputs, writers)
+                    _write_blocks(job, blocked, outputs, writers, pool)
                     nbytes = sum(inputs[i].info(n).nbytes for i, n in job.sources)
                     bytes_read += nbytes
                     reporter.advance(nbytes)
                     continue
                 # read then compute, in one thread: a read-ahead thread was measured slower on
                 # 2 cores (contention with torch's own threads) and raised the peak RSS
-                tensors, nbytes = _to_compute(inputs, job, _read_raw(inputs, job, device), device)
+                raw = _read_raw(inputs, job, device)
+                tensors, nbytes = _to_compute(inputs, job, raw, device, pool)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
-                for spec, writer, result in zip(outputs, writers, results, strict=True):
+                for k, (spec, writer, result) in enumerate(
+                    zip(outputs, writers, results, strict=True)
+                ):
                     _check_finite(result, job.name, spec.path)
-                    writer.add(job.name, result.to(out_dtype(job, spec)))
+                    writer.add(job.name, pool.cast(result, out_dtype(job, spec), k))
                 del tensors, results  # free before the next job is read
                 reporter.advance(nbytes)
         finally:
@@ -247,16 +290,28 @@ def _read_raw(inputs: Sequence[Checkpoint], job: TensorJob, device: torch.device
 
 
 def to_device(
-    t: Tensor, device: torch.device, compute_dtype: torch.dtype = torch.float32
+    t: Tensor,
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
+    out: Callable[[Sequence[int], torch.dtype], Tensor] | None = None,
 ) -> Tensor:
     """A raw host tensor as compute_dtype (integers unchanged) on `device`. Copied in its stored
-    dtype (half the bytes of float32 for bf16) and cast there; asynchronous from pinned memory."""
+    dtype (half the bytes of float32 for bf16) and cast there; asynchronous from pinned memory.
+    `out(shape, dtype)`: where the cast goes (a pooled buffer), instead of a new tensor."""
     moved = t.to(device, non_blocking=t.is_pinned()) if t.device != device else t
-    return moved.to(compute_dtype) if t.is_floating_point() else moved
+    if not t.is_floating_point() or moved.dtype == compute_dtype:
+        return moved
+    if out is None:
+        return moved.to(compute_dtype)
+    return out(moved.shape, compute_dtype).copy_(moved)
 
 
 def _to_compute(
-    inputs: Sequence[Checkpoint], job: TensorJob, raw: list[Tensor], device: torch.device
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    raw: list[Tensor],
+    device: torch.device,
+    pool: BufferPool | None = None,
 ) -> tuple[list[Tensor], int]:
     """Raw input tensors -> float32 on `device` (integers keep their dtype), and their bytes.
 
@@ -267,14 +322,23 @@ def _to_compute(
     wide = any(t.dtype == torch.float64 for t in raw)
     compute_dtype = torch.float64 if wide else torch.float32
     tensors, nbytes = [], 0
-    for i, name in job.sources:
+    for k, (i, name) in enumerate(job.sources):
         t = raw.pop(0)
         nbytes += t.numel() * t.element_size()
         if t.is_floating_point():
             warn_non_finite(t, name, inputs[i].source.ref)
-        tensors.append(to_device(t, device, compute_dtype))
+        tensors.append(to_device(t, device, compute_dtype, _slot(pool, k, device)))
         del t
     return tensors, nbytes
+
+
+def _slot(
+    pool: BufferPool | None, k: int, device: torch.device
+) -> Callable[[Sequence[int], torch.dtype], Tensor] | None:
+    """Where input k's compute copy goes: its pool slot (None: a new tensor)."""
+    if pool is None:
+        return None
+    return lambda shape, dtype: pool.take("in", k, shape, dtype, device)
 
 
 def _blocked(
@@ -283,6 +347,7 @@ def _blocked(
     compute: Compute,
     device: torch.device,
     block_elems: int,
+    pool: BufferPool | None = None,
 ) -> Iterator[list[Tensor]] | None:
     """The compute's per-block results for a large job, or None to compute it whole."""
     blocked_fn: Blocked | None = getattr(compute, "blocked", None)
@@ -305,12 +370,12 @@ def _blocked(
         for start in range(0, job.shape[0], step):
             stop = min(job.shape[0], start + step)
             xs = []
-            for i, name in job.sources:
+            for k, (i, name) in enumerate(job.sources):
                 raw = read_rows(inputs[i].info(name), start, stop, pin=pin)
                 if raw.is_floating_point() and (i, name) not in warned and not all_finite(raw):
                     warned.add((i, name))
                     warn_non_finite(raw, name, inputs[i].source.ref)
-                xs.append(to_device(raw, device, compute_dtype))
+                xs.append(to_device(raw, device, compute_dtype, _slot(pool, k, device)))
                 del raw
             yield Block(start, stop, start * row), xs
 
@@ -322,6 +387,7 @@ def _write_blocks(
     results: Iterator[list[Tensor]],
     outputs: Sequence[OutputSpec],
     writers: Sequence[CheckpointWriter],
+    pool: BufferPool | None = None,
 ) -> None:
     """Write the per-block results of one job to every output, block by block."""
     for spec, writer in zip(outputs, writers, strict=True):
@@ -330,14 +396,15 @@ def _write_blocks(
     for parts in results:
         if len(parts) != len(outputs):
             raise RunError(f"internal: {len(parts)} results for {len(outputs)} outputs.")
-        for spec, writer, part in zip(outputs, writers, parts, strict=True):
+        for k, (spec, writer, part) in enumerate(zip(outputs, writers, parts, strict=True)):
             if tuple(part.shape[1:]) != job.shape[1:]:
                 raise RunError(
                     f"tensor '{job.name}': the merge produced rows of shape "
                     f"{list(part.shape[1:])}, expected {list(job.shape[1:])}."
                 )
             _check_finite(part, job.name, spec.path)
-            writer.write_part(part.to(out_dtype(job, spec)))
+            dtype = out_dtype(job, spec)
+            writer.write_part(part.to(dtype) if pool is None else pool.cast(part, dtype, k))
         rows += parts[0].shape[0]
         del parts
     if rows != job.shape[0]:

@@ -82,20 +82,26 @@ def test_bench_io_and_merge_record_every_run(work: Path) -> None:
 def test_compare_commits_runs_each_tree_and_digests_its_outputs(work: Path) -> None:
     repo = str(BENCH.parent)  # the same tree twice: the same outputs, bit for bit
     args = ["--tree", f"a={repo}", "--tree", f"b={repo}", "--size", "micro", "--repeats", "1"]
-    run_script(work, "compare_commits.py", *args, "--methods", "linear", "ties", "--threads", "1")
+    methods = ["--methods", "linear", "ties", "--threads", "1", "--floor"]
+    run_script(work, "compare_commits.py", *args, *methods)
     data = json.loads((work / "compare-micro.json").read_text())
     assert sorted((r["method"], r["side"]) for r in data["runs"]) == [
         ("linear", "a"),
         ("linear", "b"),
+        ("linear", "floor"),
         ("ties", "a"),
         ("ties", "b"),
+        ("ties", "floor"),
     ]
     for method in ("linear", "ties"):
         rows = {r["tree"]: r for r in data["rows"] if r["method"] == method}
         assert rows["a"]["digests"] == rows["b"]["digests"] and len(rows["a"]["digests"]) == 1
         assert rows["b"]["cpu_ratio"] == ratio_of(rows["b"]["cpu_s"], rows["a"]["cpu_s"])
         assert rows["a"]["engine_s"] > 0
-    linear, ties = (data["rows"][0]["digests"], data["rows"][2]["digests"])
+        assert rows["floor"]["floor_ratio"] == 1.0 and not rows["floor"]["digests"]
+        for row in rows.values():  # the child's own kernel time and fresh pages
+            assert row["minor_faults"] > 1000 and 0 < row["sys_s"] <= row["cpu_s"]
+    linear, ties = (data["rows"][0]["digests"], data["rows"][3]["digests"])
     assert linear != ties  # the digest sees the tensors
     assert data["machine"]["run threads"] == "1"
     assert not (work / "out" / "compare").exists()  # outputs are removed after every run

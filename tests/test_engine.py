@@ -111,7 +111,19 @@ def _spy_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]
     return calls
 
 
-@pytest.mark.parametrize("kind", ["soup", "interpolate", "ties", "dare_ties"])
+# recipe merges with whole-tensor quantities (cuts, L1 norms, the slerp angle): every one
+# streams the vocabulary tensor in row blocks, first passes included
+RECIPE_CASES = {
+    "ties": "parameters: {rescale: false}",
+    "dare_ties": "parameters: {rescale: false}",
+    "dare_ties_l1": "merge_method: dare_ties",  # the default L1 rescale
+    "ties_l1": "merge_method: ties\nparameters: {rescale: true}",
+    "della_l1": "merge_method: della\nparameters: {epsilon: 0.1}",
+    "slerp": "parameters: {t: 0.3}",
+}
+
+
+@pytest.mark.parametrize("kind", ["soup", "interpolate", *RECIPE_CASES])
 def test_row_blocks_equal_whole_tensors_bit_for_bit(
     kind: str, tied_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,10 +132,16 @@ def test_row_blocks_equal_whole_tensors_bit_for_bit(
 
     fam = tied_family  # bf16 with tied embeddings: the vocabulary tensor is the largest
     recipe = tmp_path / "r.yaml"
+    extra = RECIPE_CASES.get(kind, "")
+    models = ["rlhf"] if kind == "slerp" else list(fam)
     recipe.write_text(
-        f"merge_method: {kind}\nbase_model: {fam['base']}\nseed: 3\n"
-        "parameters: {rescale: false}\nmodels:\n"
-        + "".join(f"  - model: {fam[m]}\n    parameters: {{density: 0.4}}\n" for m in fam)
+        ("" if "merge_method" in extra else f"merge_method: {kind}\n")
+        + f"{extra}\nbase_model: {fam['base']}\nseed: 3\nmodels:\n"
+        + "".join(
+            f"  - model: {fam[m]}\n"
+            + ("" if kind == "slerp" else "    parameters: {density: 0.4}\n")
+            for m in models
+        )
     )
 
     def run(out: Path, block_elems: int) -> None:
@@ -159,3 +177,61 @@ def test_pinned_reads_and_asynchronous_copies_only_for_cuda() -> None:
     assert out.dtype == torch.float32 and out.tolist() == [1.5, -2.0]
     ids = torch.arange(3)
     assert to_device(ids, torch.device("cpu")) is ids  # integers pass through, no copy
+
+
+# ---- reused buffers ------------------------------------------------------------------------------
+
+
+def test_buffer_pool_reuses_one_buffer_per_slot_and_grows() -> None:
+    from mergekit_rl.engine import BufferPool
+
+    pool, cpu = BufferPool(), torch.device("cpu")
+    a = pool.take("in", 0, (4, 8), torch.float32, cpu)
+    b = pool.take("in", 0, (2, 3), torch.bfloat16, cpu)  # smaller: a view of the same bytes
+    assert a.shape == (4, 8) and b.shape == (2, 3) and b.dtype == torch.bfloat16
+    assert b.data_ptr() == a.data_ptr()
+    c = pool.take("in", 1, (4, 8), torch.float32, cpu)  # another slot: its own buffer
+    assert c.data_ptr() != a.data_ptr()
+    d = pool.take("in", 0, (100,), torch.float32, cpu)  # larger: the slot grows
+    assert d.numel() == 100 and pool.take("in", 0, (3,), torch.float32, cpu).data_ptr() == (
+        d.data_ptr()
+    )
+    x = torch.randn(5)
+    assert pool.cast(x, torch.float32, 0) is x  # same dtype: no copy
+    y = pool.cast(x, torch.bfloat16, 0)
+    assert torch.equal(y, x.bfloat16()) and pool.cast(x, torch.bfloat16, 0).data_ptr() == (
+        y.data_ptr()
+    )
+
+
+@pytest.mark.parametrize("block_elems", [1 << 30, 1000])
+def test_the_engine_converts_and_casts_into_reused_buffers(
+    block_elems: int, tied_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every job's float32 inputs and bf16 output land in the same few buffers (one per input
+    # and output), not in new tensors; the soup is still exactly the independent reference
+    import mergekit_rl.engine as engine
+    from mergekit_rl.ops import WriteOptions, soup
+
+    storages: set[int] = set()
+    takes = []
+    real = engine.BufferPool.take
+
+    def spy(self, role, k, shape, dtype, device):  # noqa: ANN001, ANN202
+        t = real(self, role, k, shape, dtype, device)
+        storages.add(t.untyped_storage().data_ptr())
+        takes.append(role)
+        return t
+
+    monkeypatch.setattr(engine.BufferPool, "take", spy)
+    fam = [tied_family[m] for m in ("sft1", "sft2", "rlhf")]
+    opts = WriteOptions(run=RunOptions(progress="none", block_elems=block_elems))
+    soup(fam, tmp_path / "out", opts=opts)
+    n_tensors = len(load_state(fam[0]))
+    assert takes.count("in") >= 3 * n_tensors and takes.count("out") >= n_tensors
+    assert len(storages) <= 3 + 1 + 3  # one per slot, and a regrowth at most per input
+    got = load_state(tmp_path / "out")
+    states = [load_state(p) for p in fam]
+    for name, t in got.items():
+        want = sum(s[name].double() for s in states) / 3
+        torch.testing.assert_close(t.double(), want.to(t.dtype).double(), rtol=8e-3, atol=1e-6)

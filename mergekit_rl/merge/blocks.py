@@ -4,30 +4,36 @@ A row block holds whole rows (dim 0) of every input, so a method whose output ro
 on the same input rows runs on blocks unchanged: elementwise ones (linear, task arithmetic,
 passthrough), the random sparsifiers (their masks hash each entry's flat index, passed as
 `TensorContext.offset`), and the per-row ones (DELLA's ranks, model_stock filter_wise) when the
-tensor has at least 2 dimensions. TIES needs each task vector's global magnitude cut first: one
-streaming pass (two reads) finds every model's cut, then the blocks are merged in order, each
-consuming its share of the ties. L1 rescaling needs whole-tensor norms: those merges stay whole.
-The result is bit-identical to the whole-tensor merge (tests/merge/test_blocks.py).
+tensor has at least 2 dimensions. Whole-tensor quantities come from first passes over the
+blocks, then the blocks are merged in order:
+- TIES: each task vector's global magnitude cut (two reads), each block consuming its share
+  of the ties;
+- an L1 rescale: each model's whole-tensor factor, from the stable sums of |delta| and
+  |kept delta| (one read, after the cuts when there are some);
+- slerp: the angle, from float64 stable sums of a^2, b^2 and a.b (one read).
+So no float32 copy of the whole tensor is ever made, and the result is bit-identical to the
+whole-tensor merge (tests/merge/test_blocks.py).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
-from . import core
+from . import core, task_vectors
 from .registry import MergeMethod, TensorContext
 
 ROW_LOCAL = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties"}
 PER_ROW = {"della", "della_linear", "model_stock"}  # rows of the last dimension
 NEEDS_CUTS = {"ties"}
-# a merge needing cuts reads its inputs three times in blocks: a tensor of at most this many
-# blocks is merged whole instead (one read; the 1.5B models' 32000 x 2048 embedding, 4 blocks of
-# the default size, stays whole, a 256k-vocabulary one streams)
-WHOLE_CUTS_MAX_BLOCKS = 4
+NEEDS_ANGLE = {"slerp"}
 
 # (block with .offset, float32 inputs: base first when the method has one) per block, in order
 Stream = Callable[[], Iterator[tuple[Any, list[Tensor]]]]
@@ -36,22 +42,30 @@ Stream = Callable[[], Iterator[tuple[Any, list[Tensor]]]]
 def block_mode(
     method: MergeMethod, shape: tuple[int, ...], global_params: dict[str, Any]
 ) -> str | None:
-    """ "rows" (each block on its own), "cuts" (global magnitude cuts first) or None (whole)."""
+    """ "rows" (each block on its own), "cuts" (global magnitude cuts first), "angle" (the
+    slerp angle first) or None (whole). An L1 rescale adds a pass to any of them
+    (`needs_l1`)."""
     try:
-        gp = method.global_params.model_validate(global_params)
+        method.global_params.model_validate(global_params)
     except ValueError:
         return None  # the whole-tensor run reports the error
-    if getattr(gp, "rescale", False) and getattr(gp, "rescale_mode", "l1") == "l1":
-        return None  # L1 norm matching: sums over the whole tensor
     if method.name in ROW_LOCAL:
         return "rows"
     if method.name in PER_ROW and len(shape) >= 2:
-        if method.name == "model_stock" and not getattr(gp, "filter_wise", False):
+        if method.name == "model_stock" and not global_params.get("filter_wise", False):
             return None  # one cosine over the whole tensor
         return "rows"
     if method.name in NEEDS_CUTS:
         return "cuts"
+    if method.name in NEEDS_ANGLE:
+        return "angle"
     return None
+
+
+def needs_l1(method: MergeMethod, global_params: dict[str, Any]) -> bool:
+    """True when the merge rescales each kept delta to its whole-tensor L1 norm."""
+    gp = method.global_params.model_validate(global_params)
+    return bool(getattr(gp, "rescale", False)) and getattr(gp, "rescale_mode", "l1") == "l1"
 
 
 def merge_blocks(
@@ -65,25 +79,73 @@ def merge_blocks(
     n_blocks: int,
 ) -> Iterator[list[Tensor]] | None:
     """The merged rows of each block of `stream` (n_blocks of them), or None when this merge
-    runs whole."""
+    runs whole. The first passes (cuts, L1 factors, angle) run before this returns."""
     mode = block_mode(method, shape, global_params)
-    if mode is None or (mode == "cuts" and n_blocks <= WHOLE_CUTS_MAX_BLOCKS):
+    if mode is None:
         return None
-    cuts = None
-    if mode == "cuts":
-        numel = math.prod(shape)
-        ks = [int(float(p.get("density", 1.0)) * numel) for p in model_params]
-
-        def deltas() -> Iterator[list[Tensor]]:
-            for _, xs in stream():
-                yield [x - xs[0] for x in xs[1:]]
-
-        cuts = tuple(core.magnitude_cuts(deltas, numel, ks))
+    cuts = _cuts(stream, shape, model_params) if mode == "cuts" else None
+    angle = None
+    if mode == "angle":
+        t = method.global_params.model_validate(global_params).t  # type: ignore[attr-defined]
+        angle = core.slerp_weights(core.slerp_sums((xs[0], xs[1]) for _, xs in stream()), t)
+    whole = replace(ctx, cuts=cuts, slerp=angle)
+    masks = None
+    if needs_l1(method, global_params):
+        factors, masks = _l1_factors(method, whole, stream, model_params)
+        whole = replace(whole, l1_factors=factors)
 
     def results() -> Iterator[list[Tensor]]:
-        for blk, xs in stream():
+        for j, (blk, xs) in enumerate(stream()):
             base, models = (xs[0], xs[1:]) if has_base else (None, xs)
-            bctx = TensorContext(ctx.name, ctx.model_ids, ctx.seed, offset=blk.offset, cuts=cuts)
+            bctx = replace(whole, offset=blk.offset)
+            if masks is not None:
+                bctx = replace(bctx, keep_masks=tuple(_unpack(m[j], xs[0]) for m in masks))
             yield [method.run(bctx, models, base, model_params, global_params)]
 
     return results()
+
+
+def _cuts(
+    stream: Stream, shape: tuple[int, ...], model_params: list[dict[str, Any]]
+) -> tuple[core.MagnitudeCut, ...]:
+    """Every model's magnitude cut of its whole task vector: two reads of the blocks."""
+    numel = math.prod(shape)
+    ks = [int(float(p.get("density", 1.0)) * numel) for p in model_params]
+    return tuple(core.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
+
+
+# random sparsifiers whose keep decisions the L1 pass records (bit-packed, 1 bit per entry and
+# model) so the merge pass does not draw them again (DARE's hash, DELLA's per-row sort)
+RECORDED_MASKS = {"dare_linear", "dare_ties", "della", "della_linear"}
+
+
+def _l1_factors(
+    method: MergeMethod, ctx: TensorContext, stream: Stream, model_params: list[dict[str, Any]]
+) -> tuple[tuple[float | None, ...], list[list[np.ndarray]] | None]:
+    """Every model's L1 rescale factor over the whole tensor: one read of the blocks, the
+    magnitudes of each delta and of its kept entries summed as `stable_sum` sums them whole.
+    The cuts are copied: this pass consumes their ties as the merge pass will. Also, for
+    RECORDED_MASKS on the host, each model's keep mask per block, bit-packed (kept != 0: a
+    dropped entry and a kept zero give the same product)."""
+    n = len(model_params)
+    sums = [(core.StableSum(), core.StableSum()) for _ in range(n)]
+    cuts = None if ctx.cuts is None else tuple(copy.copy(c) for c in ctx.cuts)
+    masks: list[list[np.ndarray]] | None = [[] for _ in range(n)]
+    for blk, xs in stream():
+        bctx = replace(ctx, offset=blk.offset, cuts=cuts)
+        mags = task_vectors.l1_magnitudes(method, bctx, xs[1:], xs[0], model_params)
+        record = method.name in RECORDED_MASKS and xs[0].device.type == "cpu"
+        masks = masks if record else None
+        for i, (mag_delta, mag_kept) in enumerate(mags):
+            sums[i][0].add(mag_delta)
+            sums[i][1].add(mag_kept)
+            if masks is not None:
+                masks[i].append(np.packbits((mag_kept != 0).reshape(-1).numpy()))
+        del mags
+    return tuple(core.l1_factor(d.total(), k.total()) for d, k in sums), masks
+
+
+def _unpack(packed: np.ndarray, like: Tensor) -> Tensor:
+    """A block's bool keep mask from its packed bits, shaped like the block."""
+    bits = np.unpackbits(packed, count=like.numel())
+    return torch.from_numpy(bits).view(torch.bool).view(like.shape)

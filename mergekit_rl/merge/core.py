@@ -9,6 +9,7 @@ ends in an underscore.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,29 +55,79 @@ def ema_update_(ema: Tensor, x: Tensor, decay: float) -> Tensor:
     return ema.lerp_(x.to(ema.dtype), 1.0 - float(decay))
 
 
-def slerp(
-    a: Tensor, b: Tensor, t: float, eps: float = 1e-8, parallel_cos: float = SLERP_PARALLEL_COS
-) -> Tensor:
-    """Spherical interpolation from a (t=0) to b (t=1) of two same-shape tensors.
+@dataclass(frozen=True)
+class SlerpWeights:
+    """How `slerp` mixes two tensors, from their whole-tensor angle: out = a * s0 + b * s1, or
+    lerp when they are (nearly) parallel or one is zero (then s0 and s1 are unused)."""
 
-    The angle comes from the flattened, L2-normalised tensors; the interpolation is applied to the
-    unnormalised tensors. Nearly (anti)parallel tensors (|cos| > parallel_cos) fall back to lerp.
-    """
-    # float64 copies that are ours, so the normalisation divides in place (no two more
-    # float64 temporaries: the same quotients)
-    a64 = a.reshape(-1).to(torch.float64, copy=True)
-    b64 = b.reshape(-1).to(torch.float64, copy=True)
-    na, nb = a64.norm(), b64.norm()
+    lerp: bool
+    s0: float = 0.0
+    s1: float = 0.0
+
+
+# entries per float64 piece when reducing over a tensor (`slerp_sums`): bounds the float64
+# copies of a large tensor to a few MB whatever its size
+REDUCE_CHUNK = 1 << 20
+
+
+def slerp_sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(sum a^2, sum b^2, sum a*b) in float64 over two same-shape tensors given as matching
+    pieces in index order (whole tensors, or row blocks), as `StableSum`s: the same three
+    values whatever the pieces. Each piece is widened REDUCE_CHUNK entries at a time."""
+    sums = (StableSum(), StableSum(), StableSum())
+    for a, b in pairs:
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        for start in range(0, fa.numel(), REDUCE_CHUNK):
+            a64 = fa[start : start + REDUCE_CHUNK].double()  # (float64 inputs: no copy)
+            b64 = fb[start : start + REDUCE_CHUNK].double()
+            sums[0].add(a64 * a64)
+            sums[1].add(b64 * b64)
+            sums[2].add(a64 * b64)
+    aa, bb, ab = (s.total() for s in sums)
+    return aa, bb, ab
+
+
+def slerp_weights(
+    sums: tuple[Tensor, Tensor, Tensor],
+    t: float,
+    eps: float = 1e-8,
+    parallel_cos: float = SLERP_PARALLEL_COS,
+) -> SlerpWeights:
+    """The `SlerpWeights` of two tensors from their `slerp_sums` (a first pass over them)."""
+    aa, bb, ab = sums
+    na, nb = aa.sqrt(), bb.sqrt()
     if na < eps or nb < eps:
-        return lerp(a, b, t)
-    cos = float(torch.dot(a64.div_(na), b64.div_(nb)).clamp(-1.0, 1.0))
+        return SlerpWeights(lerp=True)
+    cos = float((ab / (na * nb)).clamp(-1.0, 1.0))
     if abs(cos) > parallel_cos:
-        return lerp(a, b, t)
+        return SlerpWeights(lerp=True)
     theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
     sin_theta = torch.sin(theta)
     s0 = float(torch.sin((1.0 - t) * theta) / sin_theta)
     s1 = float(torch.sin(t * theta) / sin_theta)
-    return a * s0 + b * s1
+    return SlerpWeights(False, s0, s1)
+
+
+def slerp(
+    a: Tensor,
+    b: Tensor,
+    t: float,
+    eps: float = 1e-8,
+    parallel_cos: float = SLERP_PARALLEL_COS,
+    weights: SlerpWeights | None = None,
+) -> Tensor:
+    """Spherical interpolation from a (t=0) to b (t=1) of two same-shape tensors.
+
+    The angle comes from the whole flattened tensors (cos = a.b / (|a| |b|), float64); the
+    interpolation is applied to the unnormalised tensors. Nearly (anti)parallel tensors
+    (|cos| > parallel_cos) fall back to lerp. `weights`: the whole tensors' `slerp_weights`
+    when a and b are one row block of them (computed by a first pass over every block).
+    """
+    if weights is None:
+        weights = slerp_weights(slerp_sums([(a, b)]), t, eps, parallel_cos)
+    if weights.lerp:
+        return lerp(a, b, t)
+    return a * weights.s0 + b * weights.s1
 
 
 def slerp_rows(
@@ -243,6 +294,52 @@ def magnitude_cuts(
             cuts.append(MagnitudeCut(math.inf, 0, 0))
         else:
             kth, _, n_above, n_equal = _finish_select(torch.cat(insides.pop(i)), k, *tops[i])
+            cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
+    return cuts
+
+
+def delta_magnitude_cuts(
+    blocks: Callable[[], Iterable[Sequence[Tensor]]], numel: int, ks: Sequence[int]
+) -> list[MagnitudeCut]:
+    """`magnitude_cuts` of the task vectors x_i - base: blocks() yields, in index order, one
+    block of [base, x_1, ..., x_N] (float32); cut i keeps ks[i] entries of x_i - base. Two
+    passes. On the host a C loop counts and collects the magnitudes' bits straight from x_i
+    and base (`native.delta_hist`, `native.delta_bucket`): no delta, abs or digit tensors;
+    elsewhere the deltas go through `magnitude_cuts`. The same cuts either way."""
+
+    it = iter(blocks())
+    first = next(it, None)
+    opened = [] if first is None else [itertools.chain([first], it)]  # the first pass, begun
+
+    def deltas() -> Iterator[list[Tensor]]:
+        for xs in opened.pop() if opened else blocks():
+            yield [x - xs[0] for x in xs[1:]]
+
+    if first is None or not native.usable(*first) or first[0].dtype != torch.float32:
+        return magnitude_cuts(deltas, numel, ks)
+    live = [i for i, k in enumerate(ks) if 0 < k < numel]
+    hists: dict[int, Tensor] = {}
+    for xs in opened.pop():
+        for i in live:
+            h = native.delta_hist(xs[i + 1].contiguous(), xs[0].contiguous(), _HI_BINS)
+            hists[i] = hists[i].add_(h) if i in hists else h
+    tops = {i: _top_bin(hists[i], ks[i]) for i in live}
+    inside = {i: torch.empty(int(hists[i][tops[i][0]]), dtype=torch.int32) for i in live}
+    filled = dict.fromkeys(live, 0)
+    for xs in blocks():
+        for i in live:
+            rest = inside[i][filled[i] :]
+            x, base = xs[i + 1].contiguous(), xs[0].contiguous()
+            filled[i] += native.delta_bucket(x, base, int(tops[i][0]), rest)
+    cuts = []
+    for i, k in enumerate(ks):
+        if k >= numel:
+            cuts.append(MagnitudeCut(None, 0, 0))
+        elif k <= 0:
+            cuts.append(MagnitudeCut(math.inf, 0, 0))
+        else:
+            assert filled[i] == inside[i].numel()  # the two passes saw the same entries
+            kth, _, n_above, n_equal = _finish_select(inside.pop(i), k, *tops[i])
             cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
     return cuts
 
@@ -734,24 +831,68 @@ def stable_sum(x: Tensor) -> Tensor:
 
     torch splits a whole-tensor sum across threads, so its rounding depends on the thread
     count; a sum over dim 1 of a [R, block] view gives each row to one thread. The row sums
-    (float32, pairwise) are then added in float64 in blocks. Returns a 0-dim float64 tensor.
+    (in x's dtype, pairwise) are then added in float64 in blocks. Returns a 0-dim float64
+    tensor. One `StableSum` fed the whole tensor.
     """
-    flat = x.reshape(-1)
-    n_full = flat.numel() - flat.numel() % _SUM_BLOCK
-    rows = flat[:n_full].view(-1, _SUM_BLOCK).sum(dim=1).double()  # [R]: one thread per row
-    total = flat[n_full:].double().sum()  # the tail, shorter than a block: one thread
-    for part in rows.split(_SUM_BLOCK):  # at most a block each: one thread
-        total = total + part.sum()
-    return total
+    acc = StableSum()
+    acc.add(x)
+    return acc.total()
+
+
+class StableSum:
+    """`stable_sum` of a tensor given as pieces in index order (row blocks of a large tensor):
+    the same value, bit for bit, whatever the pieces. Pieces are flattened; a row of
+    _SUM_BLOCK entries that straddles two pieces is completed from the next one (the carry,
+    under _SUM_BLOCK entries, is the only copy kept besides the row sums)."""
+
+    def __init__(self) -> None:
+        self._rows: list[Tensor] = []  # float64 row sums, in order
+        self._carry: Tensor | None = None  # the entries of an unfinished row
+
+    def add(self, piece: Tensor) -> None:
+        flat = piece.reshape(-1)
+        if self._carry is not None:
+            need = _SUM_BLOCK - self._carry.numel()
+            if flat.numel() < need:
+                self._carry = torch.cat([self._carry, flat])
+                return
+            row = torch.cat([self._carry, flat[:need]]).view(1, _SUM_BLOCK)
+            self._rows.append(row.sum(dim=1).double())
+            self._carry, flat = None, flat[need:]
+        n_full = flat.numel() - flat.numel() % _SUM_BLOCK
+        if n_full:  # [R]: one thread per row
+            self._rows.append(flat[:n_full].view(-1, _SUM_BLOCK).sum(dim=1).double())
+        if n_full < flat.numel():
+            self._carry = flat[n_full:].clone()
+
+    def total(self) -> Tensor:
+        """The sum of every entry added, as a 0-dim float64 tensor."""
+        tail = self._carry if self._carry is not None else torch.zeros(0)
+        total = tail.double().sum()  # the tail, shorter than a block: one thread
+        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, dtype=torch.float64)
+        for part in rows.split(_SUM_BLOCK):  # at most a block each: one thread
+            total = total + part.sum()
+        return total
+
+
+def l1_factor(original_abs_sum: Tensor, kept_abs_sum: Tensor) -> float | None:
+    """The factor that gives a masked delta the L1 norm of the original one (mergekit-style
+    rescale), from the two `stable_sum`s of magnitudes; None when nothing was kept."""
+    if kept_abs_sum == 0:
+        return None
+    return float(original_abs_sum / kept_abs_sum)
+
+
+def scale_by(masked: Tensor, factor: float | None) -> Tensor:
+    """masked * factor (a new tensor), or masked itself when factor is None (0 stays 0)."""
+    return masked if factor is None else masked * factor
 
 
 def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
     """Scale masked so its L1 norm matches original's (mergekit-style rescale); 0 stays 0.
     The norms are stable sums, so a merge is bit-identical whatever the thread count."""
-    kept = stable_sum(masked.abs())
-    if kept == 0:
-        return masked
-    return masked * float(stable_sum(original.abs()) / kept)
+    factor = l1_factor(stable_sum(original.abs()), stable_sum(masked.abs()))
+    return scale_by(masked, factor)
 
 
 # -- sparse counter-based masks, stochastic rounding, sync-free top-k ----------------------------

@@ -68,7 +68,7 @@ def slerp(
 ) -> Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1)."""
     assert base is not None
-    return core.slerp(base, tensors[0], global_params.t)
+    return core.slerp(base, tensors[0], global_params.t, weights=ctx.slerp)
 
 
 # nuslerp lerps only (anti)parallel pairs, as mergekit's nuslerp does (|sin theta| <= 1e-8; in

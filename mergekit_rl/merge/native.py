@@ -13,6 +13,10 @@
   rounding ops and a scatter.
 - `positions`: where each of a sorted list of indices sits in another sorted list (-1 if
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
+- `delta_hist`, `delta_bucket`: the two passes of TIES' magnitude cut over row blocks
+  (`core.delta_magnitude_cuts`) straight from x and base: the bits of |x - base| counted by
+  their top 16 bits, then those of one bucket collected, where torch needs a delta, an abs,
+  a digit copy and a bincount per block.
 
 The library is compiled on first use with the system C compiler (`cc -O3`, no
 machine-specific flags) into `$XDG_CACHE_HOME/mergekit_rl` (default `~/.cache/mergekit_rl`),
@@ -161,6 +165,33 @@ int64_t add_at_bf16_rounded(uint16_t *flat, int64_t size, const int64_t *idx, co
     return 0;
 }
 
+/* The radix select of task-vector magnitudes (core.delta_magnitude_cuts) without a delta
+   tensor: for d = x[i] - b[i] (one float32 subtraction, as torch's), the int32 bits of |d|.
+   delta_hist_f32 counts their top 16 bits into hist[0..2**15); delta_bucket_f32 appends the
+   bits whose top 16 equal bucket to out, in index order, and returns how many. */
+static inline uint32_t delta_bits(float x, float b) {
+    union { float f; uint32_t u; } d;
+    d.f = x - b;
+    return d.u & 0x7FFFFFFFu;
+}
+
+void delta_hist_f32(const float *x, const float *b, int64_t n, int64_t *hist) {
+    for (int64_t i = 0; i < n; i++) hist[delta_bits(x[i], b[i]) >> 16]++;
+}
+
+int64_t delta_bucket_f32(const float *x, const float *b, int64_t n, uint32_t bucket,
+                         int32_t *out, int64_t cap) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = delta_bits(x[i], b[i]);
+        if ((u >> 16) == bucket) {
+            if (c < cap) out[c] = (int32_t)u;
+            c++;
+        }
+    }
+    return c;
+}
+
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
 void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq,
                    int64_t *out) {
@@ -229,6 +260,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.hash_u32.restype = None
     lib.add_at_bf16_rounded.argtypes = [ptr, i64, ptr, ptr, i64, u32, u32, u32]
     lib.add_at_bf16_rounded.restype = i64
+    lib.delta_hist_f32.argtypes = [ptr, ptr, i64, ptr]
+    lib.delta_hist_f32.restype = None
+    lib.delta_bucket_f32.argtypes = [ptr, ptr, i64, u32, ptr, i64]
+    lib.delta_bucket_f32.restype = i64
     return lib
 
 
@@ -338,3 +373,34 @@ def positions(keys: Tensor, queries: Tensor) -> Tensor:
         keys.data_ptr(), keys.numel(), queries.data_ptr(), queries.numel(), out.data_ptr()
     )
     return out
+
+
+def delta_hist(x: Tensor, base: Tensor, bins: int) -> Tensor:
+    """The int64 histogram [bins] of the top 16 bits of |x - base| (float32 bits) for
+    contiguous float32 host tensors of one shape: one pass, no delta tensor; split into one
+    range per torch thread when long (a histogram row each, summed)."""
+    lib = library()
+    assert lib is not None and x.dtype == base.dtype == torch.float32
+    assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
+    ranges = _ranges(x.numel())
+    hists = torch.zeros(len(ranges), bins, dtype=torch.int64)
+    row = {lo: i for i, (lo, _) in enumerate(ranges)}
+
+    def count(lo: int, hi: int) -> None:
+        h = hists[row[lo]].data_ptr()
+        lib.delta_hist_f32(x.data_ptr() + 4 * lo, base.data_ptr() + 4 * lo, hi - lo, h)
+
+    _run(count, ranges)
+    return hists[0] if len(ranges) == 1 else hists.sum(0)
+
+
+def delta_bucket(x: Tensor, base: Tensor, bucket: int, out: Tensor) -> int:
+    """Write the int32 bits of |x - base| whose top 16 bits are `bucket` to the front of out
+    (int32), in index order; returns how many there are (more than out holds: only its
+    length was written)."""
+    lib = library()
+    assert lib is not None and x.dtype == base.dtype == torch.float32
+    assert x.is_contiguous() and base.is_contiguous() and out.dtype == torch.int32
+    return lib.delta_bucket_f32(
+        x.data_ptr(), base.data_ptr(), x.numel(), bucket, out.data_ptr(), out.numel()
+    )

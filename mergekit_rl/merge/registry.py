@@ -47,6 +47,12 @@ class TensorContext:
     # set when the tensors are one row block of the output tensor (engine row blocks):
     offset: int = 0  # flat index of the block's first entry in the whole tensor (mask hashes)
     cuts: tuple[Any, ...] | None = None  # per-model core.MagnitudeCut of the whole tensor
+    # per-model L1 rescale factor of the whole tensor (core.l1_factor; None: nothing kept)
+    l1_factors: tuple[float | None, ...] | None = None
+    slerp: Any = None  # core.SlerpWeights of the whole tensor (slerp's angle)
+    # per-model bool keep mask of this block, recorded by an earlier pass over the blocks (the
+    # random sparsifiers need not draw it again): kept = delta * mask
+    keep_masks: tuple[Any, ...] | None = None
 
 
 # fn(ctx, tensors, base, model_params, global_params) -> merged tensor

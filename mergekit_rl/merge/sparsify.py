@@ -68,6 +68,12 @@ def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
     return Kept(kept, density)
 
 
+class Unset:
+    """The type of UNSET: an argument not given (None is a value there)."""
+
+
+UNSET = Unset()
+
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -115,13 +121,16 @@ def della(
     return Kept(delta * keep, probs)
 
 
-def rescale(delta: Tensor, kept: Kept, mode: str) -> Tensor:
+def rescale(delta: Tensor, kept: Kept, mode: str, l1: float | None | Unset = UNSET) -> Tensor:
     """The kept values, rescaled to make up for what was dropped (a new tensor).
 
-    "l1": match the L1 norm of the unpruned delta (mergekit). "inverse_density": divide every
-    kept entry by its keep probability (DARE paper, PEFT, DELLA paper): unbiased in expectation.
+    "l1": match the L1 norm of the unpruned delta (mergekit); `l1`: the whole tensor's factor
+    (`core.l1_factor`) when delta is one row block of it. "inverse_density": divide every kept
+    entry by its keep probability (DARE paper, PEFT, DELLA paper): unbiased in expectation.
     """
     if mode == "l1":
+        if not isinstance(l1, Unset):
+            return core.scale_by(kept.values, l1)
         return core.l1_rescale(delta, kept.values)
     if mode == "inverse_density":
         if isinstance(kept.prob, Tensor):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -132,10 +132,9 @@ def task_vector_merge(
 
     weighted = []  # w_i * (sparsified, rescaled) delta_i: new tensors, ours to modify in place
     for i, (x, p) in enumerate(zip(tensors, model_params, strict=True)):
-        delta = x - base  # 1
-        if sparsifier is not None:
-            kept = sparsifier(delta, p, ctx, i)  # 2
-            delta = sparsify.rescale(delta, kept, mode) if rescale else kept.values  # 3
+        delta, kept = _sparsified(ctx, x, base, p, i, sparsifier)  # 1-2
+        if kept is not None:
+            delta = _rescaled(ctx, delta, kept, mode, i) if rescale else kept.values  # 3
         weighted.append(delta.mul_(p.weight))  # 4
 
     normalize = global_params.normalize
@@ -164,6 +163,55 @@ def task_vector_merge(
     return base + mixed
 
 
+def _sparsified(
+    ctx: TensorContext,
+    x: Tensor,
+    base: Tensor,
+    p: WeightParams,
+    i: int,
+    sparsifier: Sparsifier | None,
+) -> tuple[Tensor, sparsify.Kept | None]:
+    """Steps 1-2 for model i: (delta_i, its kept entries, or None without a sparsifier). A
+    keep mask in the context (recorded by the L1 pass over row blocks) replaces the drawing:
+    delta * mask are the products the random sparsifiers make (their keep is 1.0 / 0.0)."""
+    delta = x - base
+    if sparsifier is None:
+        return delta, None
+    if ctx.keep_masks is not None:
+        return delta, sparsify.Kept(delta * ctx.keep_masks[i].view(delta.shape), p.density)
+    return delta, sparsifier(delta, p, ctx, i)
+
+
+def _rescaled(ctx: TensorContext, delta: Tensor, kept: sparsify.Kept, mode: str, i: int) -> Tensor:
+    """Step 3; a row block uses the whole tensor's L1 factor when the context carries it."""
+    if ctx.l1_factors is None:
+        return sparsify.rescale(delta, kept, mode)
+    return sparsify.rescale(delta, kept, mode, ctx.l1_factors[i])
+
+
+def l1_magnitudes(
+    method: MergeMethod,
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor,
+    model_params: list[dict[str, Any]],
+) -> list[tuple[Tensor, Tensor]]:
+    """(|delta_i|, |kept_i|) for each model of a task-vector method, made as its merge makes
+    them (steps 1-2): what the L1 rescale sums over the whole tensor. A first pass over the row
+    blocks of a large tensor feeds them to `core.StableSum`s (`merge.blocks`)."""
+    sparsifier = _SPARSIFIERS[method.name]
+    out = []
+    for i, (x, raw) in enumerate(zip(tensors, model_params, strict=True)):
+        p = method.model_params.model_validate(raw)
+        delta, kept = _sparsified(ctx, x, base, p, i, sparsifier)
+        assert kept is not None  # an L1 rescale implies a sparsifier
+        out.append((delta.abs_(), kept.values.abs()))
+    return out
+
+
+_SPARSIFIERS: dict[str, Sparsifier | None] = {}  # method name -> its sparsifier
+
+
 def _method(
     name: str,
     *,
@@ -174,6 +222,7 @@ def _method(
     paper: str,
     description: str,
 ) -> MergeMethod:
+    _SPARSIFIERS[name] = sparsifier
     return MergeMethod(
         name=name,
         fn=partial(task_vector_merge, sparsifier=sparsifier, elect=elect),

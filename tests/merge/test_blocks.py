@@ -12,6 +12,7 @@ from torch import Tensor
 
 from mergekit_rl.merge import blocks
 from mergekit_rl.merge.registry import TensorContext, get_method
+from tests.merge.test_methods import ref_dare_keep, ref_slerp, ref_task_vectors
 
 
 def _inputs(shape: tuple[int, ...], n: int, seed: int) -> tuple[Tensor, list[Tensor]]:
@@ -44,13 +45,20 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "della_linear": ({"density": 0.5, "epsilon": 0.1}, {"rescale": False}),
     "model_stock": ({}, {"filter_wise": True}),
     "passthrough": ({"scale": 0.5}, {}),
+    # whole-tensor quantities from a first pass over the blocks
+    "dare_ties:l1": ({"density": 0.6, "weight": 0.7}, {}),  # the default L1 rescale
+    "dare_linear:l1": ({"density": 0.4}, {"normalize": True}),
+    "ties:l1": ({"density": 0.3, "weight": 0.8}, {"rescale": True}),
+    "della:l1": ({"density": 0.5, "epsilon": 0.2}, {}),
+    "della_linear:l1": ({"density": 0.5, "epsilon": 0.1}, {"rescale": True}),
+    "slerp": ({}, {"t": 0.3}),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_blocks_equal_the_whole_tensor(name: str, rows: int) -> None:
-    method = get_method(name)
+    method = get_method(name.split(":")[0])
     n = 1 if method.max_models == 1 else 3
     base, xs = _inputs((40, 24), n, seed=len(name))
     mp, gp = CASES[name]
@@ -71,22 +79,47 @@ def test_ties_blocks_keep_exactly_k_per_model() -> None:
     base, xs = _inputs((50, 30), 1, seed=3)
     method, ctx = get_method("ties"), TensorContext("w", ("m0",), 0)
     stream = _stream([base, *xs], 7)
-    parts = blocks.merge_blocks(method, ctx, (50, 30), stream, True, [{"density": 0.2}], {}, 8)
+    for n_blocks in (2, 8):  # few blocks stream too: the cuts come from a first pass
+        parts = blocks.merge_blocks(
+            method, ctx, (50, 30), stream, True, [{"density": 0.2}], {}, n_blocks
+        )
+        assert parts is not None
+        got = torch.cat([p[0] for p in parts])
+        assert int((got != base).sum()) == int(0.2 * 1500)
+
+
+def _streamed(name: str, tensors: list[Tensor], rows: int, mps: list, gp: dict) -> Tensor:
+    method = get_method(name)
+    ctx = TensorContext("w", tuple(f"m{i}" for i in range(len(mps))), 5)
+    shape = tuple(tensors[0].shape)
+    parts = blocks.merge_blocks(method, ctx, shape, _stream(tensors, rows), True, mps, gp, 9)
     assert parts is not None
-    # a tensor of few blocks is merged whole (one read instead of three)
-    assert (
-        blocks.merge_blocks(method, ctx, (50, 30), stream, True, [{"density": 0.2}], {}, 4) is None
-    )
-    got = torch.cat([p[0] for p in parts])
-    assert int((got != base).sum()) == int(0.2 * 1500)
+    return torch.cat([p[0] for p in parts])
+
+
+def test_dare_ties_l1_blocks_match_a_naive_reference() -> None:
+    # the L1 factors come from a first pass: the merged task vector of one model keeps the
+    # whole tensor's L1 norm, which no single block has
+    base, xs = _inputs((60, 40), 2, seed=11)
+    mps = [{"density": 0.3, "weight": 1.0}, {"density": 0.5, "weight": 0.6}]
+    got = _streamed("dare_ties", [base, *xs], 7, mps, {})
+    keeps = [ref_dare_keep(base.shape, p["density"], 5, f"m{i}", "w") for i, p in enumerate(mps)]
+    want = ref_task_vectors(xs, base, [1.0, 0.6], keeps, rescale="l1", elect=True, normalize=False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    one = _streamed("dare_linear", [base, xs[0]], 7, [{"density": 0.3}], {})
+    l1 = float((one.double() - base.double()).abs().sum())
+    assert l1 == pytest.approx(float((xs[0].double() - base.double()).abs().sum()), rel=1e-5)
+
+
+def test_slerp_blocks_match_a_naive_reference() -> None:
+    base, xs = _inputs((60, 40), 1, seed=12)
+    got = _streamed("slerp", [base, xs[0]], 8, [{}], {"t": 0.4})
+    torch.testing.assert_close(got.double(), ref_slerp(base, xs[0], 0.4), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(
     "name,gp,shape",
     [
-        ("dare_linear", {}, (8, 8)),  # L1 rescale by default: whole-tensor norms
-        ("ties", {"rescale": True}, (8, 8)),
-        ("slerp", {"t": 0.5}, (8, 8)),
         ("breadcrumbs", {}, (8, 8)),
         ("della_linear", {"rescale": False}, (64,)),  # one row: its ranks span the tensor
         ("model_stock", {}, (8, 8)),
@@ -94,3 +127,27 @@ def test_ties_blocks_keep_exactly_k_per_model() -> None:
 )
 def test_merges_that_need_the_whole_tensor_are_not_blocked(name: str, gp: dict, shape) -> None:
     assert blocks.block_mode(get_method(name), shape, gp) is None
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "della"])
+def test_the_l1_pass_records_the_masks_so_the_merge_pass_draws_none(name, monkeypatch) -> None:
+    # DARE's hash and DELLA's per-row sort run once per block (in the L1 pass), not twice;
+    # the merge is still the whole-tensor one bit for bit
+    from mergekit_rl.merge import sparsify
+
+    base, xs = _inputs((40, 24), 2, seed=4)
+    mps = [{"density": 0.5, "weight": 0.6}, {"density": 0.3}]
+    if name == "della":
+        mps = [{**p, "epsilon": 0.1} for p in mps]
+    gp: dict = {}
+    method, ctx = get_method(name), TensorContext("w", ("m0", "m1"), 5)
+    whole = method.run(ctx, xs, base, mps, gp)
+    draws = []
+    real = sparsify.della if name == "della" else sparsify.bernoulli
+    monkeypatch.setattr(sparsify, real.__name__, lambda *a, **k: draws.append(1) or real(*a, **k))
+    stream = _stream([base, *xs], 8)
+    parts = blocks.merge_blocks(method, ctx, (40, 24), stream, True, mps, gp, 5)
+    assert parts is not None
+    got = torch.cat([p[0] for p in parts])
+    assert len(draws) == 5 * 2  # 5 blocks x 2 models, in the first pass only
+    assert torch.equal(got, whole)

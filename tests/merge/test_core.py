@@ -420,14 +420,49 @@ def test_slerp_is_bitwise_the_out_of_place_formula(dtype: torch.dtype) -> None:
     a0, b0 = a.clone(), b.clone()
     for t in (0.0, 0.3, 0.5, 1.0):
         a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
-        cos = float(torch.dot(a64 / a64.norm(), b64 / b64.norm()).clamp(-1.0, 1.0))
+        # the angle from fixed-order float64 sums (the same whole or in row blocks)
+        ab, aa, bb = (core.stable_sum(u * v) for u, v in ((a64, b64), (a64, a64), (b64, b64)))
+        cos = float((ab / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0))
         theta = torch.arccos(torch.tensor(cos, dtype=torch.float64))
         s0 = float(torch.sin((1.0 - t) * theta) / torch.sin(theta))
         s1 = float(torch.sin(t * theta) / torch.sin(theta))
         want = a * s0 + b * s1
         got = core.slerp(a, b, t)
         assert got.dtype == dtype and torch.equal(got, want)
+        # the textbook angle (dot of the normalised vectors) agrees to float64 rounding
+        dot = float(torch.dot(a64 / a64.norm(), b64 / b64.norm()).clamp(-1.0, 1.0))
+        assert cos == pytest.approx(dot, rel=1e-12, abs=1e-15)
     assert torch.equal(a, a0) and torch.equal(b, b0)  # the inputs are not divided in place
+
+
+@pytest.mark.parametrize("n", [1, 5, 16384, 16385, 100_000])
+def test_stable_sum_in_pieces_equals_the_whole(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(n, generator=g).to(dtype)
+        cuts = sorted(torch.randint(0, n + 1, (6,), generator=g).tolist())
+        acc = core.StableSum()
+        for lo, hi in zip([0, *cuts], [*cuts, n], strict=True):
+            acc.add(x[lo:hi])  # empty pieces and pieces shorter than a row included
+        assert torch.equal(acc.total(), core.stable_sum(x))
+        scale = float(x.double().abs().sum()) + 1.0  # float32 row sums: ~1e-7 of the scale
+        assert float(acc.total()) == pytest.approx(float(x.double().sum()), abs=1e-6 * scale)
+
+
+def test_slerp_sums_and_weights_are_the_same_in_row_blocks(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(97, 300, generator=g), torch.randn(97, 300, generator=g)
+    whole = core.slerp_sums([(a, b)])
+    monkeypatch.setattr(core, "REDUCE_CHUNK", 1000)  # pieces inside each block too
+    for rows in (1, 7, 50):
+        blocks = [(a[i : i + rows], b[i : i + rows]) for i in range(0, 97, rows)]
+        parts = core.slerp_sums(blocks)
+        assert all(torch.equal(x, y) for x, y in zip(parts, whole, strict=True))
+        w = core.slerp_weights(parts, 0.3)
+        got = torch.cat([core.slerp(x, y, 0.3, weights=w) for x, y in blocks])
+        assert torch.equal(got, core.slerp(a, b, 0.3))
+    assert core.slerp_weights(core.slerp_sums([(a, 2 * a)]), 0.3).lerp  # parallel: lerp
+    assert core.slerp_weights(core.slerp_sums([(a * 0, b)]), 0.3).lerp  # zero: lerp
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -297,3 +297,38 @@ def test_the_rounded_add_keeps_inf_and_nan_on_both_paths(monkeypatch) -> None:
     for key in range(20):
         r = core.stochastic_round(x, bf16, key).float()
         assert r[0] == inf and r[1] == -inf and r[2:].isnan().all(), r
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_delta_magnitude_cuts_equal_on_both_paths_and_the_reference(
+    rows: int, threads: int, monkeypatch
+) -> None:
+    # bf16-valued inputs: many exact ties, and an all-zero task vector (every entry ties); the
+    # cuts must equal magnitude_cut of the whole task vector, k = 0 and k = n included
+    monkeypatch.setattr(native, "PARALLEL_MIN", 100)  # several histogram ranges
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(rows)
+        base = (torch.randn(64, 50, generator=gen) * 0.02).bfloat16().float()
+        xs = [(base + torch.randn(64, 50, generator=gen) * 1e-3).bfloat16().float() for _ in "ab"]
+        xs.append(base.clone())  # an all-zero task vector: every entry ties
+        n = base.numel()
+
+        def blocks():
+            for s in range(0, 64, rows):
+                yield [base[s : s + rows], *(x[s : s + rows] for x in xs)]
+
+        for path in both_paths(monkeypatch):
+            for ks in ([int(0.3 * n), 1, n // 2], [0, n, n - 1]):
+                cuts = core.delta_magnitude_cuts(blocks, n, ks)
+                for i, k in enumerate(ks):
+                    want = core.magnitude_cut(xs[i] - base, n, k)
+                    c = cuts[i]
+                    assert (c.threshold, c.ties_left, c.ties_total) == (
+                        want.threshold,
+                        want.ties_left,
+                        want.ties_total,
+                    ), (path, i, k)
+    finally:
+        torch.set_num_threads(1)
