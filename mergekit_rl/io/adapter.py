@@ -193,6 +193,9 @@ class LoraAdapter:
         """The base tensor that holds `name` (a tied lm_head is the embedding)."""
         if name not in base and base.tied_embeddings and name == "lm_head.weight":
             return base.info(name).name
+        unprefixed = name.partition(".")[2]  # peft names `transformer.h.0...`, GPT-2 files `h.0...`
+        if name not in base and unprefixed in base:
+            return unprefixed
         if name not in base:
             raise MismatchError(
                 f"{self._where()} adapts '{name}', which the base model {base.source.ref} does "
