@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
 
-from . import core
+from . import core, sparsify
 from .registry import MergeMethod, TensorContext
 
 ROW_LOCAL = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties"}
@@ -72,7 +73,10 @@ def merge_blocks(
     cuts = None
     if mode == "cuts":
         numel = math.prod(shape)
-        ks = [int(float(p.get("density", 1.0)) * numel) for p in model_params]
+        ks = [
+            sparsify.magnitude_k(float(p.get("density", 1.0)), numel, ctx.min_keep)
+            for p in model_params
+        ]
 
         def deltas() -> Iterator[list[Tensor]]:
             for _, xs in stream():
@@ -83,7 +87,7 @@ def merge_blocks(
     def results() -> Iterator[list[Tensor]]:
         for blk, xs in stream():
             base, models = (xs[0], xs[1:]) if has_base else (None, xs)
-            bctx = TensorContext(ctx.name, ctx.model_ids, ctx.seed, offset=blk.offset, cuts=cuts)
+            bctx = replace(ctx, offset=blk.offset, cuts=cuts)
             yield [method.run(bctx, models, base, model_params, global_params)]
 
     return results()

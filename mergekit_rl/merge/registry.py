@@ -47,6 +47,7 @@ class TensorContext:
     # set when the tensors are one row block of the output tensor (engine row blocks):
     offset: int = 0  # flat index of the block's first entry in the whole tensor (mask hashes)
     cuts: tuple[Any, ...] | None = None  # per-model core.MagnitudeCut of the whole tensor
+    min_keep: int = 1  # TIES keeps at least this many entries when density > 0 (mergekit: 1)
 
 
 # fn(ctx, tensors, base, model_params, global_params) -> merged tensor
