@@ -166,3 +166,28 @@ def test_force_replaces_a_symlink_atomically_under_the_lock(
     assert json.loads((link / "adapter_config.json").read_text())["r"] == 2
     assert (target / "adapter_model.safetensors").read_bytes() == before  # target untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "old-adapter"]  # no temps
+
+
+def test_gpt2_checkpoint_without_the_base_prefix(tmp_path: Path) -> None:
+    """The original GPT-2 files name `h.0.attn.c_attn.weight` (no `transformer.`): the adapter
+    names peft's module `transformer.h.0.attn.c_attn`, and rlmerge maps it back."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.arch_models import build_model, finetune
+
+    base = build_model(tmp_path / "base", "gpt2", tie=True, seed=0)
+    ft = finetune(base, tmp_path / "ft", seed=2, scale=0.05)
+    for path in (base, ft):
+        state = {k.removeprefix("transformer."): v for k, v in load_state(path).items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    extract_lora(base, ft, tmp_path / "out", rank=96)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert all(m.startswith("transformer.h.") for m in config["target_modules"])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, tmp_path / "out").merge_and_unload()
+    want = load_state(ft)["h.1.mlp.c_fc.weight"]
+    got = merged.state_dict()["transformer.h.1.mlp.c_fc.weight"]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    with open_checkpoint(f"{base}+{tmp_path / 'out'}") as ckpt:
+        torch.testing.assert_close(ckpt.read("h.1.mlp.c_fc.weight"), want, atol=2e-5, rtol=1e-4)
