@@ -6,16 +6,19 @@ its truncated SVD (Eckart-Young: the best rank-r approximation in Frobenius norm
     tau ~= U[:, :r] diag(S[:r]) Vh[:r]  =  B @ A,   B = U[:, :r] * S[:r]  [out, r],  A = Vh[:r]  [r, in]
 
 saved as a PEFT LoRA adapter with lora_alpha = r (scale 1), so `peft` applies exactly B @ A.
-Tensors are read one pair at a time; only the small factors are kept. Embeddings, lm_head and
-1-D tensors (norms, biases) are not LoRA targets: their changes are dropped and reported.
+Tensors are read one pair at a time; only the small factors are kept.
+
+Which tensors are LoRA targets, and in which layout they are stored, comes from the model itself:
+its architecture is instantiated from config.json on the meta device (no memory, no weights) and
+each weight's module class decides. `nn.Linear` stores W [out, in]; transformers' `Conv1D` (GPT-2)
+stores W [in, out], so its task vector is factored transposed and the adapter says
+`fan_in_fan_out: true`, as peft expects. Embeddings, the output head and 1-D tensors (norms,
+biases) are not targets: their changes are dropped and reported.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +29,8 @@ from torch import Tensor
 from .errors import UsageError
 from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from .io.card import model_card, provenance
-from .io.reader import TIED_PAIR, check_compatible, open_checkpoint
-from .io.writer import check_output_path
+from .io.reader import Checkpoint, check_compatible, open_checkpoint
+from .io.writer import AtomicDir, check_output_path
 
 
 def low_rank(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
@@ -44,9 +47,64 @@ def low_rank(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     return up, down, kept
 
 
-def is_lora_target(name: str, shape: tuple[int, ...]) -> bool:
-    """A linear layer's weight matrix (not an embedding or the output head)."""
-    return len(shape) == 2 and name.endswith(".weight") and name not in TIED_PAIR
+LINEAR, CONV1D = "linear", "conv1d"  # the two layouts peft adapts: W [out, in] and W [in, out]
+
+
+def module_layouts(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
+    """Stored weight name -> (peft module name, LINEAR | CONV1D) for every LoRA target.
+
+    The architecture is built from the checkpoint's config.json on the meta device, so the
+    classes are the model's own: a Conv1D is never mistaken for a Linear, an embedding or the
+    output head (`get_output_embeddings`) is never a target. A checkpoint stored without the
+    base-model prefix (GPT-2's `h.0.attn.c_attn.weight` for `transformer.h.0.attn.c_attn`) is
+    matched to the prefixed module, which is the name peft looks up.
+    """
+    model = _meta_model(ckpt)
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    kinds: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        if module is head:
+            continue
+        if isinstance(module, Conv1D):
+            kinds[module_name] = CONV1D
+        elif isinstance(module, torch.nn.Linear):
+            kinds[module_name] = LINEAR
+    prefix = getattr(model, "base_model_prefix", "")
+    found: dict[str, tuple[str, str]] = {}
+    for name in ckpt.names():
+        module = name.removesuffix(".weight")
+        if not name.endswith(".weight"):
+            continue
+        for candidate in (module, f"{prefix}.{module}" if prefix else module):
+            if candidate in kinds:
+                found[name] = (candidate, kinds[candidate])
+                break
+    return found
+
+
+def _meta_model(ckpt: Checkpoint) -> torch.nn.Module:
+    """The base's architecture, instantiated without memory from its config.json."""
+    where = ckpt.source.root / "config.json"
+    if ckpt.config is None:
+        raise UsageError(
+            f"'{ckpt.source.ref}' has no config.json: lora extract reads the architecture from it "
+            "to know which tensors are linear layers and how they are stored. Give the model's "
+            "directory (with its config.json) as BASE."
+        )
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(**ckpt.config)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, ImportError) as e:
+        raise UsageError(
+            f"{where}: transformers cannot build this architecture "
+            f"(model_type '{ckpt.config.get('model_type')}'): {e}. lora extract needs it to know "
+            "which tensors are linear layers."
+        ) from e
 
 
 @dataclass
@@ -84,20 +142,24 @@ def extract_lora(
     with open_checkpoint(base) as b, open_checkpoint(finetuned) as f:
         check_output_path(out, [b.source, f.source], force)
         names = check_compatible([b, f])
+        layouts = module_layouts(b)
         tensors: dict[str, Tensor] = {}
-        targets, dropped = [], []
+        targets, dropped, kinds = [], [], set()
         norm_kept = norm_total = 0.0
         for name in names:
             tau = f.read(name, torch.float32, device) - b.read(name, torch.float32, device)
-            if not is_lora_target(name, tuple(tau.shape)):
+            if name not in layouts or tau.dim() != 2:
                 if bool(tau.abs().max() > 0) if tau.numel() else False:
                     dropped.append(name)
                 continue
             total = float(tau.square().sum())
             if total == 0.0:
                 continue  # unchanged matrix: no adapter module
-            up, down, kept = low_rank(tau, rank)
-            module = name.removesuffix(".weight")
+            module, kind = layouts[name]
+            # peft's factors are B [out, r] @ A [r, in] for both layouts: a Conv1D's [in, out]
+            # task vector is factored transposed (peft transposes back, fan_in_fan_out)
+            up, down, kept = low_rank(tau.T if kind == CONV1D else tau, rank)
+            kinds.add(kind)
             out_dtype = dtype or f.info(name).dtype
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = down.to("cpu", out_dtype)
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = up.to("cpu", out_dtype)
@@ -108,7 +170,7 @@ def extract_lora(
                 f"'{finetuned}' and '{base}' hold the same weight matrices: the task vector is "
                 "zero, so there is no adapter to extract."
             )
-        config = adapter_config(b.source.ref, targets, rank)
+        config = adapter_config(b.source.ref, targets, rank, _fan_in_fan_out(kinds, b.source.ref))
         card = model_card(
             f"Rank-{rank} LoRA extracted from a task vector",
             command or f"rlmerge lora extract {base} {finetuned} --rank {rank} -o {out}",
@@ -121,7 +183,20 @@ def extract_lora(
     return ExtractSummary([str(out)], rank, len(targets), norm_kept / norm_total, dropped)
 
 
-def adapter_config(base_ref: str, targets: list[str], rank: int) -> dict[str, object]:
+def _fan_in_fan_out(kinds: set[str], base_ref: str) -> bool:
+    """peft's one layout flag for the whole adapter: true for Conv1D weights ([in, out])."""
+    if len(kinds) > 1:
+        raise UsageError(
+            f"'{base_ref}' mixes Linear and Conv1D layers among the changed matrices; a peft "
+            "LoRA config has one fan_in_fan_out flag for all of them, so no single adapter "
+            "describes this model."
+        )
+    return kinds == {CONV1D}
+
+
+def adapter_config(
+    base_ref: str, targets: list[str], rank: int, fan_in_fan_out: bool = False
+) -> dict[str, object]:
     """A PEFT LoraConfig (as adapter_config.json) that applies B @ A with scale 1."""
     return {
         "peft_type": "LORA",
@@ -134,7 +209,7 @@ def adapter_config(base_ref: str, targets: list[str], rank: int) -> dict[str, ob
         "target_modules": sorted(targets),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -159,16 +234,10 @@ def _write_adapter(
     card: str,
     force: bool,
 ) -> None:
-    """Everything into a temporary folder beside `out`, then one rename: never half written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "README.md").write_text(card)
-        if out.exists() and force:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """The checkpoint writers' atomic output (io/writer.py): under the output's lock, into a
+    temporary folder, then one rename (an atomic exchange over an existing output or symbolic
+    link with --force, whose target is left alone)."""
+    with AtomicDir(out, force) as d, d.io():
+        save_file(tensors, str(d.tmp / ADAPTER_WEIGHTS), metadata=metadata)
+        (d.tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (d.tmp / "README.md").write_text(card)

@@ -106,3 +106,88 @@ def test_extract_refusals(family: dict[str, Path], tmp_path: Path) -> None:
         app, ["lora", "extract", str(family["base"]), str(family["sft1"]), "-o", "x", "-r", "0"]
     )
     assert res.exit_code == 2
+
+
+def test_gpt2_conv1d_adapter_loads_in_peft_and_gives_the_finetune(tmp_path: Path) -> None:
+    """GPT-2 stores its linear layers as Conv1D, W [in, out]: the factors must be peft's
+    B [out, r] @ A [r, in] with fan_in_fan_out, and wte / wpe are embeddings, not targets."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.arch_models import build_model, finetune
+
+    base = build_model(tmp_path / "base", "gpt2", tie=True, seed=0)
+    ft = finetune(base, tmp_path / "ft", seed=1, scale=0.05)
+    # rank 96 >= every matrix's smaller side (32): the factors carry each task vector exactly
+    summary = extract_lora(base, ft, tmp_path / "out", rank=96)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    modules = {m.rsplit(".", 1)[-1] for m in config["target_modules"]}
+    assert modules == {"c_attn", "c_proj", "c_fc"}, config["target_modules"]
+    assert summary.modules == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in 2 blocks
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= set(summary.dropped)
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, tmp_path / "out").merge_and_unload()
+    got, want, was = merged.state_dict(), load_state(ft), load_state(base)
+    for name in want:
+        # the adapted matrices are the fine-tune's; everything else stays the base's
+        adapted = name.endswith(".weight") and name.rsplit(".", 2)[-2] in modules
+        expect = want[name] if adapted else was[name]
+        torch.testing.assert_close(got[name], expect, atol=2e-5, rtol=1e-4, msg=name)
+    name = "transformer.h.1.attn.c_attn.weight"
+    assert (want[name] - was[name]).abs().max() > 1e-3  # the check above is not vacuous
+    # and rlmerge reads BASE+ADAPTER as peft merges it
+    with open_checkpoint(f"{base}+{tmp_path / 'out'}") as ckpt:
+        torch.testing.assert_close(ckpt.read(name), got[name], atol=2e-5, rtol=1e-4)
+
+
+def test_force_replaces_a_symlink_atomically_under_the_lock(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    """--force over a symbolic link replaces the link (its target is left alone), and a writer
+    holding the output's lock makes a second one refuse before touching anything."""
+    from mergekit_rl.io.writer import OutputLock
+
+    target = tmp_path / "old-adapter"
+    extract_lora(family["base"], family["sft1"], target, rank=1)
+    before = (target / "adapter_model.safetensors").read_bytes()
+    link = tmp_path / "adapter"
+    link.symlink_to(target)
+    lock = OutputLock(link.absolute())
+    lock.acquire()
+    try:
+        with pytest.raises(OutputExistsError, match="being written by another"):
+            extract_lora(family["base"], family["sft1"], link, rank=2, force=True)
+        assert link.is_symlink()
+    finally:
+        lock.release()
+    extract_lora(family["base"], family["sft1"], link, rank=2, force=True)
+    assert link.is_dir() and not link.is_symlink()
+    assert json.loads((link / "adapter_config.json").read_text())["r"] == 2
+    assert (target / "adapter_model.safetensors").read_bytes() == before  # target untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "old-adapter"]  # no temps
+
+
+def test_gpt2_checkpoint_without_the_base_prefix(tmp_path: Path) -> None:
+    """The original GPT-2 files name `h.0.attn.c_attn.weight` (no `transformer.`): the adapter
+    names peft's module `transformer.h.0.attn.c_attn`, and rlmerge maps it back."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.arch_models import build_model, finetune
+
+    base = build_model(tmp_path / "base", "gpt2", tie=True, seed=0)
+    ft = finetune(base, tmp_path / "ft", seed=2, scale=0.05)
+    for path in (base, ft):
+        state = {k.removeprefix("transformer."): v for k, v in load_state(path).items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    extract_lora(base, ft, tmp_path / "out", rank=96)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert all(m.startswith("transformer.h.") for m in config["target_modules"])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, tmp_path / "out").merge_and_unload()
+    want = load_state(ft)["h.1.mlp.c_fc.weight"]
+    got = merged.state_dict()["transformer.h.1.mlp.c_fc.weight"]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    with open_checkpoint(f"{base}+{tmp_path / 'out'}") as ckpt:
+        torch.testing.assert_close(ckpt.read("h.1.mlp.c_fc.weight"), want, atol=2e-5, rtol=1e-4)

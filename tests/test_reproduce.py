@@ -172,3 +172,111 @@ def test_hub_input_is_pinned_to_its_recorded_commit(
     report = reproduce(out)
     assert report.identical
     assert f"someone/tiny-sft@{old}" in report.rerun and report.inputs[1]["status"] == "unchanged"
+
+
+def _merge(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rlmerge ARGS` in-process, recording ARGS as the command line (as the CLI would)."""
+    monkeypatch.setattr("sys.argv", ["rlmerge", *args])
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+
+
+def test_target_inside_or_equal_to_output_is_refused(demo: Path, tmp_path: Path) -> None:
+    """-o OUTPUT --force would replace the output with its re-make and then compare the re-make
+    with itself: refused (exit 2) before anything is touched."""
+    import shutil
+
+    out = tmp_path / "salsa_ref"
+    shutil.copytree(demo / "outputs" / "salsa_ref", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for target in (out, out / "again", tmp_path):
+        res = CliRunner().invoke(app, ["reproduce", str(out), "-o", str(target), "--force"])
+        assert res.exit_code == 2 and "is, contains or is inside" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["salsa_ref"]
+
+
+def test_merge_recipe_is_pinned_to_the_recorded_hub_commit(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe naming a hub model is re-run at the recorded commit after main moved on (the
+    recorded recipe still says `someone/tiny-sft`), from a fake offline cache."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sft"
+    old, new = "a" * 40, "b" * 40
+    shutil.copytree(family["sft2"], repo / "snapshots" / old)
+    shutil.copytree(family["rlhf"], repo / "snapshots" / new)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    for k, v in {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)  # for the re-run subprocess
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    recipe = tmp_path / "lin.yaml"
+    recipe.write_text(
+        "merge_method: linear\nmodels:\n"
+        f"  - model: {family['sft1']}\n    parameters: {{weight: 0.5}}\n"
+        "  - model: someone/tiny-sft\n    parameters: {weight: 0.5}\n"
+        "dtype: float32\n"
+    )
+    _merge(["merge", str(recipe), "-o", str(tmp_path / "lin"), "-q"], monkeypatch)
+    (repo / "refs" / "main").write_text(new)  # the repo moved on
+    report = reproduce(tmp_path / "lin")
+    assert report.identical and report.differing == [], report.differing
+    assert report.inputs[1]["resolved"] == f"someone/tiny-sft@{old}"
+
+
+def test_gone_working_directory_is_refused(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command with relative paths, whose recorded directory is gone, is not re-run in the
+    caller's directory (where the same relative paths name other files)."""
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    for name in ("sft1", "sft2"):
+        shutil.copytree(family[name], work / "models" / name)
+    monkeypatch.chdir(work)
+    out = tmp_path / "soup"
+    _merge(["soup", "models/sft1", "models/sft2", "-o", str(out), "-q"], monkeypatch)
+    elsewhere = tmp_path / "elsewhere"  # the same relative paths, other models
+    (elsewhere / "models").mkdir(parents=True)
+    for name, src in (("sft1", "rlhf"), ("sft2", "base")):
+        shutil.copytree(family[src], elsewhere / "models" / name)
+    monkeypatch.chdir(elsewhere)
+    shutil.rmtree(work)
+    with pytest.raises(InputNotFoundError, match="working directory recorded in .* no longer"):
+        reproduce(out)
+    res = CliRunner().invoke(app, ["reproduce", str(out)])
+    assert res.exit_code == 2 and "no longer exists" in res.output
+
+
+def test_pipeline_stages_and_output_equals_form_reproduce(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline's final output and its intermediate stage are each re-made from their own
+    recorded stage recipe; a command written with `--output=PATH` is re-run too."""
+    from tests.test_recipes import RECIPES
+
+    monkeypatch.chdir(demo)
+    out = tmp_path / "warp"
+    args = ["merge", str(RECIPES / "warp-slerp-liti.yaml"), f"--output={out}", "-q"]
+    _merge(args, monkeypatch)
+    for made in (out, out / "warp_slerp"):
+        report = reproduce(made, tmp_path / f"again-{made.name}")
+        assert report.identical and report.tensors > 0, report.differing
+        assert f"--output={tmp_path / f'again-{made.name}'}" in report.rerun
+    # and a changed stage output is named, not silently re-made
+    weights = out / "warp_slerp" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        meta = f.metadata()
+    state = load_file(weights)
+    state["model.norm.weight"][0] += 1.0
+    save_file(state, weights, metadata=meta)
+    with pytest.raises(UsageError, match="warp_slerp' of .* has changed"):
+        reproduce(out)

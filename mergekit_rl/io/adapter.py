@@ -13,9 +13,14 @@ never held in memory (only the adapter's small factors are). The update is the o
     scale = alpha / r  (alpha / sqrt(r) with use_rslora; alpha from alpha_pattern when it matches)
 
 Full tensors in the adapter (`modules_to_save`, embedding layers saved with
-`save_embedding_layers`) replace the base's before the update is added. With tied embeddings (no lm_head stored) an update
+`save_embedding_layers`) replace the base's before the update is added. Trainable tokens
+(`trainable_token_indices`) replace the listed rows of their embedding with the adapter's
+`trainable_tokens_delta` rows, as peft's merge does (`index_copy` on dim 0; despite its name the
+tensor holds the new rows, not a difference). With tied embeddings (no lm_head stored) an update
 of lm_head lands on the shared embedding matrix, as in peft where both modules hold one tensor.
-DoRA, LoRA biases and non-LoRA adapter types are refused with a message naming the adapter.
+DoRA, LoRA biases and non-LoRA adapter types are refused with a message naming the adapter;
+a malformed adapter (unreadable weights, a config that is not a JSON object, a bad regex in
+`alpha_pattern`) is an error naming the file.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # peft's TrainableTokens rows
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$"
 )
@@ -150,9 +157,12 @@ class LoraAdapter:
     def __init__(self, source: AdapterSource, base: Checkpoint):
         self.source = source
         self.config = _read_config(source)
-        tensors = load_file(str(source.root / ADAPTER_WEIGHTS))
+        tensors = _read_weights(source)
         self.updates: dict[str, list[LoraFactors]] = {}
         self.replaced: dict[str, Tensor] = {}
+        self.rows: dict[
+            str, tuple[Tensor, Tensor]
+        ] = {}  # trainable tokens: (index [n], rows [n, d])
         self._collect(tensors, base)
 
     def _collect(self, tensors: dict[str, Tensor], base: Checkpoint) -> None:
@@ -160,7 +170,10 @@ class LoraAdapter:
         for key, t in tensors.items():
             name = key.removeprefix(PEFT_PREFIX)
             m = _LORA_KEY.match(name)
-            if m is None:  # modules_to_save / saved embedding layers: full tensors that replace
+            if name.endswith(TOKENS_SUFFIX):
+                module = name.removesuffix(TOKENS_SUFFIX)
+                self._token_rows(module, t, self._stored(f"{module}.weight", base), base)
+            elif m is None:  # modules_to_save / saved embedding layers: full tensors that replace
                 for wrapper in (".modules_to_save.", ".base_layer.", ".default."):
                     name = name.replace(wrapper, ".")
                 self.replaced[self._stored(name, base)] = t
@@ -193,12 +206,39 @@ class LoraAdapter:
         """The base tensor that holds `name` (a tied lm_head is the embedding)."""
         if name not in base and base.tied_embeddings and name == "lm_head.weight":
             return base.info(name).name
+        unprefixed = name.partition(".")[2]  # peft names `transformer.h.0...`, GPT-2 files `h.0...`
+        if name not in base and unprefixed in base:
+            return unprefixed
         if name not in base:
             raise MismatchError(
                 f"{self._where()} adapts '{name}', which the base model {base.source.ref} does "
                 "not have: the adapter was trained on another architecture. Check BASE+ADAPTER."
             )
         return name
+
+    def _token_rows(self, module: str, rows: Tensor, name: str, base: Checkpoint) -> None:
+        """Trainable tokens of `module`: its config indices and the rows [n, d] that replace
+        them in the stored tensor `name`."""
+        spec = self.config.get("trainable_token_indices")
+        if isinstance(spec, dict):  # {module name or suffix: indices}
+            spec = next(
+                (v for k, v in spec.items() if module == k or module.endswith(f".{k}")), None
+            )
+        ok = isinstance(spec, list) and all(type(i) is int for i in spec)
+        want = tuple(base.info(name).shape)
+        if not ok or len(want) != 2 or not all(0 <= i < want[0] for i in spec):
+            raise UsageError(
+                f"{self._where()}: trainable_token_indices in {self.source.root / ADAPTER_CONFIG} "
+                f"gives no valid row indices of '{name}' {list(want)} for module '{module}' "
+                f"(got {spec!r})."
+            )
+        if tuple(rows.shape) != (len(spec), want[1]):
+            raise MismatchError(
+                f"{self._where()}: the trainable tokens of '{name}' are {list(rows.shape)}, but "
+                f"{len(spec)} indices of a {list(want)} matrix need [{len(spec)}, {want[1]}]: "
+                "the adapter belongs to another base model."
+            )
+        self.rows[name] = (torch.tensor(spec, dtype=torch.long), rows)
 
     def _check_shape(self, name: str, f: LoraFactors, base: Checkpoint) -> None:
         shape = tuple(f.b.shape[:1]) + tuple(f.a.shape[1:])
@@ -216,6 +256,9 @@ class LoraAdapter:
         """The stored tensor `name` with the adapter merged in (same dtype and device)."""
         if name in self.replaced:
             weight = self.replaced[name].to(weight.device, weight.dtype)
+        if name in self.rows:  # a new tensor: the caller's is never edited
+            index, rows = self.rows[name]
+            weight = weight.index_copy(0, index.to(weight.device), rows.to(weight))
         factors = self.updates.get(name)
         if not factors:
             return weight
@@ -227,12 +270,29 @@ class LoraAdapter:
         return merged.to(weight.dtype)
 
 
+def _read_weights(source: AdapterSource) -> dict[str, Tensor]:
+    path = source.root / ADAPTER_WEIGHTS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UsageError(
+            f"adapter '{source.ref}': {path} cannot be read as safetensors ({e}); the file is "
+            "damaged or truncated (an interrupted download or copy?). Fetch or save it again."
+        ) from e
+
+
 def _read_config(source: AdapterSource) -> dict[str, Any]:
     path = source.root / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: invalid JSON ({e}).") from e
+    if not isinstance(config, dict):
+        raise UsageError(
+            f"{path}: a PEFT adapter config is a JSON object (peft_type, r, lora_alpha, ...), "
+            f"got {type(config).__name__}."
+        )
+    _check_patterns(config, path)
     kind = str(config.get("peft_type", "LORA")).upper()
     unsupported = [
         (kind != "LORA", f"peft_type {kind} (only LoRA adapters can be merged)"),
@@ -247,6 +307,21 @@ def _read_config(source: AdapterSource) -> dict[str, Any]:
             "with peft's merge_and_unload() and give the merged model instead."
         )
     return config
+
+
+def _check_patterns(config: dict[str, Any], path: Path) -> None:
+    """alpha_pattern / rank_pattern: objects whose keys are regular expressions."""
+    for key in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise UsageError(f"{path}: {key} must be an object {{regex: value}}, got {patterns!r}.")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(
+                    f"{path}: {key} key {pattern!r} is not a valid regular expression ({e})."
+                ) from e
 
 
 def load_adapter(ckpt: Checkpoint) -> LoraAdapter | None:

@@ -8,8 +8,10 @@ HF_HUB_OFFLINE and the local cache are honoured). Pickle checkpoints are refused
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import re
 from dataclasses import dataclass, replace
@@ -205,8 +207,8 @@ def _hub_headers(ref: str) -> ModelSource | None:
             f"hub model '{ref}' has no safetensors weights (a dry run reads only safetensors "
             f"headers): {e}"
         ) from e
-    except (OfflineModeIsEnabled, ConnectionError, OSError):
-        return None
+    except (OfflineModeIsEnabled, *hub_network_errors()):
+        return None  # no network: the local cache decides, with the real run's message
     headers = []
     for name in sorted(meta.files_metadata, key=natural_key):
         fm = meta.files_metadata[name]
@@ -219,6 +221,17 @@ def _hub_headers(ref: str) -> ModelSource | None:
     root = Path(config).parent if isinstance(config, str) else Path(repo_id)
     files = tuple(root / name for name, _, _ in headers)
     return ModelSource(ref, root, files, revision=None, remote_headers=tuple(headers))
+
+
+def hub_network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub lets through when the hub cannot be reached: OSError (requests'
+    errors are OSErrors) and its HTTP client's transport errors (httpx or httpx2, by version:
+    connection refused, DNS failure, timeouts), which are not OSErrors."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(importlib.import_module(module).TransportError)
+    return tuple(errors)
 
 
 def natural_key(s: str) -> list[int | str]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import core, task_vectors
+from . import core, sparsify, task_vectors
 from .registry import MergeMethod, TensorContext
 
 ROW_LOCAL = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties"}
@@ -83,7 +83,7 @@ def merge_blocks(
     mode = block_mode(method, shape, global_params)
     if mode is None:
         return None
-    cuts = _cuts(stream, shape, model_params) if mode == "cuts" else None
+    cuts = _cuts(stream, shape, model_params, ctx.min_keep) if mode == "cuts" else None
     angle = None
     if mode == "angle":
         t = method.global_params.model_validate(global_params).t  # type: ignore[attr-defined]
@@ -106,11 +106,11 @@ def merge_blocks(
 
 
 def _cuts(
-    stream: Stream, shape: tuple[int, ...], model_params: list[dict[str, Any]]
+    stream: Stream, shape: tuple[int, ...], model_params: list[dict[str, Any]], min_keep: int
 ) -> tuple[core.MagnitudeCut, ...]:
     """Every model's magnitude cut of its whole task vector: two reads of the blocks."""
     numel = math.prod(shape)
-    ks = [int(float(p.get("density", 1.0)) * numel) for p in model_params]
+    ks = [sparsify.magnitude_k(float(p.get("density", 1.0)), numel, min_keep) for p in model_params]
     return tuple(core.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
 
 

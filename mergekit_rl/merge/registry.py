@@ -53,6 +53,7 @@ class TensorContext:
     # per-model bool keep mask of this block, recorded by an earlier pass over the blocks (the
     # random sparsifiers need not draw it again): kept = delta * mask
     keep_masks: tuple[Any, ...] | None = None
+    min_keep: int = 1  # TIES keeps at least this many entries when density > 0 (mergekit: 1)
 
 
 # fn(ctx, tensors, base, model_params, global_params) -> merged tensor

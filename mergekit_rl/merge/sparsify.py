@@ -24,12 +24,24 @@ class Kept:
     prob: float | Tensor  # keep probability: a number or a per-entry float tensor
 
 
-def magnitude(delta: Tensor, density: float, cut: core.MagnitudeCut | None = None) -> Kept:
-    """TIES: keep exactly the top int(density * numel) entries by |delta| over the whole tensor
+def magnitude_k(density: float, numel: int, min_keep: int = 1) -> int:
+    """How many entries TIES keeps: int(density * numel), and at least `min_keep` when
+    density > 0. mergekit keeps at least one (min_keep 1, the default), so a small tensor
+    (a norm at density 0.1) keeps its largest change; min_keep 0 is the plain floor (the recipe
+    key `topk_count: floor`), which zeroes such a tensor's task vector."""
+    k = int(density * numel)
+    return min(max(k, min_keep), numel) if density > 0 else 0
+
+
+def magnitude(
+    delta: Tensor, density: float, cut: core.MagnitudeCut | None = None, min_keep: int = 1
+) -> Kept:
+    """TIES: keep exactly the top `magnitude_k` entries by |delta| over the whole tensor
     (ties with the k-th magnitude in index order). `cut`: the tensor's cut when delta is one
     row block of it (computed over the whole tensor by a streaming pass; consumed in order)."""
     if cut is None:
-        cut = core.magnitude_cut(delta, delta.numel(), int(density * delta.numel()))
+        k = magnitude_k(density, delta.numel(), min_keep)
+        cut = core.magnitude_cut(delta, delta.numel(), k)
     return Kept(core.apply_cut_(delta, cut), density)
 
 

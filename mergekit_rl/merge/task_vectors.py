@@ -98,7 +98,8 @@ def _model_id(ctx: TensorContext, i: int) -> str:
 
 
 def _magnitude(delta: Tensor, p: DensityParams, ctx: TensorContext, i: int) -> sparsify.Kept:
-    return sparsify.magnitude(delta, p.density, None if ctx.cuts is None else ctx.cuts[i])
+    cut = None if ctx.cuts is None else ctx.cuts[i]
+    return sparsify.magnitude(delta, p.density, cut, ctx.min_keep)
 
 
 def _random(delta: Tensor, p: DensityParams, ctx: TensorContext, i: int) -> sparsify.Kept:

@@ -8,7 +8,8 @@ A parameter value in a recipe is one of (mergekit's format):
   When nothing matches, the lookup falls through to the next level.
 
 Depth `t` of a tensor: `layer / (num_layers - 1)` within its slice (1 for a one-layer slice);
-embeddings sit below the first layer (t = 0), the final norm and lm_head above the last (t = 1).
+embeddings, the final norm and lm_head take t = 0, as in mergekit (the final norm and lm_head
+take t = 1 with the recipe key `outer_depth: ends`).
 
 Precedence, per tensor: per-model (slice source) > slice > global > the method's default (the
 key is left out, so the method's pydantic model fills it in).

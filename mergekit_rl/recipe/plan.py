@@ -13,9 +13,9 @@ Layers and depth:
 - Depth t of layer k in a slice of L layers is k / (L - 1) (1 for a one-layer slice). Gradients
   are evaluated at t.
 - Tensors outside the layers: embeddings (`embed`, `wte`, `wpe` in the name) are merged from
-  the first slice's sources at t = 0; every other one (final norm, lm_head) from the last
-  slice's sources at t = 1. mergekit evaluates gradients at t = 0 for both ends; we differ on
-  purpose, so that a gradient's last value applies to the top of the model.
+  the first slice's sources, every other one (final norm, lm_head) from the last slice's. Both
+  take a gradient's first value (t = 0), as in mergekit; with the recipe key
+  `outer_depth: ends` the final norm and lm_head take its last value (t = 1) instead.
 - Filters (`{filter: ..., value: ...}`) match substrings of the output tensor name.
 """
 
@@ -257,8 +257,9 @@ def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe
         offset += _plan_slice_layers(b, spec, rng, offset)
     tmpl_last = ckpts[last.sources[0].ref]
     _, post_last = outer_names(tmpl_last, any_untied and tmpl_last.tied_embeddings)
+    top = 1.0 if stage.recipe.outer_depth == "ends" else 0.0  # mergekit: the first value
     for name in post_last:
-        b.add(name, last, _reads(last, name), 1.0)
+        b.add(name, last, _reads(last, name), top)
     problems = b.all_problems()
     if problems:
         raise RecipeError(

@@ -143,16 +143,17 @@ def make_compute(plan: StagePlan, seed: int) -> Compute:
     """compute(job, xs) for the engine: xs are the job's sources, base first when it has one."""
     by_name = {p.job.name: p for p in plan.tensors}
     method = plan.method
+    min_keep = 0 if plan.stage.recipe.topk_count == "floor" else 1  # mergekit's: at least one
 
     def compute(job: TensorJob, xs: list[Tensor]) -> list[Tensor]:
         p = by_name[job.name]
         base, models = (xs[0], xs[1:]) if p.has_base else (None, xs)
-        ctx = TensorContext(job.name, p.model_ids, seed)
+        ctx = TensorContext(job.name, p.model_ids, seed, min_keep=min_keep)
         return [method.run(ctx, models, base, list(p.model_params), p.global_params)]
 
     def blocked(job: TensorJob, stream: BlockStream, n: int) -> Iterator[list[Tensor]] | None:
         p = by_name[job.name]
-        ctx = TensorContext(job.name, p.model_ids, seed)
+        ctx = TensorContext(job.name, p.model_ids, seed, min_keep=min_keep)
         mps, gps = list(p.model_params), p.global_params
         return merge_blocks(method, ctx, job.shape, stream, p.has_base, mps, gps, n)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,6 +60,10 @@ class Recipe(_Strict):
     name: str | None = None  # pipeline stage name
     seed: int = 0  # seeds every random mask, with the model and the tensor name
     max_shard_size: int | str | None = None  # bytes, or "5GB" / "500MB"
+    # where rlmerge's own rules differ from mergekit's (docs/methods.md, "mergekit-compatible
+    # defaults"); unset means mergekit's, so a shared recipe gives mergekit's model
+    topk_count: Literal["mergekit", "floor"] | None = None  # TIES: max(1, int(d*n)) | int(d*n)
+    outer_depth: Literal["mergekit", "ends"] | None = None  # final norm / lm_head: t = 0 | t = 1
 
     @property
     def token_source(self) -> str | None:

@@ -147,3 +147,30 @@ def test_weights_summing_to_zero_fail_cleanly(family, tmp_path) -> None:
     assert code == 2 and "sum to 0" in err and "normalize: false" in err
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))  # no temporary folder left behind
+
+
+def test_dry_run_without_network_is_the_real_runs_user_error(tmp_path: Path) -> None:
+    """A hub model, HF_HUB_OFFLINE unset and the hub unreachable (an endpoint nothing listens
+    on): the dry run's header request fails inside the HTTP client, and gives the same clean
+    exit-2 message as the real run, not an internal error."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = write(
+        tmp_path / "r.yaml", "merge_method: linear\nmodels: [{model: someone/tiny-sft}]\n"
+    )
+    offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")  # any sets it
+    env = {k: v for k, v in os.environ.items() if k not in offline}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    results = []
+    for extra in (["--dry-run"], []):
+        cmd = [sys.executable, "-m", "mergekit_rl.cli.app", "merge", str(recipe), "-o"]
+        res = subprocess.run(
+            [*cmd, str(tmp_path / "out"), *extra], env=env, capture_output=True, text=True
+        )
+        results.append((res.returncode, res.stderr.strip()))
+    (dry_code, dry_err), (real_code, real_err) = results
+    assert real_code == 2 and "the hub cannot be reached" in real_err, real_err
+    assert (dry_code, dry_err) == (real_code, real_err)
+    assert not (tmp_path / "out").exists()

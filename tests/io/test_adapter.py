@@ -221,3 +221,68 @@ def test_adapter_keys_without_the_peft_prefix(family: dict[str, Path], tmp_path:
     save_file(state, weights)
     got = read_all(f"{family['base']}+{tmp_path / 'lora'}")
     assert_states_close(got, {k: want[k] for k in got}, atol=1e-5)
+
+
+def test_trainable_token_indices_replace_rows_as_peft_merges(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    """trainable_token_indices: the listed embedding rows become the adapter's rows (peft's
+    index_copy), alongside the LoRA update."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.float32)
+    cfg = peft.LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights=False, trainable_token_indices=[3, 5, 7]
+    )
+    wrapped = peft.get_peft_model(model, cfg)
+    with torch.no_grad():  # trained tokens: new rows (they start as copies of the base's)
+        for name, p in wrapped.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    wrapped.save_pretrained(tmp_path / "tt")
+    want = {k: v.detach().clone() for k, v in wrapped.merge_and_unload().state_dict().items()}
+    got = read_all(f"{family['base']}+{tmp_path / 'tt'}")
+    assert_states_close(got, {k: want[k] for k in got}, atol=1e-5)
+    base = load_state(family["base"])["model.embed_tokens.weight"]
+    emb = got["model.embed_tokens.weight"]
+    moved = (emb - base).abs().amax(dim=1) > 0.1
+    assert moved.nonzero().flatten().tolist() == [3, 5, 7]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_object", "bad_regex", "bad_index"])
+def test_malformed_adapter_is_a_user_error_naming_the_file(
+    family: dict[str, Path], tmp_path: Path, damage: str
+) -> None:
+    from mergekit_rl.cli.app import app
+    from typer.testing import CliRunner
+
+    lora = tmp_path / "lora"
+    make_adapter(family["base"], lora, ["q_proj"])
+    weights, config = lora / "adapter_model.safetensors", lora / "adapter_config.json"
+    cfg = json.loads(config.read_text())
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        named = weights
+    elif damage == "not_object":
+        config.write_text(json.dumps([cfg]))
+        named = config
+    elif damage == "bad_regex":
+        config.write_text(json.dumps({**cfg, "alpha_pattern": {"q_proj(": 16}}))
+        named = config
+    else:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        state[f"base_model.model.model.embed_tokens{'.token_adapter.trainable_tokens_delta'}"] = (
+            torch.zeros(2, 64)
+        )
+        save_file(state, weights)
+        config.write_text(json.dumps({**cfg, "trainable_token_indices": [1, 100000]}))
+        named = config
+    with pytest.raises(UsageError, match=str(named)):
+        open_checkpoint(f"{family['base']}+{lora}")
+    args = ["soup", f"{family['base']}+{lora}", str(family["sft1"]), "-o", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and str(named) in res.output and "internal" not in res.output
+    assert not (tmp_path / "o").exists()

@@ -117,6 +117,26 @@ def test_slerp_blocks_match_a_naive_reference() -> None:
     torch.testing.assert_close(got.double(), ref_slerp(base, xs[0], 0.4), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("min_keep", [1, 0])
+def test_ties_blocks_keep_mergekits_one_entry_at_tiny_density(min_keep: int) -> None:
+    """int(0.0005 * 1500) = 0: mergekit's rule (min_keep 1, the default) keeps the largest
+    entry in row blocks as whole; `topk_count: floor` (min_keep 0) keeps none."""
+    base, xs = _inputs((50, 30), 1, seed=4)
+    method = get_method("ties")
+    ctx = TensorContext("w", ("m0",), 0, min_keep=min_keep)
+    mps = [{"density": 0.0005}]
+    parts = blocks.merge_blocks(method, ctx, (50, 30), _stream([base, *xs], 7), True, mps, {}, 8)
+    assert parts is not None
+    got = torch.cat([p[0] for p in parts])
+    assert torch.equal(got, method.run(ctx, xs, base, mps, {}))
+    delta = xs[0] - base
+    want = base.clone()
+    if min_keep:
+        top = delta.abs().flatten().argmax()  # the one largest change (naive reference)
+        want.view(-1)[top] = xs[0].view(-1)[top]
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize(
     "name,gp,shape",
     [

@@ -85,10 +85,13 @@ def ref_uniform(shape: tuple[int, ...], seed: int, model: str, name: str) -> Ten
     return torch.tensor([(w >> 8) * 2.0**-24 for w in words], dtype=torch.float64).reshape(shape)
 
 
-def ref_top_k(d: Tensor, density: float) -> Tensor:
-    """Keep mask of exactly k = int(density * numel) entries with the largest |d|, ties with the
-    k-th taken in index order (a stable sort keeps equal entries in index order)."""
+def ref_top_k(d: Tensor, density: float, at_least_one: bool = True) -> Tensor:
+    """Keep mask of exactly k = int(density * numel) entries with the largest |d| (at least 1
+    for density > 0: mergekit's rule, the default), ties with the k-th taken in index order (a
+    stable sort keeps equal entries in index order)."""
     k = int(density * d.numel())
+    if at_least_one and density > 0:
+        k = max(k, 1)
     keep = torch.zeros(d.numel(), dtype=torch.bool)
     keep[d.abs().flatten().argsort(descending=True, stable=True)[:k]] = True
     return keep.reshape(d.shape)
@@ -375,10 +378,18 @@ def test_ties_exact_cancellation_elects_plus() -> None:
     assert_matches(got, ref_task_vectors([x, x], base, [1.0, -1.0], elect=True))
 
 
-def test_ties_density_near_zero_returns_the_base() -> None:
-    xs, base = family(2)  # 66 entries: int(0.01 * 66) = 0 kept
-    got = merge("ties", xs, base, [{"density": 0.01}, {"density": 0.01}])
-    assert torch.equal(got, base)
+def test_ties_density_near_zero_keeps_one_entry_or_none() -> None:
+    """66 entries: int(0.01 * 66) = 0. mergekit's rule (the default) keeps each task vector's
+    largest entry; min_keep 0 (`topk_count: floor`) keeps none, so the merge is the base."""
+    xs, base = family(2)
+    mps = [{"density": 0.01}, {"density": 0.01}]
+    got = merge("ties", xs, base, mps)
+    keeps = [ref_top_k(x.double() - base.double(), 0.01) for x in xs]
+    assert [int(k.sum()) for k in keeps] == [1, 1]
+    assert_matches(got, ref_task_vectors(xs, base, [1.0, 1.0], keeps, elect=True, normalize=True))
+    assert not torch.equal(got, base)
+    floor = TensorContext("model.layers.0.mlp.up_proj.weight", ("m0", "m1"), 0, min_keep=0)
+    assert torch.equal(get_method("ties").run(floor, xs, base, mps, {}), base)
 
 
 def _dare_keeps(xs: list[Tensor], density: float, seed: int, name: str) -> list[Tensor]:

@@ -73,9 +73,16 @@ parameters: {{lambda: [{{filter: mlp, value: 2.0}}, {{value: 1.0}}]}}
     assert q0.t == 0.0 and q0.model_params[0]["density"] == pytest.approx(0.2)
     assert q0.global_params == {"lambda": 1.0}
     assert by_name["model.embed_tokens.weight"].t == 0.0
-    assert by_name["model.norm.weight"].t == 1.0 and by_name["lm_head.weight"].t == 1.0
+    # mergekit's rule: the final norm and lm_head take the gradient's first value too
+    assert by_name["model.norm.weight"].t == 0.0 and by_name["lm_head.weight"].t == 0.0
+    assert by_name["lm_head.weight"].model_params[0]["density"] == pytest.approx(0.2)
     largest = 259 * 64  # the embedding and lm_head
     assert p.peak_memory_bytes() == 4 * (3 + 2) * largest + PEAK_CONSTANT_BYTES
+    with ExitStack() as stack:  # ours, by choice: the top of the model at t = 1
+        ends = {t.job.name: t for t in plan(text + "outer_depth: ends\n", stack).tensors}
+    assert ends["model.norm.weight"].t == 1.0 and ends["lm_head.weight"].t == 1.0
+    assert ends["lm_head.weight"].model_params[0]["density"] == pytest.approx(0.6)
+    assert ends["model.embed_tokens.weight"].t == 0.0
 
 
 def test_slices_renumber_and_rewrite_config(family: dict[str, Path]) -> None:
@@ -132,9 +139,10 @@ models: [{{model: {s1}, parameters: {{density: [0.1, 0.5], epsilon: 0.2}}}}]
 """
     with ExitStack() as stack, pytest.raises(RecipeError) as err:
         plan(text, stack)
-    [(path, msg)] = err.value.problems  # one line for the 10 tensors at depth 0
+    # one line for the 12 tensors at depth 0: the embeddings, layer 0, the final norm, lm_head
+    [(path, msg)] = err.value.problems
     assert path == "parameters" and "lower epsilon" in msg
-    assert msg.startswith("tensor 'model.embed_tokens.weight' (and 9 more tensors)")
+    assert msg.startswith("tensor 'model.embed_tokens.weight' (and 11 more tensors)")
 
 
 def test_vocabulary_mismatch_is_an_error(family: dict[str, Path], tmp_path: Path) -> None:

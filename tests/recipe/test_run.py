@@ -40,14 +40,17 @@ def layer_of(name: str) -> int | None:
 # ---- naive references (float64, whole state dicts) -------------------------------------------
 
 
-def naive_ties(base, models, weights, densities):
+def naive_ties(base, models, weights, densities, at_least_one=True):
     """TIES on one tensor: top-k |delta| per model, majority sign of the weighted sum (0 -> +),
-    mean over agreeing models weighted by w, added to base."""
+    mean over agreeing models weighted by w, added to base. k = int(d * n), raised to 1 for any
+    d > 0 with mergekit's rule (at_least_one)."""
     b = base.double()
     kept = []
     for x, d in zip(models, densities, strict=True):
         delta = x.double() - b
         k = int(d * delta.numel())
+        if at_least_one and d > 0:
+            k = max(k, 1)
         mask = torch.zeros(delta.numel(), dtype=torch.bool)
         if k > 0:
             mask[delta.abs().flatten().topk(k).indices] = True
@@ -116,9 +119,42 @@ models:
     assert_states_close(load_state(out), want, atol=1e-5)
 
 
-def test_slerp_gradient_per_layer(deep_family, tmp_path):
-    """t: [0.2, 0.8] gives 0.2, 0.5, 0.8 on the three layers; embeddings take t = 0 (0.2),
-    the final norm and lm_head t = 1 (0.8)."""
+@pytest.mark.parametrize("rule", [None, "mergekit", "floor"])
+def test_ties_small_density_keeps_one_entry_like_mergekit(family, tmp_path, rule):
+    """density 0.01 on 64-entry norm weights: int(0.64) = 0. mergekit (the default) keeps the
+    largest entry of each task vector there; `topk_count: floor` keeps none (the base's norm)."""
+    key = f"topk_count: {rule}\n" if rule else ""
+    recipe = write(
+        tmp_path / "ties.yaml",
+        f"""
+merge_method: ties
+base_model: {family["base"]}
+models:
+  - model: {family["sft1"]}
+    parameters: {{weight: 1.0, density: 0.01}}
+  - model: {family["sft2"]}
+    parameters: {{weight: 0.6, density: 0.01}}
+{key}""",
+    )
+    out = tmp_path / "out"
+    run(recipe, out)
+    base, s1, s2 = (load_state(family[k]) for k in ("base", "sft1", "sft2"))
+    one = rule != "floor"
+    want = {k: naive_ties(base[k], [s1[k], s2[k]], [1.0, 0.6], [0.01, 0.01], one) for k in base}
+    got = load_state(out)
+    assert_states_close(got, want, atol=1e-5)
+    norm = "model.norm.weight"
+    assert base[norm].numel() == 64
+    changed = int((got[norm] != base[norm]).sum())
+    assert changed == (0 if rule == "floor" else 2)  # each model's largest change (distinct)
+
+
+@pytest.mark.parametrize("outer_depth", [None, "ends"])
+def test_slerp_gradient_per_layer(deep_family, tmp_path, outer_depth):
+    """t: [0.2, 0.8] gives 0.2, 0.5, 0.8 on the three layers; embeddings take t = 0 (0.2); the
+    final norm and lm_head t = 0 too (mergekit's rule, the default), or t = 1 (0.8) with
+    `outer_depth: ends`."""
+    key = f"outer_depth: {outer_depth}\n" if outer_depth else ""
     recipe = write(
         tmp_path / "slerp.yaml",
         f"""
@@ -126,7 +162,7 @@ merge_method: slerp
 base_model: {deep_family["base"]}
 models: [{{model: {deep_family["rlhf"]}}}]
 parameters: {{t: [0.2, 0.8]}}
-""",
+{key}""",
     )
     out = tmp_path / "out"
     run(recipe, out)
@@ -137,7 +173,7 @@ parameters: {{t: [0.2, 0.8]}}
         if layer is not None:
             t = 0.2 + 0.6 * layer / (LAYERS - 1)
         else:
-            t = 0.2 if "embed" in name else 0.8
+            t = 0.8 if outer_depth == "ends" and "embed" not in name else 0.2
         torch.testing.assert_close(
             got[name].double(), naive_slerp(base[name], rl[name], t), atol=1e-6, rtol=1e-5
         )
@@ -638,3 +674,13 @@ def test_dry_run_on_a_hub_id_fetches_headers_only(family, tmp_path, monkeypatch)
     assert not out.exists()
     with pytest.raises(AssertionError, match="downloaded"):  # a real run must download
         run(recipe, out)
+
+
+def test_mergekit_rule_keys_are_validated() -> None:
+    """topk_count / outer_depth take their documented values only (pydantic schema)."""
+    text = "merge_method: linear\nmodels: [{model: a}]\ntopk_count: ceil\nouter_depth: top\n"
+    with pytest.raises(RecipeError) as err:
+        load_pipeline(text, "r.yaml")
+    paths = [p for p, _ in err.value.problems]
+    assert "topk_count" in paths and "outer_depth" in paths
+    assert "'mergekit' or 'floor'" in str(err.value)
