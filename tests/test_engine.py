@@ -98,16 +98,16 @@ def test_cuda_matches_cpu(family: dict[str, Path], tmp_path: Path) -> None:
 
 def _spy_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
     """Record every row-range read the engine makes (name, start, stop)."""
-    import mergekit_rl.engine as engine
+    import mergekit_rl.io.reader as reader
 
     calls: list[tuple[str, int, int]] = []
-    real = engine.read_rows
+    real = reader.read_rows
 
     def spy(info, start, stop, pin=False):  # noqa: ANN001, ANN202
         calls.append((info.name, start, stop))
         return real(info, start, stop, pin=pin)
 
-    monkeypatch.setattr(engine, "read_rows", spy)
+    monkeypatch.setattr(reader, "read_rows", spy)
     return calls
 
 

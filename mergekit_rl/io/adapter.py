@@ -13,8 +13,12 @@ never held in memory (only the adapter's small factors are). The update is the o
     scale = alpha / r  (alpha / sqrt(r) with use_rslora; alpha from alpha_pattern when it matches)
 
 Full tensors in the adapter (`modules_to_save`, embedding layers saved with
-`save_embedding_layers`) replace the base's before the update is added. With tied embeddings (no lm_head stored) an update
-of lm_head lands on the shared embedding matrix, as in peft where both modules hold one tensor.
+`save_embedding_layers`) replace the base's before the update is added. With tied embeddings (no
+lm_head stored) a LoRA update of lm_head or of the embedding lands on the one shared matrix, as
+in peft where both modules hold one tensor; a `modules_to_save` copy of either unties them, as
+peft's merge_and_unload() does: the copy replaces that one, the other keeps the base's values.
+A block of rows of a weight gets the same rows of the update (`apply(..., rows=)`), so a large
+tensor can be merged block by block.
 DoRA, LoRA biases and non-LoRA adapter types are refused with a message naming the adapter.
 """
 
@@ -115,6 +119,11 @@ def resolve_adapter(ref: str) -> AdapterSource:
 # -- the merged weights ----------------------------------------------------------------------
 
 
+# the update of a weight is computed this many rows (dim 0) at a time, on a grid from row 0:
+# rows read in any blocks get the bits of a whole-tensor read (see LoraFactors.add_to_)
+UPDATE_ROWS = 256
+
+
 @dataclass(frozen=True)
 class LoraFactors:
     """One adapted weight: W += transpose?(B @ A) * scale."""
@@ -128,12 +137,23 @@ class LoraFactors:
         """The dense update in float32, shaped like the weight."""
         return self.add_to_(torch.zeros(self._shape(), device=device))
 
-    def add_to_(self, w: Tensor) -> Tensor:
-        """w += transpose?(B @ A) * scale in one fused matmul-add (no dense temporaries)."""
+    def add_to_(self, w: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """w += transpose?(B @ A) * scale, in place, as peft computes it (product, scale, add).
+
+        `rows` (start, stop): w holds only those rows of the weight and gets those rows of the
+        update. The product is computed in chunks of UPDATE_ROWS rows on a fixed grid, so
+        every row gets the same bits whichever range it is read in (a matmul's rounding can
+        depend on how many rows it has)."""
+        start, stop = rows if rows is not None else (0, w.shape[0])
         a, b = self.a.to(w.device, torch.float32), self.b.to(w.device, torch.float32)
-        if self.transpose:  # (B @ A).T = A.T @ B.T
-            return w.addmm_(a.T, b.T, alpha=self.scale)
-        return w.addmm_(b, a, alpha=self.scale)
+        for lo in range(start - start % UPDATE_ROWS, stop, UPDATE_ROWS):
+            hi = min(lo + UPDATE_ROWS, self._shape()[0])
+            # rows lo..hi of the update: [hi - lo, in]; transposed, those are columns of A
+            part = a[:, lo:hi].T @ b.T if self.transpose else b[lo:hi] @ a
+            part.mul_(self.scale)
+            first, last = max(lo, start), min(hi, stop)
+            w[first - start : last - start].add_(part[first - lo : last - lo])
+        return w
 
     def _shape(self) -> tuple[int, int]:
         out, inp = self.b.shape[0], self.a.shape[1]
@@ -143,8 +163,10 @@ class LoraFactors:
 class LoraAdapter:
     """A PEFT LoRA adapter matched to a base checkpoint's tensor names.
 
-    `updates[name]` lists the low-rank factors to add to the stored tensor `name`; `replaced[name]`
-    holds modules_to_save tensors. Built once per Checkpoint (the factors are small).
+    `updates[name]` lists the low-rank factors to add to the tensor `name`; `replaced[name]`
+    holds modules_to_save tensors. Keys are the names Checkpoint.info gives: a tied lm_head's
+    are the embedding's, unless the adapter `unties` the pair. Built once per Checkpoint (the
+    factors are small).
     """
 
     def __init__(self, source: AdapterSource, base: Checkpoint):
@@ -153,17 +175,22 @@ class LoraAdapter:
         tensors = load_file(str(source.root / ADAPTER_WEIGHTS))
         self.updates: dict[str, list[LoraFactors]] = {}
         self.replaced: dict[str, Tensor] = {}
+        self.unties = False  # a modules_to_save copy of one of a tied pair (Checkpoint._untie)
         self._collect(tensors, base)
 
     def _collect(self, tensors: dict[str, Tensor], base: Checkpoint) -> None:
         pairs: dict[str, dict[str, Tensor]] = {}  # module -> {lora_A | lora_embedding_A | ...}
+        copies: set[str] = set()  # modules_to_save: the module's own copy, not a base layer
         for key, t in tensors.items():
             name = key.removeprefix(PEFT_PREFIX)
             m = _LORA_KEY.match(name)
             if m is None:  # modules_to_save / saved embedding layers: full tensors that replace
+                copy = ".base_layer." not in name  # save_embedding_layers saves base layers
                 for wrapper in (".modules_to_save.", ".base_layer.", ".default."):
                     name = name.replace(wrapper, ".")
                 self.replaced[self._stored(name, base)] = t
+                if copy:
+                    copies.add(name)
             else:
                 pairs.setdefault(m.group("module"), {})[m.group("part")] = t
         for module, parts in pairs.items():
@@ -171,6 +198,17 @@ class LoraAdapter:
             name = self._stored(f"{module}.weight", base)
             self._check_shape(name, factors, base)
             self.updates.setdefault(name, []).append(factors)
+        pair = base.shared_pair
+        self.unties = pair is not None and bool(copies & set(pair))
+        if pair is not None and not self.unties:
+            self._share(*pair)
+
+    def _share(self, out: str, inp: str) -> None:
+        """A tied pair is one matrix: what the adapter does to lm_head lands on the embedding."""
+        if out in self.updates:
+            self.updates.setdefault(inp, []).extend(self.updates.pop(out))
+        if out in self.replaced:
+            self.replaced.setdefault(inp, self.replaced.pop(out))
 
     def _factors(self, module: str, parts: dict[str, Tensor]) -> LoraFactors:
         emb = "lora_embedding_A" in parts  # Embedding layers store A [r, vocab], B [d, r]
@@ -190,10 +228,8 @@ class LoraAdapter:
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def _stored(self, name: str, base: Checkpoint) -> str:
-        """The base tensor that holds `name` (a tied lm_head is the embedding)."""
-        if name not in base and base.tied_embeddings and name == "lm_head.weight":
-            return base.info(name).name
-        if name not in base:
+        """`name`, checked to be in the base (a tied lm_head counts; see _share)."""
+        if not base.has(name):
             raise MismatchError(
                 f"{self._where()} adapts '{name}', which the base model {base.source.ref} does "
                 "not have: the adapter was trained on another architecture. Check BASE+ADAPTER."
@@ -212,10 +248,15 @@ class LoraAdapter:
     def _where(self) -> str:
         return f"adapter '{self.source.ref}' ({self.source.root / ADAPTER_WEIGHTS})"
 
-    def apply(self, name: str, weight: Tensor) -> Tensor:
-        """The stored tensor `name` with the adapter merged in (same dtype and device)."""
+    def apply(self, name: str, weight: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """The tensor `name` with the adapter merged in (same dtype and device). `rows`
+        (start, stop): `weight` is only those rows (dim 0), and gets the same rows of the
+        replacement and of the update, so that blocks equal the whole tensor's rows."""
         if name in self.replaced:
-            weight = self.replaced[name].to(weight.device, weight.dtype)
+            full = self.replaced[name]
+            weight = (full if rows is None else full[rows[0] : rows[1]]).to(
+                weight.device, weight.dtype
+            )
         factors = self.updates.get(name)
         if not factors:
             return weight
@@ -223,7 +264,7 @@ class LoraAdapter:
         if merged is weight:
             merged = weight.clone()  # never edit the caller's tensor
         for f in factors:
-            f.add_to_(merged)
+            f.add_to_(merged, rows)
         return merged.to(weight.dtype)
 
 

@@ -124,7 +124,7 @@ def test_check_compatible_reports_names_and_shapes(tmp_path: Path) -> None:
     save_file({"a": torch.ones(2), "c": torch.ones(3)}, tmp_path / "y.safetensors")
     save_file({"a": torch.ones(4), "b": torch.ones(3)}, tmp_path / "z.safetensors")
     x, y, z = (open_checkpoint(tmp_path / f"{n}.safetensors") for n in "xyz")
-    with pytest.raises(MismatchError, match="'b' is in .*x.safetensors but not in"):
+    with pytest.raises(MismatchError, match="1 tensor is in .*x.safetensors but not in .*: 'b'"):
         check_compatible([x, y])
     with pytest.raises(MismatchError, match=r"'a' has shape \[2\]"):
         check_compatible([x, z])
