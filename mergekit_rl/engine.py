@@ -388,12 +388,12 @@ def _cast_checked(t: Tensor, dtype: torch.dtype, job: TensorJob, spec: OutputSpe
             "written. Check the inputs (a warning names any non-finite input tensor) and the "
             "merge parameters."
         )
-    peak = float(t.abs().max())
+    peak, name = float(t.abs().max()), str(dtype).removeprefix("torch.")
     raise RunError(
-        f"output tensor '{job.name}' for {spec.path} does not fit in {dtype_name(dtype)}: it "
-        f"reaches {peak:.4g}, past the largest {dtype_name(dtype)} value "
-        f"({torch.finfo(dtype).max:.4g}), which the cast makes Inf or NaN; nothing was "
-        "written. Write a wider dtype (--dtype float32) or use smaller weights or scales."
+        f"output tensor '{job.name}' for {spec.path} does not fit in {name}: it reaches "
+        f"{peak:.4g}, past the largest {name} value ({torch.finfo(dtype).max:.4g}), so the cast "
+        "would write Inf (or clamp); nothing was written. Write a wider dtype (--dtype "
+        "float32) or use smaller weights or scales."
     )
 
 

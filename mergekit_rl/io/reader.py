@@ -343,17 +343,23 @@ def _differences(first: Checkpoint, other: Checkpoint, max_listed: int) -> list[
             out.append(f"{len(only)} {are} {where}: {_first(quoted, max_listed)}")
     shared = sorted(mine & theirs, key=natural_key)
     shapes = [
-        f"'{n}' has shape {list(first.info(n).shape)} in {a} but {list(other.info(n).shape)} in "
-        f"{b}" + (" (vocabulary sizes differ)" if "embed" in n or "lm_head" in n else "")
+        _shape_problem(n, first.info(n).shape, other.info(n).shape, a, b)
         for n in shared
         if first.info(n).shape != other.info(n).shape
     ]
     if shapes:
         out.append(
-            f"{len(shapes)} of the {len(shared)} tensors both have differ in shape: "
+            f"{len(shapes)} of their {len(shared)} common tensors differ in shape: "
             f"{_first(shapes, max_listed)}"
         )
     return out
+
+
+def _shape_problem(name: str, x: tuple[int, ...], y: tuple[int, ...], a: str, b: str) -> str:
+    # an embedding that differs only in its rows: another vocabulary, not another width
+    vocab = ("embed" in name or "lm_head" in name) and x[1:] == y[1:]
+    hint = " (vocabulary sizes differ)" if vocab else ""
+    return f"'{name}' has shape {list(x)} in {a} but {list(y)} in {b}{hint}"
 
 
 def _first(items: list[str], max_listed: int) -> str:
