@@ -121,7 +121,7 @@ def resolve_adapter(ref: str) -> AdapterSource:
 
 # the update of a weight is computed this many rows (dim 0) at a time, on a grid from row 0:
 # rows read in any blocks get the bits of a whole-tensor read (see LoraFactors.add_to_)
-UPDATE_ROWS = 256
+UPDATE_ROWS = 1024
 
 
 @dataclass(frozen=True)
