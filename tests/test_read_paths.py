@@ -355,3 +355,59 @@ def test_every_dtype_on_every_read_path(
     assert load_state(outs[path] / "ties")["lm_head.weight"].dtype == dtype
     for part in ("soup", "soup32", "tau.safetensors", "applied", "ties"):
         _assert_same_files(outs["whole"] / part, outs[path] / part)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("block_elems", [HUGE, 1000])
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_adapters_on_cuda_equal_the_cpu(
+    name: str,
+    block_elems: int,
+    adapters: dict[str, tuple[str, dict[str, torch.Tensor], Any]],
+    fams: dict[str, dict[str, Path]],
+    tmp_path: Path,
+) -> None:
+    """The real device path (pinned reads, asynchronous copies): soup B+A B+A and the task
+    vector of B+A, bit for bit the CPU's (one exact add, one exact subtraction per entry)."""
+    ref = adapters[name][0]
+    base = fams[ADAPTERS[name][0]]["base"]
+    for dev, run in (
+        ("cpu", PATHS["whole"]),
+        ("cuda", RunOptions(progress="none", device="cuda", block_elems=block_elems)),
+    ):
+        opts = ops.WriteOptions(run=run)
+        ops.soup([ref, ref], tmp_path / dev / "soup", opts=opts)
+        ops.extract_task_vector(base, ref, tmp_path / dev / "tau.safetensors", opts)
+    for part in ("soup", "tau.safetensors"):
+        _assert_same_files(tmp_path / "cpu" / part, tmp_path / "cuda" / part)
+
+
+def test_gpt2_conv1d_adapter_and_untied_head_on_every_read_path(tmp_path: Path) -> None:
+    """GPT-2: Conv1D weights stored [in, out] (fan_in_fan_out: their update is transposed, so
+    its rows are columns of A) and a tied transformer.wte / lm_head pair that a modules_to_save
+    copy of lm_head unties; every read path gives peft's model."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.arch_models import VOCAB, build_model
+
+    base = build_model(tmp_path / "base", "gpt2", tie=True, seed=3)
+    cfg = {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}
+    merged = make_adapter(base, tmp_path / "lora", seed=4, modules_to_save=["lm_head"], **cfg)
+    want = merged.state_dict()
+    ids = torch.arange(12).reshape(2, 6) % VOCAB
+    with torch.no_grad():
+        want_logits = merged(input_ids=ids).logits
+    for p, run in PATHS.items():
+        out = tmp_path / p
+        ops.soup([f"{base}+{tmp_path / 'lora'}"] * 2, out, opts=ops.WriteOptions(run=run))
+        got = load_state(out)
+        assert {"lm_head.weight", "transformer.wte.weight"} <= set(got)
+        for t, x in got.items():
+            torch.testing.assert_close(x, want[t], atol=1e-5, rtol=1e-5, msg=t)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model(input_ids=ids).logits, want_logits, atol=1e-4, rtol=1e-4
+            )
+        if p != "whole":
+            _assert_same_files(tmp_path / "whole", out)
