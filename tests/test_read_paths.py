@@ -150,6 +150,32 @@ def test_adapter_rows_equal_whole_reads_and_peft(
             torch.testing.assert_close(whole, want[t], atol=1e-5, rtol=1e-5, msg=t)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("shape", [(1000, 333), (257, 64), (130, 4097)])
+def test_update_rows_in_any_blocks_equal_the_whole_update(
+    shape: tuple[int, int], transpose: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Odd widths (rows not 64-byte multiples), blocks that cut the 64-row grid anywhere:
+    each block gets the whole update's bits, and the whole update is W + B @ A * scale."""
+    from mergekit_rl.io.adapter import LoraFactors
+
+    monkeypatch.setattr("mergekit_rl.io.adapter.UPDATE_ROWS", 64)
+    g = torch.Generator().manual_seed(sum(shape))
+    out, inp = shape
+    a = torch.randn(5, out if transpose else inp, generator=g)
+    b = torch.randn(inp if transpose else out, 5, generator=g)
+    f = LoraFactors(a, b, 0.7, transpose)
+    w = torch.randn(shape, generator=g)
+    whole = f.add_to_(w.clone())
+    naive = w + ((b @ a).T if transpose else b @ a) * 0.7
+    torch.testing.assert_close(whole, naive, atol=1e-5, rtol=1e-5)
+    for step in (1, 37, 64, 100):
+        parts = [
+            f.add_to_(w[s : s + step].clone(), (s, min(out, s + step))) for s in range(0, out, step)
+        ]
+        assert torch.equal(torch.cat(parts), whole), step
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_commands_apply_adapters_on_every_read_path(

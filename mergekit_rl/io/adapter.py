@@ -138,22 +138,33 @@ class LoraFactors:
         return self.add_to_(torch.zeros(self._shape(), device=device))
 
     def add_to_(self, w: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
-        """w += transpose?(B @ A) * scale, in place, as peft computes it (product, scale, add).
+        """w += transpose?(B @ A) * scale, in place, one fused matmul-add per chunk.
 
         `rows` (start, stop): w holds only those rows of the weight and gets those rows of the
-        update. The product is computed in chunks of UPDATE_ROWS rows on a fixed grid, so
-        every row gets the same bits whichever range it is read in (a matmul's rounding can
-        depend on how many rows it has)."""
+        update. The weight's rows are updated in chunks of UPDATE_ROWS on a fixed grid from row
+        0, each with the same matmul whichever range is read (a matmul's rounding can depend
+        on its row count): a chunk that the range cuts runs whole on a padded copy. So every
+        block of rows gets exactly the bits of a whole-tensor read."""
         start, stop = rows if rows is not None else (0, w.shape[0])
         a, b = self.a.to(w.device, torch.float32), self.b.to(w.device, torch.float32)
         for lo in range(start - start % UPDATE_ROWS, stop, UPDATE_ROWS):
             hi = min(lo + UPDATE_ROWS, self._shape()[0])
-            # rows lo..hi of the update: [hi - lo, in]; transposed, those are columns of A
-            part = a[:, lo:hi].T @ b.T if self.transpose else b[lo:hi] @ a
-            part.mul_(self.scale)
             first, last = max(lo, start), min(hi, stop)
-            w[first - start : last - start].add_(part[first - lo : last - lo])
+            if (first, last) == (lo, hi):
+                self._add_chunk(w[lo - start : hi - start], a, b, lo, hi)
+                continue
+            pad = w.new_zeros(hi - lo, *w.shape[1:])  # rows lo..hi, ours copied in
+            pad[first - lo : last - lo] = w[first - start : last - start]
+            self._add_chunk(pad, a, b, lo, hi)
+            w[first - start : last - start] = pad[first - lo : last - lo]
         return w
+
+    def _add_chunk(self, w: Tensor, a: Tensor, b: Tensor, lo: int, hi: int) -> None:
+        """w [hi - lo, in] += rows lo..hi of the update; transposed, those are columns of A."""
+        if self.transpose:  # (B @ A).T = A.T @ B.T
+            w.addmm_(a[:, lo:hi].T, b.T, alpha=self.scale)
+        else:
+            w.addmm_(b[lo:hi], a, alpha=self.scale)
 
     def _shape(self) -> tuple[int, int]:
         out, inp = self.b.shape[0], self.a.shape[1]
