@@ -151,9 +151,13 @@ def test_row_blocks_equal_whole_tensors_bit_for_bit(
 
 
 def test_pinned_reads_and_asynchronous_copies_only_for_cuda() -> None:
-    from mergekit_rl.engine import pinned_reads, to_device
+    from mergekit_rl.engine import device_reads, pinned_reads, to_device
 
     assert pinned_reads(torch.device("cuda:0")) and not pinned_reads(torch.device("cpu"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert device_reads(cuda, QUIET) and not device_reads(cpu, QUIET)  # the default: CUDA only
+    assert device_reads(cpu, RunOptions(device_reads=True))  # forced: tests run it on the CPU
+    assert not device_reads(cuda, RunOptions(device_reads=False))
     raw = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
     out = to_device(raw, torch.device("cpu"))
     assert out.dtype == torch.float32 and out.tolist() == [1.5, -2.0]
