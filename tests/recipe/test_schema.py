@@ -143,7 +143,8 @@ def test_parse_size() -> None:
     with pytest.raises(ValueError):
         parse_size(0)
     assert parse_size("1.5 GiB") == 3 * 2**29 and parse_size(".5KB") == 500
-    for bad in ("1.2.3", ".", "1..5MB", "5 XB", True):
+    assert parse_size("2k") == 2000 and parse_size("3 TiB") == 3 * 2**40 and parse_size("7") == 7
+    for bad in ("1.2.3", ".", "1..5MB", "5 XB", "5iB", "5i", "-1", True):
         with pytest.raises(UsageError, match="is not a size"):
             parse_size(bad)  # type: ignore[arg-type]
     got = dict(problems("merge_method: linear\nmodels: [{model: a}]\nmax_shard_size: 1.2.3\n"))
