@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from rich.table import Table
 from mergekit_rl.engine import RunOptions, RunSummary, parse_dtype
 from mergekit_rl.errors import UsageError
 from mergekit_rl.io.writer import DEFAULT_MAX_SHARD
+from mergekit_rl.io.writer import parse_size as size_in_bytes
 from mergekit_rl.ops import WriteOptions
 
 Output = Annotated[
@@ -70,27 +70,12 @@ def _console(stderr: bool) -> Console:
 err_console = _console(stderr=True)
 console = _console(stderr=False)
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise UsageError(f"--max-shard-size '{text}' is not a size: use bytes or 5GB / 500MB.")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise UsageError("--max-shard-size must be positive.")
-    return size
+    try:
+        return size_in_bytes(text)
+    except UsageError as e:
+        raise UsageError(f"--max-shard-size: {e}") from None
 
 
 def parse_floats(text: str | None, option: str) -> list[float] | None:

@@ -16,8 +16,14 @@ L1 norms and slerp angles come from first passes over the blocks (`merge.blocks`
 Each input's compute copy and each output's cast go into buffers the run reuses
 (`BufferPool`), so a job does not fault in fresh pages for them.
 
-On CUDA, safetensors inputs are read into pinned host buffers and copied asynchronously in
-their stored dtype; the cast to float32 runs on the device.
+On CUDA, safetensors inputs are read as one row range into pinned host buffers and copied
+asynchronously in their stored dtype; the cast to float32 runs on the device. Every read, whole,
+in blocks or for the device, goes through the Checkpoint (`read` / `read_rows`), which merges a
+BASE+ADAPTER's update: the device changes the speed, never the values
+(`RunOptions.device_reads` runs the device's read path on the CPU, for tests).
+
+Outputs are checked for NaN and Inf after the cast to the output dtype, so that a value that
+overflows it (1e5 in float16) is an error naming the tensor, and nothing is written.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from torch import Tensor
 from .errors import RunError, UsageError
 from .io.card import write_aux_files
 from .io.reader import Checkpoint, all_finite, warn_non_finite
-from .io.safetensors_format import DTYPE_NAMES, read_rows
+from .io.safetensors_format import DTYPE_NAMES
 from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Entry
 from .progress import make_reporter
 
@@ -138,6 +144,9 @@ class RunOptions:
     force: bool = False
     progress: str = "auto"  # auto | plain | none
     block_elems: int = DEFAULT_BLOCK_ELEMS  # row-block larger tensors (see `rowwise`)
+    # read whole tensors as one row range, as for CUDA (pinned there): None = on CUDA only;
+    # True runs that read path on the CPU (tests), False never
+    device_reads: bool | None = None
 
 
 @dataclass
@@ -231,15 +240,16 @@ def run_jobs(
                     continue
                 # read then compute, in one thread: a read-ahead thread was measured slower on
                 # 2 cores (contention with torch's own threads) and raised the peak RSS
-                raw = _read_raw(inputs, job, device)
+                raw = _read_raw(inputs, job, device, device_reads(device, options))
                 tensors, nbytes = _to_compute(inputs, job, raw, device, pool)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
                 for k, (spec, writer, result) in enumerate(
                     zip(outputs, writers, results, strict=True)
                 ):
-                    _check_finite(result, job.name, spec.path)
-                    writer.add(job.name, pool.cast(result, out_dtype(job, spec), k))
+                    writer.add(
+                        job.name, _cast_checked(result, out_dtype(job, spec), job, spec, pool, k)
+                    )
                 del tensors, results  # free before the next job is read
                 reporter.advance(nbytes)
         finally:
@@ -273,20 +283,28 @@ def pinned_reads(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def device_reads(device: torch.device, options: RunOptions) -> bool:
+    """Read whole tensors as one row range (the device's read path; pinned on CUDA)?"""
+    return pinned_reads(device) if options.device_reads is None else options.device_reads
+
+
 def _rows_readable(ckpt: Checkpoint, name: str) -> bool:
     info = ckpt.info(name)
     return not ckpt.source.pickle and info.offset >= 0 and len(info.shape) >= 1
 
 
-def _read_raw(inputs: Sequence[Checkpoint], job: TensorJob, device: torch.device) -> list[Tensor]:
-    if pinned_reads(device):  # whole tensors as one row range, straight into pinned buffers
-        return [
-            read_rows(inputs[i].info(n), 0, inputs[i].info(n).shape[0], pin=True)
-            if _rows_readable(inputs[i], n)
-            else inputs[i].read(n)
-            for i, n in job.sources
-        ]
-    return [inputs[i].read(name) for i, name in job.sources]
+def _read_raw(
+    inputs: Sequence[Checkpoint], job: TensorJob, device: torch.device, rows: bool
+) -> list[Tensor]:
+    """The job's inputs as stored (adapter merged in); `rows`: as one row range, straight into
+    pinned buffers on CUDA."""
+    pin = pinned_reads(device)
+    return [
+        inputs[i].read_rows(n, 0, inputs[i].info(n).shape[0], pin=pin)
+        if rows and _rows_readable(inputs[i], n)
+        else inputs[i].read(n)
+        for i, n in job.sources
+    ]
 
 
 def to_device(
@@ -371,7 +389,7 @@ def _blocked(
             stop = min(job.shape[0], start + step)
             xs = []
             for k, (i, name) in enumerate(job.sources):
-                raw = read_rows(inputs[i].info(name), start, stop, pin=pin)
+                raw = inputs[i].read_rows(name, start, stop, pin=pin)
                 if raw.is_floating_point() and (i, name) not in warned and not all_finite(raw):
                     warned.add((i, name))
                     warn_non_finite(raw, name, inputs[i].source.ref)
@@ -402,9 +420,7 @@ def _write_blocks(
                     f"tensor '{job.name}': the merge produced rows of shape "
                     f"{list(part.shape[1:])}, expected {list(job.shape[1:])}."
                 )
-            _check_finite(part, job.name, spec.path)
-            dtype = out_dtype(job, spec)
-            writer.write_part(part.to(dtype) if pool is None else pool.cast(part, dtype, k))
+            writer.write_part(_cast_checked(part, out_dtype(job, spec), job, spec, pool, k))
         rows += parts[0].shape[0]
         del parts
     if rows != job.shape[0]:
@@ -426,12 +442,47 @@ def _compute(job: TensorJob, tensors: list[Tensor], compute: Compute, n_out: int
     return results
 
 
-def _check_finite(t: Tensor, name: str, out: Path) -> None:
+def _cast_checked(
+    t: Tensor,
+    dtype: torch.dtype,
+    job: TensorJob,
+    spec: OutputSpec,
+    pool: BufferPool | None = None,
+    k: int = 0,
+) -> Tensor:
+    """t cast to the output dtype (into output k's pooled buffer), checked there: what is
+    written must be finite, and a finite result can overflow a narrower dtype (1e5 is inf in
+    float16). Raises RunError, so the writer removes everything (nothing half-written is left)."""
+    out = t.to(dtype) if pool is None else pool.cast(t, dtype, k)
+    if all_finite(out) and not (dtype in SATURATING and _past_range(t, dtype)):
+        return out
     if not all_finite(t):
         raise RunError(
-            f"output tensor '{name}' for {out} contains NaN or Inf; nothing was written. Check "
-            "the inputs (a warning names any non-finite input tensor) and the merge parameters."
+            f"output tensor '{job.name}' for {spec.path} contains NaN or Inf; nothing was "
+            "written. Check the inputs (a warning names any non-finite input tensor) and the "
+            "merge parameters."
         )
+    peak, name = float(t.abs().max()), str(dtype).removeprefix("torch.")
+    raise RunError(
+        f"output tensor '{job.name}' for {spec.path} does not fit in {name}: it reaches "
+        f"{peak:.4g}, past the largest {name} value ({torch.finfo(dtype).max:.4g}), so the cast "
+        "would write Inf (or clamp); nothing was written. Write a wider dtype (--dtype "
+        "float32) or use smaller weights or scales."
+    )
+
+
+# dtypes without Inf, whose casts clamp out-of-range values to their largest one silently
+SATURATING = {torch.float8_e4m3fn}
+
+
+def _past_range(t: Tensor, dtype: torch.dtype) -> bool:
+    """Does t hold a value that rounds past dtype's largest (beyond half its last ulp)?"""
+    if t.numel() == 0 or not t.is_floating_point():
+        return False
+    big = torch.finfo(dtype).max
+    limit = big + 2.0 ** math.floor(math.log2(big)) * torch.finfo(dtype).eps / 2
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi)) > limit
 
 
 def _write_aux(writer: CheckpointWriter, spec: OutputSpec) -> None:

@@ -98,16 +98,16 @@ def test_cuda_matches_cpu(family: dict[str, Path], tmp_path: Path) -> None:
 
 def _spy_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
     """Record every row-range read the engine makes (name, start, stop)."""
-    import mergekit_rl.engine as engine
+    import mergekit_rl.io.reader as reader
 
     calls: list[tuple[str, int, int]] = []
-    real = engine.read_rows
+    real = reader.read_rows
 
     def spy(info, start, stop, pin=False):  # noqa: ANN001, ANN202
         calls.append((info.name, start, stop))
         return real(info, start, stop, pin=pin)
 
-    monkeypatch.setattr(engine, "read_rows", spy)
+    monkeypatch.setattr(reader, "read_rows", spy)
     return calls
 
 
@@ -169,9 +169,13 @@ def test_row_blocks_equal_whole_tensors_bit_for_bit(
 
 
 def test_pinned_reads_and_asynchronous_copies_only_for_cuda() -> None:
-    from mergekit_rl.engine import pinned_reads, to_device
+    from mergekit_rl.engine import device_reads, pinned_reads, to_device
 
     assert pinned_reads(torch.device("cuda:0")) and not pinned_reads(torch.device("cpu"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert device_reads(cuda, QUIET) and not device_reads(cpu, QUIET)  # the default: CUDA only
+    assert device_reads(cpu, RunOptions(device_reads=True))  # forced: tests run it on the CPU
+    assert not device_reads(cuda, RunOptions(device_reads=False))
     raw = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
     out = to_device(raw, torch.device("cpu"))
     assert out.dtype == torch.float32 and out.tolist() == [1.5, -2.0]
@@ -235,3 +239,66 @@ def test_the_engine_converts_and_casts_into_reused_buffers(
     for name, t in got.items():
         want = sum(s[name].double() for s in states) / 3
         torch.testing.assert_close(t.double(), want.to(t.dtype).double(), rtol=8e-3, atol=1e-6)
+
+
+# ---- what is written is checked, and every read path handles every shape ---------------------
+
+
+@pytest.mark.parametrize("block_elems", [1 << 30, 1000])
+def test_a_cast_that_overflows_is_an_error_and_writes_nothing(
+    family: dict[str, Path], tmp_path: Path, block_elems: int
+) -> None:
+    """base + 1e7 * tau is finite in float32 but past float16's range: the check runs on
+    what would be written (after the cast), names the tensor, and leaves nothing behind."""
+    from mergekit_rl import ops
+
+    opts = ops.WriteOptions(run=RunOptions(progress="none", block_elems=block_elems))
+    tau = tmp_path / "tau.safetensors"
+    ops.extract_task_vector(family["base"], family["sft1"], tau, opts)
+    out = tmp_path / "out"
+    f16 = ops.WriteOptions(run=opts.run, dtype=torch.float16)
+    with pytest.raises(
+        RunError, match=r"output tensor '[^']+' .* does not fit in float16.*6.55e\+04"
+    ):
+        ops.apply_task_vectors(family["base"], [tau], out, [1e7], f16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tau.safetensors"]
+    ops.apply_task_vectors(family["base"], [tau], out, [1e7], opts)  # float32 holds it
+
+
+def test_a_saturating_float8_cast_is_an_error(tmp_path: Path) -> None:
+    """float8_e4m3fn has no Inf: its cast clamps to 448 silently, so the range is checked."""
+    a = _ckpt(tmp_path, "a", {"w": torch.tensor([1.0, 300.0]).to(torch.float8_e4m3fn)})
+    jobs = identity_jobs(a, ["w"], 1)
+    for factor, ok in ((1.5, True), (2.0, False)):  # 450 rounds to 448; 600 does not fit
+        out = tmp_path / f"x{factor}"
+
+        def run(out: Path = out, factor: float = factor) -> None:
+            compute = lambda j, xs: [xs[0] * factor]  # noqa: E731
+            run_jobs([a], jobs, compute, [OutputSpec(out)], QUIET)
+
+        if ok:
+            run()
+            assert load_state(out)["w"].float().tolist() == [1.5, 448.0]
+        else:
+            with pytest.raises(RunError, match="'w'.*does not fit in float8_e4m3fn"):
+                run()
+            assert not out.exists()
+
+
+@pytest.mark.parametrize("device_reads", [False, True])
+def test_empty_tensors_on_every_read_path(tmp_path: Path, device_reads: bool) -> None:
+    """A tensor whose first dimension is 0 (and one with a later 0) reads on the device path
+    as on the whole-tensor path."""
+    tensors = {"e0": torch.ones(0, 4), "e1": torch.ones(3, 0), "w": torch.arange(6.0)}
+    a = _ckpt(tmp_path, "a", tensors)
+    opts = RunOptions(progress="none", device_reads=device_reads, block_elems=2)
+    run_jobs(
+        [a],
+        identity_jobs(a, a.names(), 1),
+        lambda j, xs: [xs[0] * 2],
+        [OutputSpec(tmp_path / "o")],
+        opts,
+    )
+    got = load_state(tmp_path / "o")
+    assert got["e0"].shape == (0, 4) and got["e1"].shape == (3, 0)
+    assert got["w"].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]

@@ -16,8 +16,12 @@ Full tensors in the adapter (`modules_to_save`, embedding layers saved with
 `save_embedding_layers`) replace the base's before the update is added. Trainable tokens
 (`trainable_token_indices`) replace the listed rows of their embedding with the adapter's
 `trainable_tokens_delta` rows, as peft's merge does (`index_copy` on dim 0; despite its name the
-tensor holds the new rows, not a difference). With tied embeddings (no lm_head stored) an update
-of lm_head lands on the shared embedding matrix, as in peft where both modules hold one tensor.
+tensor holds the new rows, not a difference). With tied embeddings (no lm_head stored) a LoRA
+update of lm_head or of the embedding lands on the one shared matrix, as in peft where both
+modules hold one tensor; a `modules_to_save` copy of either unties them, as peft's
+merge_and_unload() does: the copy replaces that one, the other keeps the base's values.
+A block of rows of a weight gets the same rows of the update (`apply(..., rows=)`), so a large
+tensor can be merged block by block.
 DoRA, LoRA biases and non-LoRA adapter types are refused with a message naming the adapter;
 a malformed adapter (unreadable weights, a config that is not a JSON object, a bad regex in
 `alpha_pattern`) is an error naming the file.
@@ -122,6 +126,11 @@ def resolve_adapter(ref: str) -> AdapterSource:
 # -- the merged weights ----------------------------------------------------------------------
 
 
+# the update of a weight is computed this many rows (dim 0) at a time, on a grid from row 0:
+# rows read in any blocks get the bits of a whole-tensor read (see LoraFactors.add_to_)
+UPDATE_ROWS = 1024
+
+
 @dataclass(frozen=True)
 class LoraFactors:
     """One adapted weight: W += transpose?(B @ A) * scale."""
@@ -135,12 +144,34 @@ class LoraFactors:
         """The dense update in float32, shaped like the weight."""
         return self.add_to_(torch.zeros(self._shape(), device=device))
 
-    def add_to_(self, w: Tensor) -> Tensor:
-        """w += transpose?(B @ A) * scale in one fused matmul-add (no dense temporaries)."""
+    def add_to_(self, w: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """w += transpose?(B @ A) * scale, in place, one fused matmul-add per chunk.
+
+        `rows` (start, stop): w holds only those rows of the weight and gets those rows of the
+        update. The weight's rows are updated in chunks of UPDATE_ROWS on a fixed grid from row
+        0, each with the same matmul whichever range is read (a matmul's rounding can depend
+        on its row count): a chunk that the range cuts runs whole on a padded copy. So every
+        block of rows gets exactly the bits of a whole-tensor read."""
+        start, stop = rows if rows is not None else (0, w.shape[0])
         a, b = self.a.to(w.device, torch.float32), self.b.to(w.device, torch.float32)
+        for lo in range(start - start % UPDATE_ROWS, stop, UPDATE_ROWS):
+            hi = min(lo + UPDATE_ROWS, self._shape()[0])
+            first, last = max(lo, start), min(hi, stop)
+            if (first, last) == (lo, hi):
+                self._add_chunk(w[lo - start : hi - start], a, b, lo, hi)
+                continue
+            pad = w.new_zeros(hi - lo, *w.shape[1:])  # rows lo..hi, ours copied in
+            pad[first - lo : last - lo] = w[first - start : last - start]
+            self._add_chunk(pad, a, b, lo, hi)
+            w[first - start : last - start] = pad[first - lo : last - lo]
+        return w
+
+    def _add_chunk(self, w: Tensor, a: Tensor, b: Tensor, lo: int, hi: int) -> None:
+        """w [hi - lo, in] += rows lo..hi of the update; transposed, those are columns of A."""
         if self.transpose:  # (B @ A).T = A.T @ B.T
-            return w.addmm_(a.T, b.T, alpha=self.scale)
-        return w.addmm_(b, a, alpha=self.scale)
+            w.addmm_(a[:, lo:hi].T, b.T, alpha=self.scale)
+        else:
+            w.addmm_(b[lo:hi], a, alpha=self.scale)
 
     def _shape(self) -> tuple[int, int]:
         out, inp = self.b.shape[0], self.a.shape[1]
@@ -150,8 +181,10 @@ class LoraFactors:
 class LoraAdapter:
     """A PEFT LoRA adapter matched to a base checkpoint's tensor names.
 
-    `updates[name]` lists the low-rank factors to add to the stored tensor `name`; `replaced[name]`
-    holds modules_to_save tensors. Built once per Checkpoint (the factors are small).
+    `updates[name]` lists the low-rank factors to add to the tensor `name`; `replaced[name]`
+    holds modules_to_save tensors. Keys are the names Checkpoint.info gives: a tied lm_head's
+    are the embedding's, unless the adapter `unties` the pair. Built once per Checkpoint (the
+    factors are small).
     """
 
     def __init__(self, source: AdapterSource, base: Checkpoint):
@@ -163,10 +196,12 @@ class LoraAdapter:
         self.rows: dict[
             str, tuple[Tensor, Tensor]
         ] = {}  # trainable tokens: (index [n], rows [n, d])
+        self.unties = False  # a modules_to_save copy of one of a tied pair (Checkpoint._untie)
         self._collect(tensors, base)
 
     def _collect(self, tensors: dict[str, Tensor], base: Checkpoint) -> None:
         pairs: dict[str, dict[str, Tensor]] = {}  # module -> {lora_A | lora_embedding_A | ...}
+        copies: set[str] = set()  # modules_to_save: the module's own copy, not a base layer
         for key, t in tensors.items():
             name = key.removeprefix(PEFT_PREFIX)
             m = _LORA_KEY.match(name)
@@ -174,9 +209,13 @@ class LoraAdapter:
                 module = name.removesuffix(TOKENS_SUFFIX)
                 self._token_rows(module, t, self._stored(f"{module}.weight", base), base)
             elif m is None:  # modules_to_save / saved embedding layers: full tensors that replace
+                copy = ".base_layer." not in name  # save_embedding_layers saves base layers
                 for wrapper in (".modules_to_save.", ".base_layer.", ".default."):
                     name = name.replace(wrapper, ".")
-                self.replaced[self._stored(name, base)] = t
+                stored = self._stored(name, base)
+                self.replaced[stored] = t
+                if copy:
+                    copies.add(stored)
             else:
                 pairs.setdefault(m.group("module"), {})[m.group("part")] = t
         for module, parts in pairs.items():
@@ -184,6 +223,19 @@ class LoraAdapter:
             name = self._stored(f"{module}.weight", base)
             self._check_shape(name, factors, base)
             self.updates.setdefault(name, []).append(factors)
+        pair = base.shared_pair
+        self.unties = pair is not None and bool(copies & set(pair))
+        if pair is not None and not self.unties:
+            self._share(*pair)
+
+    def _share(self, out: str, inp: str) -> None:
+        """A tied pair is one matrix: what the adapter does to lm_head lands on the embedding."""
+        if out in self.updates:
+            self.updates.setdefault(inp, []).extend(self.updates.pop(out))
+        if out in self.replaced:
+            self.replaced.setdefault(inp, self.replaced.pop(out))
+        if out in self.rows:
+            self.rows.setdefault(inp, self.rows.pop(out))
 
     def _factors(self, module: str, parts: dict[str, Tensor]) -> LoraFactors:
         emb = "lora_embedding_A" in parts  # Embedding layers store A [r, vocab], B [d, r]
@@ -203,13 +255,12 @@ class LoraAdapter:
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def _stored(self, name: str, base: Checkpoint) -> str:
-        """The base tensor that holds `name` (a tied lm_head is the embedding)."""
-        if name not in base and base.tied_embeddings and name == "lm_head.weight":
-            return base.info(name).name
-        unprefixed = name.partition(".")[2]  # peft names `transformer.h.0...`, GPT-2 files `h.0...`
-        if name not in base and unprefixed in base:
+        """`name` as the base stores it, checked to be there (a tied lm_head counts; see
+        _share). peft names GPT-2 modules `transformer.h.0...`; some files store `h.0...`."""
+        unprefixed = name.partition(".")[2]
+        if not base.has(name) and unprefixed and base.has(unprefixed):
             return unprefixed
-        if name not in base:
+        if not base.has(name):
             raise MismatchError(
                 f"{self._where()} adapts '{name}', which the base model {base.source.ref} does "
                 "not have: the adapter was trained on another architecture. Check BASE+ADAPTER."
@@ -252,13 +303,21 @@ class LoraAdapter:
     def _where(self) -> str:
         return f"adapter '{self.source.ref}' ({self.source.root / ADAPTER_WEIGHTS})"
 
-    def apply(self, name: str, weight: Tensor) -> Tensor:
-        """The stored tensor `name` with the adapter merged in (same dtype and device)."""
+    def apply(self, name: str, weight: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """The tensor `name` with the adapter merged in (same dtype and device). `rows`
+        (start, stop): `weight` is only those rows (dim 0), and gets the same rows of the
+        replacement and of the update, so that blocks equal the whole tensor's rows."""
         if name in self.replaced:
-            weight = self.replaced[name].to(weight.device, weight.dtype)
+            full = self.replaced[name]
+            weight = (full if rows is None else full[rows[0] : rows[1]]).to(
+                weight.device, weight.dtype
+            )
         if name in self.rows:  # a new tensor: the caller's is never edited
-            index, rows = self.rows[name]
-            weight = weight.index_copy(0, index.to(weight.device), rows.to(weight))
+            index, new = self.rows[name]
+            if rows is not None:  # only the trainable tokens inside this block, block-relative
+                inside = (index >= rows[0]) & (index < rows[1])
+                index, new = index[inside] - rows[0], new[inside]
+            weight = weight.index_copy(0, index.to(weight.device), new.to(weight))
         factors = self.updates.get(name)
         if not factors:
             return weight
@@ -266,7 +325,7 @@ class LoraAdapter:
         if merged is weight:
             merged = weight.clone()  # never edit the caller's tensor
         for f in factors:
-            f.add_to_(merged)
+            f.add_to_(merged, rows)
         return merged.to(weight.dtype)
 
 

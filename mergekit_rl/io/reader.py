@@ -6,6 +6,7 @@ loading data; `Checkpoint.read(name)` loads one tensor with a positional read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,7 +21,7 @@ from torch import Tensor
 from ..errors import MismatchError, UsageError
 from .adapter import LoraAdapter, load_adapter
 from .reference import ModelSource, natural_key, resolve
-from .safetensors_format import DTYPES, TensorInfo, read_header
+from .safetensors_format import DTYPES, TensorInfo, read_header, read_rows
 
 # (output embedding, input embedding) as transformers names them in *ForCausalLM checkpoints,
 # by config model_type; checked against each class's `_tied_weights_keys` in
@@ -44,6 +45,8 @@ _INPUT_EMBED_SUFFIXES = (
     "tok_embeddings.weight",
 )
 TIED_METADATA_KEY = "rlmerge_tied_embeddings"  # safetensors metadata: '["out", "in"]'
+# float8 tensors are checked in float32 copies of this many entries (64 MB) at a time
+UPCAST_CHUNK = 1 << 24
 
 
 class Checkpoint:
@@ -76,31 +79,66 @@ class Checkpoint:
                         raise UsageError(f"{path}: tensor '{info.name}' appears in two shards.")
                     self._infos[info.name] = info
         self.adapter = load_adapter(self)
+        if self.adapter is not None and self.adapter.unties:
+            self._untie()
 
     # -- listing ---------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Tensor names in storage order (shard by shard, by offset): sequential reads."""
-        return list(self._infos)
+        """Tensor names in storage order (shard by shard, by offset): sequential reads. An
+        output embedding that an adapter untied comes last (as transformers saves it)."""
+        names = list(self._infos)
+        if self._untied and self.shared_pair is not None:
+            names.append(self.shared_pair[0])
+        return names
 
     def info(self, name: str) -> TensorInfo:
-        if self.tied_pair is not None and name == self.tied_pair[0]:
-            name = self.tied_pair[1]  # a tied output embedding is served by the input one
+        """Where `name` is stored. The unstored output embedding of a tied pair is served by
+        the input one: under the input's name while tied (one matrix), under its own once an
+        adapter untied them (two matrices that start equal)."""
+        pair = self.shared_pair
+        if pair is not None and name == pair[0]:
+            stored = self._infos[pair[1]]
+            return dataclasses.replace(stored, name=name) if self._untied else stored
         try:
             return self._infos[name]
         except KeyError:
             raise UsageError(f"{self.source.ref}: no tensor named '{name}'.") from None
 
     def __contains__(self, name: str) -> bool:
-        return name in self._infos
+        return name in self._infos or (
+            self._untied and self.shared_pair is not None and name == self.shared_pair[0]
+        )
+
+    _untied = False  # an adapter's modules_to_save copy split a tied pair (see _untie)
 
     @functools.cached_property
-    def tied_pair(self) -> tuple[str, str] | None:
-        """(output, input) embedding names when the output one is tied and not stored."""
+    def shared_pair(self) -> tuple[str, str] | None:
+        """(output, input) embedding names when the output one is not stored and its values
+        are the input one's, as the headers and config.json say (before any adapter)."""
         return tied_pair(self.config, self._infos, self.metadata)
+
+    @property
+    def tied_pair(self) -> tuple[str, str] | None:
+        """(output, input) embedding names when the output one is tied and not stored: one
+        matrix serves both (None once an adapter untied them)."""
+        return None if self._untied else self.shared_pair
 
     def has(self, name: str) -> bool:
         """True when `name` can be read: stored, or the tied output embedding."""
-        return name in self._infos or (self.tied_pair is not None and name == self.tied_pair[0])
+        return name in self or (self.shared_pair is not None and name == self.shared_pair[0])
+
+    def _untie(self) -> None:
+        """An adapter saved its own copy of one of a tied pair (modules_to_save: [lm_head]):
+        peft's merge_and_unload() leaves two matrices then, and so do we. The output stores
+        both and its config says `tie_word_embeddings: false`, else transformers would tie
+        them again on load and drop the copy."""
+        self.shared_pair  # noqa: B018 - computed from the config that still ties them
+        self._untied = True
+        if self.config is not None:
+            self.config = {**self.config, "tie_word_embeddings": False}
+            if isinstance(self.config.get("text_config"), dict):
+                text = {**self.config["text_config"], "tie_word_embeddings": False}
+                self.config["text_config"] = text
 
     @property
     def tied_embeddings(self) -> bool:
@@ -120,12 +158,26 @@ class Checkpoint:
     def read(
         self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> Tensor:
-        """Load one tensor (cast to `dtype` on `device` when given)."""
+        """Load one tensor (cast to `dtype` on `device` when given), the adapter merged in."""
         info = self.info(name)
-        t = self._pickled[info.name] if self.source.pickle else self._read_raw(info)
+        t = self._pickled[self._stored_name(name)] if self.source.pickle else self._read_raw(info)
         if self.adapter is not None:
             t = self.adapter.apply(info.name, t)
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, pin: bool = False) -> Tensor:
+        """Rows start .. stop - 1 (dim 0) of one tensor, the adapter merged in: equal to
+        read(name)[start:stop] without holding the whole tensor. `pin`: read into page-locked
+        memory (for asynchronous copies to CUDA). Safetensors only (not pickles)."""
+        info = self.info(name)
+        t = read_rows(info, start, stop, pin=pin)
+        if self.adapter is not None:
+            t = self.adapter.apply(info.name, t, rows=(start, stop))
+        return t
+
+    def _stored_name(self, name: str) -> str:
+        pair = self.shared_pair
+        return pair[1] if pair is not None and name == pair[0] else name
 
     def _read_raw(self, info: TensorInfo) -> Tensor:
         if self.source.remote_headers is not None:
@@ -252,42 +304,67 @@ def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list
     """Check that all inputs hold the same tensor names and shapes; return the common names.
 
     A tied-embedding checkpoint without lm_head.weight matches a twin that stores it. The order
-    returned is the first checkpoint's storage order. Raises MismatchError listing the first
-    offending tensors.
+    returned is the first checkpoint's storage order. Raises MismatchError with, for each other
+    input, how many tensors only one side has and how many shared ones differ in shape (the
+    real totals), listing the first `max_listed` of each kind.
     """
     first = checkpoints[0]
     names = first.names()
     problems: list[str] = []
     for other in checkpoints[1:]:
-        mine, theirs = set(names), set(other.names())
-        if first.tied_pair and not other.tied_embeddings:
-            mine.add(first.tied_pair[0])
-        if other.tied_pair and not first.tied_embeddings:
-            theirs.add(other.tied_pair[0])
-        for n in sorted(mine - theirs, key=natural_key)[:max_listed]:
-            problems.append(f"'{n}' is in {first.source.ref} but not in {other.source.ref}")
-        for n in sorted(theirs - mine, key=natural_key)[:max_listed]:
-            problems.append(f"'{n}' is in {other.source.ref} but not in {first.source.ref}")
-        for n in names:
-            if n in other and other.info(n).shape != first.info(n).shape:
-                a, b = first.info(n).shape, other.info(n).shape
-                hint = " (vocabulary sizes differ)" if "embed" in n or "lm_head" in n else ""
-                problems.append(
-                    f"'{n}' has shape {list(a)} in {first.source.ref} but {list(b)} in "
-                    f"{other.source.ref}{hint}"
-                )
-                if len(problems) >= max_listed:
-                    break
+        problems += _differences(first, other, max_listed)
     if problems:
-        listed = "; ".join(problems[:max_listed])
-        more = f" (and {len(problems) - max_listed} more)" if len(problems) > max_listed else ""
         raise MismatchError(
-            f"the input models do not have the same tensors: {listed}{more}. All inputs must "
-            "share one architecture and vocabulary."
+            f"the input models do not have the same tensors: {'; '.join(problems)}. All inputs "
+            "must share one architecture and vocabulary."
         )
     if any(not c.tied_embeddings for c in checkpoints) and first.tied_pair:
         names = names + [first.tied_pair[0]]  # an untied twin stores lm_head: the output does too
     return names
+
+
+def _differences(first: Checkpoint, other: Checkpoint, max_listed: int) -> list[str]:
+    """One entry per kind of difference between two inputs (only in one, only in the other,
+    other shapes): its real count and its first `max_listed` tensors."""
+    a, b = first.source.ref, other.source.ref
+    mine, theirs = set(first.names()), set(other.names())
+    if first.tied_pair and not other.tied_embeddings:
+        mine.add(first.tied_pair[0])
+    if other.tied_pair and not first.tied_embeddings:
+        theirs.add(other.tied_pair[0])
+    out = []
+    for only, where in (
+        (mine - theirs, f"in {a} but not in {b}"),
+        (theirs - mine, f"in {b} but not in {a}"),
+    ):
+        if only:
+            quoted = [f"'{n}'" for n in sorted(only, key=natural_key)]
+            are = "tensor is" if len(only) == 1 else "tensors are"
+            out.append(f"{len(only)} {are} {where}: {_first(quoted, max_listed)}")
+    shared = sorted(mine & theirs, key=natural_key)
+    shapes = [
+        _shape_problem(n, first.info(n).shape, other.info(n).shape, a, b)
+        for n in shared
+        if first.info(n).shape != other.info(n).shape
+    ]
+    if shapes:
+        out.append(
+            f"{len(shapes)} of their {len(shared)} common tensors differ in shape: "
+            f"{_first(shapes, max_listed)}"
+        )
+    return out
+
+
+def _shape_problem(name: str, x: tuple[int, ...], y: tuple[int, ...], a: str, b: str) -> str:
+    # an embedding that differs only in its rows: another vocabulary, not another width
+    vocab = ("embed" in name or "lm_head" in name) and x[1:] == y[1:]
+    hint = " (vocabulary sizes differ)" if vocab else ""
+    return f"'{name}' has shape {list(x)} in {a} but {list(y)} in {b}{hint}"
+
+
+def _first(items: list[str], max_listed: int) -> str:
+    more = f" (and {len(items) - max_listed} more)" if len(items) > max_listed else ""
+    return ", ".join(items[:max_listed]) + more
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -298,6 +375,8 @@ def all_finite(tensor: Tensor) -> bool:
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
+    if tensor.element_size() == 1:  # float8: no min/max kernels; upcast it a chunk at a time
+        return all(all_finite(part.float()) for part in tensor.reshape(-1).split(UPCAST_CHUNK))
     lo, hi = torch.aminmax(tensor)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

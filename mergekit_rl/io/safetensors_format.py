@@ -199,8 +199,10 @@ def read_rows(info: TensorInfo, start: int, stop: int, pin: bool = False) -> Ten
     """
     if info.offset < 0 or not info.shape:
         raise ValueError(f"tensor '{info.name}' cannot be read in rows")
-    row_bytes = info.nbytes // info.shape[0]
+    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0  # a [0, ...] tensor: none
     nbytes = (stop - start) * row_bytes
+    if nbytes == 0:
+        return torch.empty(stop - start, *info.shape[1:], dtype=info.dtype, pin_memory=pin)
     buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)  # not zero-filled: overwritten
     view, got = memoryview(buf.numpy()), 0
     fd = os.open(info.file, os.O_RDONLY)

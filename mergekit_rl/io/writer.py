@@ -40,15 +40,35 @@ from typing import IO
 import torch
 from torch import Tensor
 
-from ..errors import OutputExistsError, RLMergeError, RunError
+from ..errors import OutputExistsError, RLMergeError, RunError, UsageError
 from .reference import ModelSource
 from .safetensors_format import build_header, tensor_nbytes
 
 DEFAULT_MAX_SHARD = 5_000_000_000
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*((?:[KMGT]i?)?)B?\s*", re.I)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 TMP_MARK = ".rlmerge-tmp-"
 LOCK_MARK = ".rlmerge-lock"
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
+
+
+def parse_size(value: int | str) -> int:
+    """A shard size in bytes: an int, or text like 1234, 5GB, 500MB, 1.5GiB (UsageError else).
+
+    The CLI options and the recipes' `max_shard_size` both read sizes here."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    else:
+        raise UsageError(
+            f"{value!r} is not a size: give bytes or a number with a unit (5GB, 500MB, 1.5GiB)."
+        )
+    if size <= 0:
+        raise UsageError(f"{value!r} is not a size: it must be at least 1 byte.")
+    return size
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ..engine import parse_dtype
 from ..errors import RecipeError, UsageError
 from ..io.adapter import split_adapter_ref
+from ..io.writer import parse_size
 from ..merge.registry import MergeMethod, get_method
 from .params import Params, leaf_values, parse_setting
 from .schema import Recipe, load_documents, parse_recipe
@@ -30,7 +31,6 @@ BASE_AS_MODEL = frozenset({"linear", "karcher", "passthrough"})
 # model, with the slice/global parameters (mergekit 0.1.5's planner does the same).
 BASE_MERGED_IN = frozenset({"linear", "karcher"})
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_SIZE = re.compile(r"\s*([0-9.]+)\s*([KMGT]?i?B?)\s*", re.I)
 
 Problems = list[tuple[str, str]]
 
@@ -101,22 +101,6 @@ class Stage:
 
 def same_ref(a: str, b: str) -> bool:
     return a == b or os.path.normpath(a) == os.path.normpath(b)
-
-
-def parse_size(value: int | str) -> int:
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE.fullmatch(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a size: use bytes or 5GB / 500MB")
-        unit = m.group(2).upper().rstrip("B")
-        scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-        scale |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-        size = int(float(m.group(1)) * scale[unit])
-    if size <= 0:
-        raise ValueError("must be positive")
-    return size
 
 
 # ---- the pipeline ------------------------------------------------------------------------------

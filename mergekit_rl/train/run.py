@@ -281,11 +281,16 @@ def load_causal_lm(ref: str, dtype: torch.dtype) -> nn.Module:
     if split_adapter_ref(ref) is None:
         return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     with open_checkpoint(ref) as ckpt:
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt.source.root), dtype=dtype)
         assert ckpt.adapter is not None
+        names = {*ckpt.adapter.updates, *ckpt.adapter.replaced}
+        untie = {}
+        if ckpt.adapter.unties and ckpt.shared_pair is not None:
+            # a modules_to_save copy of one of a tied pair: two matrices, both read below
+            untie, names = {"tie_word_embeddings": False}, names | set(ckpt.shared_pair)
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.source.root), dtype=dtype, **untie)
         state = model.state_dict()  # shares storage with the parameters (tied ones once)
         with torch.no_grad():
-            for name in {*ckpt.adapter.updates, *ckpt.adapter.replaced}:
+            for name in names:
                 state[name].copy_(ckpt.read(name))
     return model
 

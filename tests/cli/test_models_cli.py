@@ -105,6 +105,8 @@ def test_inspect_and_diff_json(family: dict[str, Path]) -> None:
         (["soup", "{sft1}", "{sft2}", "-o", "{tmp}/o", "--dtype", "int4"], 2, "int4"),
         (["soup", "{sft1}", "{sft2}", "-o", "{tmp}/o", "--device", "cuda:0"], 2, "CUDA"),
         (["soup", "{sft1}", "{sft2}", "-o", "{tmp}/o", "--max-shard-size", "big"], 2, "big"),
+        (["soup", "{sft1}", "{sft2}", "-o", "{tmp}/o", "--max-shard-size", "1.2.3"], 2, "1.2.3"),
+        (["soup", "{sft1}", "{sft2}", "-o", "{tmp}/o", "--max-shard-size", "."], 2, "not a size"),
         (["interpolate", "{sft1}", "{sft2}", "-o", "{tmp}/o", "--method", "cubic"], 2, "cubic"),
         (["soup", "{sft1}", "{sft2}", "--weights", "1,1"], 2, "--output"),
     ],

@@ -124,10 +124,54 @@ def test_check_compatible_reports_names_and_shapes(tmp_path: Path) -> None:
     save_file({"a": torch.ones(2), "c": torch.ones(3)}, tmp_path / "y.safetensors")
     save_file({"a": torch.ones(4), "b": torch.ones(3)}, tmp_path / "z.safetensors")
     x, y, z = (open_checkpoint(tmp_path / f"{n}.safetensors") for n in "xyz")
-    with pytest.raises(MismatchError, match="'b' is in .*x.safetensors but not in"):
+    with pytest.raises(MismatchError, match="1 tensor is in .*x.safetensors but not in .*: 'b'"):
         check_compatible([x, y])
     with pytest.raises(MismatchError, match=r"'a' has shape \[2\]"):
         check_compatible([x, z])
+
+
+def _headers_only(path: Path, layers: int, hidden: int) -> Path:
+    """A Llama checkpoint of this size whose data is a hole in a sparse file (headers are
+    all that check_compatible reads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergekit_rl.io.safetensors_format import build_header, tensor_nbytes
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        state = LlamaForCausalLM(cfg).state_dict()
+    entries = [(n, tuple(t.shape), t.dtype) for n, t in state.items()]
+    path.mkdir()
+    cfg.to_json_file(path / "config.json")
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(build_header(entries, {"format": "pt"}))
+        f.truncate(f.tell() + sum(tensor_nbytes(s, d) for _, s, d in entries))
+    return path
+
+
+def test_mismatch_error_counts_every_difference(tmp_path: Path) -> None:
+    """2 layers / 64 wide against 12 layers / 1024 wide: all 90 extra tensors and all 21
+    shapes are counted, the first few of each listed."""
+    small = _headers_only(tmp_path / "small", 2, 64)
+    big = _headers_only(tmp_path / "big", 12, 1024)
+    with open_checkpoint(small) as a, open_checkpoint(big) as b:
+        assert len(b.names()) - len(a.names()) == 90
+        with pytest.raises(MismatchError) as err:
+            check_compatible([a, b])
+    msg = str(err.value)
+    assert f"90 tensors are in {big} but not in {small}: 'model.layers.2." in msg
+    assert "(and 85 more)" in msg and "(and 16 more)" in msg
+    assert "21 of their 21 common tensors differ in shape: 'lm_head.weight'" in msg
+    assert "vocabulary sizes differ" not in msg  # the widths differ, not the vocabularies
+    assert "but not in " + str(big) not in msg  # nothing is only in the small one
 
 
 def test_tied_checkpoint_matches_untied_twin(tied_family: dict[str, Path], tmp_path: Path) -> None:
@@ -153,6 +197,19 @@ def test_all_finite_matches_isfinite(dtype: torch.dtype, bad: float | None) -> N
         assert all_finite(x) == bool(torch.isfinite(x).all()) == (bad is None)
     assert all_finite(torch.empty(0, 3, dtype=dtype))
     assert all_finite(torch.arange(5))  # integers are always finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_all_finite_on_float8(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float8 has no min/max kernels: it is checked in float32 chunks (3 entries here)."""
+    monkeypatch.setattr("mergekit_rl.io.reader.UPCAST_CHUNK", 3)
+    x = torch.linspace(-4, 4, 11).to(dtype)
+    assert all_finite(x) and all_finite(x.reshape(1, 11))
+    bad = [float("nan")] + ([float("inf"), -float("inf")] if dtype == torch.float8_e5m2 else [])
+    for value in bad:
+        y = x.clone()
+        y[-1] = value  # in the last, partial chunk
+        assert not all_finite(y)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mergekit_rl.errors import RecipeError
+from mergekit_rl.errors import RecipeError, UsageError
 from mergekit_rl.recipe.checks import load_pipeline, parse_size
 from mergekit_rl.recipe.schema import yaml_path
 
@@ -142,6 +142,13 @@ def test_parse_size() -> None:
         parse_size("lots")
     with pytest.raises(ValueError):
         parse_size(0)
+    assert parse_size("1.5 GiB") == 3 * 2**29 and parse_size(".5KB") == 500
+    assert parse_size("2k") == 2000 and parse_size("3 TiB") == 3 * 2**40 and parse_size("7") == 7
+    for bad in ("1.2.3", ".", "1..5MB", "5 XB", "5iB", "5i", "-1", True):
+        with pytest.raises(UsageError, match="is not a size"):
+            parse_size(bad)  # type: ignore[arg-type]
+    got = dict(problems("merge_method: linear\nmodels: [{model: a}]\nmax_shard_size: 1.2.3\n"))
+    assert "'1.2.3' is not a size" in got["max_shard_size"]
 
 
 def test_mergekit_tokenizer_block() -> None:
