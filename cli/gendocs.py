@@ -148,8 +148,8 @@ KEY_DOCS: dict[str, str] = {
     "Reset).",
     "training.mixed_precision": "Autocast: `bf16` / `fp16` matmuls over float32 master weights "
     "(needs `dtype: float32`); `auto`: bf16 on a GPU that has it; `no`: compute in `dtype`.",
-    "training.gradient_checkpointing": "Recompute each layer's activations in backward "
-    "(activation memory of one layer instead of all; one more forward pass per step).",
+    "training.gradient_checkpointing": "Keep each layer's input and recompute the rest of its "
+    "activations in backward (much less activation memory, one more forward pass per step).",
     "training.max_grad_norm": "Clip the global gradient norm to this (null or 0: no clipping).",
     "training.report_to": "`none`, `tensorboard` or `wandb`, or a list (extras "
     "`mergekit-rl[tensorboard]` / `[wandb]`; refused when the package is missing).",

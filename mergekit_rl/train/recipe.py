@@ -639,3 +639,23 @@ def read_train_recipe(path: str | Path, allow_code: bool = False) -> tuple[Train
         raise InputNotFoundError(f"train recipe '{path}' not found; check the path.")
     text = path.read_text()
     return parse_train_recipe(text, str(path), allow_code, check_paths=True), text
+
+
+def is_train_recipe(text: str) -> bool:
+    """Whether recipe text is a train recipe (a mapping with `algorithm`, no `merge_method`);
+    `rlmerge validate` checks those with this module's schema."""
+    import yaml
+
+    try:
+        doc = next(iter(yaml.safe_load_all(text)), None)
+    except yaml.YAMLError:
+        return False  # the merge loader reports the YAML error
+    return isinstance(doc, dict) and "algorithm" in doc and "merge_method" not in doc
+
+
+def check_train_recipe(path: str | Path) -> TrainRecipe:
+    """Validate a train recipe file without resolving what it names (no model, dataset or
+    network is touched): `rlmerge validate`. reward.function is accepted, since nothing is
+    imported here; `rlmerge train` still asks for --allow-code."""
+    path = Path(path)
+    return parse_train_recipe(path.read_text(), str(path), allow_code=True)
