@@ -358,3 +358,88 @@ def test_merge_and_adapter_cards_name_their_inputs(family: dict[str, Path], tmp_
     meta = front_matter((tmp_path / "a" / "README.md").read_text())
     assert meta["base_model"] == str(family["base"]) and meta["base_model_relation"] == "adapter"
     assert meta["library_name"] == "peft" and "merge" not in meta["tags"]
+
+
+def test_use_vllm_reaches_the_grpo_config(family: dict[str, Path], tmp_path: Path) -> None:
+    doc = recipe_doc(family, tmp_path / "run", num_generations=2, use_vllm=True)
+    doc |= {"algorithm": "grpo", "reward": {"length": {"target": 4}}}
+    doc["dataset"] = {"path": str(DATA / "prompts.jsonl")}
+    args = trainer_config(parse(doc), None)
+    assert type(args).__name__ == "GRPOConfig" and args.use_vllm is True
+    doc["training"]["use_vllm"] = False
+    assert trainer_config(parse(doc), None).use_vllm is False
+
+
+def test_validate_checks_train_recipes_without_loading(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rlmerge validate` reads a train recipe with the train schema; paths are not resolved
+    (a hub id that does not exist passes), recipe problems are listed with their YAML paths."""
+    good = recipe_doc(family, tmp_path / "run")
+    good["policy"] = "some-org/not-a-real-model"
+    bad = recipe_doc(family, tmp_path / "run", trainer_args={"label_smothing": 0.1})
+    bad["training"]["lr_scheduler"] = "cosin"
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ok = CliRunner().invoke(app, ["validate", str(tmp_path / "good.yaml")])
+    assert ok.exit_code == 0 and "(train recipe, dpo)" in ok.stderr, ok.output
+    res = CliRunner().invoke(app, ["validate", str(tmp_path / "bad.yaml"), "--json"])
+    assert res.exit_code == 2
+    problems = json.loads(res.stdout)["recipes"][0]["problems"]
+    assert {p["path"] for p in problems} == {
+        "training.trainer_args.label_smothing",
+        "training.lr_scheduler",
+    }
+
+
+def test_implicit_prompt_preferences_are_split(tmp_path: Path) -> None:
+    from mergekit_rl.train.data import load_train_dataset, split_implicit_prompt
+    from mergekit_rl.train.recipe import DatasetSpec
+
+    user = {"role": "user", "content": "Why merge?"}
+    chat = split_implicit_prompt(
+        [user, {"role": "assistant", "content": "To keep skills."}],
+        [user, {"role": "assistant", "content": "Bananas."}],
+    )
+    assert chat == (
+        [user],
+        [{"role": "assistant", "content": "To keep skills."}],
+        [{"role": "assistant", "content": "Bananas."}],
+    )
+    # text: the shared words, never half a word (both answers start with "s")
+    assert split_implicit_prompt("Q: why? A: safe", "Q: why? A: silly") == (
+        "Q: why? A: ",
+        "safe",
+        "silly",
+    )
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "a"}],
+            "rejected": [user, {"role": "assistant", "content": "b"}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "x"}],
+            "rejected": [{"role": "user", "content": "y"}],
+        },
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    ds = load_train_dataset(DatasetSpec(path=str(path)), "dpo")
+    assert ds[0]["prompt"] == [user] and ds[0]["chosen"] == [{"role": "assistant", "content": "a"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UsageError, match="no prompt column, and row 1 does not hold one"):
+        load_train_dataset(DatasetSpec(path=str(path)), "dpo")
+
+
+def test_card_license_only_when_the_inputs_agree(family: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(family["sft2"], other)
+    (other / "README.md").write_text("---\nlicense: mit\n---\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["soup", str(family["sft1"]), str(other), "-o", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    meta = front_matter((tmp_path / "s" / "README.md").read_text())
+    assert "license" not in meta and meta["base_model"] == [str(family["sft1"]), str(other)]
