@@ -123,7 +123,9 @@ KEY_DOCS: dict[str, str] = {
     # training
     "training.output_dir": "Where metrics.jsonl, checkpoints and the final model go.",
     "training.learning_rate": "Peak learning rate.",
-    "training.lr_scheduler": "Any transformers SchedulerType: `linear`, `cosine`, `constant`, ...",
+    "training.lr_scheduler": "A TRL / transformers schedule: `linear`, `cosine`, "
+    "`cosine_with_min_lr`, `constant`, `constant_with_warmup`, `warmup_stable_decay`, ... "
+    "(checked; its options go in `trainer_args.lr_scheduler_kwargs`).",
     "training.warmup_steps": "Linear warm-up steps.",
     "training.max_steps": "Optimizer steps (or `num_epochs`, not both).",
     "training.num_epochs": "Epochs; 1 when neither this nor `max_steps` is given.",
@@ -148,6 +150,17 @@ KEY_DOCS: dict[str, str] = {
     "`float32` writes every float tensor in float32 (twice the size of a bf16 model).",
     "training.deepspeed": "A DeepSpeed JSON config (refused with online merging and Elastic "
     "Reset).",
+    "training.mixed_precision": "Autocast: `bf16` / `fp16` matmuls over float32 master weights "
+    "(needs `dtype: float32`); `auto`: bf16 on a GPU that has it; `no`: compute in `dtype`.",
+    "training.gradient_checkpointing": "Keep each layer's input and recompute the rest of its "
+    "activations in backward (much less activation memory, one more forward pass per step).",
+    "training.max_grad_norm": "Clip the global gradient norm to this (null or 0: no clipping).",
+    "training.report_to": "`none`, `tensorboard` or `wandb`, or a list (extras "
+    "`mergekit-rl[tensorboard]` / `[wandb]`; refused when the package is missing).",
+    "training.use_vllm": "GRPO / RLOO: generate with vLLM (TRL's `use_vllm`; extra "
+    "`mergekit-rl[vllm]`, a GPU).",
+    "training.trainer_args": "Any other argument of the algorithm's TRL config (`DPOConfig`, "
+    "...), checked against it; keys the recipe sets elsewhere are refused.",
     # evaluation
     "evaluation.perplexity_text": "Held-out text file, one document per line: perplexity "
     "measures drift.",

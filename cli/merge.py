@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +12,7 @@ import typer
 from mergekit_rl.errors import RecipeError, UsageError
 from mergekit_rl.merge.registry import MergeMethod, list_methods
 from mergekit_rl.recipe import run as recipe_run
+from mergekit_rl.train.recipe import check_train_recipe, is_train_recipe
 
 from .common import (
     AllowPickle,
@@ -152,7 +154,10 @@ def validate(
     quiet: Quiet = False,
     json: Json = False,
 ) -> None:
-    """Check recipes without opening any model (for CI): every problem, with its YAML path.
+    """Check merge and train recipes without opening a model or the network (for CI).
+
+    Every problem is listed with its YAML path. Paths and hub ids are checked when a command
+    runs (merge --dry-run, train --dry-run).
 
     Exits 0 when all are valid, 2 otherwise. With --json, one object lists every recipe with
     its problems.
@@ -177,18 +182,31 @@ def _check_recipe_file(path: str, silent: bool) -> dict[str, Any]:
     """{recipe, ok, stages, problems: [{path, message}]}; problems always go to stderr (as
     every error does), the ok lines unless silent (--quiet, --json)."""
     entry: dict[str, Any] = {"recipe": path, "ok": True, "stages": 0, "problems": []}
+    train = _is_train_recipe(path)
     try:
-        entry["stages"] = len(recipe_run.load_recipe(path))
+        if train:
+            algorithm = check_train_recipe(path).algorithm
+        else:
+            entry["stages"] = len(recipe_run.load_recipe(path))
     except UsageError as exc:  # a RecipeError, or a missing file
         entry["ok"] = False
         problems = exc.problems if isinstance(exc, RecipeError) else [("", str(exc))]
         entry["problems"] = [{"path": p, "message": m} for p, m in problems]
         print(f"rlmerge: {classify(exc)[1]}: {exc}", file=sys.stderr)
         return entry
-    if not silent:
+    if not silent and train:
+        err_console.print(f"[green]ok[/green] {path} (train recipe, {algorithm})")
+    elif not silent:
         n = entry["stages"]
         err_console.print(f"[green]ok[/green] {path} ({n} stage{'s' if n != 1 else ''})")
     return entry
+
+
+def _is_train_recipe(path: str) -> bool:
+    try:
+        return is_train_recipe(Path(path).read_text())
+    except (OSError, UnicodeDecodeError):
+        return False  # the merge loader reports it
 
 
 def methods(json: Json = False) -> None:

@@ -32,7 +32,11 @@ def train(
         int | None, typer.Option(help="Override training.max_steps (smoke runs).", min=1)
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate and print the resolved recipe; no training.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate; print the resolved recipe and TRL trainer arguments; no training.",
+        ),
     ] = False,
     allow_code: Annotated[
         bool,
@@ -45,7 +49,12 @@ def train(
         typer.Option("--force", help="Start over: replace the final model and old checkpoints."),
     ] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No per-step lines (metrics.jsonl is written).")
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bar or per-step lines (metrics.jsonl is written).",
+        ),
     ] = False,
     json: Json = False,
 ) -> None:
@@ -65,15 +74,7 @@ def train(
 
         parsed, text = read_train_recipe(recipe, allow_code=allow_code)
         if dry_run:
-            resolved = parsed.model_dump(mode="json")
-            if max_steps is not None:
-                resolved["training"]["max_steps"] = max_steps
-            if json:
-                emit_json("train", dry_run=True, recipe=resolved)
-            else:
-                import yaml
-
-                sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+            _dry_run(parsed, max_steps, json)
             return
         from mergekit_rl.train.run import TrainOptions
         from mergekit_rl.train.run import train as run_train
@@ -87,8 +88,11 @@ def train(
             force=force,
             command=command_line(),
             echo=_echo(quiet or json),
+            progress=_progress(quiet or json),
         )
         result = run_train(parsed, text, opts)
+        if not result.main_process:
+            return  # under DDP the main process reports
         if json:
             emit_json(
                 "train",
@@ -104,6 +108,40 @@ def train(
                 f"final model: {result.final}; metrics: {result.metrics}",
                 soft_wrap=True,
             )
+
+
+def _dry_run(parsed, max_steps: int | None, json: bool) -> None:  # noqa: ANN001
+    """The resolved recipe and the TRL config arguments it gives (built, so that TRL's own
+    checks run); packages the recipe needs are checked too."""
+    from mergekit_rl.train.recipe import trl_config_class
+    from mergekit_rl.train.run import check_environment, trainer_config, trainer_kwargs
+
+    check_environment(parsed)
+    trainer_config(parsed, max_steps)  # TRL's __post_init__ checks, as a real run does
+    resolved = parsed.model_dump(mode="json")
+    if max_steps is not None:
+        resolved["training"]["max_steps"] = max_steps
+    args = {
+        "class": trl_config_class(parsed.algorithm).__name__,
+        "args": trainer_kwargs(parsed, max_steps),
+    }
+    if json:
+        emit_json("train", dry_run=True, recipe=resolved, trainer=args)
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+        sys.stdout.write("# the TRL config it resolves to\n")
+        sys.stdout.write(yaml.safe_dump({"trainer": args}, sort_keys=False))
+
+
+def _progress(silent: bool):  # noqa: ANN202
+    """A bar on a terminal, step/total + ETA lines in a pipe, nothing when silent."""
+    if silent:
+        return None
+    from mergekit_rl.train.progress import TrainProgress
+
+    return TrainProgress("bar" if err_console.is_terminal else "lines", console=err_console)
 
 
 def _echo(silent: bool):  # noqa: ANN202

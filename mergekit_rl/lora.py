@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .errors import UsageError
 from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from .io.card import model_card, provenance
+from .io.card import hub_name, model_card, provenance
 from .io.reader import Checkpoint, check_compatible, open_checkpoint
 from .io.writer import AtomicDir, check_output_path
 
@@ -177,6 +177,10 @@ def extract_lora(
             [b, f],
             None,
             notes=_card_notes(dropped),
+            relation="adapter",  # a LoRA of the fine-tune, applied to the base
+            tags=("lora", "peft"),
+            library="peft",
+            base_models=[hub_name(b)],
         )
         meta = provenance(command, [b, f])
         _write_adapter(out, tensors, meta, config, card, force)

@@ -1,6 +1,7 @@
 """Every example recipe under recipes/ (recursively, except recipes/train/, which the training
-tests run) validates, dry-runs and merges the tiny demo models from their directory, loads with
-transformers and has the property its comment promises (checked against float64 references)."""
+tests run, and recipes/real/, which names Hub models) validates, dry-runs and merges the tiny
+demo models from their directory, loads with transformers and has the property its comment
+promises (checked against float64 references)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ from tests.merge.test_methods import (
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-ALL = sorted(p for p in RECIPES.rglob("*.yaml") if "train" not in p.relative_to(RECIPES).parts[:1])
+# recipes/train: the training tests; recipes/real: Hub models, run on the demo models by
+# tests/test_real_models_doc.py
+ALL = sorted(
+    p for p in RECIPES.rglob("*.yaml") if p.relative_to(RECIPES).parts[0] not in ("train", "real")
+)
 runner = CliRunner()
 State = dict[str, Tensor]
 

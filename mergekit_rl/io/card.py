@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .. import __version__
 from .reader import Checkpoint
@@ -76,15 +77,26 @@ def written_dtype(
 
 
 def read_license(source: Checkpoint) -> str | None:
-    """The `license:` of a model's README front matter, if any."""
+    """The `license:` of a model's README front matter (else of its config.json), if any."""
     readme = source.source.root / "README.md"
-    if source.source.is_file or not readme.is_file():
-        return None
-    m = re.match(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+    if not source.source.is_file and readme.is_file():
+        front = front_matter(readme.read_text(errors="replace"))
+        if isinstance(front.get("license"), str):
+            return front["license"]
+    lic = (source.config or {}).get("license")
+    return lic if isinstance(lic, str) else None
+
+
+def front_matter(text: str) -> dict[str, Any]:
+    """The YAML mapping between a card's leading `---` lines ({} when absent or not valid)."""
+    m = re.match(r"^---\r?\n(.*?)\r?\n---", text, re.S)
     if not m:
-        return None
-    lic = re.search(r"^license:\s*(\S+)\s*$", m.group(1), re.M)
-    return lic.group(1).strip("'\"") if lic else None
+        return {}
+    try:
+        data = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def provenance(command: str, inputs: Sequence[Checkpoint]) -> dict[str, str]:
@@ -107,6 +119,37 @@ def _input_record(c: Checkpoint) -> dict[str, str | None]:
     }
 
 
+def hub_name(c: Checkpoint) -> str:
+    """How the Hub's `base_model` names an input: org/name for hub models (no @revision), the
+    path as written for local ones (replace it with the model's hub id before uploading)."""
+    if c.source.revision or c.source.remote_headers is not None:
+        return c.source.ref.partition("@")[0]
+    return c.source.ref
+
+
+def card_metadata(
+    inputs: Sequence[Checkpoint],
+    relation: str,
+    tags: Sequence[str],
+    library: str = "transformers",
+    base_models: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The Hub's model-card metadata: base_model (the inputs by default), base_model_relation
+    (merge, finetune, adapter or quantized), library_name, tags, and the license when every
+    input names the same one."""
+    names = list(base_models) if base_models is not None else [hub_name(c) for c in inputs]
+    meta: dict[str, Any] = {}
+    licenses = {read_license(c) for c in inputs}
+    if len(licenses) == 1 and None not in licenses:
+        meta["license"] = licenses.pop()
+    if names:
+        meta["base_model"] = names[0] if len(names) == 1 else names
+        meta["base_model_relation"] = relation
+    meta["library_name"] = library
+    meta["tags"] = ["rlmerge", *(t for t in tags if t != "rlmerge")]
+    return meta
+
+
 def model_card(
     title: str,
     command: str,
@@ -114,18 +157,18 @@ def model_card(
     dtype: torch.dtype | None,
     recipe: str | None = None,
     notes: str = "",
+    *,
+    relation: str = "merge",
+    tags: Sequence[str] = ("merge",),
+    library: str = "transformers",
+    base_models: Sequence[str] | None = None,
 ) -> str:
-    """README.md for an output: how it was made, from what, and the license if all inputs agree."""
-    licenses = {read_license(c) for c in inputs}
-    license_line = (
-        f"license: {licenses.pop()}\n" if len(licenses) == 1 and None not in licenses else ""
-    )
+    """README.md for an output: Hub metadata as YAML front matter (card_metadata), then how it
+    was made and from what."""
+    meta = card_metadata(inputs, relation, tags, library, base_models)
     lines = [
         "---",
-        f"{license_line}library_name: transformers",
-        "tags:",
-        "- rlmerge",
-        "- merge",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
         "---",
         "",
         f"# {title}",

@@ -80,6 +80,8 @@ class MetricsLog(TrainerCallback):
         the checkpoint are run again and logged anew)."""
         self.path, self.echo = Path(path), echo
         self.sources: list[Callable[[], Mapping[str, Any]]] = []  # polled at every Trainer log
+        # the console line for a step's shown metrics (progress.TrainProgress adds total, ETA)
+        self.line: Callable[[int, str], str] = lambda step, text: f"step {step}: {text}"
         if os.environ.get("RANK", "0") != "0":
             return  # under DDP only the main process writes (see on_log)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,7 @@ class MetricsLog(TrainerCallback):
             f.write(json.dumps(record, default=float) + "\n")
         shown = [f"{k} {_fmt(record[k])}" for k in SHOWN if k in record]
         if shown:
-            self.echo(f"step {step}: " + "  ".join(shown))
+            self.echo(self.line(step, "  ".join(shown)))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if not state.is_world_process_zero:

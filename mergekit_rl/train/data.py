@@ -2,7 +2,8 @@
 
 Column formats (TRL's standard ones; a prompt is a string, or a list of chat messages
 `[{"role": ..., "content": ...}]` that TRL renders with the tokenizer's chat template):
-    dpo:        prompt, chosen, rejected
+    dpo:        prompt, chosen, rejected (or chosen, rejected that both start with the prompt:
+                TRL's implicit-prompt format, split by split_implicit_prompts)
     kto:        prompt, completion, label (bool: desirable or not)
     grpo, rloo: prompt (any other column is passed to the reward functions)
 
@@ -43,6 +44,8 @@ def load_train_dataset(spec: DatasetSpec, algorithm: str) -> Any:
             )
         ds = ds.rename_columns(dict(spec.columns))
     need = COLUMNS[algorithm]
+    if algorithm == "dpo" and "prompt" not in ds.column_names:
+        ds = split_implicit_prompts(ds, spec.path)
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise UsageError(
@@ -54,6 +57,52 @@ def load_train_dataset(spec: DatasetSpec, algorithm: str) -> Any:
     if spec.max_examples is not None:
         ds = ds.select(range(min(spec.max_examples, len(ds))))
     return ds
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) from a pair that holds its prompt in both answers (TRL's
+    "implicit prompt" preference format, e.g. trl-lib/ultrafeedback_binarized). Messages: the
+    prompt is the leading messages both lists share. Text: the longest common prefix, cut back
+    to a whitespace so that no word is split. ValueError when nothing is shared or nothing is
+    left of an answer."""
+    if is_conversational(chosen) and is_conversational(rejected):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0 or n == len(chosen) or n == len(rejected):
+            raise ValueError(
+                "the two message lists share no leading messages, or one is all prompt"
+            )
+        return chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        cut = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n)) + 1
+        if cut == 0:
+            raise ValueError("the two texts share no leading words")
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    raise ValueError("chosen and rejected must both be text or both be message lists")
+
+
+def split_implicit_prompts(ds: Any, path: str) -> Any:
+    """A `prompt` column split off `chosen` / `rejected` (split_implicit_prompt); the dataset
+    unchanged when it has no chosen / rejected pair (the column check then names what is
+    missing)."""
+    if not {"chosen", "rejected"} <= set(ds.column_names):
+        return ds
+
+    def split(row: dict[str, Any], i: int) -> dict[str, Any]:
+        try:
+            prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+        except ValueError as e:
+            raise UsageError(
+                f"dataset {path} has no prompt column, and row {i} does not hold one in both "
+                f"answers ({e}); give a prompt column (or rename one with dataset.columns)."
+            ) from e
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    return ds.map(split, with_indices=True)
 
 
 def _load(spec: DatasetSpec) -> Any:

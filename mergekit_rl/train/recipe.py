@@ -42,6 +42,7 @@ from ..errors import InputNotFoundError, RecipeError, UsageError
 from ..recipe.schema import load_documents, schema_problems
 
 Algorithm = Literal["dpo", "kto", "grpo", "rloo"]
+ReportTo = Literal["none", "tensorboard", "wandb"]
 ONLINE_MERGING = ("ondare", "onties")
 SAMPLING = ("grpo", "rloo")  # generate completions and score them with rewards
 Problems = list[tuple[str, str]]
@@ -196,6 +197,29 @@ class TrainingSpec(_Strict):
     # training dtype, seeded by seed and tensor name), or float32 for every float tensor
     output_dtype: Literal["policy", "float32"] = "policy"
     deepspeed: str | None = None  # a DeepSpeed JSON config (refused with online merging)
+    # autocast: bf16 / fp16 matmuls over float32 master weights (needs dtype float32); auto:
+    # bf16 on a GPU that has it, unless dtype is float16; no: compute in the weights' dtype
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
+    max_grad_norm: float | None = Field(default=1.0, ge=0)  # clip the global norm; 0/None: off
+    report_to: list[ReportTo] = ["none"]  # tensorboard / wandb (optional extras); one or a list
+    use_vllm: bool = False  # grpo / rloo: generate with vLLM (TRL's use_vllm)
+    # any other argument of the algorithm's TRL config (DPOConfig, ...), checked against it
+    trainer_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_targets(cls, value: Any) -> Any:
+        """One target or a list of them; an unknown one named with the choices."""
+        names = [value] if isinstance(value, str) else value
+        choices = typing.get_args(ReportTo)
+        if isinstance(names, list):
+            for name in names:
+                if name not in choices:
+                    raise ValueError(
+                        f"unknown target {name!r}: give {', '.join(choices)}, or a list of them"
+                    )
+        return names
 
 
 class EvaluationSpec(_Strict):
@@ -388,6 +412,132 @@ def _training_problems(algorithm: Any, doc: dict[str, Any], training: Any) -> Pr
         doc.get("elastic_reset") or _get(doc, "optimizer", "name") in ONLINE_MERGING
     ):
         problems.append(("training.deepspeed", DEEPSPEED_REFUSED))
+    if training.get("use_vllm") and algorithm in ("dpo", "kto"):
+        problems.append(
+            ("training.use_vllm", f"used only by grpo and rloo; {algorithm} does not generate.")
+        )
+    problems += _precision_problems(training)
+    problems += _scheduler_problems(training.get("lr_scheduler"))
+    problems += trainer_args_problems(algorithm, training.get("trainer_args"))
+    return problems
+
+
+def _precision_problems(training: dict[str, Any]) -> Problems:
+    mixed, dtype = training.get("mixed_precision"), training.get("dtype", "float32")
+    if mixed in ("bf16", "fp16") and dtype != "float32":
+        return [
+            (
+                "training.mixed_precision",
+                f"{mixed} autocast keeps float32 master weights, but training.dtype is {dtype} "
+                "(the weights are stored and updated in it); set dtype: float32, or "
+                "mixed_precision: no to compute in the weights' dtype.",
+            )
+        ]
+    return []
+
+
+def scheduler_names() -> list[str]:
+    """The learning-rate schedules TRL's trainers take (transformers' SchedulerType)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType]
+
+
+def _scheduler_problems(name: Any) -> Problems:
+    if not isinstance(name, str) or name in (names := scheduler_names()):
+        return []
+    hint = difflib.get_close_matches(name, names, n=1)
+    again = f"did you mean {hint[0]}? " if hint else ""
+    return [
+        ("training.lr_scheduler", f"unknown scheduler '{name}' ({again}one of {', '.join(names)}).")
+    ]
+
+
+# TRL config argument -> the recipe key that sets it (refused in training.trainer_args)
+OWN_ARGS = {
+    "output_dir": "training.output_dir",
+    "learning_rate": "training.learning_rate",
+    "lr_scheduler_type": "training.lr_scheduler",
+    "warmup_steps": "training.warmup_steps",
+    "max_steps": "training.max_steps",
+    "num_train_epochs": "training.num_epochs",
+    "per_device_train_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "seed": "training.seed",
+    "logging_steps": "training.logging_steps",
+    "save_strategy": "training.save_steps",
+    "save_steps": "training.save_steps",
+    "save_total_limit": "training.save_total_limit",
+    "weight_decay": "optimizer.weight_decay",
+    "adam_beta1": "optimizer.betas",
+    "adam_beta2": "optimizer.betas",
+    "adam_epsilon": "optimizer.eps",
+    "optim": "optimizer.name",
+    "bf16": "training.mixed_precision",
+    "fp16": "training.mixed_precision",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "activation_checkpointing": "training.gradient_checkpointing",  # transformers 5's name
+    "max_grad_norm": "training.max_grad_norm",
+    "report_to": "training.report_to",
+    "deepspeed": "training.deepspeed",
+    "beta": "training.beta",
+    "loss_type": "training.loss_type",
+    "max_length": "training.max_length",
+    "max_prompt_length": "training.max_prompt_length",
+    "max_completion_length": "training.max_completion_length",
+    "num_generations": "training.num_generations",
+    "temperature": "training.temperature",
+    "use_vllm": "training.use_vllm",
+    "reward_weights": "reward (each reward's weight)",
+    "model_init_kwargs": "training.dtype (rlmerge loads the policy itself)",
+    "use_cpu": "none: rlmerge trains on the GPU when there is one",
+    "disable_tqdm": "none: rlmerge shows its own progress (-q to silence it)",
+    "resume_from_checkpoint": "the --resume option",
+}
+
+
+def trl_config_class(algorithm: str) -> type:
+    """DPOConfig, KTOConfig, GRPOConfig or RLOOConfig (TRL's TrainingArguments subclasses)."""
+    import trl
+
+    return getattr(trl, f"{algorithm.upper()}Config")
+
+
+def trl_arg_names(algorithm: str) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(trl_config_class(algorithm)) if f.init]
+
+
+def trainer_args_problems(algorithm: Any, args: Any) -> Problems:
+    """training.trainer_args: each key must be an argument of the algorithm's TRL config that
+    no recipe key sets already."""
+    if not isinstance(args, dict) or not args or algorithm not in ("dpo", "kto", "grpo", "rloo"):
+        return []
+    try:
+        names = trl_arg_names(algorithm)
+    except ImportError:
+        return [
+            ("training.trainer_args", "checking it needs TRL: pip install 'mergekit-rl[train]'.")
+        ]
+    config = f"{algorithm.upper()}Config"
+    problems: Problems = []
+    for key in args:
+        where = f"training.trainer_args.{key}"
+        if key in OWN_ARGS:
+            owner = OWN_ARGS[key]
+            problems.append(
+                (
+                    where,
+                    f"set by rlmerge from {owner}; give it there."
+                    if not owner.startswith("none:")
+                    else f"not settable ({owner[6:]}).",
+                )
+            )
+        elif key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            again = f" (did you mean {hint[0]}?)" if hint else ""
+            problems.append((where, f"not an argument of TRL's {config}{again}."))
     return problems
 
 
@@ -503,3 +653,23 @@ def read_train_recipe(path: str | Path, allow_code: bool = False) -> tuple[Train
         raise InputNotFoundError(f"train recipe '{path}' not found; check the path.")
     text = path.read_text()
     return parse_train_recipe(text, str(path), allow_code, check_paths=True), text
+
+
+def is_train_recipe(text: str) -> bool:
+    """Whether recipe text is a train recipe (a mapping with `algorithm`, no `merge_method`);
+    `rlmerge validate` checks those with this module's schema."""
+    import yaml
+
+    try:
+        doc = next(iter(yaml.safe_load_all(text)), None)
+    except yaml.YAMLError:
+        return False  # the merge loader reports the YAML error
+    return isinstance(doc, dict) and "algorithm" in doc and "merge_method" not in doc
+
+
+def check_train_recipe(path: str | Path) -> TrainRecipe:
+    """Validate a train recipe file without resolving what it names (no model, dataset or
+    network is touched): `rlmerge validate`. reward.function is accepted, since nothing is
+    imported here; `rlmerge train` still asks for --allow-code."""
+    path = Path(path)
+    return parse_train_recipe(path.read_text(), str(path), allow_code=True)

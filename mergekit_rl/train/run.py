@@ -15,8 +15,11 @@ DeepSpeed ZeRO (a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true
 flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and works with plain
 AdamW. docs/training.md has the table of what runs on which engine.
 
-On a machine without a GPU the trainer runs on CPU in float32 (`use_cpu`, no bf16); nothing is
-reported to external services (`report_to="none"`); HF_HUB_OFFLINE is honoured by every load.
+On a machine without a GPU the trainer runs on CPU (`use_cpu`) in float32 unless
+training.mixed_precision asks for bf16 autocast; nothing is reported to external services unless
+training.report_to names one; HF_HUB_OFFLINE is honoured by every load. The TRL config is built
+from the recipe's keys (trainer_kwargs) plus training.trainer_args, which recipe.py checks
+against the config class.
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ from ..io.reader import open_checkpoint
 from ..io.writer import CheckpointWriter, check_output_path
 from ..merge import core
 from .data import load_train_dataset, truncate_prompts
-from .recipe import DEEPSPEED_REFUSED, ONLINE_MERGING, SAMPLING, SoupReference, TrainRecipe
+from .progress import TrainProgress
+from .recipe import (
+    DEEPSPEED_REFUSED,
+    ONLINE_MERGING,
+    SAMPLING,
+    SoupReference,
+    TrainRecipe,
+    trl_config_class,
+)
 
 FSDP_REFUSED = (
     "the online merging optimizers and Elastic Reset do not run on FSDP's sharded parameters yet "
@@ -73,6 +84,7 @@ class TrainOptions:
     command: str = ""  # the command line, for the model card
     echo: Echo = print
     callbacks: Sequence[Any] = field(default_factory=tuple)  # extra TrainerCallbacks
+    progress: TrainProgress | None = None  # a bar or step/total + ETA lines (None: neither)
 
 
 @dataclass
@@ -81,6 +93,7 @@ class TrainResult:
     metrics: Path
     steps: int
     seconds: float
+    main_process: bool = True  # False on the other ranks under DDP (they print nothing)
 
 
 def train(
@@ -88,6 +101,7 @@ def train(
 ) -> TrainResult:
     """Run the recipe to the end and write the final model; see the module docstring."""
     t0 = time.time()
+    check_environment(recipe)
     check_deepspeed(recipe)
     check_fsdp(recipe)
     out_dir = Path(recipe.training.output_dir)
@@ -111,6 +125,9 @@ def train(
     resumed_at = int(Path(resume_from).name.rpartition("-")[2]) if resume_from else None
     metrics = MetricsLog(out_dir / METRICS_FILE, opts.echo, resumed_at)
     callbacks: list[Any] = [metrics, *opts.callbacks]
+    if opts.progress is not None:
+        metrics.line = opts.progress.line
+        callbacks.append(opts.progress)
     elastic = elastic_callback(recipe)
     if elastic is not None:  # before evaluation: a step's measures see that step's reset
         callbacks.append(elastic)
@@ -127,12 +144,24 @@ def train(
             )
         elastic.bind_reference(trainer.ref_model)
 
-    with stop_on_signal(trainer) as stop:
+    with stop_on_signal(trainer) as stop, _closing(opts.progress):
         trainer.train(resume_from_checkpoint=resume_from)
     stop.raise_if_stopped(trainer)
     flush_optimizer(trainer)  # merge_every: the last, partial cycle's pending update
     write_final(trainer, recipe, recipe_text, final, final_opts)
-    return TrainResult(final, metrics.path, trainer.state.global_step, round(time.time() - t0, 2))
+    seconds = round(time.time() - t0, 2)
+    main = trainer.accelerator.is_main_process
+    return TrainResult(final, metrics.path, trainer.state.global_step, seconds, main)
+
+
+@contextlib.contextmanager
+def _closing(progress: TrainProgress | None) -> Iterator[None]:
+    """Stop the progress bar however training ends (an error must not leave it drawn)."""
+    try:
+        yield
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 # -- pieces ----------------------------------------------------------------------------------
@@ -329,12 +358,41 @@ def elastic_callback(recipe: TrainRecipe) -> Any:
     return ElasticResetCallback(recipe.policy, **spec.model_dump())
 
 
-def trainer_config(recipe: TrainRecipe, max_steps: int | None) -> Any:
-    """The TRL config (a TrainingArguments) for the recipe's algorithm."""
-    import trl
+def mixed_precision(recipe: TrainRecipe) -> dict[str, bool]:
+    """The trainer's bf16 / fp16 flags (autocast over the stored weights) for the recipe."""
+    t = recipe.training
+    if t.mixed_precision == "auto":  # bf16 where the GPU has it, weights not already fp16
+        cuda = torch.cuda.is_available()
+        bf16 = cuda and torch.cuda.is_bf16_supported() and t.dtype != "float16"
+        return {"bf16": bf16, "fp16": False}
+    return {"bf16": t.mixed_precision == "bf16", "fp16": t.mixed_precision == "fp16"}
 
+
+def report_targets(recipe: TrainRecipe) -> list[str]:
+    """training.report_to as the trainer's list (["none"] when nothing is reported)."""
+    names = recipe.training.report_to
+    return [n for n in dict.fromkeys(names) if n != "none"] or ["none"]
+
+
+def checkpointing_arg() -> str:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name
+    is a deprecated alias); the name this transformers takes."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else ("gradient_checkpointing")
+    )
+
+
+def trainer_kwargs(recipe: TrainRecipe, max_steps: int | None) -> dict[str, Any]:
+    """The arguments of the recipe's TRL config: ours (every name in recipe.OWN_ARGS), then
+    training.trainer_args (checked against the config class, conflicts refused)."""
     t, opt = recipe.training, recipe.optimizer
-    cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         output_dir=t.output_dir,
         learning_rate=recipe.learning_rate,
@@ -353,10 +411,12 @@ def trainer_config(recipe: TrainRecipe, max_steps: int | None) -> Any:
         adam_beta1=opt.betas[0],
         adam_beta2=opt.betas[1],
         adam_epsilon=opt.eps,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported() and t.dtype != "float16",
-        report_to="none",
-        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        **mixed_precision(recipe),
+        **{checkpointing_arg(): t.gradient_checkpointing},
+        max_grad_norm=t.max_grad_norm or 0.0,  # 0: the trainer does not clip
+        report_to=report_targets(recipe),
+        disable_tqdm=True,  # progress is ours (train/progress.py)
         deepspeed=t.deepspeed,
     )
     if t.beta is not None:
@@ -368,14 +428,44 @@ def trainer_config(recipe: TrainRecipe, max_steps: int | None) -> Any:
             num_generations=t.num_generations,
             max_completion_length=t.max_completion_length,
             temperature=t.temperature,
+            use_vllm=t.use_vllm,
         )
     else:
         kwargs["max_length"] = t.max_length
-    config_name = TRL_CLASSES[recipe.algorithm][0]
+    return kwargs | t.trainer_args
+
+
+def trainer_config(recipe: TrainRecipe, max_steps: int | None) -> Any:
+    """The TRL config (a TrainingArguments) for the recipe's algorithm."""
+    cls = trl_config_class(recipe.algorithm)
     try:
-        return getattr(trl, config_name)(**kwargs)
-    except ValueError as e:  # TRL / transformers check their settings in __post_init__
-        raise UsageError(f"training: {config_name} rejects the settings: {e}") from e
+        return cls(**trainer_kwargs(recipe, max_steps))
+    except (ValueError, TypeError) as e:  # TRL / transformers check their settings
+        raise UsageError(f"training: {cls.__name__} rejects the settings: {e}") from e
+
+
+# training.report_to and training.use_vllm: the package each needs (pip extra in pyproject)
+OPTIONAL_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "vllm": ("vllm", "vllm"),
+}
+
+
+def check_environment(recipe: TrainRecipe) -> None:
+    """Refuse, before anything is loaded, what needs a package this environment lacks."""
+    import importlib.util
+
+    wanted = [(f"training.report_to: {n}", n) for n in report_targets(recipe) if n != "none"]
+    if recipe.training.use_vllm:
+        wanted.append(("training.use_vllm", "vllm"))
+    for key, name in wanted:
+        module, extra = OPTIONAL_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(
+                f"{key} needs the '{module}' package, which is not installed; "
+                f"pip install 'mergekit-rl[{extra}]' (or drop the key)."
+            )
 
 
 def make_optimizer(recipe: TrainRecipe, model: nn.Module, decay_names: Sequence[str]) -> Any:
@@ -563,6 +653,18 @@ def output_dtypes(
     return {n: policy.info(n).dtype if n in policy else t.dtype for n, t in state.items()}
 
 
+def card_tags(recipe: TrainRecipe) -> list[str]:
+    """What the trained model is, for the Hub: trl, the algorithm, the optimizer / plug-ins."""
+    tags = ["trl", recipe.algorithm]
+    if recipe.optimizer.name in ONLINE_MERGING:
+        tags.append(recipe.optimizer.name)
+    if recipe.elastic_reset is not None:
+        tags.append("elastic-reset")
+    if recipe.peft is not None:
+        tags.append("lora")
+    return tags
+
+
 def _write(
     state: dict[str, torch.Tensor],
     recipe: TrainRecipe,
@@ -580,6 +682,8 @@ def _write(
             [policy],
             None,
             recipe=recipe_text,
+            relation="finetune",
+            tags=card_tags(recipe),
         )
         writer = CheckpointWriter(
             out, entries, metadata=provenance(command, [policy]), force=opts.force

@@ -47,7 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module_args: list[str], env: dict[str, str] | None = None) -> None:
+def launch(
+    module_args: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `-m MODULE ARGS` in 2 CPU processes with accelerate; fail with its output."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -60,6 +62,7 @@ def launch(module_args: list[str], env: dict[str, str] | None = None) -> None:
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     res = subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return res
 
 
 def dpo_doc(fam: dict[str, Path], out: Path, opt: str, batch: int) -> dict:
@@ -234,8 +237,12 @@ def test_resume_under_ddp_through_the_command(dpo_onties: Path) -> None:
     doc = yaml.safe_load((dpo_onties / "recipe.yaml").read_text())
     doc["training"]["output_dir"] = str(resumed_dir)
     recipe = write(doc, dpo_onties / "resume.yaml")
-    launch(["-m", "mergekit_rl.cli.app", "train", str(recipe), "--resume"])
+    res = launch(["-m", "mergekit_rl.cli.app", "train", str(recipe), "--resume"])
     resumed = load_state(resumed_dir / "final")
+    # one process prints: each resumed step's progress line once, the summary once
+    shown = [x.split(":")[0] for x in res.stderr.splitlines() if x.startswith("step ")]
+    assert shown == [f"step {i}/{STEPS}" for i in range(3, STEPS + 1)], res.stderr[-3000:]
+    assert sum(x.startswith("trained ") for x in res.stderr.splitlines()) == 1
     assert set(resumed) == set(full)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5, msg=k)
