@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -14,11 +15,9 @@ from mergekit_rl.recipe import run as recipe_run
 
 from .common import (
     AllowPickle,
-    Device,
     Dtype,
     Force,
     Json,
-    Output,
     Quiet,
     console,
     emit_json,
@@ -32,6 +31,23 @@ from .common import (
 from .errors import boundary, classify
 
 Recipe = Annotated[str, typer.Argument(help="A recipe YAML file (mergekit format).")]
+PositionalOut = Annotated[
+    Path | None,
+    typer.Argument(
+        metavar="OUT",
+        show_default=False,
+        help="Output directory, as mergekit-yaml takes it (the same as -o OUT).",
+    ),
+]
+OptionalOutput = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output directory (or give OUT).")
+]
+MergeDevice = Annotated[
+    str | None, typer.Option(help="Where the math runs: cpu (default), cuda or cuda:N.")
+]
+Cuda = Annotated[
+    bool, typer.Option("--cuda", help="The same as --device cuda (mergekit-yaml's flag).")
+]
 RecipeShardSize = Annotated[
     str | None,
     typer.Option(help="Largest output shard, bytes or 5GB / 500MB (default: the recipe's, 5GB)."),
@@ -40,12 +56,14 @@ RecipeShardSize = Annotated[
 
 def merge(
     recipe: Recipe,
-    output: Output,
+    out: PositionalOut = None,
+    output: OptionalOutput = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the plan (tensors, shards, memory); write nothing."),
     ] = False,
-    device: Device = "cpu",
+    device: MergeDevice = None,
+    cuda: Cuda = False,
     dtype: Dtype = None,
     max_shard_size: RecipeShardSize = None,
     force: Force = False,
@@ -60,10 +78,14 @@ def merge(
     stage to OUT, and later stages use earlier ones by name. A stage whose output is complete
     and was made by the same recipe is skipped; --force reruns every stage. --dtype overrides
     the recipe's out_dtype/dtype. --dry-run resolves inputs and reads headers only.
+    As with mergekit-yaml, the output may follow the recipe (`rlmerge merge r.yaml out`) and
+    --cuda means --device cuda.
 
     Example: rlmerge merge recipes/ties-sft.yaml -o merged --dry-run
     """
     with boundary("merge", json):
+        output = merge_output(out, output)
+        device = merge_device(device, cuda)
         opts = write_options(device, dtype, "5GB", force, quiet, json, allow_pickle)
         shard = parse_size(max_shard_size) if max_shard_size else None
         mopts = recipe_run.MergeOptions(write=opts, max_shard_size=shard)
@@ -93,6 +115,29 @@ def merge(
                     else "output already complete"
                 )
                 err_console.print(f"[green]{r.status}[/green] {r.output}: {what}")
+
+
+def merge_output(positional: Path | None, option: Path | None) -> Path:
+    """OUT after the recipe (mergekit-yaml's form) or -o/--output; both only when they agree."""
+    if positional is not None and option is not None and positional != option:
+        raise UsageError(
+            f"two outputs given: '{positional}' after the recipe and '{option}' as -o/--output; "
+            "give one of them."
+        )
+    chosen = positional if positional is not None else option
+    if chosen is None:
+        raise UsageError(
+            "no output given: name it after the recipe (rlmerge merge RECIPE OUT) or with -o OUT."
+        )
+    return chosen
+
+
+def merge_device(device: str | None, cuda: bool) -> str:
+    """--cuda is mergekit-yaml's spelling of --device cuda; a different --device with it is
+    refused rather than silently overridden."""
+    if cuda and device not in (None, "cuda"):
+        raise UsageError(f"--cuda means --device cuda, but --device {device} was also given.")
+    return "cuda" if cuda else device or "cpu"
 
 
 def print_plan(plan: dict[str, Any]) -> None:

@@ -147,3 +147,37 @@ def test_weights_summing_to_zero_fail_cleanly(family, tmp_path) -> None:
     assert code == 2 and "sum to 0" in err and "normalize: false" in err
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))  # no temporary folder left behind
+
+
+def test_merge_takes_mergekit_yaml_positional_output_and_cuda(family, tmp_path) -> None:
+    recipe = write(
+        tmp_path / "soup.yaml",
+        f"merge_method: linear\nmodels: [{{model: {family['sft1']}}}, {{model: {family['sft2']}}}]\n",
+    )
+    out = tmp_path / "soup"
+    code, _, err = rl("merge", recipe, out, "-q")  # mergekit-yaml's `mergekit-yaml r.yaml out`
+    assert code == 0, err
+    a, b = load_state(family["sft1"]), load_state(family["sft2"])
+    assert_states_close(load_state(out), {k: (a[k] + b[k]) / 2 for k in a}, atol=1e-6)
+    # the same path both ways is accepted; two different outputs are refused before any work
+    code, _, err = rl("merge", recipe, out, "-o", out, "--force", "-q")
+    assert code == 0, err
+    other = tmp_path / "other"
+    code, _, err = rl("merge", recipe, out, "-o", other)
+    assert code == 2 and "two outputs given" in err and str(other) in err
+    assert not other.exists()
+    code, _, err = rl("merge", recipe)
+    assert code == 2 and "no output given" in err
+    # --cuda is --device cuda: without a GPU it fails as --device cuda does, naming cuda
+    code, _, err_cuda = rl("merge", recipe, tmp_path / "c1", "--cuda", "-q")
+    code2, _, err_device = rl("merge", recipe, tmp_path / "c2", "--device", "cuda", "-q")
+    assert code == code2 and err_cuda == err_device
+    assert code == 0 or "--device cuda" in err_cuda  # no GPU here: the device check names it
+    code, _, err = rl("merge", recipe, tmp_path / "c1", "--cuda", "--device", "cpu")
+    assert code == 2 and "--cuda means --device cuda" in err
+
+
+def test_merge_help_names_the_mergekit_aliases() -> None:
+    code, out, _ = rl("merge", "--help")
+    assert code == 0 and "--cuda" in out and "[OUT]" in out
+    assert "mergekit-yaml" in out
