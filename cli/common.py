@@ -197,12 +197,18 @@ def json_error(command: str, message: str, exit_code: int) -> dict[str, Any]:
 
 
 def print_table(
-    columns: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    title: str | None = None,
+    right: Sequence[str] = (),
 ) -> None:
     """A rich table on a terminal; tab-separated lines (a header, then one per row) elsewhere,
-    so that `| cut`, `| grep` and logs see every cell whole."""
+    so that `| cut`, `| grep` and logs see every cell whole. `right`: columns right-aligned
+    on a terminal (numbers)."""
     if sys.stdout.isatty():
-        table = Table(*columns, title=title)
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, justify="right" if col in right else "left")
         for row in rows:
             table.add_row(*row)
         console.print(table)

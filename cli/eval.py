@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from mergekit_rl.errors import UsageError
 
-from .common import Device, Json, console, emit_json, err_console
+from .common import Device, Json, emit_json, err_console, print_table
 from .errors import boundary
 
 
@@ -116,11 +115,10 @@ def _fmt(v: float | None, digits: int) -> str:
 
 
 def _table(rows: list[dict]) -> None:
-    table = Table(title="rlmerge eval")
-    for col in ("model", "reward", "± se", "KL/token", "ppl", "win rate", "tokens"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in rows:
-        table.add_row(
+    """A table on a terminal, tab-separated rows in a pipe (print_table)."""
+    columns = ("model", "reward", "± se", "KL/token", "ppl", "win rate", "tokens")
+    cells = [
+        (
             r["label"],
             _fmt(r["reward"], 4),
             _fmt(r["reward_se"], 4),
@@ -129,7 +127,9 @@ def _table(rows: list[dict]) -> None:
             _fmt(r["win_rate"], 3),
             _fmt(r["mean_tokens"], 1),
         )
-    console.print(table)
+        for r in rows
+    ]
+    print_table(columns, cells, title="rlmerge eval", right=columns[1:])
 
 
 def register(app: typer.Typer) -> None:

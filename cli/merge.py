@@ -199,28 +199,36 @@ def validate(
 ) -> None:
     """Check recipes without opening any model (for CI): every problem, with its YAML path.
 
-    Exits 0 when all are valid, 2 otherwise. With --json, one object lists every recipe with
-    its problems.
+    The report goes to stdout: `ok FILE (N stages)` or `invalid FILE: ...` with one indented
+    line per problem. Exits 0 when all are valid, 2 otherwise (and stderr names the invalid
+    files). --quiet prints only the invalid ones. With --json, one object lists every recipe
+    with its problems.
 
     Example: rlmerge validate recipes/*.yaml
     """
     with boundary("validate", json):
-        checked = [_check_recipe_file(path, quiet or json) for path in recipes]
-    bad = sum(not e["ok"] for e in checked)
+        checked = [_check_recipe_file(path, quiet, json) for path in recipes]
+    bad = [e["recipe"] for e in checked if not e["ok"]]
     if json:
-        error = {"message": f"{bad} of {len(checked)} recipes are invalid", "exit_code": 2}
+        message = f"{len(bad)} of {len(checked)} recipes are invalid"
+        error = {"message": message, "exit_code": 2}
         print_json(
             json_envelope(
                 "validate", ok=not bad, recipes=checked, **({"error": error} if bad else {})
             )
         )
     if bad:
+        print(
+            f"rlmerge: invalid recipe: {', '.join(bad)} ({len(bad)} of {len(checked)} invalid)",
+            file=sys.stderr,
+        )
         raise typer.Exit(2)
 
 
-def _check_recipe_file(path: str, silent: bool) -> dict[str, Any]:
-    """{recipe, ok, stages, problems: [{path, message}]}; problems always go to stderr (as
-    every error does), the ok lines unless silent (--quiet, --json)."""
+def _check_recipe_file(path: str, quiet: bool, as_json: bool) -> dict[str, Any]:
+    """{recipe, ok, stages, problems: [{path, message}]}. The verdict is the command's result:
+    stdout (problems always, ok lines unless --quiet); with --json stdout holds only the JSON,
+    so the problems go to stderr."""
     entry: dict[str, Any] = {"recipe": path, "ok": True, "stages": 0, "problems": []}
     try:
         entry["stages"] = len(recipe_run.load_recipe(path))
@@ -228,11 +236,12 @@ def _check_recipe_file(path: str, silent: bool) -> dict[str, Any]:
         entry["ok"] = False
         problems = exc.problems if isinstance(exc, RecipeError) else [("", str(exc))]
         entry["problems"] = [{"path": p, "message": m} for p, m in problems]
-        print(f"rlmerge: {classify(exc)[1]}: {exc}", file=sys.stderr)
+        text = str(exc) if isinstance(exc, RecipeError) else f"{path}: {classify(exc)[1]}: {exc}"
+        print(f"invalid {text}", file=sys.stderr if as_json else sys.stdout)
         return entry
-    if not silent:
+    if not (quiet or as_json):
         n = entry["stages"]
-        err_console.print(f"[green]ok[/green] {path} ({n} stage{'s' if n != 1 else ''})")
+        console.print(f"[green]ok[/green] {path} ({n} stage{'s' if n != 1 else ''})")
     return entry
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import Force, Json, Quiet, err_console, json_envelope, print_json
+from .common import Force, Json, Quiet, console, json_envelope, print_json
 from .errors import boundary
 
 
@@ -38,18 +38,18 @@ def reproduce(
             print_json(
                 json_envelope("reproduce", outputs=outputs, ok=report.identical, **report.to_dict())
             )
-        elif not quiet:
+        elif not quiet:  # the verdict is the result: stdout
             for rec in report.inputs:
-                err_console.print(f"input {rec['ref']}: {rec['status']}", soft_wrap=True)
+                console.print(f"input {rec['ref']}: {rec['status']}", soft_wrap=True)
             if report.identical:
-                err_console.print(
+                console.print(
                     f"[green]reproduced[/green] {output}: all {report.tensors} tensors "
                     "bit-identical",
                     soft_wrap=True,
                 )
             else:
                 listed = ", ".join(report.differing[:5])
-                err_console.print(
+                console.print(
                     f"[red]not reproduced[/red] {output}: {len(report.differing)} of "
                     f"{report.tensors} tensors differ ({listed})",
                     soft_wrap=True,

@@ -86,15 +86,19 @@ tokenizer_source: union
 dtpye: float16
 """,
     )
-    code, _, err = rl("validate", good)
-    assert code == 0 and "ok" in err
-    code, _, err = rl("validate", good, bad)
+    code, out, err = rl("validate", good)
+    assert code == 0 and out == f"ok {good} (1 stage)\n" and err == ""
+    # the report is the result (stdout); stderr names the invalid files for the exit code
+    code, out, err = rl("validate", good, bad)
     assert code == 2
-    assert "models[1].parameters.desnity: unknown parameter for ties (did you mean density?)" in err
-    assert "models[1].parameters.weight" in err
-    assert "tokenizer_source: 'union'" in err and "not supported" in err
-    assert "dtpye: unknown key (did you mean dtype?)" in err
-    assert "4 problems" in err
+    assert "models[1].parameters.desnity: unknown parameter for ties (did you mean density?)" in out
+    assert "models[1].parameters.weight" in out
+    assert "tokenizer_source: 'union'" in out and "not supported" in out
+    assert "dtpye: unknown key (did you mean dtype?)" in out
+    assert out.startswith(f"ok {good} (1 stage)\ninvalid {bad}: 4 problems")
+    assert err == f"rlmerge: invalid recipe: {bad} (1 of 2 invalid)\n"
+    code, out, _ = rl("validate", good, bad, "-q")  # --quiet: only what is wrong
+    assert code == 2 and out.startswith(f"invalid {bad}")
 
 
 def test_pipeline_validation_names_stages(tmp_path) -> None:
@@ -103,10 +107,10 @@ def test_pipeline_validation_names_stages(tmp_path) -> None:
         "merge_method: linear\nmodels: [{model: later}]\n---\n"
         "name: later\nmerge_method: linear\nmodels: [{model: a}]\n",
     )
-    code, _, err = rl("validate", recipe)
+    code, out, _ = rl("validate", recipe)
     assert code == 2
-    assert "[stage 1] name: every stage but the last needs a name" in err
-    assert "[stage 1] models[0].model: stage 'later' comes later in the file" in err
+    assert "[stage 1] name: every stage but the last needs a name" in out
+    assert "[stage 1] models[0].model: stage 'later' comes later in the file" in out
 
 
 def test_merge_missing_model_exits_2(family, tmp_path) -> None:
