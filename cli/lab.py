@@ -26,7 +26,9 @@ def lab_command(
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Pretrain, SFT and RL-train a tiny Llama with DPO (+ OnDARE / OnTIES) and GRPO (+ Elastic
+    """Run the alignment-tax experiment in miniature and write a report with plots.
+
+    Pretrain, SFT and RL-train a tiny Llama with DPO (+ OnDARE / OnTIES) and GRPO (+ Elastic
     Reset / SALSA), interpolate, evaluate and plot: DIR/report.md, pareto_kl.png,
     pareto_ppl.png, results.json.
 

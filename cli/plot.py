@@ -24,8 +24,10 @@ def plot_command(
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Plot reward against drift: one colour per method, lines through sweeps, error bars
-    from seeds, the Pareto front marked.
+    """Plot reward against drift (KL or perplexity) from eval or lab results.
+
+    One colour per method, lines through sweeps, error bars from seeds (their range), the
+    Pareto front marked. The file type follows the name: .png, .pdf or .svg.
 
     Example: rlmerge plot lab/results.json -o pareto.png --x ppl
     """

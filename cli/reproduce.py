@@ -23,9 +23,11 @@ def reproduce(
     quiet: Quiet = False,
     json: Json = False,
 ) -> None:
-    """Re-run the command recorded in OUTPUT from that record alone: every input must resolve to
-    the recorded revision / content fingerprint (else exit 2, naming it); then every tensor of
-    the new output is compared with OUTPUT's. Exit 0 when bit-identical, 1 when not.
+    """Re-run the command recorded in OUTPUT and compare the new output with it bit for bit.
+
+    The command is re-run from that record alone: every input must resolve to the recorded
+    revision / content fingerprint (else exit 2, naming it); then every tensor of the new
+    output is compared with OUTPUT's. Exit 0 when bit-identical, 1 when not.
 
     Example: rlmerge reproduce demo/outputs/salsa_ref
     """

@@ -49,8 +49,10 @@ def train(
     ] = False,
     json: Json = False,
 ) -> None:
-    """Train with DPO, KTO, GRPO or RLOO (TRL), with OnDARE / OnTIES, Elastic Reset or a soup
-    reference, as the recipe says. Metrics go to OUTPUT_DIR/metrics.jsonl.
+    """Train with DPO, KTO, GRPO or RLOO (TRL) as a recipe says, with online merging options.
+
+    The recipe chooses OnDARE / OnTIES, Elastic Reset or a soup reference. Metrics go to
+    OUTPUT_DIR/metrics.jsonl.
 
     Every path and hub id in the recipe is checked before anything is loaded or written; all
     problems are listed at once with their YAML keys (exit 2). The recipe keys are listed in

@@ -76,3 +76,29 @@ def test_written_outputs_are_reported_on_stderr_and_stdout_stays_empty(
     code, out, err = rl("soup", family["sft1"], family["sft2"], "-o", tmp_path / "s")
     assert code == 0 and out == "" and f"wrote {tmp_path / 's'}" in err
     assert len(err.splitlines()) == 1  # a 0.02 s soup in a pipe: no progress lines
+
+
+def _commands() -> list[tuple[str, object]]:
+    import typer
+
+    def walk(cmd, path: list[str]):  # noqa: ANN001, ANN202
+        yield " ".join(path), cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_short_help_is_one_complete_sentence() -> None:
+    """`rlmerge --help` lists each command with its docstring's first paragraph, keeping its
+    line breaks: that paragraph must be one line and a whole sentence."""
+    for name, cmd in _commands():
+        first = (cmd.help or "").strip().split("\n\n")[0]
+        assert "\n" not in first and first.endswith("."), (name, first)
+    for group in ("", "task-vector", "lora"):
+        result = CliRunner().invoke(app, [*group.split(), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        for name, cmd in _commands():
+            if name and name.rpartition(" ")[0] == group:  # listed on one line, whole
+                first = (cmd.help or "").strip().split("\n\n")[0]
+                assert first in result.stdout, (name, first)
