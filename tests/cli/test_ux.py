@@ -1,4 +1,5 @@
-"""Results on stdout, diagnostics on stderr, plain tab-separated tables in a pipe.
+"""What a user meets first: results on stdout and diagnostics on stderr, plain tab-separated
+tables in a pipe, help text, did-you-mean hints.
 
 CliRunner's stdout is not a terminal, so every command here runs as it would in `| cut` or
 `| wc -l`.
@@ -102,3 +103,14 @@ def test_short_help_is_one_complete_sentence() -> None:
             if name and name.rpartition(" ")[0] == group:  # listed on one line, whole
                 first = (cmd.help or "").strip().split("\n\n")[0]
                 assert first in result.stdout, (name, first)
+
+
+def test_a_mistyped_reward_name_gets_a_did_you_mean(family, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the policy\n")
+    code, out, err = rl("eval", family["sft1"], "--prompts", prompts, "--reward", "sentimnet")
+    assert code == 2 and out == ""
+    assert "sentimnet: unknown reward (did you mean sentiment?)" in err
+    assert "Extra inputs are not permitted" not in err
+    code, _, err = rl("eval", family["sft1"], "--prompts", prompts, "--reward", "{lenght: {}}")
+    assert code == 2 and "lenght: unknown reward (did you mean length?)" in err
