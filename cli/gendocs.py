@@ -92,7 +92,8 @@ KEY_DOCS: dict[str, str] = {
     "elastic_reset.keep_init_on_cpu": "Hold the initial weights in CPU memory; off: read them "
     "back from the policy checkpoint on disk at each reset.",
     # dataset
-    "dataset.path": "A .json / .jsonl / .parquet / .csv file, or a hub dataset id. Columns: "
+    "dataset.path": "A .json / .jsonl / .parquet / .csv file, or a hub dataset id (resolved "
+    "before anything is loaded; offline, it must be in the local datasets cache). Columns: "
     "`prompt`, `chosen`, `rejected` (DPO); `prompt`, `completion`, `label` (KTO); `prompt` "
     "(GRPO / RLOO).",
     "dataset.split": "The split to train on.",
