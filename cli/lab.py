@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mergekit_rl.errors import OutputExistsError, UsageError
+from mergekit_rl.known_warnings import harmless_warnings_ignored
 
 from .common import Force, Json, emit_json, err_console
 from .errors import boundary
@@ -41,7 +42,8 @@ def lab_command(
             if not json_out:
                 err_console.print(message, highlight=False)
 
-        result = run_lab(out, seeds, quick, force, echo)
+        with harmless_warnings_ignored():  # the workers install the same filters
+            result = run_lab(out, seeds, quick, force, echo)
         outputs = [result.report, result.results, *result.plots]
         if json_out:
             emit_json(

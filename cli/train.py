@@ -77,6 +77,7 @@ def train(
 
                 sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
             return
+        from mergekit_rl.known_warnings import harmless_warnings_ignored
         from mergekit_rl.train.run import TrainOptions
         from mergekit_rl.train.run import train as run_train
 
@@ -90,7 +91,8 @@ def train(
             command=command_line(),
             echo=_echo(quiet or json),
         )
-        result = run_train(parsed, text, opts)
+        with harmless_warnings_ignored():
+            result = run_train(parsed, text, opts)
         if json:
             emit_json(
                 "train",
