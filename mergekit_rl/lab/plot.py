@@ -26,9 +26,11 @@ from . import metrics
 AXES = {"kl": "KL(model || reference) per token", "ppl": "perplexity on held-out text"}
 FORMATS = (".png", ".pdf", ".svg")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-# marker size of the first method drawn, and how much smaller each later one is (down to the
-# minimum), so a later method's marker sits inside an earlier one's at the same point
-MARKER_SIZE, MARKER_STEP, MARKER_MIN = 15.0, 3.0, 4.0
+# a marker's size: MARKER_SIZE, less MARKER_STEP for each point drawn before it at the same
+# place (down to MARKER_MIN), so a later method's marker sits inside an earlier one's
+MARKER_SIZE, MARKER_STEP, MARKER_MIN = 13.0, 4.0, 4.0
+# two points are at the same place when they are this close, as a fraction of each axis' span
+SAME_PLACE = 0.015
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,16 @@ def figure(rows: Sequence[dict[str, Any]], x: str = "kl", title: str | None = No
 
     fig, ax = plt.subplots(figsize=(9, 5))
     methods = list(dict.fromkeys(p.method for p in points))
-    for i, method in enumerate(methods):
-        pts = sorted(
+    by_method = [
+        sorted(
             (p for p in points if p.method == method),
             key=lambda p: (p.param is None, p.param if p.param is not None else 0),
         )
-        _draw_method(ax, pts, i, method)
+        for method in methods
+    ]
+    sizes = marker_sizes([p for pts in by_method for p in pts], log_x=x == "ppl")
+    for i, (method, pts) in enumerate(zip(methods, by_method, strict=True)):
+        _draw_method(ax, pts, i, method, [sizes[id(p)] for p in pts])
     front = [points[i] for i in metrics.pareto_front([(p.x, p.reward) for p in points])]
     ax.plot(
         [p.x for p in front],
@@ -168,9 +174,26 @@ def figure(rows: Sequence[dict[str, Any]], x: str = "kl", title: str | None = No
     return fig, points
 
 
-def _draw_method(ax, pts: list[Point], i: int, method: str) -> None:  # noqa: ANN001
+def marker_sizes(drawn: list[Point], log_x: bool) -> dict[int, float]:
+    """id(point) -> marker size, points in drawing order: smaller by MARKER_STEP for each
+    earlier point at the same place (SAME_PLACE of each axis' span)."""
+    xs = [math.log(p.x) if log_x and p.x > 0 else p.x for p in drawn]
+    ys = [p.reward for p in drawn]
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    sizes: dict[int, float] = {}
+    for i, p in enumerate(drawn):
+        under = sum(
+            abs(xs[j] - xs[i]) <= SAME_PLACE * span_x and abs(ys[j] - ys[i]) <= SAME_PLACE * span_y
+            for j in range(i)
+        )
+        sizes[id(p)] = max(MARKER_MIN, MARKER_SIZE - MARKER_STEP * under)
+    return sizes
+
+
+def _draw_method(ax, pts: list[Point], i: int, method: str, sizes: list[float]) -> None:  # noqa: ANN001
     """One method: its bars (thin, under every marker), a line through a sweep, and hollow
-    markers of its own shape, smaller than those of the methods drawn before it."""
+    markers of its own shape, each `sizes[k]` (smaller where earlier points lie under it)."""
     import matplotlib.pyplot as plt
 
     colour = plt.get_cmap("tab10")(i % 10)
@@ -187,18 +210,21 @@ def _draw_method(ax, pts: list[Point], i: int, method: str) -> None:  # noqa: AN
         alpha=0.7,
         zorder=2,
     )
-    ax.plot(
-        xs,
-        ys,
-        linestyle="-" if len(pts) > 1 else "none",
-        marker=MARKERS[i % len(MARKERS)],
-        markersize=max(MARKER_MIN, MARKER_SIZE - MARKER_STEP * i),
-        markerfacecolor="none",
-        markeredgewidth=1.8,
-        color=colour,
-        label=method,
-        zorder=10 + i,
-    )
+    if len(pts) > 1:
+        ax.plot(xs, ys, "-", color=colour, linewidth=1.5, zorder=3)
+    for k, (px, py, size) in enumerate(zip(xs, ys, sizes, strict=True)):
+        ax.plot(
+            [px],
+            [py],
+            linestyle="none",
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=size,
+            markerfacecolor="none",
+            markeredgewidth=1.8,
+            color=colour,
+            label=method if k == 0 else None,
+            zorder=10 + i,
+        )
     if len(pts) > 1:
         for p in pts:
             if p.param is not None:

@@ -163,3 +163,5 @@ def test_legend_covers_no_point_and_coincident_points_stay_visible() -> None:
         assert lb.get_markersize() < la.get_markersize()  # the later one inside the earlier
         assert la.get_markerfacecolor() == lb.get_markerfacecolor() == "none"  # hollow
         assert lb.get_zorder() > la.get_zorder()
+    # a point alone keeps the full size, however late its method is drawn
+    assert lines["salsa"].get_markersize() == lines["sft"].get_markersize()
