@@ -119,7 +119,7 @@ def merge(
 
 def merge_output(positional: Path | None, option: Path | None) -> Path:
     """OUT after the recipe (mergekit-yaml's form) or -o/--output; both only when they agree."""
-    if positional is not None and option is not None and positional != option:
+    if positional is not None and option is not None and positional.resolve() != option.resolve():
         raise UsageError(
             f"two outputs given: '{positional}' after the recipe and '{option}' as -o/--output; "
             "give one of them."
