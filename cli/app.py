@@ -104,8 +104,6 @@ def install_signal_handlers() -> None:
 def main() -> None:
     install_signal_handlers()
     warnings.showwarning = _show_warning
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     app()
 
 

@@ -182,12 +182,19 @@ def json_error(command: str, message: str, exit_code: int) -> dict[str, Any]:
 
 
 def print_table(
-    columns: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    title: str | None = None,
+    right: Sequence[str] = (),
+    caption: str | None = None,
 ) -> None:
     """A rich table on a terminal; tab-separated lines (a header, then one per row) elsewhere,
-    so that `| cut`, `| grep` and logs see every cell whole."""
+    so that `| cut`, `| grep` and logs see every cell whole. `right`: columns right-aligned
+    on a terminal (numbers). Title and caption are `# ` comment lines in a pipe."""
     if sys.stdout.isatty():
-        table = Table(*columns, title=title)
+        table = Table(title=title, caption=caption)
+        for col in columns:
+            table.add_column(col, justify="right" if col in right else "left")
         for row in rows:
             table.add_row(*row)
         console.print(table)
@@ -196,6 +203,8 @@ def print_table(
         sys.stdout.write(f"# {title}\n")
     for row in [columns, *rows]:
         sys.stdout.write("\t".join(row) + "\n")
+    if caption:
+        sys.stdout.write(f"# {caption}\n")
 
 
 # JSON Schema (draft 2020-12) of every --json output; docs/cli.md shows it, tests validate

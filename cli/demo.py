@@ -10,7 +10,7 @@ import typer
 
 from mergekit_rl.demo import DONE_MARKER, is_complete_demo, run_demo
 
-from .common import Json, Quiet, emit_json, err_console
+from .common import Json, Quiet, console, emit_json
 from .errors import boundary
 
 
@@ -39,9 +39,9 @@ def demo(
         root = directory or Path(tempfile.mkdtemp(prefix="rlmerge-demo-"))
         reused = not force and is_complete_demo(root)
 
-        def echo(line: str) -> None:
+        def echo(line: str) -> None:  # the walk-through is the demo's result: stdout
             if not (quiet or json):
-                err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
 
         paths = run_demo(root, echo=echo, force=force)
         if json:

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from mergekit_rl.errors import UsageError
 
-from .common import Device, Json, console, emit_json, err_console
+from .common import Device, Json, emit_json, err_console, print_table
 from .errors import boundary
 
 
@@ -132,19 +131,19 @@ def _kl_header(settings) -> str:  # noqa: ANN001
 
 
 def _table(rows: list[dict], settings) -> None:  # noqa: ANN001
+    """A table on a terminal, tab-separated rows in a pipe (print_table); the caption says
+    which KL the column holds."""
     from mergekit_rl.lab.evaluate import kl_definition
 
     caption = f"KL: {kl_definition(settings)}." if settings.reference else None
-    if any(r["kl"] == float("inf") for r in rows):
+    if caption and any(r["kl"] == float("inf") for r in rows):
         caption += (
             " inf: the model's top-k held a token outside the reference's top-k, which the "
             "reference's sampler never draws."
         )
-    table = Table(title="rlmerge eval", caption=caption)
-    for col in ("model", "reward", "± se", _kl_header(settings), "ppl", "win rate", "tokens"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in rows:
-        table.add_row(
+    columns = ("model", "reward", "± se", _kl_header(settings), "ppl", "win rate", "tokens")
+    cells = [
+        (
             r["label"],
             _fmt(r["reward"], 4),
             _fmt(r["reward_se"], 4),
@@ -153,7 +152,9 @@ def _table(rows: list[dict], settings) -> None:  # noqa: ANN001
             _fmt(r["win_rate"], 3),
             _fmt(r["mean_tokens"], 1),
         )
-    console.print(table)
+        for r in rows
+    ]
+    print_table(columns, cells, title="rlmerge eval", right=columns[1:], caption=caption)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,5 @@
-"""Generated parts of the docs: the train recipe key reference (docs/training.md) and the
-table of every command's arguments and options (docs/cli.md).
+"""Generated parts of the docs: the train recipe key reference (docs/training.md), the
+table of every command's arguments and options and the --json schema (docs/cli.md).
 
 Every key of `TrainRecipe` (mergekit_rl/train/recipe.py) is listed with its type and default,
 read from the schema, and a description from KEY_DOCS below (or the field's own `description`
@@ -8,7 +8,7 @@ fails when a schema key has no description, when KEY_DOCS describes a key the sc
 when a generated block differs from what this module generates. After changing the schema or a
 command's options:
 
-    python -m mergekit_rl.cli.gendocs     # rewrites both blocks
+    python -m mergekit_rl.cli.gendocs     # rewrites every block
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mergekit_rl.train.recipe import TrainRecipe, _submodel
 
 KEYS_BLOCK = "key reference"
 COMMANDS_BLOCK = "command options"
+SCHEMA_BLOCK = "json schema"
 
 # what each key means; "section.key" for nested keys
 KEY_DOCS: dict[str, str] = {
@@ -91,7 +92,8 @@ KEY_DOCS: dict[str, str] = {
     "elastic_reset.keep_init_on_cpu": "Hold the initial weights in CPU memory; off: read them "
     "back from the policy checkpoint on disk at each reset.",
     # dataset
-    "dataset.path": "A .json / .jsonl / .parquet / .csv file, or a hub dataset id. Columns: "
+    "dataset.path": "A .json / .jsonl / .parquet / .csv file, or a hub dataset id (resolved "
+    "before anything is loaded; offline, it must be in the local datasets cache). Columns: "
     "`prompt`, `chosen`, `rejected` (DPO); `prompt`, `completion`, `label` (KTO); `prompt` "
     "(GRPO / RLOO).",
     "dataset.split": "The split to train on.",
@@ -280,6 +282,22 @@ def command_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def json_schema_block() -> str:
+    """The --json schema (cli/common.py) as a fenced JSON block."""
+    import json
+
+    from .common import JSON_SCHEMA
+
+    return f"```json\n{json.dumps(JSON_SCHEMA, indent=2)}\n```\n"
+
+
+GENERATORS = {
+    KEYS_BLOCK: key_reference,
+    COMMANDS_BLOCK: command_table,
+    SCHEMA_BLOCK: json_schema_block,
+}
+
+
 def markers(block: str) -> tuple[str, str]:
     return (
         f"<!-- BEGIN generated {block}: python -m mergekit_rl.cli.gendocs -->",
@@ -294,15 +312,19 @@ def render(doc: str, block: str = KEYS_BLOCK) -> str:
     _, sep2, tail = rest.partition(end)
     if not sep or not sep2:
         raise ValueError(f"the document lacks the markers {begin!r} ... {end!r}")
-    text = key_reference() if block == KEYS_BLOCK else command_table()
+    text = GENERATORS[block]()
     return f"{head}{begin}\n\n{text}\n{end}{tail}"
 
 
-TARGETS = {KEYS_BLOCK: "docs/training.md", COMMANDS_BLOCK: "docs/cli.md"}
+TARGETS = [
+    (KEYS_BLOCK, "docs/training.md"),
+    (COMMANDS_BLOCK, "docs/cli.md"),
+    (SCHEMA_BLOCK, "docs/cli.md"),
+]
 
 
 def main(root: str = ".") -> None:
-    for block, rel in TARGETS.items():
+    for block, rel in TARGETS:
         target = Path(root) / rel
         target.write_text(render(target.read_text(), block))
         print(f"wrote the {block} into {target}", file=sys.stderr)

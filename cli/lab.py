@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mergekit_rl.errors import OutputExistsError, UsageError
+from mergekit_rl.known_warnings import harmless_warnings_ignored
 
 from .common import Force, Json, emit_json, err_console
 from .errors import boundary
@@ -26,7 +27,9 @@ def lab_command(
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Pretrain, SFT and RL-train a tiny Llama with DPO (+ OnDARE / OnTIES) and GRPO (+ Elastic
+    """Run the alignment-tax experiment in miniature and write a report with plots.
+
+    Pretrain, SFT and RL-train a tiny Llama with DPO (+ OnDARE / OnTIES) and GRPO (+ Elastic
     Reset / SALSA), interpolate, evaluate and plot: DIR/report.md, pareto_kl.png,
     pareto_ppl.png, results.json.
 
@@ -39,7 +42,8 @@ def lab_command(
             if not json_out:
                 err_console.print(message, highlight=False)
 
-        result = run_lab(out, seeds, quick, force, echo)
+        with harmless_warnings_ignored():  # the workers install the same filters
+            result = run_lab(out, seeds, quick, force, echo)
         outputs = [result.report, result.results, *result.plots]
         if json_out:
             emit_json(

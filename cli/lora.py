@@ -27,10 +27,11 @@ def extract(
     quiet: Quiet = False,
     json: Json = False,
 ) -> None:
-    """Save the best rank-r approximation of tau = finetuned - base (truncated SVD of each
-    linear layer's matrix) as a PEFT LoRA adapter; `peft` loads it, and BASE+ADAPTER is then
-    an input to every rlmerge command. Embedding, lm_head and norm changes are not carried
-    (they are listed).
+    """Save a task vector's best rank-r approximation as a PEFT LoRA adapter.
+
+    tau = finetuned - base is approximated by a truncated SVD of each linear layer's matrix;
+    `peft` loads the adapter, and BASE+ADAPTER is then an input to every rlmerge command.
+    Embedding, lm_head and norm changes are not carried (they are listed).
 
     Example: rlmerge lora extract models/base models/sft1 --rank 8 -o sft1-lora
     """

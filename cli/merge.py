@@ -16,11 +16,9 @@ from mergekit_rl.train.recipe import check_train_recipe, is_train_recipe
 
 from .common import (
     AllowPickle,
-    Device,
     Dtype,
     Force,
     Json,
-    Output,
     Quiet,
     console,
     emit_json,
@@ -34,6 +32,23 @@ from .common import (
 from .errors import boundary, classify
 
 Recipe = Annotated[str, typer.Argument(help="A recipe YAML file (mergekit format).")]
+PositionalOut = Annotated[
+    Path | None,
+    typer.Argument(
+        metavar="OUT",
+        show_default=False,
+        help="Output directory, as mergekit-yaml takes it (the same as -o OUT).",
+    ),
+]
+OptionalOutput = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output directory (or give OUT).")
+]
+MergeDevice = Annotated[
+    str | None, typer.Option(help="Where the math runs: cpu (default), cuda or cuda:N.")
+]
+Cuda = Annotated[
+    bool, typer.Option("--cuda", help="The same as --device cuda (mergekit-yaml's flag).")
+]
 RecipeShardSize = Annotated[
     str | None,
     typer.Option(help="Largest output shard, bytes or 5GB / 500MB (default: the recipe's, 5GB)."),
@@ -42,12 +57,14 @@ RecipeShardSize = Annotated[
 
 def merge(
     recipe: Recipe,
-    output: Output,
+    out: PositionalOut = None,
+    output: OptionalOutput = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the plan (tensors, shards, memory); write nothing."),
     ] = False,
-    device: Device = "cpu",
+    device: MergeDevice = None,
+    cuda: Cuda = False,
     dtype: Dtype = None,
     max_shard_size: RecipeShardSize = None,
     force: Force = False,
@@ -62,10 +79,14 @@ def merge(
     stage to OUT, and later stages use earlier ones by name. A stage whose output is complete
     and was made by the same recipe is skipped; --force reruns every stage. --dtype overrides
     the recipe's out_dtype/dtype. --dry-run resolves inputs and reads headers only.
+    As with mergekit-yaml, the output may follow the recipe (`rlmerge merge r.yaml out`) and
+    --cuda means --device cuda.
 
     Example: rlmerge merge recipes/ties-sft.yaml -o merged --dry-run
     """
     with boundary("merge", json):
+        output = merge_output(out, output)
+        device = merge_device(device, cuda)
         opts = write_options(device, dtype, "5GB", force, quiet, json, allow_pickle)
         shard = parse_size(max_shard_size) if max_shard_size else None
         mopts = recipe_run.MergeOptions(write=opts, max_shard_size=shard)
@@ -95,6 +116,29 @@ def merge(
                     else "output already complete"
                 )
                 err_console.print(f"[green]{r.status}[/green] {r.output}: {what}")
+
+
+def merge_output(positional: Path | None, option: Path | None) -> Path:
+    """OUT after the recipe (mergekit-yaml's form) or -o/--output; both only when they agree."""
+    if positional is not None and option is not None and positional.resolve() != option.resolve():
+        raise UsageError(
+            f"two outputs given: '{positional}' after the recipe and '{option}' as -o/--output; "
+            "give one of them."
+        )
+    chosen = positional if positional is not None else option
+    if chosen is None:
+        raise UsageError(
+            "no output given: name it after the recipe (rlmerge merge RECIPE OUT) or with -o OUT."
+        )
+    return chosen
+
+
+def merge_device(device: str | None, cuda: bool) -> str:
+    """--cuda is mergekit-yaml's spelling of --device cuda; a different --device with it is
+    refused rather than silently overridden."""
+    if cuda and device not in (None, "cuda"):
+        raise UsageError(f"--cuda means --device cuda, but --device {device} was also given.")
+    return "cuda" if cuda else device or "cpu"
 
 
 def print_plan(plan: dict[str, Any]) -> None:
@@ -159,28 +203,36 @@ def validate(
     Every problem is listed with its YAML path. Paths and hub ids are checked when a command
     runs (merge --dry-run, train --dry-run).
 
-    Exits 0 when all are valid, 2 otherwise. With --json, one object lists every recipe with
-    its problems.
+    The report goes to stdout: `ok FILE (N stages)` or `invalid FILE: ...` with one indented
+    line per problem. Exits 0 when all are valid, 2 otherwise (and stderr names the invalid
+    files). --quiet prints only the invalid ones. With --json, one object lists every recipe
+    with its problems.
 
     Example: rlmerge validate recipes/*.yaml
     """
     with boundary("validate", json):
-        checked = [_check_recipe_file(path, quiet or json) for path in recipes]
-    bad = sum(not e["ok"] for e in checked)
+        checked = [_check_recipe_file(path, quiet, json) for path in recipes]
+    bad = [e["recipe"] for e in checked if not e["ok"]]
     if json:
-        error = {"message": f"{bad} of {len(checked)} recipes are invalid", "exit_code": 2}
+        message = f"{len(bad)} of {len(checked)} recipes are invalid"
+        error = {"message": message, "exit_code": 2}
         print_json(
             json_envelope(
                 "validate", ok=not bad, recipes=checked, **({"error": error} if bad else {})
             )
         )
     if bad:
+        print(
+            f"rlmerge: invalid recipe: {', '.join(bad)} ({len(bad)} of {len(checked)} invalid)",
+            file=sys.stderr,
+        )
         raise typer.Exit(2)
 
 
-def _check_recipe_file(path: str, silent: bool) -> dict[str, Any]:
-    """{recipe, ok, stages, problems: [{path, message}]}; problems always go to stderr (as
-    every error does), the ok lines unless silent (--quiet, --json)."""
+def _check_recipe_file(path: str, quiet: bool, as_json: bool) -> dict[str, Any]:
+    """{recipe, ok, stages, problems: [{path, message}]}. The verdict is the command's result:
+    stdout (problems always, ok lines unless --quiet); with --json stdout holds only the JSON,
+    so the problems go to stderr."""
     entry: dict[str, Any] = {"recipe": path, "ok": True, "stages": 0, "problems": []}
     train = _is_train_recipe(path)
     try:
@@ -192,13 +244,14 @@ def _check_recipe_file(path: str, silent: bool) -> dict[str, Any]:
         entry["ok"] = False
         problems = exc.problems if isinstance(exc, RecipeError) else [("", str(exc))]
         entry["problems"] = [{"path": p, "message": m} for p, m in problems]
-        print(f"rlmerge: {classify(exc)[1]}: {exc}", file=sys.stderr)
+        text = str(exc) if isinstance(exc, RecipeError) else f"{path}: {classify(exc)[1]}: {exc}"
+        print(f"invalid {text}", file=sys.stderr if as_json else sys.stdout)
         return entry
-    if not silent and train:
-        err_console.print(f"[green]ok[/green] {path} (train recipe, {algorithm})")
-    elif not silent:
+    if not (quiet or as_json) and train:
+        console.print(f"[green]ok[/green] {path} (train recipe, {algorithm})")
+    elif not (quiet or as_json):
         n = entry["stages"]
-        err_console.print(f"[green]ok[/green] {path} ({n} stage{'s' if n != 1 else ''})")
+        console.print(f"[green]ok[/green] {path} ({n} stage{'s' if n != 1 else ''})")
     return entry
 
 

@@ -18,22 +18,26 @@ def plot_command(
         list[Path],
         typer.Argument(help="`rlmerge eval --json` / `--csv` outputs or a lab results.json."),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The figure (.png).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The figure: .png, .pdf or .svg.")],
     x: Annotated[str, typer.Option(help="Drift axis: kl or ppl.")] = "kl",
     title: Annotated[str | None, typer.Option(help="Figure title.")] = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Plot reward against drift: one colour per method, lines through sweeps, error bars
-    from seeds, the Pareto front marked.
+    """Plot reward against drift (KL or perplexity) from eval or lab results.
+
+    One colour per method, lines through sweeps, error bars from seeds (their range), the
+    Pareto front marked. The file type follows the name: .png, .pdf or .svg.
 
     Example: rlmerge plot lab/results.json -o pareto.png --x ppl
     """
     with boundary("plot", json_out):
-        from mergekit_rl.lab.plot import load_rows, plot
+        from mergekit_rl.lab.plot import FORMATS, load_rows, plot
 
-        if output.suffix.lower() != ".png":
-            raise UsageError(f"--output {output}: the figure is a PNG; name it *.png.")
+        if output.suffix.lower() not in FORMATS:
+            raise UsageError(
+                f"--output {output}: name the figure *.png, *.pdf or *.svg (the format follows it)."
+            )
         if output.exists() and not force:
             raise OutputExistsError(f"--output {output} exists; pass --force to replace it.")
         if output.resolve() in {p.resolve() for p in results}:

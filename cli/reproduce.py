@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import Force, Json, Quiet, err_console, json_envelope, print_json
+from .common import Force, Json, Quiet, console, json_envelope, print_json
 from .errors import boundary
 
 
@@ -23,9 +23,11 @@ def reproduce(
     quiet: Quiet = False,
     json: Json = False,
 ) -> None:
-    """Re-run the command recorded in OUTPUT from that record alone: every input must resolve to
-    the recorded revision / content fingerprint (else exit 2, naming it); then every tensor of
-    the new output is compared with OUTPUT's. Exit 0 when bit-identical, 1 when not.
+    """Re-run the command recorded in OUTPUT and compare the new output with it bit for bit.
+
+    The command is re-run from that record alone: every input must resolve to the recorded
+    revision / content fingerprint (else exit 2, naming it); then every tensor of the new
+    output is compared with OUTPUT's. Exit 0 when bit-identical, 1 when not.
 
     Example: rlmerge reproduce demo/outputs/salsa_ref
     """
@@ -38,18 +40,18 @@ def reproduce(
             print_json(
                 json_envelope("reproduce", outputs=outputs, ok=report.identical, **report.to_dict())
             )
-        elif not quiet:
+        elif not quiet:  # the verdict is the result: stdout
             for rec in report.inputs:
-                err_console.print(f"input {rec['ref']}: {rec['status']}", soft_wrap=True)
+                console.print(f"input {rec['ref']}: {rec['status']}", soft_wrap=True)
             if report.identical:
-                err_console.print(
+                console.print(
                     f"[green]reproduced[/green] {output}: all {report.tensors} tensors "
                     "bit-identical",
                     soft_wrap=True,
                 )
             else:
                 listed = ", ".join(report.differing[:5])
-                err_console.print(
+                console.print(
                     f"[red]not reproduced[/red] {output}: {len(report.differing)} of "
                     f"{report.tensors} tensors differ ({listed})",
                     soft_wrap=True,

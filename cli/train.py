@@ -58,8 +58,10 @@ def train(
     ] = False,
     json: Json = False,
 ) -> None:
-    """Train with DPO, KTO, GRPO or RLOO (TRL), with OnDARE / OnTIES, Elastic Reset or a soup
-    reference, as the recipe says. Metrics go to OUTPUT_DIR/metrics.jsonl.
+    """Train with DPO, KTO, GRPO or RLOO (TRL) as a recipe says, with online merging options.
+
+    The recipe chooses OnDARE / OnTIES, Elastic Reset or a soup reference. Metrics go to
+    OUTPUT_DIR/metrics.jsonl.
 
     Every path and hub id in the recipe is checked before anything is loaded or written; all
     problems are listed at once with their YAML keys (exit 2). The recipe keys are listed in
@@ -76,6 +78,7 @@ def train(
         if dry_run:
             _dry_run(parsed, max_steps, json)
             return
+        from mergekit_rl.known_warnings import harmless_warnings_ignored
         from mergekit_rl.train.run import TrainOptions
         from mergekit_rl.train.run import train as run_train
 
@@ -90,7 +93,8 @@ def train(
             echo=_echo(quiet or json),
             progress=_progress(quiet or json),
         )
-        result = run_train(parsed, text, opts)
+        with harmless_warnings_ignored():
+            result = run_train(parsed, text, opts)
         if not result.main_process:
             return  # under DDP the main process reports
         if json:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from . import analysis, ops
 from .engine import RunOptions
-from .tiny import build_family
+from .tiny import CORPUS, build_family
 
 Echo = Callable[[str], None]
 # written last into a demo directory: a directory holding it is a complete demo made by us
@@ -76,10 +78,18 @@ def run_demo(root: Path, echo: Echo = print, force: bool = False) -> dict[str, P
         f"rlmerge task-vector extract {m['sft1']} {m['rlhf']} -o {tau}",
         lambda o: ops.extract_task_vector(m["sft1"], m["rlhf"], tau, o),
     )
-    run(
-        f"rlmerge task-vector apply {m['sft2']} {tau} -o {out}/sft2_plus_rl --scale 1.0",
-        lambda o: ops.apply_task_vectors(m["sft2"], [tau], out / "sft2_plus_rl", [1.0], o),
+    echo(
+        "# on purpose: the RLHF task vector (extracted against sft1) is applied to sft2, so "
+        "rlmerge warns that the bases differ"
     )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(
+            f"rlmerge task-vector apply {m['sft2']} {tau} -o {out}/sft2_plus_rl --scale 1.0",
+            lambda o: ops.apply_task_vectors(m["sft2"], [tau], out / "sft2_plus_rl", [1.0], o),
+        )
+    for w in caught:
+        echo(f"  warning (expected here): {w.message}")
 
     echo(f"$ rlmerge inspect {out}/salsa_ref")
     info = analysis.inspect_model(out / "salsa_ref")
@@ -119,5 +129,22 @@ def _check_outputs(fam: dict[str, Path], out: Path, echo: Echo) -> None:
     gap = (logits(out / "sweep" / "alpha-1") - logits(fam["rlhf"])).abs().max().item()
     echo(f"  alpha=1 reproduces the RLHF model: max |logit difference| = {gap:.2e}")
     model = AutoModelForCausalLM.from_pretrained(out / "salsa_ref").eval()
-    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    echo(f"  the soup generates: {tok.decode(gen[0])!r}")
+    gen = model.generate(
+        ids,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        suppress_tokens=_non_text_tokens(tok),
+    )
+    text = tok.decode(gen[0], skip_special_tokens=True)
+    echo(f"  the soup generates (random weights, so random letters): {text!r}")
+
+
+def _non_text_tokens(tok) -> list[int]:  # noqa: ANN001 - a transformers tokenizer
+    """Token ids outside the demo corpus's alphabet. The demo tokenizer is byte-level with no
+    merges (259 ids): a random model picks bytes 0x80-0xff that are halves of UTF-8
+    characters and decode to U+FFFD, so generation is limited to the letters and spaces the
+    corpus uses."""
+    alphabet = set("".join(CORPUS))
+    pattern = re.compile(f"[{re.escape(''.join(sorted(alphabet)))}]+")
+    return [i for i in range(len(tok)) if not pattern.fullmatch(tok.decode([i]))]

@@ -7,6 +7,7 @@ import torch
 
 from mergekit_rl.demo import run_demo
 from mergekit_rl.errors import UsageError
+from mergekit_rl.tiny import CORPUS
 from tests.conftest import load_state
 
 
@@ -21,6 +22,15 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert any("alpha=1 reproduces the RLHF model" in line and "0.00e+00" in line for line in lines)
     assert any(line.startswith("$ rlmerge soup") for line in lines)
+    # the base-mismatch warning is demonstrated on purpose, announced, and shown in the walk-through
+    i = next(i for i, line in enumerate(lines) if line.startswith("$ rlmerge task-vector apply"))
+    assert lines[i - 1].startswith("# on purpose:")
+    assert lines[i + 1].startswith("  warning (expected here): task vector")
+    # generated text decodes cleanly: the corpus's letters and spaces, no U+FFFD or byte junk
+    [gen] = [line for line in lines if "the soup generates" in line]
+    text = gen.split(": ", 1)[1].strip("'")
+    assert text.startswith("the policy model learns") and len(text) > len("the policy model learns")
+    assert set(text) <= set("".join(CORPUS)), text
     # a complete demo is reused as it is; any other non-empty directory is refused
     again: list[str] = []
     assert run_demo(tmp_path / "d", echo=again.append) == paths

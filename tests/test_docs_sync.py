@@ -46,5 +46,11 @@ def test_cli_md_command_table_and_json_schema_are_the_codes() -> None:
     assert doc == gendocs.render(doc, gendocs.COMMANDS_BLOCK), (
         "docs/cli.md's command table is out of date: run python -m mergekit_rl.cli.gendocs"
     )
+    assert doc == gendocs.render(doc, gendocs.SCHEMA_BLOCK), (
+        "docs/cli.md's JSON schema is out of date: run python -m mergekit_rl.cli.gendocs"
+    )
     schema_block = doc.split("### JSON schema", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
     assert json.loads(schema_block) == JSON_SCHEMA
+    # the schema appears once, inside its block, not pasted into the prose around it
+    assert doc.count('"$schema"') == 1
+    assert "(`mergekit_rl.cli.common.JSON_SCHEMA`)" in doc

@@ -20,6 +20,7 @@ For each model, on the same prompts with the same seed:
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import time
@@ -42,7 +43,7 @@ from ..train.data import (
     read_records,
     reward_columns,
 )
-from ..train.recipe import RewardSpec
+from ..train.recipe import RewardSpec, known_keys
 from . import metrics
 
 OnBatch = Callable[[str, int, int], None]  # (model label, batches done, batches in all)
@@ -141,11 +142,25 @@ def parse_reward(text: str) -> dict[str, Any]:
     try:
         return RewardSpec.model_validate(doc).model_dump(exclude_none=True)
     except ValidationError as e:
-        where = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
+        where = "; ".join(_reward_problems(e))
         keys = ", ".join(RewardSpec.model_fields)
         raise UsageError(f"{source}: invalid reward ({where}); rewards are {keys}.") from e
+
+
+def _reward_problems(err: ValidationError) -> list[str]:
+    """'sentimnet: unknown reward (did you mean sentiment?)', with the train recipe's hints for
+    keys inside a reward; pydantic's own message otherwise."""
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(str(loc[-1]), known_keys(("reward", *loc)), n=1)
+            what = "unknown reward" if len(loc) == 1 else "unknown key"
+            out.append(f"{where}: {what}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+        else:
+            out.append(f"{where}: {e['msg']}")
+    return out
 
 
 class Scorer:

@@ -32,6 +32,7 @@ import yaml
 from .. import __version__, ops
 from ..engine import RunOptions
 from ..errors import OutputExistsError, UsageError
+from ..known_warnings import ignore_harmless_warnings
 from . import data as labdata
 from . import metrics
 from .evaluate import EvalSettings, Scorer, evaluate, load_model, read_prompts, sample
@@ -264,8 +265,11 @@ def quiet_libraries() -> None:
 
 
 def _worker_init() -> None:
+    """A spawned worker starts with Python's default warning filters (the parent's are not
+    inherited): it runs only lab jobs, so the known-harmless filters hold for its life."""
     torch.set_num_threads(1)
     quiet_libraries()
+    ignore_harmless_warnings()
 
 
 def _timed(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, float]:
@@ -327,7 +331,16 @@ def trl_args(out_dir: Path, steps: int, lr: float, batch: int, seed: int, max_le
         disable_tqdm=True,
         use_cpu=not cuda,
         bf16=False,
+        **_checkpointing(SFTConfig),
     )
+
+
+def _checkpointing(config_cls: type) -> dict[str, Any]:
+    """TRL's default (checkpointing on) under transformers 5's name for it, so that the
+    config does not warn that `gradient_checkpointing` is deprecated; nothing on versions
+    without the new name."""
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    return {"activation_checkpointing": True} if "activation_checkpointing" in fields else {}
 
 
 def _fit(model: Any, tok: Any, rows: list[dict[str, str]], args: Any) -> None:

@@ -593,7 +593,7 @@ def path_problems(doc: dict[str, Any]) -> Problems:
     data = _get(doc, "dataset", "path")
     local = isinstance(data, str) and (
         data.lower().endswith(DATA_SUFFIXES) or not _HUB_DATASET.match(data)
-    )  # a hub dataset id (org/name) is left to the datasets library
+    )  # a hub dataset id (org/name) is resolved by the datasets library
     if local and data and not Path(data).exists():
         problems.append(
             (
@@ -602,6 +602,13 @@ def path_problems(doc: dict[str, Any]) -> Problems:
                 ".json/.jsonl/.parquet/.csv file or a hub dataset id.",
             )
         )
+    elif isinstance(data, str) and data and not local and not Path(data).exists():
+        from .data import hub_dataset_problem  # data.py imports this module
+
+        subset = _get(doc, "dataset", "subset")
+        problem = hub_dataset_problem(data, subset if isinstance(subset, str) else None)
+        if problem:
+            problems.append(("dataset.path", problem))
     return problems
 
 

@@ -167,8 +167,8 @@ def test_zero_sum_weights_are_found_before_any_work(family, tmp_path: Path) -> N
             }
         )
     )
-    code, _, err = rl("validate", recipe)  # no model is opened by validate
-    assert code == 2 and "models: the model weights [1.0, -1.0] sum to 0" in err
+    code, out, _ = rl("validate", recipe)  # no model is opened by validate
+    assert code == 2 and "models: the model weights [1.0, -1.0] sum to 0" in out
     code, _, err = rl("merge", recipe, "-o", tmp_path / "o")
     assert code == 2 and "invalid recipe" in err and not (tmp_path / "o").exists()
     code, _, err = rl(
@@ -234,10 +234,10 @@ def test_demo_reuses_a_complete_demo_it_made(tmp_path: Path) -> None:
     assert (root / DONE_MARKER).is_file() and err == ""  # --json: no progress lines
     before = load_state(root / "models" / "sft1")
     code, out, err = rl("demo", root)
-    assert code == 0 and "reusing the complete demo" in err
+    assert code == 0 and "reusing the complete demo" in out and err == ""
     assert all(torch.equal(before[k], v) for k, v in load_state(root / "models" / "sft1").items())
     code, out, err = rl("demo", root, "-q")
-    assert code == 0 and err == ""
+    assert code == 0 and err == "" and out == ""
     # a directory that is not a finished demo is still refused
     (root / DONE_MARKER).unlink()
     code, _, err = rl("demo", root)

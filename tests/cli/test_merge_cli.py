@@ -86,15 +86,19 @@ tokenizer_source: union
 dtpye: float16
 """,
     )
-    code, _, err = rl("validate", good)
-    assert code == 0 and "ok" in err
-    code, _, err = rl("validate", good, bad)
+    code, out, err = rl("validate", good)
+    assert code == 0 and out == f"ok {good} (1 stage)\n" and err == ""
+    # the report is the result (stdout); stderr names the invalid files for the exit code
+    code, out, err = rl("validate", good, bad)
     assert code == 2
-    assert "models[1].parameters.desnity: unknown parameter for ties (did you mean density?)" in err
-    assert "models[1].parameters.weight" in err
-    assert "tokenizer_source: 'union'" in err and "not supported" in err
-    assert "dtpye: unknown key (did you mean dtype?)" in err
-    assert "4 problems" in err
+    assert "models[1].parameters.desnity: unknown parameter for ties (did you mean density?)" in out
+    assert "models[1].parameters.weight" in out
+    assert "tokenizer_source: 'union'" in out and "not supported" in out
+    assert "dtpye: unknown key (did you mean dtype?)" in out
+    assert out.startswith(f"ok {good} (1 stage)\ninvalid {bad}: 4 problems")
+    assert err == f"rlmerge: invalid recipe: {bad} (1 of 2 invalid)\n"
+    code, out, _ = rl("validate", good, bad, "-q")  # --quiet: only what is wrong
+    assert code == 2 and out.startswith(f"invalid {bad}")
 
 
 def test_pipeline_validation_names_stages(tmp_path) -> None:
@@ -103,10 +107,10 @@ def test_pipeline_validation_names_stages(tmp_path) -> None:
         "merge_method: linear\nmodels: [{model: later}]\n---\n"
         "name: later\nmerge_method: linear\nmodels: [{model: a}]\n",
     )
-    code, _, err = rl("validate", recipe)
+    code, out, _ = rl("validate", recipe)
     assert code == 2
-    assert "[stage 1] name: every stage but the last needs a name" in err
-    assert "[stage 1] models[0].model: stage 'later' comes later in the file" in err
+    assert "[stage 1] name: every stage but the last needs a name" in out
+    assert "[stage 1] models[0].model: stage 'later' comes later in the file" in out
 
 
 def test_merge_missing_model_exits_2(family, tmp_path) -> None:
@@ -174,3 +178,37 @@ def test_dry_run_without_network_is_the_real_runs_user_error(tmp_path: Path) -> 
     assert real_code == 2 and "the hub cannot be reached" in real_err, real_err
     assert (dry_code, dry_err) == (real_code, real_err)
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_takes_mergekit_yaml_positional_output_and_cuda(family, tmp_path) -> None:
+    recipe = write(
+        tmp_path / "soup.yaml",
+        f"merge_method: linear\nmodels: [{{model: {family['sft1']}}}, {{model: {family['sft2']}}}]\n",
+    )
+    out = tmp_path / "soup"
+    code, _, err = rl("merge", recipe, out, "-q")  # mergekit-yaml's `mergekit-yaml r.yaml out`
+    assert code == 0, err
+    a, b = load_state(family["sft1"]), load_state(family["sft2"])
+    assert_states_close(load_state(out), {k: (a[k] + b[k]) / 2 for k in a}, atol=1e-6)
+    # the same path both ways is accepted; two different outputs are refused before any work
+    code, _, err = rl("merge", recipe, out, "-o", out, "--force", "-q")
+    assert code == 0, err
+    other = tmp_path / "other"
+    code, _, err = rl("merge", recipe, out, "-o", other)
+    assert code == 2 and "two outputs given" in err and str(other) in err
+    assert not other.exists()
+    code, _, err = rl("merge", recipe)
+    assert code == 2 and "no output given" in err
+    # --cuda is --device cuda: without a GPU it fails as --device cuda does, naming cuda
+    code, _, err_cuda = rl("merge", recipe, tmp_path / "c1", "--cuda", "-q")
+    code2, _, err_device = rl("merge", recipe, tmp_path / "c2", "--device", "cuda", "-q")
+    assert code == code2 and err_cuda == err_device
+    assert code == 0 or "--device cuda" in err_cuda  # no GPU here: the device check names it
+    code, _, err = rl("merge", recipe, tmp_path / "c1", "--cuda", "--device", "cpu")
+    assert code == 2 and "--cuda means --device cuda" in err
+
+
+def test_merge_help_names_the_mergekit_aliases() -> None:
+    code, out, _ = rl("merge", "--help")
+    assert code == 0 and "--cuda" in out and "[OUT]" in out
+    assert "mergekit-yaml" in out

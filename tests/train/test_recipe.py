@@ -193,9 +193,12 @@ def test_missing_local_files_are_named(
     found = dict(info.value.problems)
     assert set(found) == {"evaluation.prompts", "dataset.path"}
     assert "'p.jsonl' not found" in found["evaluation.prompts"]
-    # a hub dataset id is not a local file and is not checked here
+    # a hub dataset id is resolved too: offline (as here) and not in the datasets cache, it fails
+    # (tests/train/test_hub_dataset_check.py: a cached one passes)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(with_(DPO, dataset={"path": "org/prefs"})))
-    assert read_train_recipe(tmp_path / "r.yaml")[0].dataset.path == "org/prefs"
+    with pytest.raises(RecipeError) as info:
+        read_train_recipe(tmp_path / "r.yaml")
+    assert [p for p, _ in info.value.problems] == ["dataset.path"]
 
 
 def test_read_train_recipe(
