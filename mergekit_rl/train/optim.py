@@ -36,7 +36,8 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from ..errors import MismatchError, UsageError
 from ..merge import core
-from .taskvec import TaskVectorSource, find_task_vector
+from . import optim_shard
+from .taskvec import TaskVectorSource, find_task_vector, find_task_vector_rows
 
 Mode = Literal["ondare", "onties"]
 SignOn = Literal["unweighted", "weighted"]
@@ -493,6 +494,7 @@ class OnlineMergingAdamW(Optimizer):
         self.stochastic_rounding = stochastic_rounding
         self._names: dict[Tensor, str] = {}
         self._buffers: dict[tuple[str, torch.device], Tensor] = {}  # see _scratch
+        self._shards: dict[Tensor, optim_shard.FlatShard] = {}  # FSDP2 DTensor parameters
         for group in self.param_groups:
             _check_group(group)
             names = group.get("param_names")
@@ -504,7 +506,10 @@ class OnlineMergingAdamW(Optimizer):
             for name, p in zip(names, group["params"], strict=True):
                 _check(p.is_contiguous(), "named_params", f"parameter '{name}' is not contiguous.")
                 self._names[p] = name
-                tau = None if task_vectors is None else find_task_vector(task_vectors, name)
+                shard = optim_shard.flat_shard(p, name)
+                if shard is not None:
+                    self._shards[p] = shard
+                tau = None if task_vectors is None else self._read_tau(task_vectors, name, p)
                 if tau is None and task_vectors is not None and missing == "error":
                     raise UsageError(
                         f"parameter '{name}' has no task vector (no tensor of that name in the "
@@ -522,7 +527,19 @@ class OnlineMergingAdamW(Optimizer):
                 "SFT checkpoints the policy was trained from, or run without FSDP flat parameters."
             )
 
+    def _read_tau(
+        self, source: Mapping[str, Tensor] | TaskVectorSource, name: str, p: Tensor
+    ) -> Tensor | None:
+        """tau for p: the whole tensor, or a sharded parameter's own rows only."""
+        shard = self._shards.get(p)
+        if shard is None:
+            return find_task_vector(source, name)
+        return find_task_vector_rows(source, name, shard.row0, shard.row0 + shard.rows)
+
     def _init_tau(self, name: str, p: Tensor, tau: Tensor, group: Mapping[str, Any]) -> None:
+        if p in self._shards:
+            optim_shard.init_tau(self, name, p, self._shards[p], tau, group)
+            return
         tau = align_rows(tau, p.shape, name).to(device=p.device, dtype=torch.float32)
         reserve_p = group["reserve_p"]
         if self.mode == "ondare":
@@ -550,6 +567,14 @@ class OnlineMergingAdamW(Optimizer):
             states = [self._state(p) for p in params]
             for state in states:
                 state["step"] += 1
+            if self._shards:  # FSDP2 shards step one by one (optim_shard)
+                for p, state in zip(params, states, strict=True):
+                    if p in self._shards:
+                        optim_shard.step_param(self, group, p, state, self._shards[p])
+                states = [s for p, s in zip(params, states, strict=True) if p not in self._shards]
+                params = [p for p in params if p not in self._shards]
+                if not params:
+                    continue
             masks = self._masks(group, params, states)
             if self._fused(params):
                 self._fused_steps(group, params, states, masks)
@@ -746,7 +771,10 @@ class OnlineMergingAdamW(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p, {})
                 if self.merge_every > 1 and self._pending(state):
-                    self._merge_pending(group, p, state)
+                    if p in self._shards:
+                        optim_shard.merge_pending(self, group, p, state, self._shards[p])
+                    else:
+                        self._merge_pending(group, p, state)
                     flushed = True
         return flushed
 

@@ -1,0 +1,144 @@
+"""OnlineMergingAdamW on FSDP2 shards against the unsharded optimizer (test_fsdp_optim).
+
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.train.fsdp_optim_worker DIR
+
+DIR holds base.safetensors and sft.safetensors of `Net` (written by the test). For every case
+(mode, dtype, merge_every) each rank builds the SFT model twice: one copy sharded with
+`fully_shard` (every parameter a DTensor split on dim 0: 259 rows are 130 + 129, the one-row
+parameter lives on rank 0 only), one plain. Both get an OnlineMergingAdamW with tau from the
+checkpoints (read row-wise for the shards). Each step the sharded model runs forward and
+backward; the plain copy gets the gathered gradient, so the two optimizers see the same
+gradients and any difference is the optimizer's. Writes DIR/rank-<r>.json: per case the
+parameters whose gathered weights differ from the plain run's (bit for bit), how many weights
+moved, and the bytes of optimizer state each keeps on this rank.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from mergekit_rl.merge import core
+from mergekit_rl.train.optim import OnlineMergingAdamW
+from mergekit_rl.train.taskvec import CheckpointTaskVectors
+
+STEPS = 4
+CASES = [
+    (mode, dtype, k)
+    for mode in ("ondare", "onties")
+    for dtype in ("float32", "bfloat16")
+    for k in (1, 3)
+]
+
+
+class Net(nn.Module):
+    """Shapes that shard unevenly over 2 ranks: 259 and 7 rows, and a parameter of 1 row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(259, 16)
+        self.proj = nn.Linear(16, 7)
+        self.gate = nn.Parameter(torch.ones(1, 7))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.emb(ids)) * self.gate  # [batch, seq, 7]
+        return (h.float() ** 2).mean() + h.float().sum() * 0.01
+
+
+def build(sft: dict[str, torch.Tensor], dtype: torch.dtype) -> Net:
+    net = Net()
+    net.load_state_dict(sft)
+    return net.to(dtype)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer state held on this rank (local shards)."""
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                t = v.to_local() if isinstance(v, DTensor) else v
+                total += t.numel() * t.element_size()
+    return total
+
+
+def run_case(root: Path, mode: str, dtype: torch.dtype, merge_every: int) -> dict:
+    sft = load_file(root / "sft.safetensors")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sharded, plain = build(sft, dtype), build(sft, dtype)
+    fully_shard(sharded.proj, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    kw = dict(
+        mode=mode, reserve_p=0.1, alpha=1e-2, lr=1e-2, weight_decay=0.1,
+        merge_every=merge_every, seed=7,
+    )  # fmt: skip
+    with CheckpointTaskVectors(str(root / "base"), str(root / "sft")) as tv:
+        opt = OnlineMergingAdamW(sharded.named_parameters(), tv, **kw)
+        ref = OnlineMergingAdamW(plain.named_parameters(), tv, **kw)
+    ids = torch.arange(6 * 5).reshape(6, 5) * 37 % 259  # the same batch on both ranks
+    params = dict(plain.named_parameters())
+    for _ in range(STEPS):
+        sharded(ids).backward()
+        for name, p in sharded.named_parameters():
+            params[name].grad = p.grad.full_tensor()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+    opt.flush()
+    ref.flush()
+    differ, moved = [], 0
+    for name, p in sharded.named_parameters():
+        full = p.detach().full_tensor()
+        if not torch.equal(full, params[name].detach()):
+            differ.append(name)
+        moved += int((full.float() != sft[name].to(dtype).float()).sum())
+    return {
+        "differ": differ,
+        "moved": moved,
+        "state_bytes": state_bytes(opt),
+        "plain_state_bytes": state_bytes(ref),
+        "local_rows": {n: p.to_local().shape[0] for n, p in sharded.named_parameters()},
+    }
+
+
+def check_top_k() -> list[str]:
+    """`core.top_magnitude_indices_sharded` against the unsharded selection, on tensors full of
+    ties (small integers, signs mixed) split unevenly and with an empty shard: the failures."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    failures = []
+    gen = torch.Generator().manual_seed(3)
+    for numel, k, cut in ((1000, 10, 600), (1000, 333, 500), (37, 5, 37), (64, 64, 10), (9, 1, 0)):
+        x = torch.randint(-4, 5, (numel,), generator=gen).float()
+        bounds = [0, cut, numel] if world == 2 else [0, numel]
+        lo, hi = bounds[rank], bounds[rank + 1]
+        idx, pos = core.top_magnitude_indices_sharded(x[lo:hi], k, lo, None)
+        want = core.top_magnitude_indices(x, k)
+        mine = want[(want >= lo) & (want < hi)]
+        if not torch.equal(idx + lo, mine) or pos != int((want < lo).sum()):
+            failures.append(f"numel {numel} k {k} rows {lo}:{hi}")
+    return failures
+
+
+def main(root: Path) -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    out = {"top_k_failures": check_top_k()}
+    for mode, dtype, k in CASES:
+        out[f"{mode}-{dtype}-{k}"] = run_case(root, mode, getattr(torch, dtype), k)
+    (root / f"rank-{dist.get_rank()}.json").write_text(json.dumps(out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
