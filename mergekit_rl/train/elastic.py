@@ -33,8 +33,10 @@ restores its state before this hook), from `args.resume_from_checkpoint` when it
 
 Distributed: under DDP every rank applies the same EMA updates and resets to its replica, and only
 the main process writes the files. DeepSpeed ZeRO is refused (its flattened fp32 master weights
-would undo in-place edits), and so is FSDP for now (its flattened, sharded parameters do not
-line up with the checkpoint's tensors).
+would undo in-place edits). On FSDP2 (`fully_shard`: DTensor parameters split on dim 0) the
+EMA is a DTensor holding each rank's rows, updates and resets run in place on the local rows, and
+theta_0 is read back row-wise (each rank reads its own rows); saving that state is not supported
+yet, so the Trainer path (`on_train_begin`) still refuses FSDP.
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ from transformers import TrainerCallback
 from ..errors import InputNotFoundError, MismatchError, UsageError
 from ..io.reader import Checkpoint, open_checkpoint
 from ..merge import core
-from .taskvec import has_tensor, name_candidates
+from .optim_shard import FlatShard, flat_shard, local
+from .taskvec import has_tensor, name_candidates, read_checkpoint_rows
 
 KlAnchor = Literal["init", "ema"]
 STATE_FILE = "elastic_reset.safetensors"
 META_FILE = "elastic_reset.json"
 # optimizer state entries that are not training history and survive a reset (OnlineMergingAdamW)
-KEEP_ON_RESET = ("tau", "tau_idx")
+KEEP_ON_RESET = ("tau", "tau_idx", "tau_pos")
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -122,6 +125,7 @@ class ElasticResetCallback(TrainerCallback):
         self.source: dict[str, str | None] = {}  # name -> checkpoint tensor name (None: held)
         self._params: dict[str, nn.Parameter] = {}
         self._ref: dict[str, Tensor] = {}
+        self._shards: dict[str, FlatShard] = {}  # FSDP2 parameters: this rank's rows
 
     # -- setup ------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -130,6 +134,8 @@ class ElasticResetCallback(TrainerCallback):
         if not self._params:
             raise UsageError("elastic reset: the model has no trainable parameters.")
         self.ema, self.init, self.source = {}, {}, {}
+        shards = {n: flat_shard(p, n) for n, p in self._params.items()}
+        self._shards = {n: s for n, s in shards.items() if s is not None}
         with open_checkpoint(self.init_checkpoint) as ckpt:
             for name, p in self._params.items():
                 src = checkpoint_name(name, ckpt)
@@ -141,10 +147,11 @@ class ElasticResetCallback(TrainerCallback):
                     )
                 self.source[name] = src
                 if src is None:
-                    self.init[name] = p.detach().to("cpu", copy=True)
+                    self.init[name] = local(p.detach()).to("cpu", copy=True)
                 elif self.keep_init_on_cpu:
-                    self.init[name] = ckpt.read(src)
+                    self.init[name] = self._read_initial(ckpt, name, src).to(ckpt.info(src).dtype)
                 device = p.device if self.ema_device is None else torch.device(self.ema_device)
+                # a sharded parameter's EMA is a DTensor like it: the local rows only
                 self.ema[name] = p.detach().to(device=device, dtype=torch.float32, copy=True)
         self._sync_reference()
 
@@ -189,15 +196,15 @@ class ElasticResetCallback(TrainerCallback):
     def _update_ema(self) -> None:
         """theta_ema <- lerp(theta_ema, theta, 1 - decay), every tracked parameter in one
         multi-tensor kernel."""
-        params = [p.detach() for p in self._params.values()]
-        core.ema_update_many_(list(self.ema.values()), params, self.ema_decay)
+        params = [local(p.detach()) for p in self._params.values()]
+        core.ema_update_many_([local(e) for e in self.ema.values()], params, self.ema_decay)
 
     def _reset(self, optimizer: torch.optim.Optimizer | None) -> None:
         """theta <- theta_ema; theta_ema <- theta_0 (streamed from disk, one tensor at a time)."""
         for name, p in self._params.items():
-            p.copy_(self.ema[name])
+            local(p).copy_(local(self.ema[name]))
         for name, theta0 in self._initial_weights():
-            self.ema[name].copy_(theta0)
+            local(self.ema[name]).copy_(theta0)
         if self.reset_optimizer and optimizer is not None:
             reset_optimizer_state_(optimizer)
         self.num_resets += 1
@@ -214,7 +221,14 @@ class ElasticResetCallback(TrainerCallback):
             for name in on_disk:
                 src = self.source[name]
                 assert src is not None  # names without a source are held in self.init
-                yield name, ckpt.read(src, dtype=torch.float32)
+                yield name, self._read_initial(ckpt, name, src)
+
+    def _read_initial(self, ckpt: Checkpoint, name: str, src: str) -> Tensor:
+        """theta_0 of a parameter as float32: a sharded parameter's own rows only."""
+        shard = self._shards.get(name)
+        if shard is None:
+            return ckpt.read(src, dtype=torch.float32)
+        return read_checkpoint_rows(ckpt, src, shard.row0, shard.row0 + shard.rows)
 
     def _sync_reference(self) -> None:
         if not self._ref or not self.ema:
@@ -227,12 +241,17 @@ class ElasticResetCallback(TrainerCallback):
             )
         with torch.no_grad():
             for name, ema in self.ema.items():
-                self._ref[name].copy_(ema)
+                local(self._ref[name]).copy_(local(ema))
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Write the EMA, host theta_0 copies and counters into directory (atomic renames)."""
         directory = Path(directory)
+        if self._shards:
+            raise UsageError(
+                "elastic reset: saving the state of FSDP-sharded parameters (a DTensor EMA) is "
+                "not supported yet; checkpoint without FSDP, or train without saving."
+            )
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"ema.{n}": t.detach().cpu().contiguous() for n, t in self.ema.items()}
         held = {n: t for n, t in self.init.items() if self.source.get(n) is None}
@@ -277,10 +296,14 @@ class ElasticResetCallback(TrainerCallback):
             )
         with torch.no_grad():
             for name, t in ema.items():
-                self.ema[name].copy_(t)
+                shard = self._shards.get(name)  # a sharded run takes its rows of a saved EMA
+                rows = t if shard is None else t[shard.row0 : shard.row0 + shard.rows]
+                local(self.ema[name]).copy_(rows)
         for key, t in tensors.items():
             if key.startswith("init."):
-                self.init[key.removeprefix("init.")] = t
+                name = key.removeprefix("init.")
+                shard = self._shards.get(name)
+                self.init[name] = t if shard is None else t[shard.row0 : shard.row0 + shard.rows]
         self.num_resets = int(meta["num_resets"])
         self.last_step = int(meta["step"])
         self._sync_reference()

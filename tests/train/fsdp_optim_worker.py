@@ -28,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from mergekit_rl.merge import core
+from mergekit_rl.train.elastic import ElasticResetCallback
 from mergekit_rl.train.optim import OnlineMergingAdamW
 from mergekit_rl.train.taskvec import CheckpointTaskVectors
 
@@ -129,10 +130,62 @@ def check_top_k() -> list[str]:
     return failures
 
 
+def run_elastic(root: Path) -> dict:
+    """Elastic Reset (EMA every step, reset every 2 of 5 steps, kl_anchor "ema" with a sharded
+    reference) on the shards and on the plain model, driven by OnDARE steps: the parameters
+    whose gathered weights, EMA or reference differ from the plain run's."""
+    sft = load_file(root / "sft.safetensors")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    models = {k: build(sft, torch.float32) for k in ("sharded", "plain", "ref_s", "ref_p")}
+    for key in ("sharded", "ref_s"):
+        fully_shard(models[key].proj, mesh=mesh)
+        fully_shard(models[key], mesh=mesh)
+    kw = dict(mode="ondare", reserve_p=0.5, alpha=1e-2, lr=1e-2, seed=3)
+    ids = torch.arange(6 * 5).reshape(6, 5) * 37 % 259
+    with CheckpointTaskVectors(str(root / "base"), str(root / "sft")) as tv:
+        opts = {
+            k: OnlineMergingAdamW(models[k].named_parameters(), tv, **kw)
+            for k in ("sharded", "plain")
+        }
+    cbs = {}
+    for key, ref in (("sharded", "ref_s"), ("plain", "ref_p")):
+        cbs[key] = ElasticResetCallback(
+            root / "sft",
+            ema_decay=0.7,
+            reset_every=2,
+            kl_anchor="ema",
+            keep_init_on_cpu=key == "plain",
+        )
+        cbs[key].attach(models[key])
+        cbs[key].bind_reference(models[ref])
+    params = dict(models["plain"].named_parameters())
+    for step in range(1, 6):
+        models["sharded"](ids).backward()
+        for name, p in models["sharded"].named_parameters():
+            params[name].grad = p.grad.full_tensor()
+        for key in ("sharded", "plain"):
+            opts[key].step()
+            opts[key].zero_grad()
+            cbs[key].on_step(models[key], opts[key], step)
+    refs = {k: dict(models[k].named_parameters()) for k in ("ref_s", "ref_p")}
+    differ = []
+    for name, p in models["sharded"].named_parameters():
+        pairs = {
+            "weights": (p, params[name]),
+            "ema": (cbs["sharded"].ema[name], cbs["plain"].ema[name]),
+            "reference": (refs["ref_s"][name], refs["ref_p"][name]),
+        }
+        for what, (a, b) in pairs.items():
+            if not torch.equal(a.detach().full_tensor(), b.detach()):
+                differ.append(f"{what} {name}")
+    ema_local = cbs["sharded"].ema["emb.weight"].to_local().shape[0]
+    return {"differ": differ, "resets": cbs["sharded"].num_resets, "ema_rows": ema_local}
+
+
 def main(root: Path) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    out = {"top_k_failures": check_top_k()}
+    out = {"top_k_failures": check_top_k(), "elastic": run_elastic(root)}
     for mode, dtype, k in CASES:
         out[f"{mode}-{dtype}-{k}"] = run_case(root, mode, getattr(torch, dtype), k)
     (root / f"rank-{dist.get_rank()}.json").write_text(json.dumps(out))

@@ -4,7 +4,7 @@ unsharded optimizer's weights bit for bit, with about half the optimizer state p
 One launch of `tests.train.fsdp_optim_worker` (about 15 s on 2 cores) runs every case:
 OnDARE and OnTIES, float32 and bfloat16 (stochastic rounding), merge_every 1 and 3, on shapes
 that shard unevenly (259 and 7 rows over 2 ranks) and a one-row parameter that rank 1 holds
-nothing of; and the sharded exact top-k on tensors full of ties.
+nothing of; the sharded exact top-k on tensors full of ties; Elastic Reset across two resets.
 """
 
 from __future__ import annotations
@@ -102,3 +102,12 @@ def test_task_vector_rows_are_read_alone(tmp_path: Path, monkeypatch: pytest.Mon
             rows = find_task_vector_rows(tv, f"module.{name}", a, b)
             assert torch.equal(rows, whole[name][a:b]), (name, a, b)
         assert find_task_vector_rows(tv, "missing", 0, 1) is None
+
+
+def test_elastic_reset_sharded_equals_unsharded_across_resets(results: list[dict]) -> None:
+    """5 OnDARE steps with Elastic Reset every 2 (two resets, kl_anchor "ema" with a sharded
+    reference model): weights, EMA and reference gathered from the shards equal the plain run's
+    bit for bit; theta_0 was read row-wise (the plain run holds it whole on the host); the EMA
+    holds each rank's rows only."""
+    for r, rows in zip(results, (130, 129), strict=True):
+        assert r["elastic"] == {"differ": [], "resets": 2, "ema_rows": rows}
