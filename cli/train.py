@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,8 +33,26 @@ def train(
         int | None, typer.Option(help="Override training.max_steps (smoke runs).", min=1)
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate and print the resolved recipe; no training.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate and print the resolved recipe and the memory plan per process; no "
+            "training (model directories may hold a config.json alone).",
+        ),
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="--dry-run: plan for this many processes (default: WORLD_SIZE, else 1).", min=1
+        ),
+    ] = None,
+    fsdp: Annotated[
+        bool | None,
+        typer.Option(
+            "--fsdp/--no-fsdp",
+            help="--dry-run: plan for FSDP full sharding (default: ACCELERATE_USE_FSDP).",
+        ),
+    ] = None,
     allow_code: Annotated[
         bool,
         typer.Option(
@@ -63,17 +82,9 @@ def train(
     with boundary("train", json):
         from mergekit_rl.train.recipe import read_train_recipe
 
-        parsed, text = read_train_recipe(recipe, allow_code=allow_code)
+        parsed, text = read_train_recipe(recipe, allow_code=allow_code, config_only=dry_run)
         if dry_run:
-            resolved = parsed.model_dump(mode="json")
-            if max_steps is not None:
-                resolved["training"]["max_steps"] = max_steps
-            if json:
-                emit_json("train", dry_run=True, recipe=resolved)
-            else:
-                import yaml
-
-                sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+            _dry_run(parsed, max_steps, processes, fsdp, json)
             return
         from mergekit_rl.train.run import TrainOptions
         from mergekit_rl.train.run import train as run_train
@@ -104,6 +115,37 @@ def train(
                 f"final model: {result.final}; metrics: {result.metrics}",
                 soft_wrap=True,
             )
+
+
+def _dry_run(
+    parsed: Any, max_steps: int | None, processes: int | None, fsdp: bool | None, json: bool
+) -> None:
+    """The resolved recipe, then the memory plan (as YAML comments, so stdout stays YAML)."""
+    from mergekit_rl.train.memory import GPU_GIB, plan_for_recipe
+
+    resolved = parsed.model_dump(mode="json")
+    if max_steps is not None:
+        resolved["training"]["max_steps"] = max_steps
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp is None:
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    plan = plan_for_recipe(parsed, processes, fsdp)
+    if json:
+        memory = {
+            "params": plan.params,
+            "processes": processes,
+            "fsdp": fsdp,
+            "bytes": plan.items,
+            "peak": plan.total,
+            "fits_gb": {str(g): plan.fits(g) for g in GPU_GIB},
+        }
+        emit_json("train", dry_run=True, recipe=resolved, memory=memory)
+        return
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+    sys.stdout.write("".join(f"# {line}\n" for line in plan.lines()))
 
 
 def _echo(silent: bool):  # noqa: ANN202

@@ -402,15 +402,18 @@ def model_refs(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return [(key, ref) for key, ref in refs if isinstance(ref, str) and ref]
 
 
-def path_problems(doc: dict[str, Any]) -> Problems:
+def path_problems(doc: dict[str, Any], config_only: bool = False) -> Problems:
     """Every checkpoint, hub id and file the recipe names that cannot be found, with its YAML
     path (paths relative to the working directory). Checkpoints are resolved as the merge
     commands resolve them: a hub id is looked up (and fetched into the cache) now, so that a
-    typo never surfaces after the policy is loaded."""
+    typo never surfaces after the policy is loaded. config_only: a local directory holding a
+    config.json without weights passes (a dry run's memory plan needs the config alone)."""
     from ..io.reference import resolve
 
     problems: Problems = []
     for key, ref in model_refs(doc):
+        if config_only and (Path(ref) / "config.json").is_file():
+            continue
         try:
             resolve(ref)
         except UsageError as e:
@@ -447,7 +450,11 @@ DEEPSPEED_REFUSED = (
 
 
 def parse_train_recipe(
-    text: str, source: str, allow_code: bool = False, check_paths: bool = False
+    text: str,
+    source: str,
+    allow_code: bool = False,
+    check_paths: bool = False,
+    config_only: bool = False,
 ) -> TrainRecipe:
     """Validate a train recipe's text: the recipe, or one RecipeError with every problem.
 
@@ -469,16 +476,19 @@ def parse_train_recipe(
             problems += train_schema_problems(e)
         problems += cross_problems(docs[0], allow_code)
         if check_paths:
-            problems += path_problems(docs[0])
+            problems += path_problems(docs[0], config_only)
     if problems or recipe is None:
         raise RecipeError(source, problems)
     return recipe
 
 
-def read_train_recipe(path: str | Path, allow_code: bool = False) -> tuple[TrainRecipe, str]:
-    """The validated recipe in `path` and its text (quoted in the model card)."""
+def read_train_recipe(
+    path: str | Path, allow_code: bool = False, config_only: bool = False
+) -> tuple[TrainRecipe, str]:
+    """The validated recipe in `path` and its text (quoted in the model card). config_only:
+    model directories may hold a config.json alone (`path_problems`)."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"train recipe '{path}' not found; check the path.")
     text = path.read_text()
-    return parse_train_recipe(text, str(path), allow_code, check_paths=True), text
+    return parse_train_recipe(text, str(path), allow_code, True, config_only), text
