@@ -509,6 +509,9 @@ class OnlineMergingAdamW(Optimizer):
                 shard = optim_shard.flat_shard(p, name)
                 if shard is not None:
                     self._shards[p] = shard
+                    # state made now, not at the first step: a fresh optimizer's state_dict is
+                    # then the template torch.distributed.checkpoint loads a checkpoint into
+                    self._state(p)
                 tau = None if task_vectors is None else self._read_tau(task_vectors, name, p)
                 if tau is None and task_vectors is not None and missing == "error":
                     raise UsageError(
@@ -967,6 +970,23 @@ class OnlineMergingAdamW(Optimizer):
         add_at_(flat, None, flat.float().mul_(-decay), round_key)
 
     # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, less tau of sharded (FSDP2) parameters: each rank holds its own rows of tau
+        as plain tensors of its own length, which `torch.distributed.checkpoint` would take for
+        replicated ones and save from one rank. It is rebuilt from the task vectors when the
+        optimizer is constructed (a pure function of them, the seed and the names), and
+        `load_state_dict` keeps the rebuilt one."""
+        sd = super().state_dict()
+        if not self._shards:
+            return sd
+        params = (p for g in self.param_groups for p in g["params"])
+        for i, p in enumerate(params):
+            if p in self._shards and i in sd["state"]:
+                sd["state"][i] = {
+                    k: v for k, v in sd["state"][i].items() if k not in optim_shard.TAU_STATE
+                }
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader, keeping each state tensor's own dtype (torch would cast float32
         moments to a bf16 parameter's dtype, and int64 indices to float). State dicts from
@@ -979,6 +999,11 @@ class OnlineMergingAdamW(Optimizer):
             i: {k: s.pop(k) for k in list(s) if k != "step" and isinstance(s[k], Tensor)}
             for i, s in per_param.items()
         }
+        rebuilt = {  # sharded parameters' tau, built at construction (see state_dict)
+            p: {k: v for k, v in st.items() if k in optim_shard.TAU_STATE}
+            for p, st in self.state.items()
+            if p in self._shards
+        }
         super().load_state_dict({**state_dict, "state": per_param})
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
         params = (p for g in self.param_groups for p in g["params"])
@@ -987,3 +1012,6 @@ class OnlineMergingAdamW(Optimizer):
                 dtype = self.tau_dtype if k == "tau" else t.dtype
                 dtype = torch.float32 if k in FLOAT32_STATE else dtype
                 self.state[p][k] = t.to(device=p.device, dtype=dtype)
+        for p, tau in rebuilt.items():
+            if "tau" not in self.state[p]:
+                self.state[p].update(tau)

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from .optim import OnlineMergingAdamW
 
 
+# a sharded parameter's tau state: rebuilt at construction, never saved (`state_dict`)
+TAU_STATE = ("tau", "tau_idx", "tau_pos")
+
+
 @dataclass(frozen=True)
 class FlatShard:
     """This rank's part of a parameter sharded on dim 0: global flat entries [start, start +

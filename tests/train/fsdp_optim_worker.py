@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -182,10 +184,63 @@ def run_elastic(root: Path) -> dict:
     return {"differ": differ, "resets": cbs["sharded"].num_resets, "ema_rows": ema_local}
 
 
+def run_resume(root: Path, mode: str, dtype: torch.dtype, merge_every: int) -> list[str]:
+    """5 sharded steps in one go, against 2 steps, a `torch.distributed.checkpoint` save of
+    the model and optimizer (sharded), a fresh model and optimizer loading it, and 3 more steps
+    (a merge_every cycle open across the save), both flushed: the parameters that differ."""
+    sft = load_file(root / "sft.safetensors")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    kw = dict(
+        mode=mode, reserve_p=0.1, alpha=1e-2, lr=1e-2, weight_decay=0.1, merge_every=merge_every
+    )
+    ids = torch.arange(6 * 5).reshape(6, 5) * 37 % 259
+
+    def fresh() -> tuple[Net, OnlineMergingAdamW]:
+        net = build(sft, dtype)
+        fully_shard(net.proj, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        with CheckpointTaskVectors(str(root / "base"), str(root / "sft")) as tv:
+            return net, OnlineMergingAdamW(net.named_parameters(), tv, **kw)
+
+    def steps(net: Net, opt: OnlineMergingAdamW, n: int) -> None:
+        for _ in range(n):
+            net(ids).backward()
+            opt.step()
+            opt.zero_grad()
+
+    whole, whole_opt = fresh()
+    steps(whole, whole_opt, 5)
+    whole_opt.flush()
+    first, first_opt = fresh()
+    steps(first, first_opt, 2)
+    ckpt = root / f"dcp-{mode}-{merge_every}-{dtype}"
+    msd, osd = get_state_dict(first, first_opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    second, second_opt = fresh()
+    msd, osd = get_state_dict(second, second_opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_state_dict(
+        second, second_opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    steps(second, second_opt, 3)
+    second_opt.flush()
+    got = dict(second.named_parameters())
+    return [
+        name
+        for name, p in whole.named_parameters()
+        if not torch.equal(p.detach().full_tensor(), got[name].detach().full_tensor())
+    ]
+
+
 def main(root: Path) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     out = {"top_k_failures": check_top_k(), "elastic": run_elastic(root)}
+    out["resume"] = {
+        f"{mode}-{dtype}-{k}": run_resume(root, mode, getattr(torch, dtype), k)
+        for mode, dtype, k in (("ondare", "bfloat16", 3), ("onties", "float32", 1))
+    }
     for mode, dtype, k in CASES:
         out[f"{mode}-{dtype}-{k}"] = run_case(root, mode, getattr(torch, dtype), k)
     (root / f"rank-{dist.get_rank()}.json").write_text(json.dumps(out))

@@ -4,7 +4,8 @@ unsharded optimizer's weights bit for bit, with about half the optimizer state p
 One launch of `tests.train.fsdp_optim_worker` (about 15 s on 2 cores) runs every case:
 OnDARE and OnTIES, float32 and bfloat16 (stochastic rounding), merge_every 1 and 3, on shapes
 that shard unevenly (259 and 7 rows over 2 ranks) and a one-row parameter that rank 1 holds
-nothing of; the sharded exact top-k on tensors full of ties; Elastic Reset across two resets.
+nothing of; the sharded exact top-k on tensors full of ties; Elastic Reset across two resets;
+a resume through torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -111,3 +112,12 @@ def test_elastic_reset_sharded_equals_unsharded_across_resets(results: list[dict
     holds each rank's rows only."""
     for r, rows in zip(results, (130, 129), strict=True):
         assert r["elastic"] == {"differ": [], "resets": 2, "ema_rows": rows}
+
+
+def test_dcp_resume_ends_where_the_uninterrupted_run_ends(results: list[dict]) -> None:
+    """2 sharded steps, a torch.distributed.checkpoint save of model and optimizer (moments and
+    the open merge_every cycle sharded; tau rebuilt from the task vectors, not saved), a fresh
+    model and optimizer loading it, 3 more steps: the weights of 5 uninterrupted steps, bit for
+    bit (OnDARE bf16 with merge_every 3, OnTIES float32)."""
+    for r in results:
+        assert r["resume"] == {"ondare-bfloat16-3": [], "onties-float32-1": []}
