@@ -35,8 +35,9 @@ Distributed: under DDP every rank applies the same EMA updates and resets to its
 the main process writes the files. DeepSpeed ZeRO is refused (its flattened fp32 master weights
 would undo in-place edits). On FSDP2 (`fully_shard`: DTensor parameters split on dim 0) the
 EMA is a DTensor holding each rank's rows, updates and resets run in place on the local rows, and
-theta_0 is read back row-wise (each rank reads its own rows); saving that state is not supported
-yet, so the Trainer path (`on_train_begin`) still refuses FSDP.
+theta_0 is read back row-wise (each rank reads its own rows); `save` / `load` then go through
+`torch.distributed.checkpoint` (OUTPUT_DIR/checkpoint-N/elastic_reset_dcp, every rank writing its
+rows; a collective, so `on_save` runs it on every rank).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from .taskvec import has_tensor, name_candidates, read_checkpoint_rows
 KlAnchor = Literal["init", "ema"]
 STATE_FILE = "elastic_reset.safetensors"
 META_FILE = "elastic_reset.json"
+SHARDED_DIR = "elastic_reset_dcp"  # FSDP: the EMA as a torch.distributed.checkpoint, sharded
 # optimizer state entries that are not training history and survive a reset (OnlineMergingAdamW)
 KEEP_ON_RESET = ("tau", "tau_idx", "tau_pos")
 
@@ -146,8 +148,10 @@ class ElasticResetCallback(TrainerCallback):
                         "init_checkpoint must be the checkpoint the policy was loaded from."
                     )
                 self.source[name] = src
-                if src is None:
-                    self.init[name] = local(p.detach()).to("cpu", copy=True)
+                if src is None and name in self._shards:  # saved with the EMA, sharded
+                    self.init[name] = p.detach().clone()
+                elif src is None:
+                    self.init[name] = p.detach().to("cpu", copy=True)
                 elif self.keep_init_on_cpu:
                     self.init[name] = self._read_initial(ckpt, name, src).to(ckpt.info(src).dtype)
                 device = p.device if self.ema_device is None else torch.device(self.ema_device)
@@ -204,7 +208,7 @@ class ElasticResetCallback(TrainerCallback):
         for name, p in self._params.items():
             local(p).copy_(local(self.ema[name]))
         for name, theta0 in self._initial_weights():
-            local(self.ema[name]).copy_(theta0)
+            local(self.ema[name]).copy_(local(theta0))
         if self.reset_optimizer and optimizer is not None:
             reset_optimizer_state_(optimizer)
         self.num_resets += 1
@@ -248,14 +252,33 @@ class ElasticResetCallback(TrainerCallback):
         """Write the EMA, host theta_0 copies and counters into directory (atomic renames)."""
         directory = Path(directory)
         if self._shards:
-            raise UsageError(
-                "elastic reset: saving the state of FSDP-sharded parameters (a DTensor EMA) is "
-                "not supported yet; checkpoint without FSDP, or train without saving."
-            )
+            self._save_sharded(directory)
+            return
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"ema.{n}": t.detach().cpu().contiguous() for n, t in self.ema.items()}
         held = {n: t for n, t in self.init.items() if self.source.get(n) is None}
         tensors.update({f"init.{n}": t.contiguous() for n, t in held.items()})
+        save_file(
+            tensors, str(directory / (STATE_FILE + ".tmp")), metadata={"format": "elastic_reset"}
+        )
+        os.replace(directory / (STATE_FILE + ".tmp"), directory / STATE_FILE)
+        self._write_meta(directory)
+
+    def _sharded_state(self) -> dict[str, dict[str, Tensor]]:
+        held = {n: t for n, t in self.init.items() if self.source.get(n) is None}
+        return {"ema": dict(self.ema), "init": held}
+
+    def _save_sharded(self, directory: Path) -> None:
+        """FSDP: every rank writes its rows of the EMA (and of held theta_0 copies) into one
+        torch.distributed.checkpoint (a collective: every rank calls it); rank 0 the counters."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(), checkpoint_id=directory / SHARDED_DIR)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._write_meta(directory)
+
+    def _write_meta(self, directory: Path) -> None:
         meta = {
             "format": 1,
             "step": self.last_step,
@@ -266,9 +289,6 @@ class ElasticResetCallback(TrainerCallback):
             "reset_every": self.reset_every,
             "kl_anchor": self.kl_anchor,
         }
-        tmp = directory / (STATE_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "elastic_reset"})
-        os.replace(tmp, directory / STATE_FILE)
         tmp = directory / (META_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, directory / META_FILE)
@@ -276,6 +296,9 @@ class ElasticResetCallback(TrainerCallback):
     def load(self, directory: str | Path) -> None:
         """Restore what `save` wrote; the model must be attached (the EMA lands on its device)."""
         directory = Path(directory)
+        if self._shards and (directory / SHARDED_DIR).is_dir():
+            self._load_sharded(directory)
+            return
         state_path, meta_path = directory / STATE_FILE, directory / META_FILE
         if not (state_path.is_file() and meta_path.is_file()):
             raise InputNotFoundError(
@@ -304,6 +327,20 @@ class ElasticResetCallback(TrainerCallback):
                 name = key.removeprefix("init.")
                 shard = self._shards.get(name)
                 self.init[name] = t if shard is None else t[shard.row0 : shard.row0 + shard.rows]
+        self.num_resets = int(meta["num_resets"])
+        self.last_step = int(meta["step"])
+        self._sync_reference()
+
+    def _load_sharded(self, directory: Path) -> None:
+        """Restore what `_save_sharded` wrote, into the EMA's shards in place (a collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise InputNotFoundError(f"elastic reset: no {META_FILE} in '{directory}'.")
+        meta = json.loads(meta_path.read_text())
+        self._check_settings(meta, meta_path)
+        dcp.load(self._sharded_state(), checkpoint_id=directory / SHARDED_DIR)
         self.num_resets = int(meta["num_resets"])
         self.last_step = int(meta["step"])
         self._sync_reference()
@@ -362,7 +399,7 @@ class ElasticResetCallback(TrainerCallback):
         self.on_step(model, optimizer, state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any):
-        if getattr(args, "should_save", True):
+        if self._shards or getattr(args, "should_save", True):  # sharded: every rank writes
             self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):

@@ -233,10 +233,65 @@ def run_resume(root: Path, mode: str, dtype: torch.dtype, merge_every: int) -> l
     ]
 
 
+def run_elastic_resume(root: Path) -> list[str]:
+    """Elastic Reset (reset every 2) with OnDARE on shards: 5 steps in one go, against 3 steps,
+    a save of the callback (its EMA through torch.distributed.checkpoint, sharded) and of the
+    model and optimizer, fresh ones loading them, and 2 more steps: what differs (weights, EMA)."""
+    sft = load_file(root / "sft.safetensors")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    ids = torch.arange(6 * 5).reshape(6, 5) * 37 % 259
+
+    def fresh() -> tuple[Net, OnlineMergingAdamW, ElasticResetCallback]:
+        net = build(sft, torch.float32)
+        fully_shard(net.proj, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        with CheckpointTaskVectors(str(root / "base"), str(root / "sft")) as tv:
+            opt = OnlineMergingAdamW(net.named_parameters(), tv, reserve_p=0.5, alpha=1e-2, lr=1e-2)
+        cb = ElasticResetCallback(root / "sft", ema_decay=0.7, reset_every=2)
+        cb.attach(net)
+        return net, opt, cb
+
+    def steps(net: Net, opt: OnlineMergingAdamW, cb: ElasticResetCallback, at: range) -> None:
+        for step in at:
+            net(ids).backward()
+            opt.step()
+            opt.zero_grad()
+            cb.on_step(net, opt, step)
+
+    whole = fresh()
+    steps(*whole, range(1, 6))
+    first = fresh()
+    steps(*first, range(1, 4))
+    ckpt = root / "elastic-resume"
+    first[2].save(ckpt)
+    msd, osd = get_state_dict(first[0], first[1])
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt / "trainer")
+    second = fresh()
+    msd, osd = get_state_dict(second[0], second[1])
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=ckpt / "trainer")
+    set_state_dict(
+        second[0], second[1], model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    second[2].load(ckpt)
+    steps(*second, range(4, 6))
+    got = dict(second[0].named_parameters())
+    differ = []
+    for name, p in whole[0].named_parameters():
+        if not torch.equal(p.detach().full_tensor(), got[name].detach().full_tensor()):
+            differ.append(f"weights {name}")
+        if not torch.equal(whole[2].ema[name].full_tensor(), second[2].ema[name].full_tensor()):
+            differ.append(f"ema {name}")
+    if second[2].num_resets != 2:
+        differ.append(f"resets {second[2].num_resets}")
+    return differ
+
+
 def main(root: Path) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     out = {"top_k_failures": check_top_k(), "elastic": run_elastic(root)}
+    out["elastic_resume"] = run_elastic_resume(root)
     out["resume"] = {
         f"{mode}-{dtype}-{k}": run_resume(root, mode, getattr(torch, dtype), k)
         for mode, dtype, k in (("ondare", "bfloat16", 3), ("onties", "float32", 1))

@@ -121,3 +121,11 @@ def test_dcp_resume_ends_where_the_uninterrupted_run_ends(results: list[dict]) -
     bit (OnDARE bf16 with merge_every 3, OnTIES float32)."""
     for r in results:
         assert r["resume"] == {"ondare-bfloat16-3": [], "onties-float32-1": []}
+
+
+def test_elastic_reset_resume_through_dcp_continues_exactly(results: list[dict]) -> None:
+    """3 steps (a reset at 2), the callback's sharded EMA saved with torch.distributed.checkpoint
+    beside the model and optimizer, fresh ones loading them, 2 more steps (a reset at 4):
+    weights and EMA equal 5 uninterrupted steps bit for bit."""
+    for r in results:
+        assert r["elastic_resume"] == []
