@@ -366,12 +366,8 @@ class ElasticResetCallback(TrainerCallback):
         if getattr(args, "deepspeed", None):
             raise UsageError(
                 "elastic reset does not support DeepSpeed ZeRO (it keeps its own flattened fp32 "
-                "weights, so in-place resets would be lost); use DDP or FSDP."
-            )
-        if getattr(args, "fsdp", None):
-            raise UsageError(
-                "elastic reset does not support FSDP yet (sharded parameters do not line up with "
-                "the initial checkpoint's tensors); use DDP."
+                "weights, so in-place resets would be lost); use DDP or FSDP2 "
+                "(recipes/train/accelerate/fsdp2.yaml)."
             )
         self.attach(model)
         resume = self._resume_dir(args, state)

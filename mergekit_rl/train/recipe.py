@@ -442,7 +442,8 @@ def path_problems(doc: dict[str, Any], config_only: bool = False) -> Problems:
 
 DEEPSPEED_REFUSED = (
     "DeepSpeed ZeRO keeps its own flattened fp32 weights, so the online merging optimizers and "
-    "Elastic Reset cannot edit the weights in place; use DDP or FSDP (accelerate launch) instead."
+    "Elastic Reset cannot edit the weights in place; use DDP (accelerate launch --multi_gpu) or "
+    "FSDP2 (accelerate launch --config_file recipes/train/accelerate/fsdp2.yaml) instead."
 )
 
 

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from mergekit_rl.merge import core
 from mergekit_rl.train.elastic import ElasticResetCallback
 from mergekit_rl.train.optim import OnlineMergingAdamW
+from mergekit_rl.train.reference import copy_weights_
 from mergekit_rl.train.taskvec import CheckpointTaskVectors
 
 STEPS = 4
@@ -287,11 +288,24 @@ def run_elastic_resume(root: Path) -> list[str]:
     return differ
 
 
+def check_reference_copy(root: Path) -> bool:
+    """`copy_weights_` of a plain model into a sharded reference: each rank copies its rows, and
+    the gathered reference equals the source."""
+    sft = load_file(root / "sft.safetensors")
+    source = build({k: v * 2 for k, v in sft.items()}, torch.float32)
+    ref = build(sft, torch.float32)
+    fully_shard(ref, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    copy_weights_(ref, source)
+    want = dict(source.named_parameters())
+    return all(torch.equal(p.full_tensor(), want[n]) for n, p in ref.named_parameters())
+
+
 def main(root: Path) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     out = {"top_k_failures": check_top_k(), "elastic": run_elastic(root)}
     out["elastic_resume"] = run_elastic_resume(root)
+    out["reference_copy"] = check_reference_copy(root)
     out["resume"] = {
         f"{mode}-{dtype}-{k}": run_resume(root, mode, getattr(torch, dtype), k)
         for mode, dtype, k in (("ondare", "bfloat16", 3), ("onties", "float32", 1))
