@@ -123,7 +123,7 @@ class MemoryPlan:
         s = self.settings
         how = "FSDP full shard" if s.sharded else ("DDP replicas" if s.processes > 1 else "")
         head = (
-            f"memory plan per process: {self.params / 1e9:.2f}B parameters, {s.dtype}, "
+            f"memory plan per process: {count(self.params)} parameters, {s.dtype}, "
             f"{s.processes} process{'es' if s.processes > 1 else ''}"
             + (f" ({how})" if how else "")
             + f", optimizer {s.optimizer}, {s.sequences} sequences x {s.tokens} tokens"
@@ -137,7 +137,12 @@ class MemoryPlan:
 
 
 def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes in GiB, or MiB below 1 GiB (a tiny model's plan is not all zeros)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.2f} MiB"
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def local_numel(shape: Sequence[int], processes: int, sharded: bool) -> int:
