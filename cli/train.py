@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,9 +36,23 @@ def train(
         bool,
         typer.Option(
             "--dry-run",
-            help="Validate; print the resolved recipe and TRL trainer arguments; no training.",
+            help="Validate; print the resolved recipe, the TRL trainer arguments and the memory "
+            "plan per process; no training (model directories may hold a config.json alone).",
         ),
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="--dry-run: plan for this many processes (default: WORLD_SIZE, else 1).", min=1
+        ),
+    ] = None,
+    fsdp: Annotated[
+        bool | None,
+        typer.Option(
+            "--fsdp/--no-fsdp",
+            help="--dry-run: plan for FSDP full sharding (default: ACCELERATE_USE_FSDP).",
+        ),
+    ] = None,
     allow_code: Annotated[
         bool,
         typer.Option(
@@ -74,9 +89,9 @@ def train(
     with boundary("train", json):
         from mergekit_rl.train.recipe import read_train_recipe
 
-        parsed, text = read_train_recipe(recipe, allow_code=allow_code)
+        parsed, text = read_train_recipe(recipe, allow_code=allow_code, config_only=dry_run)
         if dry_run:
-            _dry_run(parsed, max_steps, json)
+            _dry_run(parsed, max_steps, processes, fsdp, json)
             return
         from mergekit_rl.known_warnings import harmless_warnings_ignored
         from mergekit_rl.train.run import TrainOptions
@@ -114,9 +129,13 @@ def train(
             )
 
 
-def _dry_run(parsed, max_steps: int | None, json: bool) -> None:  # noqa: ANN001
-    """The resolved recipe and the TRL config arguments it gives (built, so that TRL's own
-    checks run); packages the recipe needs are checked too."""
+def _dry_run(
+    parsed: Any, max_steps: int | None, processes: int | None, fsdp: bool | None, json: bool
+) -> None:
+    """The resolved recipe, the TRL config arguments it gives (built, so that TRL's own checks
+    run) and the memory plan per process (as YAML comments, so stdout stays YAML); packages
+    the recipe needs are checked too."""
+    from mergekit_rl.train.memory import GPU_GIB, plan_for_recipe
     from mergekit_rl.train.recipe import trl_config_class
     from mergekit_rl.train.run import check_environment, trainer_config, trainer_kwargs
 
@@ -129,14 +148,28 @@ def _dry_run(parsed, max_steps: int | None, json: bool) -> None:  # noqa: ANN001
         "class": trl_config_class(parsed.algorithm).__name__,
         "args": trainer_kwargs(parsed, max_steps),
     }
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp is None:
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+    plan = plan_for_recipe(parsed, processes, fsdp)
     if json:
-        emit_json("train", dry_run=True, recipe=resolved, trainer=args)
-    else:
-        import yaml
+        memory = {
+            "params": plan.params,
+            "processes": processes,
+            "fsdp": fsdp,
+            "bytes": plan.items,
+            "peak": plan.total,
+            "fits_gb": {str(g): plan.fits(g) for g in GPU_GIB},
+        }
+        emit_json("train", dry_run=True, recipe=resolved, trainer=args, memory=memory)
+        return
+    import yaml
 
-        sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
-        sys.stdout.write("# the TRL config it resolves to\n")
-        sys.stdout.write(yaml.safe_dump({"trainer": args}, sort_keys=False))
+    sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+    sys.stdout.write("# the TRL config it resolves to\n")
+    sys.stdout.write(yaml.safe_dump({"trainer": args}, sort_keys=False))
+    sys.stdout.write("".join(f"# {line}\n" for line in plan.lines()))
 
 
 def _progress(silent: bool):  # noqa: ANN202

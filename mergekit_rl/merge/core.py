@@ -1172,3 +1172,64 @@ def hash_sparse_keep_many(
     limit = torch.repeat_interleave(numel, reps, output_size=total)
     valid = idx < limit
     return torch.minimum(idx, limit - 1), valid, draws
+
+
+# -- the same draws and selections on one shard of a tensor ---------------------------------------
+# FSDP2 gives each rank rows [r0, r1) of every parameter: the entries at global flat indices
+# [start, start + n), start = r0 * row size. These give each rank its part of what the functions
+# above give the whole tensor, so a sharded run computes the unsharded run's weights.
+
+
+def shard_sparse_keep(
+    numel: int, density: float, key: int, start: int, n: int, *, device: torch.device | str = "cpu"
+) -> tuple[Tensor, int, int]:
+    """The entries of [start, start + n) that `hash_sparse_keep(numel, density, key)` keeps:
+    (their indices relative to start, sorted int64 [m]; the position of the first of them among
+    the kept entries of the whole tensor, which keys its random rounding bits; the number kept
+    in the whole tensor).
+
+    The gaps are a running sum over the whole tensor, so every rank draws all of them
+    (~density * numel entries, transient) and keeps its range: one host sync per call."""
+    device = torch.device(device)
+    if density >= 1.0:
+        return torch.arange(n, device=device), start, numel
+    idx, valid = hash_sparse_keep(numel, density, key, device=device)
+    idx = idx[valid]  # [kept] ascending global flat indices
+    bounds = torch.searchsorted(idx, torch.tensor([start, start + n], device=device))
+    lo, hi = (int(b) for b in bounds.tolist())
+    return idx[lo:hi] - start, lo, idx.numel()
+
+
+def top_magnitude_indices_sharded(
+    x: Tensor, k: int, rank_start: int, group: torch.distributed.ProcessGroup | None
+) -> tuple[Tensor, int]:
+    """`top_magnitude_indices` over a tensor split across the ranks of group, each holding the
+    flat entries x [n] from global index rank_start on: (sorted local indices of this rank's part
+    of the exact top k by |x|, ties by lowest global index; the number of kept entries on ranks
+    that hold lower indices). 1 <= k <= numel of the whole tensor.
+
+    A radix select whose two histograms (2^15 and 2^16 int64 bins) are summed over the ranks
+    (two all-reduces), then one all-gather of (start, count above, ties) per rank assigns the
+    ties at the k-th value in global index order. |x| itself never leaves the rank."""
+    dist = torch.distributed
+    bits = magnitude_bits(x)  # [n] int32, ordered like |x|
+    hi = bits >> 16
+    hist = torch.bincount(hi, minlength=_HI_BINS)
+    dist.all_reduce(hist, group=group)
+    bucket, higher = _top_bin(hist, k)  # the k-th largest's bucket; entries in buckets above
+    lo_hist = torch.bincount((bits & 0xFFFF)[hi == bucket], minlength=_LO_BINS)
+    dist.all_reduce(lo_hist, group=group)
+    low, higher_in = _top_bin(lo_hist, k - higher)
+    kth = (bucket << 16) | low
+    above, tied = bits > kth, bits == kth
+    mine = torch.stack([torch.tensor(rank_start, device=x.device), above.sum(), tied.sum()])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    room = int(k - higher - higher_in)  # entries tied at the k-th value that are kept
+    before_above = before_ties = 0
+    for start, n_above, n_tied in (e.tolist() for e in every):
+        if start < rank_start:  # an empty shard holds no entries, wherever it starts
+            before_above, before_ties = before_above + n_above, before_ties + n_tied
+    quota = max(0, min(room - before_ties, int(mine[2])))
+    keep = above | (tied & (tied.cumsum(0) <= quota))
+    return nonzero_flat(keep), before_above + min(room, before_ties)

@@ -33,8 +33,11 @@ restores its state before this hook), from `args.resume_from_checkpoint` when it
 
 Distributed: under DDP every rank applies the same EMA updates and resets to its replica, and only
 the main process writes the files. DeepSpeed ZeRO is refused (its flattened fp32 master weights
-would undo in-place edits), and so is FSDP for now (its flattened, sharded parameters do not
-line up with the checkpoint's tensors).
+would undo in-place edits). On FSDP2 (`fully_shard`: DTensor parameters split on dim 0) the
+EMA is a DTensor holding each rank's rows, updates and resets run in place on the local rows, and
+theta_0 is read back row-wise (each rank reads its own rows); `save` / `load` then go through
+`torch.distributed.checkpoint` (OUTPUT_DIR/checkpoint-N/elastic_reset_dcp, every rank writing its
+rows; a collective, so `on_save` runs it on every rank).
 """
 
 from __future__ import annotations
@@ -53,13 +56,15 @@ from transformers import TrainerCallback
 from ..errors import InputNotFoundError, MismatchError, UsageError
 from ..io.reader import Checkpoint, open_checkpoint
 from ..merge import core
-from .taskvec import has_tensor, name_candidates
+from .optim_shard import FlatShard, flat_shard, local
+from .taskvec import has_tensor, name_candidates, read_checkpoint_rows
 
 KlAnchor = Literal["init", "ema"]
 STATE_FILE = "elastic_reset.safetensors"
 META_FILE = "elastic_reset.json"
+SHARDED_DIR = "elastic_reset_dcp"  # FSDP: the EMA as a torch.distributed.checkpoint, sharded
 # optimizer state entries that are not training history and survive a reset (OnlineMergingAdamW)
-KEEP_ON_RESET = ("tau", "tau_idx")
+KEEP_ON_RESET = ("tau", "tau_idx", "tau_pos")
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -122,6 +127,7 @@ class ElasticResetCallback(TrainerCallback):
         self.source: dict[str, str | None] = {}  # name -> checkpoint tensor name (None: held)
         self._params: dict[str, nn.Parameter] = {}
         self._ref: dict[str, Tensor] = {}
+        self._shards: dict[str, FlatShard] = {}  # FSDP2 parameters: this rank's rows
 
     # -- setup ------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -130,6 +136,8 @@ class ElasticResetCallback(TrainerCallback):
         if not self._params:
             raise UsageError("elastic reset: the model has no trainable parameters.")
         self.ema, self.init, self.source = {}, {}, {}
+        shards = {n: flat_shard(p, n) for n, p in self._params.items()}
+        self._shards = {n: s for n, s in shards.items() if s is not None}
         with open_checkpoint(self.init_checkpoint) as ckpt:
             for name, p in self._params.items():
                 src = checkpoint_name(name, ckpt)
@@ -140,11 +148,14 @@ class ElasticResetCallback(TrainerCallback):
                         "init_checkpoint must be the checkpoint the policy was loaded from."
                     )
                 self.source[name] = src
-                if src is None:
+                if src is None and name in self._shards:  # saved with the EMA, sharded
+                    self.init[name] = p.detach().clone()
+                elif src is None:
                     self.init[name] = p.detach().to("cpu", copy=True)
                 elif self.keep_init_on_cpu:
-                    self.init[name] = ckpt.read(src)
+                    self.init[name] = self._read_initial(ckpt, name, src).to(ckpt.info(src).dtype)
                 device = p.device if self.ema_device is None else torch.device(self.ema_device)
+                # a sharded parameter's EMA is a DTensor like it: the local rows only
                 self.ema[name] = p.detach().to(device=device, dtype=torch.float32, copy=True)
         self._sync_reference()
 
@@ -189,15 +200,15 @@ class ElasticResetCallback(TrainerCallback):
     def _update_ema(self) -> None:
         """theta_ema <- lerp(theta_ema, theta, 1 - decay), every tracked parameter in one
         multi-tensor kernel."""
-        params = [p.detach() for p in self._params.values()]
-        core.ema_update_many_(list(self.ema.values()), params, self.ema_decay)
+        params = [local(p.detach()) for p in self._params.values()]
+        core.ema_update_many_([local(e) for e in self.ema.values()], params, self.ema_decay)
 
     def _reset(self, optimizer: torch.optim.Optimizer | None) -> None:
         """theta <- theta_ema; theta_ema <- theta_0 (streamed from disk, one tensor at a time)."""
         for name, p in self._params.items():
-            p.copy_(self.ema[name])
+            local(p).copy_(local(self.ema[name]))
         for name, theta0 in self._initial_weights():
-            self.ema[name].copy_(theta0)
+            local(self.ema[name]).copy_(local(theta0))
         if self.reset_optimizer and optimizer is not None:
             reset_optimizer_state_(optimizer)
         self.num_resets += 1
@@ -214,7 +225,14 @@ class ElasticResetCallback(TrainerCallback):
             for name in on_disk:
                 src = self.source[name]
                 assert src is not None  # names without a source are held in self.init
-                yield name, ckpt.read(src, dtype=torch.float32)
+                yield name, self._read_initial(ckpt, name, src)
+
+    def _read_initial(self, ckpt: Checkpoint, name: str, src: str) -> Tensor:
+        """theta_0 of a parameter as float32: a sharded parameter's own rows only."""
+        shard = self._shards.get(name)
+        if shard is None:
+            return ckpt.read(src, dtype=torch.float32)
+        return read_checkpoint_rows(ckpt, src, shard.row0, shard.row0 + shard.rows)
 
     def _sync_reference(self) -> None:
         if not self._ref or not self.ema:
@@ -227,16 +245,40 @@ class ElasticResetCallback(TrainerCallback):
             )
         with torch.no_grad():
             for name, ema in self.ema.items():
-                self._ref[name].copy_(ema)
+                local(self._ref[name]).copy_(local(ema))
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Write the EMA, host theta_0 copies and counters into directory (atomic renames)."""
         directory = Path(directory)
+        if self._shards:
+            self._save_sharded(directory)
+            return
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"ema.{n}": t.detach().cpu().contiguous() for n, t in self.ema.items()}
         held = {n: t for n, t in self.init.items() if self.source.get(n) is None}
         tensors.update({f"init.{n}": t.contiguous() for n, t in held.items()})
+        save_file(
+            tensors, str(directory / (STATE_FILE + ".tmp")), metadata={"format": "elastic_reset"}
+        )
+        os.replace(directory / (STATE_FILE + ".tmp"), directory / STATE_FILE)
+        self._write_meta(directory)
+
+    def _sharded_state(self) -> dict[str, dict[str, Tensor]]:
+        held = {n: t for n, t in self.init.items() if self.source.get(n) is None}
+        return {"ema": dict(self.ema), "init": held}
+
+    def _save_sharded(self, directory: Path) -> None:
+        """FSDP: every rank writes its rows of the EMA (and of held theta_0 copies) into one
+        torch.distributed.checkpoint (a collective: every rank calls it); rank 0 the counters."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(), checkpoint_id=directory / SHARDED_DIR)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._write_meta(directory)
+
+    def _write_meta(self, directory: Path) -> None:
         meta = {
             "format": 1,
             "step": self.last_step,
@@ -247,9 +289,6 @@ class ElasticResetCallback(TrainerCallback):
             "reset_every": self.reset_every,
             "kl_anchor": self.kl_anchor,
         }
-        tmp = directory / (STATE_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "elastic_reset"})
-        os.replace(tmp, directory / STATE_FILE)
         tmp = directory / (META_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, directory / META_FILE)
@@ -257,6 +296,9 @@ class ElasticResetCallback(TrainerCallback):
     def load(self, directory: str | Path) -> None:
         """Restore what `save` wrote; the model must be attached (the EMA lands on its device)."""
         directory = Path(directory)
+        if self._shards and (directory / SHARDED_DIR).is_dir():
+            self._load_sharded(directory)
+            return
         state_path, meta_path = directory / STATE_FILE, directory / META_FILE
         if not (state_path.is_file() and meta_path.is_file()):
             raise InputNotFoundError(
@@ -277,10 +319,28 @@ class ElasticResetCallback(TrainerCallback):
             )
         with torch.no_grad():
             for name, t in ema.items():
-                self.ema[name].copy_(t)
+                shard = self._shards.get(name)  # a sharded run takes its rows of a saved EMA
+                rows = t if shard is None else t[shard.row0 : shard.row0 + shard.rows]
+                local(self.ema[name]).copy_(rows)
         for key, t in tensors.items():
             if key.startswith("init."):
-                self.init[key.removeprefix("init.")] = t
+                name = key.removeprefix("init.")
+                shard = self._shards.get(name)
+                self.init[name] = t if shard is None else t[shard.row0 : shard.row0 + shard.rows]
+        self.num_resets = int(meta["num_resets"])
+        self.last_step = int(meta["step"])
+        self._sync_reference()
+
+    def _load_sharded(self, directory: Path) -> None:
+        """Restore what `_save_sharded` wrote, into the EMA's shards in place (a collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise InputNotFoundError(f"elastic reset: no {META_FILE} in '{directory}'.")
+        meta = json.loads(meta_path.read_text())
+        self._check_settings(meta, meta_path)
+        dcp.load(self._sharded_state(), checkpoint_id=directory / SHARDED_DIR)
         self.num_resets = int(meta["num_resets"])
         self.last_step = int(meta["step"])
         self._sync_reference()
@@ -306,12 +366,8 @@ class ElasticResetCallback(TrainerCallback):
         if getattr(args, "deepspeed", None):
             raise UsageError(
                 "elastic reset does not support DeepSpeed ZeRO (it keeps its own flattened fp32 "
-                "weights, so in-place resets would be lost); use DDP or FSDP."
-            )
-        if getattr(args, "fsdp", None):
-            raise UsageError(
-                "elastic reset does not support FSDP yet (sharded parameters do not line up with "
-                "the initial checkpoint's tensors); use DDP."
+                "weights, so in-place resets would be lost); use DDP or FSDP2 "
+                "(recipes/train/accelerate/fsdp2.yaml)."
             )
         self.attach(model)
         resume = self._resume_dir(args, state)
@@ -339,7 +395,7 @@ class ElasticResetCallback(TrainerCallback):
         self.on_step(model, optimizer, state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any):
-        if getattr(args, "should_save", True):
+        if self._shards or getattr(args, "should_save", True):  # sharded: every rank writes
             self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any):

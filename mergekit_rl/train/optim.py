@@ -36,7 +36,8 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from ..errors import MismatchError, RunError, UsageError
 from ..merge import core
-from .taskvec import TaskVectorSource, find_task_vector
+from . import optim_shard
+from .taskvec import TaskVectorSource, find_task_vector, find_task_vector_rows
 
 Mode = Literal["ondare", "onties"]
 SignOn = Literal["unweighted", "weighted"]
@@ -556,6 +557,7 @@ class OnlineMergingAdamW(Optimizer):
         self._names: dict[Tensor, str] = {}
         self._buffers: dict[tuple[str, torch.device], Tensor] = {}  # see _scratch
         self._finite_checks: list[FiniteCheck] = []  # see _check_finite
+        self._shards: dict[Tensor, optim_shard.FlatShard] = {}  # FSDP2 DTensor parameters
         for group in self.param_groups:
             _check_group(group)
             names = group.get("param_names")
@@ -567,7 +569,13 @@ class OnlineMergingAdamW(Optimizer):
             for name, p in zip(names, group["params"], strict=True):
                 _check(p.is_contiguous(), "named_params", f"parameter '{name}' is not contiguous.")
                 self._names[p] = name
-                tau = None if task_vectors is None else find_task_vector(task_vectors, name)
+                shard = optim_shard.flat_shard(p, name)
+                if shard is not None:
+                    self._shards[p] = shard
+                    # state made now, not at the first step: a fresh optimizer's state_dict is
+                    # then the template torch.distributed.checkpoint loads a checkpoint into
+                    self._state(p)
+                tau = None if task_vectors is None else self._read_tau(task_vectors, name, p)
                 if tau is None and task_vectors is not None and missing == "error":
                     raise UsageError(
                         f"parameter '{name}' has no task vector (no tensor of that name in the "
@@ -585,7 +593,19 @@ class OnlineMergingAdamW(Optimizer):
                 "SFT checkpoints the policy was trained from, or run without FSDP flat parameters."
             )
 
+    def _read_tau(
+        self, source: Mapping[str, Tensor] | TaskVectorSource, name: str, p: Tensor
+    ) -> Tensor | None:
+        """tau for p: the whole tensor, or a sharded parameter's own rows only."""
+        shard = self._shards.get(p)
+        if shard is None:
+            return find_task_vector(source, name)
+        return find_task_vector_rows(source, name, shard.row0, shard.row0 + shard.rows)
+
     def _init_tau(self, name: str, p: Tensor, tau: Tensor, group: Mapping[str, Any]) -> None:
+        if p in self._shards:
+            optim_shard.init_tau(self, name, p, self._shards[p], tau, group)
+            return
         tau = align_rows(tau, p.shape, name).to(device=p.device, dtype=torch.float32)
         reserve_p = group["reserve_p"]
         if self.mode == "ondare":
@@ -617,6 +637,14 @@ class OnlineMergingAdamW(Optimizer):
             states = [self._state(p) for p in params]
             for state in states:
                 state["step"] += 1
+            if self._shards:  # FSDP2 shards step one by one (optim_shard)
+                for p, state in zip(params, states, strict=True):
+                    if p in self._shards:
+                        optim_shard.step_param(self, group, p, state, self._shards[p])
+                states = [s for p, s in zip(params, states, strict=True) if p not in self._shards]
+                params = [p for p in params if p not in self._shards]
+                if not params:
+                    continue
             masks = self._masks(group, params, states)
             if self._fused(params):
                 self._check_finite(group, params, self._fused_steps(group, params, states, masks))
@@ -674,7 +702,11 @@ class OnlineMergingAdamW(Optimizer):
         merges = []
         for p in group["params"]:
             state = self.state.get(p, {})
+            # FSDP2 shards are left out: a sharded parameter's push goes through optim_shard,
+            # which pushes only with an update (FSDP2 gives every parameter a gradient)
             if p.grad is None and p.numel() > 0 and state.get("tau") is not None:
+                if p in self._shards:
+                    continue
                 empty = torch.empty(0, dtype=torch.int64, device=p.device)
                 vals = torch.empty(0, dtype=torch.float32, device=p.device)
                 merges.append(Merge(p, state, empty, vals, True, self._round_keys(p, t), 0.0))
@@ -868,7 +900,10 @@ class OnlineMergingAdamW(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p, {})
                 if self.merge_every > 1 and self._pending(state):
-                    self._merge_pending(group, p, state)
+                    if p in self._shards:
+                        optim_shard.merge_pending(self, group, p, state, self._shards[p])
+                    else:
+                        self._merge_pending(group, p, state)
                     flushed = True
         return flushed
 
@@ -1062,6 +1097,23 @@ class OnlineMergingAdamW(Optimizer):
         add_at_(flat, None, flat.float().mul_(-decay), round_key)
 
     # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, less tau of sharded (FSDP2) parameters: each rank holds its own rows of tau
+        as plain tensors of its own length, which `torch.distributed.checkpoint` would take for
+        replicated ones and save from one rank. It is rebuilt from the task vectors when the
+        optimizer is constructed (a pure function of them, the seed and the names), and
+        `load_state_dict` keeps the rebuilt one."""
+        sd = super().state_dict()
+        if not self._shards:
+            return sd
+        params = (p for g in self.param_groups for p in g["params"])
+        for i, p in enumerate(params):
+            if p in self._shards and i in sd["state"]:
+                sd["state"][i] = {
+                    k: v for k, v in sd["state"][i].items() if k not in optim_shard.TAU_STATE
+                }
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader, keeping each state tensor's own dtype (torch would cast float32
         moments to a bf16 parameter's dtype, and int64 indices to float). State dicts from
@@ -1073,6 +1125,11 @@ class OnlineMergingAdamW(Optimizer):
         tensors = {
             i: {k: s.pop(k) for k in list(s) if k != "step" and isinstance(s[k], Tensor)}
             for i, s in per_param.items()
+        }
+        rebuilt = {  # sharded parameters' tau, built at construction (see state_dict)
+            p: {k: v for k, v in st.items() if k in optim_shard.TAU_STATE}
+            for p, st in self.state.items()
+            if p in self._shards
         }
         super().load_state_dict({**state_dict, "state": per_param})
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
@@ -1086,3 +1143,6 @@ class OnlineMergingAdamW(Optimizer):
             if DRAW_STEP not in group:
                 steps = [self.state[p].get("step", 0) for p in group["params"] if p in self.state]
                 group[DRAW_STEP] = max(steps, default=0)
+        for p, tau in rebuilt.items():
+            if "tau" not in self.state[p]:
+                self.state[p].update(tau)

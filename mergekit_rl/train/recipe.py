@@ -570,15 +570,18 @@ def model_refs(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return [(key, ref) for key, ref in refs if isinstance(ref, str) and ref]
 
 
-def path_problems(doc: dict[str, Any]) -> Problems:
+def path_problems(doc: dict[str, Any], config_only: bool = False) -> Problems:
     """Every checkpoint, hub id and file the recipe names that cannot be found, with its YAML
     path (paths relative to the working directory). Checkpoints are resolved as the merge
     commands resolve them: a hub id is looked up (and fetched into the cache) now, so that a
-    typo never surfaces after the policy is loaded."""
+    typo never surfaces after the policy is loaded. config_only: a local directory holding a
+    config.json without weights passes (a dry run's memory plan needs the config alone)."""
     from ..io.reference import resolve
 
     problems: Problems = []
     for key, ref in model_refs(doc):
+        if config_only and (Path(ref) / "config.json").is_file():
+            continue
         try:
             resolve(ref)
         except UsageError as e:
@@ -615,9 +618,9 @@ def path_problems(doc: dict[str, Any]) -> Problems:
 # the one refusal message, used by the recipe check and by the accelerate-environment check
 DEEPSPEED_REFUSED = (
     "DeepSpeed ZeRO keeps its own flattened fp32 weights, so the online merging optimizers and "
-    "Elastic Reset cannot edit the weights in place; run them under DDP (accelerate launch "
-    "--multi_gpu), or under FSDP2 where docs/training.md (Several processes) lists it as "
-    "supported, or train with optimizer adamw and no elastic_reset under DeepSpeed."
+    "Elastic Reset cannot edit the weights in place; use DDP (accelerate launch --multi_gpu) or "
+    "FSDP2 (accelerate launch --config_file recipes/train/accelerate/fsdp2.yaml) instead, or "
+    "train with optimizer adamw and no elastic_reset under DeepSpeed."
 )
 
 
@@ -625,7 +628,11 @@ DEEPSPEED_REFUSED = (
 
 
 def parse_train_recipe(
-    text: str, source: str, allow_code: bool = False, check_paths: bool = False
+    text: str,
+    source: str,
+    allow_code: bool = False,
+    check_paths: bool = False,
+    config_only: bool = False,
 ) -> TrainRecipe:
     """Validate a train recipe's text: the recipe, or one RecipeError with every problem.
 
@@ -647,19 +654,25 @@ def parse_train_recipe(
             problems += train_schema_problems(e)
         problems += cross_problems(docs[0], allow_code)
         if check_paths:
-            problems += path_problems(docs[0])
+            problems += path_problems(docs[0], config_only)
     if problems or recipe is None:
         raise RecipeError(source, problems)
     return recipe
 
 
-def read_train_recipe(path: str | Path, allow_code: bool = False) -> tuple[TrainRecipe, str]:
-    """The validated recipe in `path` and its text (quoted in the model card)."""
+def read_train_recipe(
+    path: str | Path, allow_code: bool = False, config_only: bool = False
+) -> tuple[TrainRecipe, str]:
+    """The validated recipe in `path` and its text (quoted in the model card). config_only:
+    model directories may hold a config.json alone (`path_problems`)."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"train recipe '{path}' not found; check the path.")
     text = path.read_text()
-    return parse_train_recipe(text, str(path), allow_code, check_paths=True), text
+    return (
+        parse_train_recipe(text, str(path), allow_code, check_paths=True, config_only=config_only),
+        text,
+    )
 
 
 def is_train_recipe(text: str) -> bool:

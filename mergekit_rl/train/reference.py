@@ -29,6 +29,7 @@ from ..errors import MismatchError, UsageError
 from ..io.card import output_is_complete
 from ..io.reader import open_checkpoint
 from ..io.reference import resolve
+from .optim_shard import flat_shard, local
 
 # provenance key of a soup reference: the command line stored in every output shard ends with it
 FINGERPRINT_MARK = "# soup-reference "
@@ -107,7 +108,8 @@ def _unwrap(trainer: Any, model: nn.Module) -> nn.Module:
 
 
 def copy_weights_(target: nn.Module, source: nn.Module) -> None:
-    """target's parameters and persistent buffers <- source's, matched by name, in place."""
+    """target's parameters and persistent buffers <- source's, matched by name, in place
+    (each rank's rows where target is sharded with FSDP2)."""
     want, have = target.state_dict(), source.state_dict()
     missing = sorted(set(want) ^ set(have))
     if missing:
@@ -123,7 +125,11 @@ def copy_weights_(target: nn.Module, source: nn.Module) -> None:
                     f"reference tensor '{name}' has shape {list(have[name].shape)} but the "
                     f"trainer's reference has {list(t.shape)}; the soup must match the policy."
                 )
-            t.copy_(have[name])  # state_dict tensors share storage with the module
+            shard = flat_shard(t, name)  # an FSDP2-sharded reference takes its own rows
+            if shard is None:
+                t.copy_(have[name])  # state_dict tensors share storage with the module
+            else:
+                local(t).copy_(have[name][shard.row0 : shard.row0 + shard.rows])
 
 
 def use_reference(trainer: Any, ref_model: nn.Module) -> None:

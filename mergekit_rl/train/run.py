@@ -9,8 +9,9 @@
 Several processes: `accelerate launch --multi_gpu --num_processes N -m mergekit_rl.cli.app train
 RECIPE.yaml` runs it under DDP with no change (every process builds the same trainer; only the
 main process writes the metrics and the final model; tests/train/test_ddp.py runs 2 CPU processes
-on gloo). FSDP (ACCELERATE_USE_FSDP): plain AdamW is left to accelerate; OnDARE / OnTIES and
-Elastic Reset are refused, since their state is not sliced to FSDP2's DTensor shards yet.
+on gloo). FSDP2 (`accelerate launch --config_file recipes/train/accelerate/fsdp2.yaml`): the
+policy's parameters are DTensor shards; OnDARE / OnTIES and Elastic Reset keep their state for
+each rank's rows and checkpoint it through torch.distributed.checkpoint (train/optim_shard.py).
 DeepSpeed ZeRO (a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true`) keeps its own
 flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and works with plain
 AdamW. docs/training.md has the table of what runs on which engine.
@@ -56,9 +57,8 @@ from .recipe import (
 )
 
 FSDP_REFUSED = (
-    "the online merging optimizers and Elastic Reset do not run on FSDP's sharded parameters yet "
-    "(each rank holds a DTensor shard that tau, the masks and the EMA are not sliced to); use "
-    "DDP (accelerate launch --multi_gpu), or optimizer adamw without elastic_reset under FSDP."
+    "OnTIES' L1 rescale of tau needs the whole tensor's norms, which FSDP's shards do not hold; "
+    "set optimizer.tau_l1_rescale: false, or train with DDP (accelerate launch --multi_gpu)."
 )
 
 Echo = Callable[[str], None]
@@ -256,18 +256,16 @@ def check_deepspeed(recipe: TrainRecipe) -> None:
 
 
 def check_fsdp(recipe: TrainRecipe) -> None:
-    """Refuse FSDP (accelerate's ACCELERATE_USE_FSDP) with the plug-ins that edit whole weights.
-
-    Under FSDP2 every parameter is a DTensor shard: the optimizer's tau and masks and Elastic
-    Reset's EMA would have to be sliced to each rank's shard, which is not done yet; today they
-    fail deep inside torch with a DTensor error. Plain AdamW with FSDP is left to accelerate.
-    """
+    """Refuse, before anything is loaded, what does not run on FSDP2's shards (accelerate's
+    ACCELERATE_USE_FSDP): OnTIES' tau_l1_rescale. OnDARE / OnTIES and Elastic Reset work on
+    each rank's rows (train/optim_shard.py); plain AdamW is accelerate's business."""
     env = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
     if not env:
         return
-    if recipe.optimizer.name in ONLINE_MERGING or recipe.elastic_reset is not None:
-        key = "optimizer.name" if recipe.optimizer.name in ONLINE_MERGING else "elastic_reset"
-        raise UsageError(f"{key} (with FSDP, ACCELERATE_USE_FSDP): {FSDP_REFUSED}")
+    if recipe.optimizer.name == "onties" and recipe.optimizer.tau_l1_rescale:
+        raise UsageError(
+            f"optimizer.tau_l1_rescale (with FSDP, ACCELERATE_USE_FSDP): {FSDP_REFUSED}"
+        )
 
 
 def resume_checkpoint(out_dir: Path, resume: bool, force: bool) -> str | None:

@@ -17,6 +17,7 @@ from typing_extensions import Self
 
 from ..errors import MismatchError
 from ..io.reader import Checkpoint, open_checkpoint
+from ..io.safetensors_format import read_rows
 from ..merge import core
 
 
@@ -51,6 +52,36 @@ def find_task_vector(source: TaskVectorSource, name: str) -> Tensor | None:
         if tau is not None:
             return tau
     return None
+
+
+def find_task_vector_rows(
+    source: TaskVectorSource, name: str, start: int, stop: int
+) -> Tensor | None:
+    """Rows start .. stop - 1 (dim 0) of `find_task_vector(source, name)`, fewer where tau has
+    fewer rows (a resized embedding); a rank of a sharded run reads only its own rows. Lazy
+    sources read just those rows (`get_rows`); a mapping holds every tensor already."""
+    get_rows = getattr(source, "get_rows", None)
+    for candidate in name_candidates(name):
+        if get_rows is not None:
+            tau = get_rows(candidate, start, stop)
+        else:
+            tau = source.get(candidate)
+            tau = None if tau is None else tau[start:stop]
+        if tau is not None:
+            return tau
+    return None
+
+
+def read_checkpoint_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> Tensor:
+    """Rows start .. stop - 1 of a tensor (clipped to its rows) as float32: positional reads of
+    those rows alone from safetensors; other storage (pickles, a LoRA adapter to merge in) is
+    read whole and sliced."""
+    info = ckpt.info(name)
+    stop = max(start, min(stop, info.shape[0] if info.shape else 0))
+    plain = not ckpt.source.pickle and ckpt.adapter is None and ckpt.source.remote_headers is None
+    if plain and info.shape and info.offset >= 0 and info.nbytes > 0:
+        return read_rows(info, start, stop).to(torch.float32)
+    return ckpt.read(name, dtype=torch.float32)[start:stop]
 
 
 class _Closing:
@@ -92,6 +123,12 @@ class CheckpointTaskVectors(_Closing):
     def get(self, name: str) -> Tensor | None:
         if not (has_tensor(self.base, name) and has_tensor(self.sft, name)):
             return None
+        self._check_shapes(name)
+        sft = self.sft.read(name, dtype=torch.float32)
+        base = self.base.read(name, dtype=torch.float32)
+        return core.weighted_sum([sft, base], [1.0, -1.0]).to(self.dtype)
+
+    def _check_shapes(self, name: str) -> None:
         base_shape = tuple(self.base.info(name).shape)
         sft_shape = tuple(self.sft.info(name).shape)
         if base_shape != sft_shape:
@@ -100,8 +137,14 @@ class CheckpointTaskVectors(_Closing):
                 f"({self.base.source.ref}) but {list(sft_shape)} in the SFT model "
                 f"({self.sft.source.ref}); a task vector needs the two to match."
             )
-        sft = self.sft.read(name, dtype=torch.float32)
-        base = self.base.read(name, dtype=torch.float32)
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor | None:
+        """Rows start .. stop - 1 of `get(name)`, reading only those rows of both checkpoints."""
+        if not (has_tensor(self.base, name) and has_tensor(self.sft, name)):
+            return None
+        self._check_shapes(name)
+        sft = read_checkpoint_rows(self.sft, name, start, stop)
+        base = read_checkpoint_rows(self.base, name, start, stop)
         return core.weighted_sum([sft, base], [1.0, -1.0]).to(self.dtype)
 
     def close(self) -> None:
@@ -122,6 +165,12 @@ class TaskVectorFile(_Closing):
         if not has_tensor(self.ckpt, name):
             return None
         return self.ckpt.read(name, dtype=self.dtype)
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor | None:
+        """Rows start .. stop - 1 of `get(name)`, reading only those rows."""
+        if not has_tensor(self.ckpt, name):
+            return None
+        return read_checkpoint_rows(self.ckpt, name, start, stop).to(self.dtype)
 
     def close(self) -> None:
         self.ckpt.close()

@@ -327,21 +327,22 @@ def test_fsdp2_fully_shard_trains_on_gloo_like_one_process(
         torch.testing.assert_close(fsdp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_fsdp_with_merging_plugins_is_refused(
+def test_fsdp_refuses_only_what_shards_cannot_run(
     fam: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under accelerate's FSDP the online merging optimizers and Elastic Reset stop with the
-    recipe key named (exit 2), before any model is loaded; plain AdamW is not refused."""
+    """Under accelerate's FSDP, OnDARE, OnTIES, Elastic Reset and plain AdamW pass the check
+    (they run on FSDP2 shards: tests/train/test_fsdp_optim.py); OnTIES' tau_l1_rescale, which
+    needs whole-tensor norms, stops with its recipe key named (exit 2) before any model loads."""
     from mergekit_rl.errors import UsageError
     from mergekit_rl.train.run import check_fsdp
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    for opt in ("ondare", "onties"):
-        text = yaml.safe_dump(dpo_doc(fam, tmp_path / opt, opt, batch=2))
-        with pytest.raises(UsageError, match="optimizer.name .with FSDP"):
-            train(parse_train_recipe(text, "r.yaml"), text, TrainOptions(echo=lambda s: None))
-        assert not (tmp_path / opt).exists()
-    grpo = parse_train_recipe(yaml.safe_dump(grpo_doc(fam, tmp_path / "g")), "g.yaml")
-    with pytest.raises(UsageError, match="elastic_reset .with FSDP"):
-        check_fsdp(grpo)
-    check_fsdp(parse_train_recipe(yaml.safe_dump(dpo_doc(fam, tmp_path, "adamw", 2)), "a.yaml"))
+    for opt in ("ondare", "onties", "adamw"):
+        check_fsdp(parse_train_recipe(yaml.safe_dump(dpo_doc(fam, tmp_path, opt, 2)), "r.yaml"))
+    check_fsdp(parse_train_recipe(yaml.safe_dump(grpo_doc(fam, tmp_path / "g")), "g.yaml"))
+    doc = dpo_doc(fam, tmp_path / "l1", "onties", batch=2)
+    doc["optimizer"]["tau_l1_rescale"] = True
+    text = yaml.safe_dump(doc)
+    with pytest.raises(UsageError, match="optimizer.tau_l1_rescale .with FSDP"):
+        train(parse_train_recipe(text, "r.yaml"), text, TrainOptions(echo=lambda s: None))
+    assert not (tmp_path / "l1").exists()

@@ -241,10 +241,10 @@ def test_specs_are_frozen_and_strict() -> None:
 
 
 def test_the_deepspeed_refusal_recommends_only_engines_that_run_the_plugins() -> None:
-    # FSDP (accelerate's FSDP1 flat parameters, or FSDP2 where it is not supported yet) is
-    # refused with the same plug-ins; DDP runs them today
+    # accelerate's FSDP1 flat parameters are refused with the same plug-ins; DDP and FSDP2 run
+    # them
     found = problems(with_(DPO, training={"output_dir": "o", "deepspeed": "ds.json"}))
     message = found["training.deepspeed"]
     assert "DDP" in message and "--multi_gpu" in message
     assert not re.search(r"FSDP(?!2)", message), message  # no plain "FSDP" recommendation
-    assert "FSDP2 where" in message  # only where the docs list it as supported
+    assert "FSDP2" in message and "recipes/train/accelerate/fsdp2.yaml" in message
