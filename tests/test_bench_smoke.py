@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+# every test starts bench scripts as subprocesses (launches.py on the TinyLlama layout alone
+# takes minutes on 2 cores): the fast subset (-m "not slow") leaves them to the full run
+pytestmark = pytest.mark.slow
 
 
 def run_script(work: Path, script: str, *args: str) -> str:

@@ -11,6 +11,7 @@ from mergekit_rl.tiny import CORPUS
 from tests.conftest import load_state
 
 
+@pytest.mark.slow  # builds four models, runs every operation and loads the outputs
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     lines: list[str] = []
     paths = run_demo(tmp_path / "d", echo=lines.append)

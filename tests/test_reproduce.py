@@ -25,12 +25,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# each re-runs its command in a subprocess: the soup stays in the fast subset
 DEMO_OUTPUTS = [
     "salsa_ref",
-    "sweep/alpha-0.5",
-    "slerp",
-    "tau_rlhf.safetensors",
-    "sft2_plus_rl",
+    *(
+        pytest.param(name, marks=pytest.mark.slow)
+        for name in ("sweep/alpha-0.5", "slerp", "tau_rlhf.safetensors", "sft2_plus_rl")
+    ),
 ]
 
 
@@ -108,6 +109,7 @@ def test_changed_input_is_named_before_any_work(demo: Path, tmp_path: Path) -> N
         reproduce(root / "soup")
 
 
+@pytest.mark.slow  # a subprocess re-run, then a second one on the changed output
 def test_changed_output_is_reported_not_identical(demo: Path, tmp_path: Path) -> None:
     import shutil
 

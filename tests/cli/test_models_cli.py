@@ -132,6 +132,7 @@ def test_existing_output_needs_force(family: dict[str, Path], tmp_path: Path) ->
     assert (tmp_path / "o" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # two interpreter starts; the same commands run in-process elsewhere
 def test_console_script_exit_codes(family: dict[str, Path], tmp_path: Path) -> None:
     """The installed entry point, as a CI pipeline runs it."""
     exe = [sys.executable, "-m", "mergekit_rl.cli.app"]

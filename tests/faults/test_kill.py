@@ -30,6 +30,7 @@ def commands(family: dict[str, Path], tmp_path: Path) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.slow  # a subprocess per command, killed and rerun
 @pytest.mark.parametrize("command", ["soup", "interpolate", "merge"])
 def test_kill_9_leaves_nothing_or_the_whole_output(
     family: dict[str, Path], tmp_path: Path, command: str

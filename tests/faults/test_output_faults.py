@@ -85,6 +85,7 @@ def test_force_over_a_symlinked_file_output(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real.safetensors", "tau.safetensors"]
 
 
+@pytest.mark.slow  # three CLI subprocesses
 def test_cli_force_over_symlinks(family: dict[str, Path], tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.mkdir()
@@ -208,6 +209,7 @@ def _limited() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
 
 
+@pytest.mark.slow  # every writing command in a subprocess under a file-size limit
 def test_every_writing_command_fails_cleanly_when_files_cannot_grow(
     family: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -35,6 +36,7 @@ def logged_steps(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in lines if x.strip() and "loss" in json.loads(x)]
 
 
+@pytest.mark.slow  # trains in a subprocess, twice
 def test_sigterm_saves_a_checkpoint_and_resume_equals_uninterrupted(
     family: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -40,6 +40,7 @@ def test_greedy_keeps_only_improvements() -> None:
     assert got.chosen == [0]
 
 
+@pytest.mark.slow  # scores every candidate soup by sampling
 def test_soup_greedy_cli(family: dict[str, Path], tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the policy\na reward model\n")

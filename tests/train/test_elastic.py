@@ -253,6 +253,7 @@ def _train(family: dict[str, Path], out: Path, stop_at: int | None, resume: bool
     return model, cb
 
 
+@pytest.mark.slow  # trains end to end with a TRL trainer
 def test_trainer_stopped_and_resumed_equals_uninterrupted(
     family: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -278,6 +278,7 @@ def eval_steps(out: Path) -> list[int]:
     return [m["step"] for m in metrics(out) if "eval/perplexity" in m]
 
 
+@pytest.mark.slow  # trains end to end with a TRL trainer
 def test_eval_records_carry_the_step_they_measured(family: dict[str, Path], tmp_path: Path):
     run(eval_doc(family, tmp_path / "a", every=3, logging=2, save_steps=None))
     assert eval_steps(tmp_path / "a") == [3]
@@ -285,6 +286,7 @@ def test_eval_records_carry_the_step_they_measured(family: dict[str, Path], tmp_
     assert eval_steps(tmp_path / "b") == [1, 2, 3, 4]  # none overwritten by the next
 
 
+@pytest.mark.slow  # trains end to end with a TRL trainer
 def test_resume_keeps_eval_records(family: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     text = eval_doc(family, out, every=2, logging=3, save_steps=2)

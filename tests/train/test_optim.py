@@ -817,6 +817,7 @@ def test_bf16_stochastic_rounding_is_the_same_for_every_replica(one_thread) -> N
 # -- merge_every at the end of training (issue 11 item 3) ------------------------------------------
 
 
+@pytest.mark.slow  # trains end to end with a TRL trainer
 @pytest.mark.parametrize("mode", ["ondare", "onties"])
 def test_train_flushes_the_pending_update_at_the_end(family, tmp_path, mode: str) -> None:
     """`rlmerge train` with max_steps (2) < merge_every (5): nothing was merged during training,

@@ -80,6 +80,7 @@ def metrics(out: Path) -> list[dict]:
 # -- end to end ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains end to end with a TRL trainer
 def test_dpo_ondare_loss_moves_and_final_model_loads(family: dict[str, Path], tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
@@ -206,6 +207,7 @@ def test_grpo_with_a_reward_model_and_a_python_reward(
     assert record["rewards/shout/mean"] == 1.0 and "rewards/rm/mean" in record
 
 
+@pytest.mark.slow  # trains end to end with a TRL trainer
 def test_dpo_with_elastic_reset_and_an_ema_anchor(family: dict[str, Path], tmp_path: Path):
     doc = yaml.safe_load(dpo_text(family, tmp_path / "run", max_steps=2, save_steps=None))
     doc["elastic_reset"] = {"ema_decay": 0.5, "reset_every": 2, "kl_anchor": "ema"}
