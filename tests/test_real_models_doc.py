@@ -134,7 +134,7 @@ def test_shipped_real_recipes_validate_offline() -> None:
         text=True,
     )
     assert res.returncode == 0, res.stderr
-    assert res.stderr.splitlines() == [
+    assert res.stdout.splitlines() == [  # validate's report is its result: stdout
         "ok recipes/real/llama3-8b-dpo-ondare.yaml (train recipe, dpo)",
         "ok recipes/real/llama3-8b-ties.yaml (1 stage)",
         "ok recipes/real/qwen2.5-0.5b-dpo-ondare.yaml (train recipe, dpo)",

@@ -97,6 +97,7 @@ def test_dry_run_prints_the_plan_from_a_config_only_model() -> None:
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     lines = [x for x in res.stdout.splitlines() if x.startswith("# ")]
+    lines = lines[[i for i, x in enumerate(lines) if "parameters," in x][0] :]  # the plan
     assert "8.03B parameters, bfloat16, 1 process" in lines[0]
     for item in ("parameters", "gradients", "Adam moments", "tau", "EMA", "reference model"):
         assert any(x.split()[1:2] == item.split()[:1] for x in lines[1:]), item
