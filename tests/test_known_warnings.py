@@ -54,3 +54,29 @@ def test_the_labs_own_trainer_config_does_not_warn(tmp_path) -> None:  # noqa: A
     got = _caught(lambda: args.append(trl_args(tmp_path, 2, 1e-3, 2, 0, 32)))
     assert not [m for m in got if "checkpointing" in m], got
     assert args[0].gradient_checkpointing is True  # TRL's default behaviour is kept
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto", "grpo", "rloo"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_trainer_config_of_a_recipe_does_not_warn(algorithm: str, checkpointing: bool) -> None:
+    """`rlmerge train` passes training.gradient_checkpointing under the name this transformers
+    takes: no FutureWarning from our own call, and the setting arrives."""
+    pytest.importorskip("trl")
+    import yaml
+
+    from mergekit_rl.train.recipe import parse_train_recipe
+    from mergekit_rl.train.run import trainer_config
+
+    doc: dict = {
+        "algorithm": algorithm,
+        "policy": "unused",
+        "dataset": {"path": "unused.jsonl"},
+        "training": {"output_dir": "unused", "gradient_checkpointing": checkpointing},
+    }
+    if algorithm in ("grpo", "rloo"):
+        doc["reward"] = {"keyword": {"words": ["a"]}}
+    recipe = parse_train_recipe(yaml.safe_dump(doc), "r.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = trainer_config(recipe, None)
+    assert config.gradient_checkpointing is checkpointing

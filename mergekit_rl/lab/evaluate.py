@@ -195,12 +195,14 @@ class Scorer:
         completions: list[Any],
         ids: list[list[int]],
         columns: dict[str, list[Any]] | None = None,
+        tokenizer: Any = None,
     ) -> list[float]:
-        """One reward per completion; `columns` hold one value per completion."""
-        from ..train.rewards import score
+        """One reward per completion; `columns` hold one value per completion; `tokenizer`
+        (the sampled model's) decodes `ids` for the keyword reward, as in training."""
+        from ..train.rewards import score, with_tokenizer
 
         values = score(
-            self.funcs,
+            with_tokenizer(self.funcs, tokenizer),
             self.weights,
             prompts,
             completions,
@@ -211,10 +213,10 @@ class Scorer:
         )
         return [float(v) for v in values]
 
-    def samples(self, got: Samples, data: Prompts) -> list[float]:
-        """The rewards of sampled completions, each with its prompt's columns."""
+    def samples(self, got: Samples, data: Prompts, tokenizer: Any) -> list[float]:
+        """The rewards of completions sampled with `tokenizer`, each with its prompt's columns."""
         columns = {k: [v[i] for i in got.index] for k, v in data.columns.items()}
-        return self(got.prompts, got.completions, got.ids, columns)
+        return self(got.prompts, got.completions, got.ids, columns, tokenizer)
 
 
 def _ignore(*args: Any, **kw: Any) -> None:
@@ -369,7 +371,7 @@ def evaluate(
         ref_tok, ref_model = load_model(s.reference, s.device)
         if s.win_rate:
             ref_samples = sample(ref_model, ref_tok, data.prompts, s, None, on_batch, "reference")
-            ref_samples.rewards = scorer.samples(ref_samples, data)
+            ref_samples.rewards = scorer.samples(ref_samples, data, ref_tok)
     elif s.win_rate:
         raise UsageError("--win-rate compares against the reference: give --reference.")
     rows = []
@@ -377,7 +379,7 @@ def evaluate(
         t0 = time.time()
         tok, model = load_model(ref, s.device)
         got = sample(model, tok, data.prompts, s, ref_model, on_batch, label)
-        got.rewards = scorer.samples(got, data)
+        got.rewards = scorer.samples(got, data, tok)
         mean, se = metrics.mean_se(got.rewards)
         rows.append(
             {

@@ -80,7 +80,7 @@ def greedy_soup_weights(
         if key not in cache:
             model.load_state_dict(metrics.average_states([states[i] for i in key]))
             got = sample(model, tok, data.prompts, settings)
-            cache[key] = metrics.mean_se(scorer.samples(got, data))[0]
+            cache[key] = metrics.mean_se(scorer.samples(got, data, tok))[0]
         return cache[key]
 
     result = greedy_select(len(models), score)

@@ -410,7 +410,7 @@ def preference_pairs(
     prompts = data.prompts
     tok, model = load_model(str(policy), device)
     got = sample(model, tok, prompts, s)
-    rewards = Scorer(s.reward, device, False).samples(got, data)
+    rewards = Scorer(s.reward, device, False).samples(got, data, tok)
     pairs, gaps = [], []
     k = b.pref_samples
     for i, prompt in enumerate(prompts):

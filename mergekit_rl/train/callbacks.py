@@ -211,7 +211,7 @@ class EvalCallback(TrainerCallback):
                 if self.spec.kl:
                     out["eval/kl"] = evaluate.kl_to(model, self._initial_model(model), done)
                 if self.funcs:
-                    out["eval/reward"] = self._mean_reward(model, done, extra)
+                    out["eval/reward"] = self._mean_reward(model, tokenizer, done, extra)
             return out
         finally:
             model.train(was_training)
@@ -225,9 +225,11 @@ class EvalCallback(TrainerCallback):
             self._initial = load_reference(self.recipe.policy, param.dtype).to(param.device)
         return self._initial
 
-    def _mean_reward(self, model: Any, done: list[evaluate.Completion], extra: dict) -> float:
+    def _mean_reward(
+        self, model: Any, tokenizer: Any, done: list[evaluate.Completion], extra: dict
+    ) -> float:
         """The weighted reward sum (TRL's `reward`), averaged over the held-out prompts."""
-        from .rewards import RewardModel, score
+        from .rewards import RewardModel, score, with_tokenizer
 
         param = next(model.parameters())
         # reward models load on first use, on the policy's device and in its dtype
@@ -240,7 +242,7 @@ class EvalCallback(TrainerCallback):
             for p, c in zip(self.prompts, done, strict=True)
         ]
         values = score(
-            self.funcs,
+            with_tokenizer(self.funcs, tokenizer),
             self.weights,
             self.prompts,
             completions,

@@ -48,16 +48,56 @@ def keyword_pattern(words: Sequence[str]) -> str:
     return "|".join(one(w) for w in sorted(words, key=len, reverse=True))
 
 
-def keyword_reward(spec: KeywordReward) -> RewardFunc:
-    """Occurrences of the words (count), or 1.0 if any occurs (presence)."""
-    flags = 0 if spec.case_sensitive else re.IGNORECASE
-    pattern = re.compile(keyword_pattern(spec.words), flags)
+def special_ids(tokenizer: Any) -> dict[int, str]:
+    """The tokens `decode(skip_special_tokens=True)` drops: id -> token text."""
+    out = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for i in tokenizer.all_special_ids:
+        out.setdefault(i, tokenizer.convert_ids_to_tokens(i))
+    return out
 
-    def keyword(prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float]:
-        hits = [len(pattern.findall(completion_text(c))) for c in completions]
-        return [float(h) if spec.mode == "count" else float(h > 0) for h in hits]
 
-    return keyword
+class Keyword:
+    """The keyword reward: occurrences of the words (count), or 1.0 if any occurs (presence).
+
+    TRL decodes completions without special tokens, so a word that is a special token of the
+    policy's tokenizer (`<answer>` registered with add_special_tokens) is never in that text.
+    Given the tokenizer, such completions are decoded again from `completion_ids` with the
+    special tokens that a word names kept (the others, eos included, still dropped)."""
+
+    __name__ = "keyword"  # TRL logs a reward function under its __name__
+
+    def __init__(self, spec: KeywordReward, tokenizer: Any = None) -> None:
+        self.spec, self.tokenizer = spec, tokenizer
+        flags = 0 if spec.case_sensitive else re.IGNORECASE
+        self.pattern = re.compile(keyword_pattern(spec.words), flags)
+        special = special_ids(tokenizer) if tokenizer is not None else {}
+        self.named = {i for i, text in special.items() if self.pattern.fullmatch(text)}
+        self.drop = set(special) - self.named
+
+    def text(self, completion: Any, ids: Sequence[int] | None) -> str:
+        if not self.named or ids is None:
+            return completion_text(completion)
+        kept = [i for i in ids if i not in self.drop]
+        return self.tokenizer.decode(kept, skip_special_tokens=False)
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kw: Any
+    ) -> list[float]:
+        ids = kw.get("completion_ids") or [None] * len(completions)
+        texts = [self.text(c, i) for c, i in zip(completions, ids, strict=True)]
+        hits = [len(self.pattern.findall(t)) for t in texts]
+        return [float(h) if self.spec.mode == "count" else float(h > 0) for h in hits]
+
+
+def keyword_reward(spec: KeywordReward, tokenizer: Any = None) -> RewardFunc:
+    """The keyword reward (see Keyword); `tokenizer` is the policy's."""
+    return Keyword(spec, tokenizer)
+
+
+def with_tokenizer(funcs: Sequence[Any], tokenizer: Any) -> list[Any]:
+    """The reward functions with the keyword reward reading ids through `tokenizer` (the one
+    that decoded the completions); the others as they are."""
+    return [Keyword(f.spec, tokenizer) if isinstance(f, Keyword) else f for f in funcs]
 
 
 def regex_reward(spec: RegexReward) -> RewardFunc:
@@ -119,13 +159,16 @@ def import_function(call: str) -> RewardFunc:
     return func
 
 
-def build_rewards(spec: RewardSpec) -> tuple[list[RewardFunc | str], list[float]]:
-    """TRL's `reward_funcs` (functions, or reward-model paths) and their weights, in key order."""
+def build_rewards(
+    spec: RewardSpec, tokenizer: Any = None
+) -> tuple[list[RewardFunc | str], list[float]]:
+    """TRL's `reward_funcs` (functions, or reward-model paths) and their weights, in key order;
+    `tokenizer` (the policy's) lets the keyword reward see the special tokens its words name."""
     funcs: list[RewardFunc | str] = []
     weights: list[float] = []
     for key, entry in spec.entries():
         if key == "keyword":
-            funcs.append(keyword_reward(entry))
+            funcs.append(keyword_reward(entry, tokenizer))
         elif key == "regex":
             funcs.append(regex_reward(entry))
         elif key == "length":

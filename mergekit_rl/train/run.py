@@ -558,7 +558,7 @@ def build_trainer(
         from .rewards import build_rewards, check_columns
 
         assert recipe.reward is not None  # the recipe checks guarantee it
-        funcs, weights = build_rewards(recipe.reward)
+        funcs, weights = build_rewards(recipe.reward, tokenizer)
         check_columns(funcs, dataset.column_names, f"dataset.path {recipe.dataset.path}")
         args.reward_weights = weights
         trainer = cls(reward_funcs=funcs, **common)
