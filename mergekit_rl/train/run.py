@@ -11,7 +11,8 @@ RECIPE.yaml` runs it under DDP with no change (every process builds the same tra
 main process writes the metrics and the final model; tests/train/test_ddp.py runs 2 CPU processes
 on gloo). FSDP2 (`accelerate launch --config_file recipes/train/accelerate/fsdp2.yaml`): the
 policy's parameters are DTensor shards; OnDARE / OnTIES and Elastic Reset keep their state for
-each rank's rows and checkpoint it through torch.distributed.checkpoint (train/optim_shard.py).
+each rank's rows and checkpoint it through torch.distributed.checkpoint (train/optim_shard.py);
+the final model is gathered one tensor at a time while the main process writes it (shard_write.py).
 DeepSpeed ZeRO (a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true`) keeps its own
 flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and works with plain
 AdamW. docs/training.md has the table of what runs on which engine.

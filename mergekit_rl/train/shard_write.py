@@ -54,10 +54,11 @@ def sharded_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _flag_device(state: Mapping[str, Tensor]) -> torch.device:
-    """Where the failure flag lives: the shards' device (NCCL needs CUDA tensors, gloo CPU)."""
+    """Where the failure flag lives: the device type of the shards' mesh (NCCL needs a CUDA
+    tensor, even when the parameters are offloaded to the CPU; gloo a CPU one)."""
     for t in state.values():
         if isinstance(t, DTensor):
-            return t.to_local().device
+            return torch.device(t.device_mesh.device_type)
     return torch.device("cpu")
 
 
