@@ -38,18 +38,29 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+# module names that wrappers insert into state dict names (torch.compile's; activation
+# checkpointing's and FSDP1's, where their own hooks do not strip them): not checkpoint names
+WRAPPER_NAMES = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+
+
+def checkpoint_name(name: str) -> str:
+    """A state dict name without the wrappers' module names (what an unwrapped model calls it)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_NAMES)
+
+
 def sharded_state(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict with its DTensors as they are (nothing gathered), in state dict
-    order; a name whose tensor is an earlier name's (tied embeddings) is dropped, as
-    `run.unique_tensors` drops it for a gathered state. Identity, not storage, decides: an empty
-    local shard has no storage to compare, and every rank must keep the same names."""
+    order, named as the unwrapped model names them; a name whose tensor is an earlier name's
+    (tied embeddings) is dropped, as `run.unique_tensors` drops it for a gathered state.
+    Identity, not storage, decides: an empty local shard has no storage to compare, and every
+    rank must keep the same names."""
     seen: set[int] = set()
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) in seen:
             continue
         seen.add(id(t))
-        out[name] = t
+        out[checkpoint_name(name)] = t
     return out
 
 

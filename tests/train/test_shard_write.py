@@ -117,3 +117,22 @@ def test_a_failure_on_the_writing_rank_stops_every_rank(run: tuple[Path, list[di
     assert "'model.embed_tokens.weight' contains NaN or Inf" in ranks[0]["nan"]["error"]
     assert "failed while writing tensor 'model.embed_tokens.weight'" in ranks[1]["nan"]["error"]
     assert ranks[0]["nan"]["output_exists"] is ranks[1]["nan"]["output_exists"] is False
+
+
+def test_sharded_state_names_ignore_wrappers_and_drop_tied_twins() -> None:
+    """A torch.compile wrapper's module name does not show in the names written (as in the
+    unwrapped model's); a tied lm_head is kept once (the first name), as `run.unique_tensors`
+    keeps it."""
+    from transformers import LlamaForCausalLM
+
+    from mergekit_rl.tiny import tiny_config
+    from mergekit_rl.train.run import unique_tensors
+    from mergekit_rl.train.shard_write import sharded_state
+
+    model = LlamaForCausalLM(tiny_config(259, hidden=32, layers=2, tie=True))
+    want = list(unique_tensors(model.state_dict()))
+    wrapped = torch.compile(model)  # nothing compiles until it is called
+    assert all(n.startswith("_orig_mod.") for n in wrapped.state_dict())
+    state = sharded_state(wrapped)
+    assert list(state) == want and "lm_head.weight" not in state
+    assert state["model.layers.1.mlp.up_proj.weight"] is model.model.layers[1].mlp.up_proj.weight
