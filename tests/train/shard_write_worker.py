@@ -8,11 +8,12 @@ DIR holds recipe files `CASE.yaml` (written by the test) whose policy is a bfloa
 float32, moves every weight by a small seeded amount (mostly less than a bfloat16 ulp, so the
 stochastic rounding of the write decides), keeps an unsharded copy, shards the model per decoder
 layer with `fully_shard`, and writes it with `stream_full_tensors` to DIR/CASE/sharded (rank 0
-writes, rank 1 only gathers). Rank 0 also writes the unsharded copy through `run._write` (the
-DDP / one-process path) to DIR/CASE/plain and saves its float32 weights to
-DIR/CASE/weights.safetensors. While streaming, rank 0 counts the gathered tensors still alive
-at each gather and at each `CheckpointWriter.add`. A last run puts a NaN into rank 1's rows of
-the embedding: both ranks must stop with a RunError and nothing may appear at the output.
+writes, rank 1 only gathers; the tied case goes through `run.write_final`, as the trainer does).
+Rank 0 also writes the unsharded copy through `run._write` (the DDP / one-process path) to
+DIR/CASE/plain and saves its float32 weights to DIR/CASE/weights.safetensors. While streaming,
+rank 0 counts the gathered tensors still alive at each gather and at each
+`CheckpointWriter.add`. A last run puts a NaN into rank 1's rows of the embedding: both ranks
+must stop with a RunError and nothing may appear at the output.
 Writes DIR/rank-<r>.json.
 """
 
@@ -24,6 +25,7 @@ import sys
 import weakref
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -36,7 +38,13 @@ from transformers import AutoModelForCausalLM
 from mergekit_rl.errors import RunError
 from mergekit_rl.io.writer import CheckpointWriter
 from mergekit_rl.train.recipe import parse_train_recipe
-from mergekit_rl.train.run import TrainOptions, _write, final_writer, unique_tensors
+from mergekit_rl.train.run import (
+    TrainOptions,
+    _write,
+    final_writer,
+    unique_tensors,
+    write_final,
+)
 from mergekit_rl.train.shard_write import sharded_state, stream_full_tensors
 
 CASES = ("untied", "tied")
@@ -78,6 +86,17 @@ class GatherSpy:
         )
 
 
+def trainer_of(model: torch.nn.Module) -> SimpleNamespace:
+    """What `run.write_final` uses of a trainer under accelerate's FSDP2: the model (not
+    wrapped), the main process flag and the barrier."""
+    accelerator = SimpleNamespace(
+        unwrap_model=lambda m: m,
+        is_main_process=dist.get_rank() == 0,
+        wait_for_everyone=dist.barrier,
+    )
+    return SimpleNamespace(model=model, accelerator=accelerator)
+
+
 def load(recipe_path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The policy in float32, every weight moved by 3e-4 * N(0, 1) (seeded), and a copy that
     stays unsharded."""
@@ -106,8 +125,11 @@ def run_case(root: Path, case: str) -> dict:
     spy = GatherSpy()
     spy.install()
     try:
-        sink = partial(final_writer, state, recipe, text, out / "sharded", OPTS)
-        stream_full_tensors(state, sink if rank == 0 else None)
+        if case == "tied":  # through run.write_final, as `rlmerge train` calls it
+            write_final(trainer_of(model), recipe, text, out / "sharded", OPTS)
+        else:
+            sink = partial(final_writer, state, recipe, text, out / "sharded", OPTS)
+            stream_full_tensors(state, sink if rank == 0 else None)
     finally:
         spy.restore()
     if rank == 0:
