@@ -3,7 +3,9 @@
 
 One launch of `tests.train.shard_write_worker` (about 20 s on 2 cores) runs a tiny bfloat16
 Llama policy trained "in float32" (its weights moved by less than a bfloat16 ulp for most
-entries), untied and with tied embeddings, with 259 vocabulary rows split 130 + 129.
+entries), untied (written by `shard_write.stream_full_tensors` directly) and with tied
+embeddings (through `run.write_final`, the trainer's call), with 259 vocabulary rows split
+130 + 129.
 """
 
 from __future__ import annotations
