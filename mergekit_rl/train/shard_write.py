@@ -82,7 +82,7 @@ def _agree(error: BaseException | None, device: torch.device, what: str) -> None
         raise error
     if int(flag.item()):
         raise RunError(
-            f"the process writing the final model failed while {what}; its error is above. No "
+            f"the process writing the final model failed while {what} (its own error says why). No "
             "final model was written."
         )
 
