@@ -11,7 +11,8 @@ RECIPE.yaml` runs it under DDP with no change (every process builds the same tra
 main process writes the metrics and the final model; tests/train/test_ddp.py runs 2 CPU processes
 on gloo). FSDP2 (`accelerate launch --config_file recipes/train/accelerate/fsdp2.yaml`): the
 policy's parameters are DTensor shards; OnDARE / OnTIES and Elastic Reset keep their state for
-each rank's rows and checkpoint it through torch.distributed.checkpoint (train/optim_shard.py).
+each rank's rows and checkpoint it through torch.distributed.checkpoint (train/optim_shard.py);
+the final model is gathered one tensor at a time while the main process writes it (shard_write.py).
 DeepSpeed ZeRO (a `training.deepspeed` config, or `ACCELERATE_USE_DEEPSPEED=true`) keeps its own
 flattened fp32 weights: it is refused with OnDARE / OnTIES or Elastic Reset, and works with plain
 AdamW. docs/training.md has the table of what runs on which engine.
@@ -31,8 +32,9 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from .recipe import (
     TrainRecipe,
     trl_config_class,
 )
+from .shard_write import is_sharded, sharded_state, stream_full_tensors
 
 FSDP_REFUSED = (
     "OnTIES' L1 rescale of tau needs the whole tensor's norms, which FSDP's shards do not hold; "
@@ -598,10 +601,18 @@ def write_final(
     trainer: Any, recipe: TrainRecipe, recipe_text: str, out: Path, opts: TrainOptions
 ) -> None:
     """The trained weights (training.output_dtype: the policy's dtypes, rounded stochastically,
-    or float32) + config, tokenizer, card, recipe."""
-    state = final_state(trainer, out)
-    if trainer.accelerator.is_main_process:
-        _write(unique_tensors(state), recipe, recipe_text, out, opts)
+    or float32) + config, tokenizer, card, recipe. FSDP2 shards are gathered one tensor at a
+    time while the main process writes them (`shard_write`), never the whole model at once."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_sharded(model) and not hasattr(model, "merge_and_unload"):
+        state = sharded_state(model)
+        main = trainer.accelerator.is_main_process
+        sink = partial(final_writer, state, recipe, recipe_text, out, opts)
+        stream_full_tensors(state, sink if main else None)
+    else:
+        state = final_state(trainer, out)
+        if trainer.accelerator.is_main_process:
+            _write(unique_tensors(state), recipe, recipe_text, out, opts)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -642,7 +653,7 @@ def saved_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, seed: int) -> t
 
 
 def output_dtypes(
-    state: dict[str, torch.Tensor], policy: Any, recipe: TrainRecipe
+    state: Mapping[str, torch.Tensor], policy: Any, recipe: TrainRecipe
 ) -> dict[str, torch.dtype]:
     """The dtype each tensor is written in (training.output_dtype): the policy checkpoint's
     (a tensor it lacks keeps its own), or float32 for every float tensor."""
@@ -670,6 +681,23 @@ def _write(
     out: Path,
     opts: TrainOptions,
 ) -> None:
+    with final_writer(state, recipe, recipe_text, out, opts) as take:
+        for name, t in state.items():
+            take(name, t)
+
+
+@contextlib.contextmanager
+def final_writer(
+    state: Mapping[str, torch.Tensor],
+    recipe: TrainRecipe,
+    recipe_text: str,
+    out: Path,
+    opts: TrainOptions,
+) -> Iterator[Callable[[str, torch.Tensor], None]]:
+    """Open the final model's atomic writer, planned from `state`'s names, shapes and dtypes
+    (whole tensors or DTensors: only their global shapes are read), and yield what takes each
+    whole tensor in `state`'s order: cast (`saved_tensor`), checked finite, appended. On a
+    clean exit the config, tokenizer, card and recipe are added and the output is committed."""
     with open_checkpoint(recipe.policy) as policy:
         dtypes = output_dtypes(state, policy, recipe)
         entries = [(n, tuple(t.shape), dtypes[n]) for n, t in state.items()]
@@ -686,15 +714,18 @@ def _write(
         writer = CheckpointWriter(
             out, entries, metadata=provenance(command, [policy]), force=opts.force
         )
+
+        def take(name: str, t: torch.Tensor) -> None:
+            saved = saved_tensor(name, t, dtypes[name], recipe.training.seed)
+            if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+                raise RunError(
+                    f"trained tensor '{name}' contains NaN or Inf (in {dtypes[name]}); no "
+                    "final model was written. Lower training.learning_rate or optimizer.alpha."
+                )
+            writer.add(name, saved)
+
         with writer:
-            for name, t in state.items():
-                out = saved_tensor(name, t, dtypes[name], recipe.training.seed)
-                if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-                    raise RunError(
-                        f"trained tensor '{name}' contains NaN or Inf (in {dtypes[name]}); no "
-                        "final model was written. Lower training.learning_rate or optimizer.alpha."
-                    )
-                writer.add(name, out)
+            yield take
             write_aux_files(writer, policy, None)
             writer.add_file("README.md", card)
             writer.add_file("rlmerge_recipe.yaml", recipe_text)
