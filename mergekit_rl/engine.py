@@ -89,6 +89,7 @@ class OutputSpec:
     config_updates: dict[str, Any] = field(default_factory=dict)
     card: str | None = None  # README.md model card
     extra_files: dict[str, str] = field(default_factory=dict)
+    tokenizer_files: dict[str, bytes] | None = None  # written instead of aux_from's tokenizer
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -370,7 +371,7 @@ def _check_finite(t: Tensor, name: str, out: Path) -> None:
 def _write_aux(writer: CheckpointWriter, spec: OutputSpec) -> None:
     if spec.single_file:
         return
-    write_aux_files(writer, spec.aux_from, spec.dtype, spec.config_updates)
+    write_aux_files(writer, spec.aux_from, spec.dtype, spec.config_updates, spec.tokenizer_files)
     if spec.card is not None:
         writer.add_file("README.md", spec.card)
     for relpath, content in spec.extra_files.items():

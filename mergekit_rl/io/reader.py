@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -248,8 +249,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list[str]:
+def vocab_tensor_names(ckpt: Checkpoint) -> tuple[str, ...]:
+    """The tensors with one row per token: the input embedding and the output one (lm_head),
+    named from the tied pair of the config's model_type (stored or tied)."""
+    model_type = str((ckpt.config or {}).get("model_type", ""))
+    out, inp = ckpt.tied_pair or TIED_BY_MODEL_TYPE.get(model_type, TIED_PAIR)
+    if inp not in ckpt:
+        inp = _find_input_embedding(ckpt._infos) or inp
+    return tuple(n for n in (inp, out) if ckpt.has(n))
+
+
+def check_compatible(
+    checkpoints: list[Checkpoint], max_listed: int = 5, vocab_rows: Collection[str] = ()
+) -> list[str]:
     """Check that all inputs hold the same tensor names and shapes; return the common names.
+
+    Tensors named in `vocab_rows` may differ in their first dimension (a union vocabulary).
 
     A tied-embedding checkpoint without lm_head.weight matches a twin that stores it. The order
     returned is the first checkpoint's storage order. Raises MismatchError listing the first
@@ -269,7 +284,10 @@ def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list
         for n in sorted(theirs - mine, key=natural_key)[:max_listed]:
             problems.append(f"'{n}' is in {other.source.ref} but not in {first.source.ref}")
         for n in names:
-            if n in other and other.info(n).shape != first.info(n).shape:
+            a, b = first.info(n).shape, other.info(n).shape if n in other else None
+            if n in vocab_rows and b is not None:
+                a, b = a[1:], b[1:]
+            if b is not None and a != b:
                 a, b = first.info(n).shape, other.info(n).shape
                 hint = " (vocabulary sizes differ)" if "embed" in n or "lm_head" in n else ""
                 problems.append(

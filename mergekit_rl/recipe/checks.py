@@ -19,6 +19,7 @@ from ..engine import parse_dtype
 from ..errors import RecipeError, UsageError
 from ..io.adapter import split_adapter_ref
 from ..merge.registry import MergeMethod, get_method
+from ..merge.vocab import chat_template_problem
 from .params import Params, leaf_values, parse_setting
 from .schema import Recipe, load_documents, parse_recipe
 
@@ -253,25 +254,17 @@ def _check_tokenizer(recipe: Recipe) -> Problems:
             (f"tokenizer.{extra}", "not supported yet; only tokenizer.source is (no added tokens)")
         )
     if recipe.chat_template is not None:
-        problems.append(
-            (
-                "chat_template",
-                "not supported yet: the tokenizer source's chat template is copied; remove the "
-                "key (edit tokenizer_config.json after merging to change it)",
-            )
-        )
-    if tok == "union":
-        problems.append(
-            (
-                key,
-                "'union' (merging vocabularies) is not supported yet; use 'base' or one of the "
-                "models, whose tokenizer and config are copied",
-            )
-        )
-    elif tok == "base" and recipe.base_model is None:
+        why = chat_template_problem(recipe.chat_template)
+        if why is not None:
+            problems.append(("chat_template", why))
+    if tok == "base" and recipe.base_model is None:
         problems.append((key, "'base' needs a base_model"))
-    elif tok not in (None, "base") and not any(same_ref(tok, r) for r in _all_refs(recipe)):
-        problems.append((key, f"{tok!r} is not a model of this recipe; use 'base' or a model"))
+    elif tok not in (None, "base", "union") and not any(
+        same_ref(tok, r) for r in _all_refs(recipe)
+    ):
+        problems.append(
+            (key, f"{tok!r} is not a model of this recipe; use 'base', 'union' or a model")
+        )
     elif recipe.tokenizer is not None and tok is None:
         problems.append(("tokenizer.source", "required key is missing"))
     return problems

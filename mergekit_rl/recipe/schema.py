@@ -53,9 +53,9 @@ class Recipe(_Strict):
     dtype: str | None = None  # mergekit's load/compute dtype: we compute in float32 always and
     # use it as the output dtype when out_dtype is not set
     out_dtype: str | None = None
-    tokenizer_source: str | None = None  # "base", a model reference; "union" is not supported
+    tokenizer_source: str | None = None  # "base", "union" or a model reference
     tokenizer: dict[str, Any] | None = None  # mergekit's newer form: only `source` is supported
-    chat_template: str | None = None  # accepted by the schema, refused with a clear message
+    chat_template: str | None = None  # a built-in name, "auto" or a Jinja template
     # ours
     name: str | None = None  # pipeline stage name
     seed: int = 0  # seeds every random mask, with the model and the tensor name

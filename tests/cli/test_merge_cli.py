@@ -82,7 +82,7 @@ models:
     parameters: {density: 0.5}
   - model: b
     parameters: {desnity: 0.5, weight: x}
-tokenizer_source: union
+tokenizer_source: unoin
 dtpye: float16
 """,
     )
@@ -92,7 +92,7 @@ dtpye: float16
     assert code == 2
     assert "models[1].parameters.desnity: unknown parameter for ties (did you mean density?)" in err
     assert "models[1].parameters.weight" in err
-    assert "tokenizer_source: 'union'" in err and "not supported" in err
+    assert "tokenizer_source: 'unoin' is not a model of this recipe; use 'base', 'union'" in err
     assert "dtpye: unknown key (did you mean dtype?)" in err
     assert "4 problems" in err
 
