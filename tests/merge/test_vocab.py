@@ -23,8 +23,8 @@ OTHER_CORPUS = ["zebras graze quietly while parrots chatter about vocabulary"] *
 @pytest.fixture(scope="module")
 def toks():
     """base; `extra` = base + two regular tokens + one special; `other` = another BPE."""
-    base = build_tokenizer()
-    extra = build_tokenizer()
+    base = build_tokenizer(vocab_size=300)  # 41 merges of the default corpus
+    extra = build_tokenizer(vocab_size=300)
     extra.add_tokens(["zebra", "<tool>"])
     extra.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     other = build_tokenizer(vocab_size=280, corpus=OTHER_CORPUS)
