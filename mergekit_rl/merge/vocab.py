@@ -159,27 +159,40 @@ def absent_tokens(perms: Sequence[Tensor]) -> int:
     return int((~present).sum())
 
 
-def remap_rows(xs: Sequence[Tensor], perms: Sequence[Tensor], base: int | None) -> list[Tensor]:
-    """Each input's vocabulary tensor [its rows, ...] -> [union size, ...] (see the module doc).
+def padded_size(size: int, multiple: int | None) -> int:
+    """`size` rounded up to a multiple of `multiple` (unchanged for None)."""
+    return -(-size // multiple) * multiple if multiple else size
 
-    base: the position of the base model in xs, or None when it is not among them. Whole
-    tensors: memory about (len(xs) + 3) x one union-sized tensor."""
+
+def remap_rows(
+    xs: Sequence[Tensor], perms: Sequence[Tensor], base: int | None, rows: int | None = None
+) -> list[Tensor]:
+    """Each input's vocabulary tensor [its rows, ...] -> [rows, ...] (see the module doc).
+
+    base: the position of the base model in xs, or None when it is not among them. rows: the
+    output rows (a padded vocabulary, pad_to_multiple_of); rows past the union's tokens are
+    the mean of each model's token rows. Whole tensors: memory about (len(xs) + 3) x one
+    union-sized tensor."""
     present = torch.stack([p >= 0 for p in perms])  # [n, size]
     count = present.sum(0)  # [size]
     gathered = []
     for x, p, has in zip(xs, perms, present, strict=True):
-        rows = x[p.clamp(min=0).to(x.device)]  # [size, ...]
+        own = x[p.clamp(min=0).to(x.device)]  # [size, ...]
         mask = has.to(x.device).view(-1, *([1] * (x.dim() - 1)))
-        gathered.append(torch.where(mask, rows, torch.zeros((), dtype=x.dtype, device=x.device)))
+        gathered.append(torch.where(mask, own, torch.zeros((), dtype=x.dtype, device=x.device)))
     total = torch.stack(gathered).sum(0)  # absent rows are zeros: the sum of those that have it
     shape = (-1, *([1] * (total.dim() - 1)))
     default = total / count.clamp(min=1).to(total.device, total.dtype).view(shape)
     if base is not None:  # several (or one) models have it and the base is one: the base's row
         default = torch.where(present[base].to(total.device).view(shape), gathered[base], default)
-    return [
+    out = [
         torch.where(has.to(g.device).view(shape), g, default)
         for g, has in zip(gathered, present, strict=True)
     ]
+    extra = (rows or 0) - len(perms[0])
+    if extra > 0:  # padding rows: the model's mean token row (a neutral start for new tokens)
+        out = [torch.cat([t, t.mean(0, keepdim=True).expand(extra, *t.shape[1:])]) for t in out]
+    return out
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:

@@ -249,10 +249,22 @@ def _check_tokenizer(recipe: Recipe) -> Problems:
     problems: Problems = []
     if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
         problems.append(("tokenizer", "give tokenizer_source or tokenizer.source, not both"))
-    for extra in sorted(set(recipe.tokenizer or {}) - {"source"}):
+    for extra in sorted(set(recipe.tokenizer or {}) - {"source", "pad_to_multiple_of"}):
         problems.append(
-            (f"tokenizer.{extra}", "not supported yet; only tokenizer.source is (no added tokens)")
+            (
+                f"tokenizer.{extra}",
+                "not supported yet; only tokenizer.source and tokenizer.pad_to_multiple_of are "
+                "(no per-token embedding sources)",
+            )
         )
+    if "pad_to_multiple_of" in (recipe.tokenizer or {}):
+        pad = (recipe.tokenizer or {})["pad_to_multiple_of"]
+        if not isinstance(pad, int) or isinstance(pad, bool) or pad < 1:
+            problems.append(("tokenizer.pad_to_multiple_of", f"a positive integer, got {pad!r}"))
+        elif tok != "union":
+            problems.append(
+                ("tokenizer.pad_to_multiple_of", "needs `source: union` (it pads the union)")
+            )
     if recipe.chat_template is not None:
         why = chat_template_problem(recipe.chat_template)
         if why is not None:

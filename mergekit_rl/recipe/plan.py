@@ -338,7 +338,7 @@ def _tokenizer_plan(
     # the embedding comes from the first slice's sources, lm_head from the last slice's
     names = set(vocab_tensor_names(ckpts[stage.slices[0].sources[0].ref]))
     names |= set(vocab_tensor_names(ckpts[stage.slices[-1].sources[0].ref]))
-    size = int(perms[0].numel())
+    size = vocab.padded_size(int(perms[0].numel()), recipe.pad_to_multiple_of)
     by_ref = dict(zip(order, perms, strict=True))
     return TokenizerPlan(out, "union", template, size, frozenset(names), by_ref, base_ref)
 

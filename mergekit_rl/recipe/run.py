@@ -154,7 +154,7 @@ def make_compute(plan: StagePlan, seed: int) -> Compute:
         p = by_name[job.name]
         if job.name in remaps:  # each input's rows -> one row per union token
             perms, base_at = remaps[job.name]
-            xs = remap_rows(xs, perms, base_at)
+            xs = remap_rows(xs, perms, base_at, job.shape[0])
         base, models = (xs[0], xs[1:]) if p.has_base else (None, xs)
         ctx = TensorContext(job.name, p.model_ids, seed)
         return [method.run(ctx, models, base, list(p.model_params), p.global_params)]
@@ -418,6 +418,8 @@ def describe_tokenizer(plan: StagePlan) -> dict[str, Any]:
     kind = template if template in (*CHAT_TEMPLATES, "auto", None) else "jinja"
     out: dict[str, Any] = {"source": tok.source, "copied": False, "chat_template": kind}
     if tok.size is not None:
+        tokens = len(tok.permutations[tok.base_ref])
         base_rows = int((tok.permutations[tok.base_ref] >= 0).sum())
-        out.update(vocab_size=tok.size, base=tok.base_ref, added_tokens=tok.size - base_rows)
+        out.update(vocab_size=tok.size, tokens=tokens, base=tok.base_ref)
+        out.update(added_tokens=tokens - base_rows, padding_rows=tok.size - tokens)
     return out

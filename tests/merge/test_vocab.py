@@ -12,6 +12,7 @@ from mergekit_rl.merge.vocab import (
     absent_tokens,
     build_union,
     chat_template_problem,
+    padded_size,
     pick_chat_template,
     remap_rows,
 )
@@ -149,3 +150,16 @@ def test_chat_template_names_auto_and_jinja(toks):
     assert "unknown template 'chatlm'" in str(chat_template_problem("chatlm"))
     assert chat_template_problem("{{ x }}") is not None  # too short for a template
     assert chat_template_problem("a long string without any braces at all") is not None
+
+
+def test_padding_rows_are_each_models_mean_row():
+    perms = [torch.tensor([0, 1, -1]), torch.tensor([1, -1, 0])]
+    xs = [torch.randn(2, 4), torch.randn(2, 4)]
+    got = remap_rows(xs, perms, 0, rows=8)
+    plain = remap_rows(xs, perms, 0)
+    for g, p in zip(got, plain, strict=True):
+        assert g.shape == (8, 4)
+        assert torch.equal(g[:3], p)
+        torch.testing.assert_close(g[3:], p.mean(0).expand(5, 4))
+    assert padded_size(321, 64) == 384 and padded_size(384, 64) == 384
+    assert padded_size(321, None) == 321

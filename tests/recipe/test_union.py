@@ -167,7 +167,7 @@ def test_dry_run_reports_the_union(models, tmp_path):
     union = len(AutoTokenizer.from_pretrained(paths["base"]))
     tok = stage["tokenizer"]
     assert tok["source"] == "union" and tok["vocab_size"] > union
-    assert tok["added_tokens"] == tok["vocab_size"] - union
+    assert tok["added_tokens"] == tok["vocab_size"] - union and tok["padding_rows"] == 0
     assert stage["config_updates"]["vocab_size"] == tok["vocab_size"]
     shapes = {t["name"]: t["shape"] for t in stage["tensors"]}
     assert shapes[EMBED] == [tok["vocab_size"], 32]
@@ -213,3 +213,43 @@ def test_without_union_different_vocabularies_are_refused(models, tmp_path):
     )
     with pytest.raises(Exception, match="vocabulary sizes differ"):
         merge_file(recipe, tmp_path / "out", MergeOptions())
+
+
+def test_pad_to_multiple_of(models, tmp_path):
+    _, paths = models
+    recipe = (
+        linear_recipe(paths, tmp_path)
+        .read_text()
+        .replace("tokenizer_source: union", "tokenizer: {source: union, pad_to_multiple_of: 64}")
+    )
+    out = tmp_path / "out"
+    merge_file(write(tmp_path / "pad.yaml", recipe), out, MergeOptions())
+    union = AutoTokenizer.from_pretrained(out).get_vocab()
+    n = len(union)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    got = model.get_input_embeddings().weight.detach().double()
+    rows = -(-n // 64) * 64
+    assert got.shape[0] == rows == json.loads((out / "config.json").read_text())["vocab_size"]
+    w = {"base": 0.2, "extra": 0.3, "other": 0.5}
+    per_model = expected_rows(paths, union, EMBED)
+    want = sum(w[k] * per_model[k] for k in w) / sum(w.values())
+    torch.testing.assert_close(got[:n], want, rtol=1e-5, atol=1e-6)
+    # linear: the merge of each model's mean row is the mean of the merged rows
+    torch.testing.assert_close(got[n:], want.mean(0).expand(rows - n, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("block", "msg"),
+    [
+        ("tokenizer: {source: base, pad_to_multiple_of: 64}", "needs `source: union`"),
+        ("tokenizer: {source: union, pad_to_multiple_of: 0}", "a positive integer, got 0"),
+        ("tokenizer: {source: union, tokens: {x: {source: base}}}", "not supported yet"),
+    ],
+)
+def test_tokenizer_block_problems_are_named(models, tmp_path, block, msg):
+    _, paths = models
+    recipe = linear_recipe(paths, tmp_path).read_text().replace("tokenizer_source: union", block)
+    with pytest.raises(RecipeError) as err:
+        merge_file(write(tmp_path / "bad.yaml", recipe), tmp_path / "out", MergeOptions())
+    assert "tokenizer." in str(err.value) and msg in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ from tests.recipe.test_union import EMBED, HEAD, models, write  # noqa: F401 (fi
 
 pytest.importorskip("mergekit")
 
+PAD = "tokenizer: {source: union, pad_to_multiple_of: 64}\n"
 METHODS = {
     "linear": """merge_method: linear
 base_model: {base}
@@ -50,10 +51,17 @@ def mergekit_yaml(recipe: Path, out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
-def test_union_matches_mergekit(models, method, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(
+    ("method", "tok"),
+    [
+        ("linear", "tokenizer_source: union\n"),
+        ("ties", "tokenizer_source: union\n"),
+        ("linear", PAD),
+    ],
+)
+def test_union_matches_mergekit(models, method, tok, tmp_path):  # noqa: F811
     mode, paths = models
-    text = METHODS[method].format(**paths) + "tokenizer_source: union\nchat_template: chatml\n"
+    text = METHODS[method].format(**paths) + tok + "chat_template: chatml\n"
     recipe = write(tmp_path / "r.yaml", text + "dtype: float32\n")
     mergekit_yaml(recipe, tmp_path / "mk")
     merge_file(recipe, tmp_path / "ours", MergeOptions())
@@ -77,6 +85,9 @@ def test_union_matches_mergekit(models, method, tmp_path):  # noqa: F811
         a = mk.get(key, mk[EMBED])[torch.tensor([tv[t] for t in names])]
         b = us.get(key, us[EMBED])[torch.tensor([ov[t] for t in names])]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{mode} {key}")
+        pad_a, pad_b = mk.get(key, mk[EMBED])[len(tv) :], us.get(key, us[EMBED])[len(ov) :]
+        assert pad_b.shape[0] == (64 - len(ov) % 64 if tok == PAD else 0)
+        torch.testing.assert_close(pad_a, pad_b, rtol=1e-5, atol=1e-6)
     for key in mk:
         if key not in (EMBED, HEAD):
             torch.testing.assert_close(mk[key], us[key], rtol=1e-5, atol=1e-6)
