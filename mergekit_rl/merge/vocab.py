@@ -171,24 +171,26 @@ def remap_rows(
 
     base: the position of the base model in xs, or None when it is not among them. rows: the
     output rows (a padded vocabulary, pad_to_multiple_of); rows past the union's tokens are
-    the mean of each model's token rows. Whole tensors: memory about (len(xs) + 3) x one
-    union-sized tensor."""
+    the mean of each model's token rows. Whole tensors: besides xs, memory for len(xs) + 2
+    union-sized tensors."""
     present = torch.stack([p >= 0 for p in perms])  # [n, size]
     count = present.sum(0)  # [size]
     gathered = []
     for x, p, has in zip(xs, perms, present, strict=True):
         own = x[p.clamp(min=0).to(x.device)]  # [size, ...]
-        mask = has.to(x.device).view(-1, *([1] * (x.dim() - 1)))
-        gathered.append(torch.where(mask, own, torch.zeros((), dtype=x.dtype, device=x.device)))
-    total = torch.stack(gathered).sum(0)  # absent rows are zeros: the sum of those that have it
+        own[~has.to(x.device)] = 0  # rows of tokens it lacks: zeros until the defaults are known
+        gathered.append(own)
+    total = gathered[0].clone()  # absent rows are zeros: the sum of the rows that exist
+    for g in gathered[1:]:
+        total += g
     shape = (-1, *([1] * (total.dim() - 1)))
-    default = total / count.clamp(min=1).to(total.device, total.dtype).view(shape)
+    default = total.div_(count.clamp(min=1).to(total.device, total.dtype).view(shape))
     if base is not None:  # several (or one) models have it and the base is one: the base's row
         default = torch.where(present[base].to(total.device).view(shape), gathered[base], default)
-    out = [
-        torch.where(has.to(g.device).view(shape), g, default)
-        for g, has in zip(gathered, present, strict=True)
-    ]
+    out = gathered
+    for g, has in zip(out, present, strict=True):  # in place: no second copy of every input
+        missing = ~has.to(g.device)
+        g[missing] = default[missing]
     extra = (rows or 0) - len(perms[0])
     if extra > 0:  # padding rows: the model's mean token row (a neutral start for new tokens)
         out = [torch.cat([t, t.mean(0, keepdim=True).expand(extra, *t.shape[1:])]) for t in out]

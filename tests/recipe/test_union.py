@@ -253,3 +253,34 @@ def test_tokenizer_block_problems_are_named(models, tmp_path, block, msg):
         merge_file(write(tmp_path / "bad.yaml", recipe), tmp_path / "out", MergeOptions())
     assert "tokenizer." in str(err.value) and msg in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_dry_run_prints_the_tokenizer(models, tmp_path):
+    from tests.cli.test_merge_cli import rl
+
+    _, paths = models
+    recipe = linear_recipe(paths, tmp_path, "chat_template: chatml\n")
+    code, out, err = rl("merge", recipe, "-o", tmp_path / "out", "--dry-run")
+    assert code == 0, err
+    n = len(AutoTokenizer.from_pretrained(paths["base"]))
+    union = n + 21  # 18 merges only `other` has, zebra, <tool>, <|im_start|>
+    line = f"tokenizer: union: {union} tokens (21 added to {paths['base']}); chat template chatml"
+    assert line in out + err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_dry_run_unions_a_planned_stage(models, tmp_path):
+    """A later stage's union reads an earlier stage's tokenizer before it is written."""
+    _, paths = models
+    first = linear_recipe(paths, tmp_path).read_text()
+    recipe = write(
+        tmp_path / "p.yaml",
+        "name: u\n" + first + "---\nmerge_method: linear\n"
+        f"models: [{{model: u}}, {{model: {paths['base']}}}]\ntokenizer_source: union\n",
+    )
+    plan = plan_file(recipe, tmp_path / "out", MergeOptions())
+    a, b = plan["stages"]
+    assert b["tokenizer"]["vocab_size"] == a["tokenizer"]["vocab_size"]
+    assert b["tokenizer"]["added_tokens"] == 0  # u (the first model) holds every base token
+    merge_file(recipe, tmp_path / "out", MergeOptions())
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == a["tokenizer"]["vocab_size"]

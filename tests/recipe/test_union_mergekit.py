@@ -1,5 +1,6 @@
 """tokenizer_source: union against mergekit's own output on the same tiny models (skipped when
-mergekit is not installed: `pip install -e .[compare]`).
+mergekit is not installed; `pip install mergekit==0.1.5` keeps torch 2.13 and is never a
+dependency of ours).
 
 The two tools may number the appended tokens differently (both append after the base's ids;
 mergekit in the order of each tokenizer's vocabulary dict, we by id), so rows are compared
