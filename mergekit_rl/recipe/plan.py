@@ -89,10 +89,15 @@ class StagePlan:
 
     def peak_memory_bytes(self) -> int:
         """(inputs + 2) x the largest tensor in float32, plus a constant (the engine holds a
-        tensor's inputs, the result and one temporary at a time)."""
-        worst = max(
-            ((len(p.job.sources) + 2) * math.prod(p.job.shape) for p in self.tensors), default=0
-        )
+        tensor's inputs, the result and one temporary at a time); (2 x inputs + 4) for the
+        vocabulary tensors of a union (their remapped copies, the default rows, a sum)."""
+        remapped = self.tokenizer.vocab_names if self.tokenizer else frozenset()
+
+        def copies(p: TensorPlan) -> int:  # a union's rows: the remapped copies and 2 more
+            n = len(p.job.sources)
+            return 2 * n + 4 if p.job.name in remapped else n + 2
+
+        worst = max((copies(p) * math.prod(p.job.shape) for p in self.tensors), default=0)
         return 4 * worst + PEAK_CONSTANT_BYTES
 
 

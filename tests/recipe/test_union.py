@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_rl.errors import RecipeError
 from mergekit_rl.merge.vocab import CHAT_TEMPLATES
+from mergekit_rl.recipe.plan import PEAK_CONSTANT_BYTES
 from mergekit_rl.recipe.run import MergeOptions, merge_file, plan_file
 from mergekit_rl.tiny import build_tokenizer, save_model, tiny_config
 from tests.conftest import load_state
@@ -171,6 +172,8 @@ def test_dry_run_reports_the_union(models, tmp_path):
     assert stage["config_updates"]["vocab_size"] == tok["vocab_size"]
     shapes = {t["name"]: t["shape"] for t in stage["tensors"]}
     assert shapes[EMBED] == [tok["vocab_size"], 32]
+    remapped = 4 * (2 * 3 + 4) * tok["vocab_size"] * 32  # 3 inputs, their copies, 4 more
+    assert stage["peak_memory_bytes"] - PEAK_CONSTANT_BYTES == remapped
     assert not (tmp_path / "out").exists()
 
 
