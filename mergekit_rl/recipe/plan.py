@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..engine import TensorJob
-from ..errors import RecipeError, UsageError
+from ..errors import MismatchError, RecipeError, UsageError
 from ..io.reader import Checkpoint, check_compatible, vocab_tensor_names
 from ..merge import vocab
 from ..merge.registry import MergeMethod
@@ -210,7 +210,7 @@ class _Builder:
         if len(set(shapes.values())) > 1:
             listed = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
             vocab = (
-                " (vocabulary sizes differ)"
+                " (vocabulary sizes differ; `tokenizer_source: union` merges them)"
                 if any(k in out_name for k in ("embed", "lm_head"))
                 else ""
             )
@@ -267,9 +267,15 @@ def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe
     union = (tok.size, tok.vocab_names) if tok is not None and tok.size is not None else None
     b = _Builder(stage, ckpts, union)
     if not stage.sliced:
-        check_compatible(
-            [ckpts[r] for r in stage.merged_refs()], vocab_rows=union[1] if union else ()
-        )
+        try:
+            check_compatible(
+                [ckpts[r] for r in stage.merged_refs()], vocab_rows=union[1] if union else ()
+            )
+        except MismatchError as e:
+            if "vocabulary sizes differ" not in str(e):
+                raise
+            hint = " In a recipe, `tokenizer_source: union` merges different vocabularies."
+            raise MismatchError(str(e) + hint) from e
     ranges = [_full_range(spec, ckpts) for spec in stage.slices]
     first, last = stage.slices[0], stage.slices[-1]
     all_refs = [

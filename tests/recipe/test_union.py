@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_rl.errors import RecipeError
+from mergekit_rl.errors import MismatchError, RecipeError
 from mergekit_rl.merge.vocab import CHAT_TEMPLATES
 from mergekit_rl.recipe.plan import PEAK_CONSTANT_BYTES
 from mergekit_rl.recipe.run import MergeOptions, merge_file, plan_file
@@ -214,7 +214,7 @@ def test_without_union_different_vocabularies_are_refused(models, tmp_path):
         tmp_path / "r.yaml",
         f"merge_method: linear\nmodels: [{{model: {paths['base']}}}, {{model: {paths['other']}}}]\n",
     )
-    with pytest.raises(Exception, match="vocabulary sizes differ"):
+    with pytest.raises(MismatchError, match="vocabulary sizes differ.*tokenizer_source: union"):
         merge_file(recipe, tmp_path / "out", MergeOptions())
 
 
