@@ -287,3 +287,38 @@ def test_pipeline_dry_run_unions_a_planned_stage(models, tmp_path):
     assert b["tokenizer"]["added_tokens"] == 0  # u (the first model) holds every base token
     merge_file(recipe, tmp_path / "out", MergeOptions())
     assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) == a["tokenizer"]["vocab_size"]
+
+
+def test_a_token_no_model_has_gets_zeros_and_a_warning(tmp_path):
+    """The base's tokenizer holds '<late>' past its config vocab_size: no model has its row."""
+    from transformers import LlamaForCausalLM
+
+    paths = {}
+    for seed, name in enumerate(("base", "other")):
+        tok = (
+            build_tokenizer(vocab_size=300)
+            if name == "base"
+            else build_tokenizer(280, OTHER_CORPUS)
+        )
+        config = tiny_config(len(tok), hidden=32, layers=1)
+        torch.manual_seed(seed)
+        state = LlamaForCausalLM(config).state_dict()
+        if name == "base":
+            tok.add_tokens(["<late>"])  # id 300; the embedding keeps 300 rows
+        paths[name] = tmp_path / name
+        save_model(state, config, tok, paths[name])
+    recipe = write(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nbase_model: {paths['base']}\n"
+        f"models: [{{model: {paths['base']}}}, {{model: {paths['other']}}}]\n"
+        "tokenizer_source: union\n",
+    )
+    with pytest.warns(UserWarning, match="1 tokens of the union vocabulary are in no model"):
+        merge_file(recipe, tmp_path / "out", MergeOptions())
+    union = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    state = load_state(tmp_path / "out")
+    assert torch.equal(state[EMBED][union["<late>"]], torch.zeros(32))
+    assert state[EMBED].shape[0] == len(union)
+    rows = expected_rows(paths, union, EMBED)
+    want = (rows["base"] + rows["other"]) / 2
+    torch.testing.assert_close(state[EMBED].double(), want, rtol=1e-5, atol=1e-6)
