@@ -154,6 +154,9 @@ def print_plan(plan: dict[str, Any]) -> None:
             _say(f"  input {i['ref']} = {i['resolved']}{rev}")
         shared = _shared_globals(stage["tensors"])
         _say(f"  parameters: {_kv(shared) or '-'}; config from {stage['config_from']}")
+        tok = stage["tokenizer"]
+        if not tok["copied"]:
+            _say(f"  tokenizer: {_tokenizer_line(tok)}")
         for t in stage["tensors"]:
             varying = {k: v for k, v in t["global_params"].items() if k not in shared}
             per_model = " | ".join(f"{m}: {_kv(p)}" for m, p in t["model_params"].items() if p)
@@ -175,6 +178,17 @@ def print_plan(plan: dict[str, Any]) -> None:
 
 def _say(line: str) -> None:
     console.print(line, highlight=False, soft_wrap=True)
+
+
+def _tokenizer_line(tok: dict[str, Any]) -> str:
+    """e.g. 'union: 321 tokens (21 added to base) + 63 padding rows; chat template chatml'."""
+    if tok["source"] == "union":
+        pad = f" + {tok['padding_rows']} padding rows" if tok["padding_rows"] else ""
+        text = f"union: {tok['tokens']} tokens ({tok['added_tokens']} added to {tok['base']}){pad}"
+    else:
+        text = f"from {tok['source']}"
+    template = tok.get("chat_template")
+    return text + (f"; chat template {template}" if template else "")
 
 
 def _shared_globals(tensors: list[dict[str, Any]]) -> dict[str, Any]:

@@ -134,6 +134,7 @@ class OutputSpec:
     config_updates: dict[str, Any] = field(default_factory=dict)
     card: str | None = None  # README.md model card
     extra_files: dict[str, str] = field(default_factory=dict)
+    tokenizer_files: dict[str, bytes] | None = None  # written instead of aux_from's tokenizer
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -488,7 +489,7 @@ def _past_range(t: Tensor, dtype: torch.dtype) -> bool:
 def _write_aux(writer: CheckpointWriter, spec: OutputSpec) -> None:
     if spec.single_file:
         return
-    write_aux_files(writer, spec.aux_from, spec.dtype, spec.config_updates)
+    write_aux_files(writer, spec.aux_from, spec.dtype, spec.config_updates, spec.tokenizer_files)
     if spec.card is not None:
         writer.add_file("README.md", spec.card)
     for relpath, content in spec.extra_files.items():

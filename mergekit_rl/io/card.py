@@ -43,8 +43,10 @@ def write_aux_files(
     source: Checkpoint | None,
     dtype: torch.dtype | None,
     config_updates: dict[str, Any] | None = None,
+    tokenizer_files: dict[str, bytes] | None = None,
 ) -> None:
-    """Copy config.json (dtype and updates applied), generation config and tokenizer files.
+    """Copy config.json (dtype and updates applied), generation config and tokenizer files
+    (or write `tokenizer_files` instead: a union vocabulary, a new chat template).
 
     The config's dtype is the one the weights are written in (`dtype`, else the dtype holding
     most of the written floating bytes), whichever input the config comes from.
@@ -60,9 +62,12 @@ def write_aux_files(
             config[key] = _TORCH_DTYPE_NAMES[dtype]
         config.update(config_updates or {})
         writer.add_file("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in ("generation_config.json", *TOKENIZER_FILES):
+    copied = TOKENIZER_FILES if tokenizer_files is None else ()
+    for name in ("generation_config.json", *copied):
         if (root / name).is_file():
             writer.copy_file(root / name)
+    for name, content in (tokenizer_files or {}).items():
+        writer.add_file(name, content)
 
 
 def written_dtype(

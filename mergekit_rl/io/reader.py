@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -300,8 +301,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list[str]:
+def vocab_tensor_names(ckpt: Checkpoint) -> tuple[str, ...]:
+    """The tensors with one row per token: the input embedding and the output one (lm_head),
+    named from the tied pair of the config's model_type (stored or tied)."""
+    model_type = str((ckpt.config or {}).get("model_type", ""))
+    out, inp = ckpt.tied_pair or TIED_BY_MODEL_TYPE.get(model_type, TIED_PAIR)
+    if inp not in ckpt:
+        inp = _find_input_embedding(ckpt._infos) or inp
+    return tuple(n for n in (inp, out) if ckpt.has(n))
+
+
+def check_compatible(
+    checkpoints: list[Checkpoint], max_listed: int = 5, vocab_rows: Collection[str] = ()
+) -> list[str]:
     """Check that all inputs hold the same tensor names and shapes; return the common names.
+
+    Tensors named in `vocab_rows` may differ in their first dimension (a union vocabulary).
 
     A tied-embedding checkpoint without lm_head.weight matches a twin that stores it. The order
     returned is the first checkpoint's storage order. Raises MismatchError with, for each other
@@ -312,7 +327,7 @@ def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list
     names = first.names()
     problems: list[str] = []
     for other in checkpoints[1:]:
-        problems += _differences(first, other, max_listed)
+        problems += _differences(first, other, max_listed, vocab_rows)
     if problems:
         raise MismatchError(
             f"the input models do not have the same tensors: {'; '.join(problems)}. All inputs "
@@ -323,9 +338,12 @@ def check_compatible(checkpoints: list[Checkpoint], max_listed: int = 5) -> list
     return names
 
 
-def _differences(first: Checkpoint, other: Checkpoint, max_listed: int) -> list[str]:
+def _differences(
+    first: Checkpoint, other: Checkpoint, max_listed: int, vocab_rows: Collection[str] = ()
+) -> list[str]:
     """One entry per kind of difference between two inputs (only in one, only in the other,
-    other shapes): its real count and its first `max_listed` tensors."""
+    other shapes): its real count and its first `max_listed` tensors. Tensors in `vocab_rows`
+    may differ in their rows (a union vocabulary)."""
     a, b = first.source.ref, other.source.ref
     mine, theirs = set(first.names()), set(other.names())
     if first.tied_pair and not other.tied_embeddings:
@@ -345,7 +363,7 @@ def _differences(first: Checkpoint, other: Checkpoint, max_listed: int) -> list[
     shapes = [
         _shape_problem(n, first.info(n).shape, other.info(n).shape, a, b)
         for n in shared
-        if first.info(n).shape != other.info(n).shape
+        if _shape_key(first, n, vocab_rows) != _shape_key(other, n, vocab_rows)
     ]
     if shapes:
         out.append(
@@ -353,6 +371,12 @@ def _differences(first: Checkpoint, other: Checkpoint, max_listed: int) -> list[
             f"{_first(shapes, max_listed)}"
         )
     return out
+
+
+def _shape_key(ckpt: Checkpoint, name: str, vocab_rows: Collection[str]) -> tuple[int, ...]:
+    """The shape two inputs must share: without the rows for a union's vocabulary tensors."""
+    shape = tuple(ckpt.info(name).shape)
+    return shape[1:] if name in vocab_rows else shape
 
 
 def _shape_problem(name: str, x: tuple[int, ...], y: tuple[int, ...], a: str, b: str) -> str:

@@ -20,6 +20,7 @@ from ..errors import RecipeError, UsageError
 from ..io.adapter import split_adapter_ref
 from ..io.writer import parse_size
 from ..merge.registry import MergeMethod, get_method
+from ..merge.vocab import chat_template_problem
 from .params import Params, leaf_values, parse_setting
 from .schema import Recipe, load_documents, parse_recipe
 
@@ -232,30 +233,34 @@ def _check_tokenizer(recipe: Recipe) -> Problems:
     problems: Problems = []
     if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
         problems.append(("tokenizer", "give tokenizer_source or tokenizer.source, not both"))
-    for extra in sorted(set(recipe.tokenizer or {}) - {"source"}):
+    for extra in sorted(set(recipe.tokenizer or {}) - {"source", "pad_to_multiple_of"}):
         problems.append(
-            (f"tokenizer.{extra}", "not supported yet; only tokenizer.source is (no added tokens)")
+            (
+                f"tokenizer.{extra}",
+                "not supported yet; only tokenizer.source and tokenizer.pad_to_multiple_of are "
+                "(no per-token embedding sources)",
+            )
         )
+    if "pad_to_multiple_of" in (recipe.tokenizer or {}):
+        pad = (recipe.tokenizer or {})["pad_to_multiple_of"]
+        if not isinstance(pad, int) or isinstance(pad, bool) or pad < 1:
+            problems.append(("tokenizer.pad_to_multiple_of", f"a positive integer, got {pad!r}"))
+        elif tok != "union":
+            problems.append(
+                ("tokenizer.pad_to_multiple_of", "needs `source: union` (it pads the union)")
+            )
     if recipe.chat_template is not None:
-        problems.append(
-            (
-                "chat_template",
-                "not supported yet: the tokenizer source's chat template is copied; remove the "
-                "key (edit tokenizer_config.json after merging to change it)",
-            )
-        )
-    if tok == "union":
-        problems.append(
-            (
-                key,
-                "'union' (merging vocabularies) is not supported yet; use 'base' or one of the "
-                "models, whose tokenizer and config are copied",
-            )
-        )
-    elif tok == "base" and recipe.base_model is None:
+        why = chat_template_problem(recipe.chat_template)
+        if why is not None:
+            problems.append(("chat_template", why))
+    if tok == "base" and recipe.base_model is None:
         problems.append((key, "'base' needs a base_model"))
-    elif tok not in (None, "base") and not any(same_ref(tok, r) for r in _all_refs(recipe)):
-        problems.append((key, f"{tok!r} is not a model of this recipe; use 'base' or a model"))
+    elif tok not in (None, "base", "union") and not any(
+        same_ref(tok, r) for r in _all_refs(recipe)
+    ):
+        problems.append(
+            (key, f"{tok!r} is not a model of this recipe; use 'base', 'union' or a model")
+        )
     elif recipe.tokenizer is not None and tok is None:
         problems.append(("tokenizer.source", "required key is missing"))
     return problems

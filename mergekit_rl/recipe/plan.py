@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +31,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..engine import TensorJob
-from ..errors import RecipeError
-from ..io.reader import Checkpoint, check_compatible
+from ..errors import MismatchError, RecipeError, UsageError
+from ..io.reader import Checkpoint, check_compatible, vocab_tensor_names
+from ..merge import vocab
 from ..merge.registry import MergeMethod
 from .checks import SliceSpec, Source, Stage, same_ref
 from .params import resolve
@@ -56,6 +58,19 @@ class TensorPlan:
 
 
 @dataclass
+class TokenizerPlan:
+    """The output tokenizer when it is not a plain copy (union vocabulary or chat_template)."""
+
+    tokenizer: Any  # transformers tokenizer, saved with the output
+    source: str  # 'union' or the reference it was copied from
+    chat_template: str | None  # the recipe's value (a name, 'auto' or Jinja); None: unchanged
+    size: int | None = None  # union vocabulary size (rows of the vocabulary tensors)
+    vocab_names: frozenset[str] = frozenset()  # output tensors remapped to the union
+    permutations: dict[str, Any] = field(default_factory=dict)  # ref -> int64 [size] (or -1)
+    base_ref: str | None = None  # whose rows win for tokens several models have
+
+
+@dataclass
 class StagePlan:
     stage: Stage
     inputs: list[Checkpoint]  # job source indices point here
@@ -63,6 +78,7 @@ class StagePlan:
     tensors: list[TensorPlan]
     aux_from: Checkpoint | None  # config and tokenizer source
     config_updates: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerPlan | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -73,10 +89,15 @@ class StagePlan:
 
     def peak_memory_bytes(self) -> int:
         """(inputs + 2) x the largest tensor in float32, plus a constant (the engine holds a
-        tensor's inputs, the result and one temporary at a time)."""
-        worst = max(
-            ((len(p.job.sources) + 2) * math.prod(p.job.shape) for p in self.tensors), default=0
-        )
+        tensor's inputs, the result and one temporary at a time); (2 x inputs + 4) for the
+        vocabulary tensors of a union (their remapped copies, the default rows, a sum)."""
+        remapped = self.tokenizer.vocab_names if self.tokenizer else frozenset()
+
+        def copies(p: TensorPlan) -> int:  # a union's rows: the remapped copies and 2 more
+            n = len(p.job.sources)
+            return 2 * n + 4 if p.job.name in remapped else n + 2
+
+        worst = max((copies(p) * math.prod(p.job.shape) for p in self.tensors), default=0)
         return 4 * worst + PEAK_CONSTANT_BYTES
 
 
@@ -124,7 +145,10 @@ def outer_names(ckpt: Checkpoint, want_lm_head: bool) -> tuple[list[str], list[s
 class _Builder:
     """Accumulates tensor plans and problems for one stage."""
 
-    def __init__(self, stage: Stage, ckpts: dict[str, Checkpoint]):
+    def __init__(
+        self, stage: Stage, ckpts: dict[str, Checkpoint], union: tuple[int, frozenset[str]] | None
+    ):
+        self.union = union  # (union vocabulary size, vocabulary tensor names) or None
         self.stage = stage
         self.method = stage.method
         self.ckpts = ckpts  # recipe reference -> opened checkpoint
@@ -181,10 +205,12 @@ class _Builder:
                     self.problems.append((src.path, f"'{src.ref}' has no tensor '{name}'"))
                 return None
             shapes[f"{src.ref}:{name}"] = ckpt.info(name).shape
+        if self.union is not None and out_name in self.union[1]:  # rows: one per union token
+            shapes = {k: (self.union[0], *v[1:]) for k, v in shapes.items()}
         if len(set(shapes.values())) > 1:
             listed = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
             vocab = (
-                " (vocabulary sizes differ)"
+                " (vocabulary sizes differ; `tokenizer_source: union` merges them)"
                 if any(k in out_name for k in ("embed", "lm_head"))
                 else ""
             )
@@ -237,9 +263,19 @@ def _full_range(spec: SliceSpec, ckpts: dict[str, Checkpoint]) -> dict[str, tupl
 def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe") -> StagePlan:
     """Every output tensor of a stage; raises RecipeError (with every problem) or
     MismatchError when the inputs do not fit together."""
-    b = _Builder(stage, ckpts)
+    tok = _tokenizer_plan(stage, ckpts, source)
+    union = (tok.size, tok.vocab_names) if tok is not None and tok.size is not None else None
+    b = _Builder(stage, ckpts, union)
     if not stage.sliced:
-        check_compatible([ckpts[r] for r in stage.merged_refs()])
+        try:
+            check_compatible(
+                [ckpts[r] for r in stage.merged_refs()], vocab_rows=union[1] if union else ()
+            )
+        except MismatchError as e:
+            if "vocabulary sizes differ" not in str(e):
+                raise
+            hint = " In a recipe, `tokenizer_source: union` merges different vocabularies."
+            raise MismatchError(str(e) + hint) from e
     ranges = [_full_range(spec, ckpts) for spec in stage.slices]
     first, last = stage.slices[0], stage.slices[-1]
     all_refs = [
@@ -267,7 +303,73 @@ def plan_stage(stage: Stage, ckpts: dict[str, Checkpoint], source: str = "recipe
         )
     aux = _aux_source(stage, ckpts)
     updates = _config_updates(aux, stage, ranges, offset) if stage.sliced else {}
-    return StagePlan(stage, b.inputs, b.refs, b.tensors, aux, updates)
+    if union is not None:
+        updates["vocab_size"] = union[0]
+    return StagePlan(stage, b.inputs, b.refs, b.tensors, aux, updates, tok)
+
+
+def _tokenizer_plan(
+    stage: Stage, ckpts: dict[str, Checkpoint], source: str
+) -> TokenizerPlan | None:
+    """The union tokenizer and permutations, and/or the chat template, as the recipe asks."""
+    recipe = stage.recipe
+    union = recipe.token_source == "union"
+    template = recipe.chat_template
+    if not union and template is None:
+        return None
+    refs = stage.refs()
+    base_ref = next((r for r in refs if same_ref(r, recipe.base_model or "")), refs[0])
+    order = [base_ref] + [r for r in refs if r != base_ref]
+    aux = _aux_source(stage, ckpts)
+    key = "chat_template" if not union else "tokenizer_source"
+    try:
+        wanted = order if union or template == "auto" else []
+        toks = {r: tokenizer_of(ckpts[r]) for r in wanted}
+        if union:
+            sizes = [_vocab_rows(ckpts[r]) for r in order]
+            out, perms = vocab.build_union([toks[r] for r in order], sizes)
+        else:
+            out = tokenizer_of(aux) if aux is not None else None
+    except UsageError as e:
+        raise RecipeError(source, [(stage.label + key, str(e))]) from e
+    if out is None:
+        return None
+    if template is not None:
+        picked = vocab.pick_chat_template(template, list(toks.values()))
+        if picked is not None:
+            out.chat_template = picked
+    if not union:
+        return TokenizerPlan(out, aux.source.ref if aux else "", template)
+    missing = vocab.absent_tokens(perms)
+    if missing:
+        warnings.warn(
+            f"{stage.label or 'recipe'}: {missing} tokens of the union vocabulary are in no "
+            "model's embedding (ids past its vocab_size); their rows are zeros.",
+            stacklevel=2,
+        )
+    # the embedding comes from the first slice's sources, lm_head from the last slice's
+    names = set(vocab_tensor_names(ckpts[stage.slices[0].sources[0].ref]))
+    names |= set(vocab_tensor_names(ckpts[stage.slices[-1].sources[0].ref]))
+    size = vocab.padded_size(int(perms[0].numel()), recipe.pad_to_multiple_of)
+    by_ref = dict(zip(order, perms, strict=True))
+    return TokenizerPlan(out, "union", template, size, frozenset(names), by_ref, base_ref)
+
+
+def tokenizer_of(ckpt: Checkpoint) -> Any:
+    """A checkpoint's tokenizer: the planned one of a dry-run stage output, else its files."""
+    planned = getattr(ckpt, "planned_tokenizer", None)
+    return (
+        planned if planned is not None else vocab.load_tokenizer(ckpt.source.root, ckpt.source.ref)
+    )
+
+
+def _vocab_rows(ckpt: Checkpoint) -> int:
+    """The model's embedding rows: config vocab_size, else the input embedding's rows."""
+    size = (ckpt.config or {}).get("vocab_size")
+    if isinstance(size, int):
+        return size
+    names = vocab_tensor_names(ckpt)
+    return ckpt.info(names[0]).shape[0] if names else 0
 
 
 def _plan_slice_layers(
@@ -293,9 +395,10 @@ def _plan_slice_layers(
 
 
 def _aux_source(stage: Stage, ckpts: dict[str, Checkpoint]) -> Checkpoint | None:
-    """Config and tokenizer come from tokenizer_source, else the base, else the first model."""
+    """Config and tokenizer come from tokenizer_source, else the base, else the first model
+    (a union vocabulary starts from the base's tokenizer and config too)."""
     tok = stage.recipe.token_source
-    want = stage.recipe.base_model if tok in (None, "base") else tok
+    want = stage.recipe.base_model if tok in (None, "base", "union") else tok
     for ref, ckpt in ckpts.items():
         if want is not None and same_ref(ref, want):
             return ckpt

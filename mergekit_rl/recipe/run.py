@@ -48,6 +48,7 @@ from ..io.safetensors_format import TensorInfo
 from ..io.writer import DEFAULT_MAX_SHARD, check_output_path, plan_shards
 from ..merge.blocks import merge_blocks
 from ..merge.registry import TensorContext
+from ..merge.vocab import CHAT_TEMPLATES, remap_rows, tokenizer_files
 from ..ops import WriteOptions, output_spec
 from .checks import Stage, load_pipeline
 from .plan import StagePlan, plan_stage
@@ -134,6 +135,10 @@ class PlannedCheckpoint(Checkpoint):
             self._infos[p.job.name] = TensorInfo(p.job.name, p.job.shape, dt, path, 0, nbytes)
         if self.config.get("tie_word_embeddings") and "lm_head.weight" in self._infos:
             self.config["tie_word_embeddings"] = False
+        # a later stage's union vocabulary or chat_template: auto reads this stage's tokenizer
+        self.planned_tokenizer = plan.tokenizer.tokenizer if plan.tokenizer else None
+        if self.planned_tokenizer is None and plan.aux_from is not None:
+            self.planned_tokenizer = getattr(plan.aux_from, "planned_tokenizer", None)
 
 
 # ---- one stage ---------------------------------------------------------------------------------
@@ -144,14 +149,20 @@ def make_compute(plan: StagePlan, seed: int) -> Compute:
     by_name = {p.job.name: p for p in plan.tensors}
     method = plan.method
     min_keep = 0 if plan.stage.recipe.topk_count == "floor" else 1  # mergekit's: at least one
+    remaps = vocab_remaps(plan)
 
     def compute(job: TensorJob, xs: list[Tensor]) -> list[Tensor]:
         p = by_name[job.name]
+        if job.name in remaps:  # each input's rows -> one row per union token
+            perms, base_at = remaps[job.name]
+            xs = remap_rows(xs, perms, base_at, job.shape[0])
         base, models = (xs[0], xs[1:]) if p.has_base else (None, xs)
         ctx = TensorContext(job.name, p.model_ids, seed, min_keep=min_keep)
         return [method.run(ctx, models, base, list(p.model_params), p.global_params)]
 
     def blocked(job: TensorJob, stream: BlockStream, n: int) -> Iterator[list[Tensor]] | None:
+        if job.name in remaps:
+            return None  # a union vocabulary gathers rows from anywhere: whole tensors
         p = by_name[job.name]
         ctx = TensorContext(job.name, p.model_ids, seed, min_keep=min_keep)
         mps, gps = list(p.model_params), p.global_params
@@ -159,6 +170,21 @@ def make_compute(plan: StagePlan, seed: int) -> Compute:
 
     compute.blocked = blocked  # type: ignore[attr-defined]  # large tensors in row blocks
     return compute
+
+
+def vocab_remaps(plan: StagePlan) -> dict[str, tuple[list[Tensor], int | None]]:
+    """Vocabulary tensor name -> (each source's permutation, the base's position in the
+    sources or None) for a union vocabulary; empty otherwise."""
+    tok = plan.tokenizer
+    if tok is None or tok.size is None:
+        return {}
+    out = {}
+    for p in plan.tensors:
+        if p.job.name in tok.vocab_names:
+            refs = [plan.refs[i] for i, _ in p.job.sources]
+            base_at = next((k for k, r in enumerate(refs) if r == tok.base_ref), None)
+            out[p.job.name] = ([tok.permutations[r] for r in refs], base_at)
+    return out
 
 
 def stage_dtype(stage: Stage, opts: MergeOptions) -> torch.dtype | None:
@@ -192,6 +218,8 @@ def run_stage(plan: StagePlan, target: Path, opts: MergeOptions, force: bool) ->
     recipe = resolved_recipe(stage, plan)
     spec = output_spec(target, plan.inputs, plan.aux_from, wopts, title, names, recipe=recipe)
     spec.config_updates.update(plan.config_updates)
+    if plan.tokenizer is not None:
+        spec.tokenizer_files = tokenizer_files(plan.tokenizer.tokenizer)
     spec.metadata["rlmerge_recipe"] = recipe  # in the weights too: a single file has no folder
     run = replace(opts.write.run, max_shard_size=shard_size(stage, opts), force=force)
     compute = make_compute(plan, stage.recipe.seed)
@@ -372,6 +400,7 @@ def describe(plan: StagePlan, out: Path, opts: MergeOptions, action: str) -> dic
         ],
         "config_from": plan.aux_from.source.ref if plan.aux_from else None,
         "config_updates": plan.config_updates,
+        "tokenizer": describe_tokenizer(plan),
         "tensors": tensors,
         "shards": [
             {"file": s.filename, "tensors": len(s.entries), "bytes": s.nbytes} for s in shards
@@ -379,3 +408,19 @@ def describe(plan: StagePlan, out: Path, opts: MergeOptions, action: str) -> dic
         "bytes": sum(s.nbytes for s in shards),
         "peak_memory_bytes": plan.peak_memory_bytes(),
     }
+
+
+def describe_tokenizer(plan: StagePlan) -> dict[str, Any]:
+    """Where the output tokenizer comes from; for a union: its size and the added tokens."""
+    tok = plan.tokenizer
+    if tok is None:
+        return {"source": plan.aux_from.source.ref if plan.aux_from else None, "copied": True}
+    template = tok.chat_template
+    kind = template if template in (*CHAT_TEMPLATES, "auto", None) else "jinja"
+    out: dict[str, Any] = {"source": tok.source, "copied": False, "chat_template": kind}
+    if tok.size is not None:
+        tokens = len(tok.permutations[tok.base_ref])
+        base_rows = int((tok.permutations[tok.base_ref] >= 0).sum())
+        out.update(vocab_size=tok.size, tokens=tokens, base=tok.base_ref)
+        out.update(added_tokens=tokens - base_rows, padding_rows=tok.size - tokens)
+    return out

@@ -53,9 +53,10 @@ class Recipe(_Strict):
     dtype: str | None = None  # mergekit's load/compute dtype: we compute in float32 always and
     # use it as the output dtype when out_dtype is not set
     out_dtype: str | None = None
-    tokenizer_source: str | None = None  # "base", a model reference; "union" is not supported
-    tokenizer: dict[str, Any] | None = None  # mergekit's newer form: only `source` is supported
-    chat_template: str | None = None  # accepted by the schema, refused with a clear message
+    tokenizer_source: str | None = None  # "base", "union" or a model reference
+    tokenizer: dict[str, Any] | None = None  # mergekit's newer form: `source` and
+    # `pad_to_multiple_of` (with source: union) are supported, `tokens` is not
+    chat_template: str | None = None  # a built-in name, "auto" or a Jinja template
     # ours
     name: str | None = None  # pipeline stage name
     seed: int = 0  # seeds every random mask, with the model and the tensor name
@@ -72,6 +73,12 @@ class Recipe(_Strict):
             return self.tokenizer_source
         source = (self.tokenizer or {}).get("source")
         return source if isinstance(source, str) else None
+
+    @property
+    def pad_to_multiple_of(self) -> int | None:
+        """`tokenizer: {pad_to_multiple_of: N}`: the union vocabulary's rows rounded up to N."""
+        value = (self.tokenizer or {}).get("pad_to_multiple_of")
+        return value if isinstance(value, int) and value > 0 else None
 
 
 def yaml_path(loc: tuple[str | int, ...] | list[str | int]) -> str:

@@ -82,7 +82,7 @@ models:
     parameters: {density: 0.5}
   - model: b
     parameters: {desnity: 0.5, weight: x}
-tokenizer_source: union
+tokenizer_source: unoin
 dtpye: float16
 """,
     )
@@ -93,7 +93,7 @@ dtpye: float16
     assert code == 2
     assert "models[1].parameters.desnity: unknown parameter for ties (did you mean density?)" in out
     assert "models[1].parameters.weight" in out
-    assert "tokenizer_source: 'union'" in out and "not supported" in out
+    assert "tokenizer_source: 'unoin' is not a model of this recipe; use 'base', 'union'" in out
     assert "dtpye: unknown key (did you mean dtype?)" in out
     assert out.startswith(f"ok {good} (1 stage)\ninvalid {bad}: 4 problems")
     assert err == f"rlmerge: invalid recipe: {bad} (1 of 2 invalid)\n"

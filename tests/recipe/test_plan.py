@@ -169,6 +169,7 @@ def test_vocabulary_mismatch_is_an_error(family: dict[str, Path], tmp_path: Path
     )
     with ExitStack() as stack, pytest.raises(RecipeError) as err:
         plan(sliced, stack)
-    assert "'model.embed_tokens.weight' has different shapes (vocabulary sizes differ)" in str(
-        err.value
+    assert (
+        "'model.embed_tokens.weight' has different shapes (vocabulary sizes differ; "
+        "`tokenizer_source: union` merges them)" in str(err.value)
     )
