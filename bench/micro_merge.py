@@ -14,13 +14,14 @@ Prints one Markdown table (old s, new s, new / old); JSON in bench/_work/micro-m
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from harness import WORK, machine, save_json
@@ -74,9 +75,21 @@ def timeit(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def primitives(pkg: ModuleType) -> SimpleNamespace:
+    """The merge primitives of a tree by name: one `merge/core.py` in old trees, split by
+    concern (`merge/selection.py`, `merge/rng.py`, ...) since."""
+    try:
+        return SimpleNamespace(**vars(importlib.import_module(f"{pkg.__name__}.merge.core")))
+    except ModuleNotFoundError:
+        found: dict[str, object] = {}
+        for name in ("blend", "selection", "rng", "rounding"):
+            found.update(vars(importlib.import_module(f"{pkg.__name__}.merge.{name}")))
+        return SimpleNamespace(**found)
+
+
 def cases(pkg: ModuleType, base: torch.Tensor, xs: list[torch.Tensor]) -> dict[str, Callable]:
     """name -> a call of this package's code on the given tensors."""
-    core = pkg.merge.core
+    core = primitives(pkg)
     reg = pkg.merge.registry
     methods = {m.name: m for m in pkg.merge.methods.BUILTINS}
     ctx = reg.TensorContext("model.layers.0.mlp.up_proj.weight", ("m2", "m3"), 0)
