@@ -13,7 +13,7 @@ against fused AdamW, on a model family it builds itself.
    task_arithmetic, ties (density .5/.3/.7), dare_ties (density .5) over the base, slerp.
 3. Optimizer step on the float32 model (fixed random gradients, only `step()` timed,
    synchronised, median): torch AdamW fused and foreach, rlmerge OnDARE and OnTIES (through
-   `OnlineMergingAdamW`, reserve_p 0.01), Elastic Reset's EMA update (`core.ema_update_many_` on
+   `OnlineMergingAdamW`, reserve_p 0.01), Elastic Reset's EMA update (`blend.ema_update_many_` on
    every parameter), and plain reimplementations of the released algorithms (Adam update, then
    dense `F.dropout` per tensor for OnDARE, a full `argsort` per tensor for OnTIES).
 Prints two Markdown tables with ratios (x the IO floor, x fused AdamW) and writes gpu.json
@@ -207,7 +207,7 @@ class ReleasedOnline:
 
 
 def bench_optim(size: str, device: torch.device, steps: int) -> list[dict]:
-    from mergekit_rl.merge import core
+    from mergekit_rl.merge import blend
     from mergekit_rl.train.optim import OnlineMergingAdamW
 
     model = llama(size, device)
@@ -254,7 +254,7 @@ def bench_optim(size: str, device: torch.device, steps: int) -> list[dict]:
     def ema_step() -> None:
         # what ElasticResetCallback runs every ema_every steps: one multi-tensor lerp
         with torch.no_grad():
-            core.ema_update_many_(ema, params, 0.995)
+            blend.ema_update_many_(ema, params, 0.995)
 
     run("Elastic Reset EMA update", lambda: ema_step)
     ref = results.get("torch AdamW fused") or results.get("torch AdamW foreach")

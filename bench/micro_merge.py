@@ -14,13 +14,14 @@ Prints one Markdown table (old s, new s, new / old); JSON in bench/_work/micro-m
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from harness import WORK, machine, save_json
@@ -74,39 +75,51 @@ def timeit(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def primitives(pkg: ModuleType) -> SimpleNamespace:
+    """The merge primitives of a tree by name: one `merge/core.py` in old trees, split by
+    concern (`merge/selection.py`, `merge/rng.py`, ...) since."""
+    try:
+        return SimpleNamespace(**vars(importlib.import_module(f"{pkg.__name__}.merge.core")))
+    except ModuleNotFoundError:
+        found: dict[str, object] = {}
+        for name in ("blend", "selection", "rng", "rounding"):
+            found.update(vars(importlib.import_module(f"{pkg.__name__}.merge.{name}")))
+        return SimpleNamespace(**found)
+
+
 def cases(pkg: ModuleType, base: torch.Tensor, xs: list[torch.Tensor]) -> dict[str, Callable]:
     """name -> a call of this package's code on the given tensors."""
-    core = pkg.merge.core
+    prims = primitives(pkg)
     reg = pkg.merge.registry
     methods = {m.name: m for m in pkg.merge.methods.BUILTINS}
     ctx = reg.TensorContext("model.layers.0.mlp.up_proj.weight", ("m2", "m3"), 0)
     params = [{"weight": 0.5, "density": 0.5}] * 2
     delta = xs[0] - base
     n = delta.numel()
-    key = core.tensor_seed(0, "m2", ctx.name)
+    key = prims.tensor_seed(0, "m2", ctx.name)
     probs = torch.full(delta.shape, 0.5)
-    old_dare = hasattr(core, "bernoulli_mask")  # the old tree drew masks with CPU generators
+    old_dare = hasattr(prims, "bernoulli_mask")  # the old tree drew masks with CPU generators
 
     def dare_mask() -> torch.Tensor:
         if old_dare:
-            return core.bernoulli_mask(delta.shape, 0.5, 0, "m2", ctx.name)
-        return core.hash_keep_mask(delta.shape, 0.5, key)
+            return prims.bernoulli_mask(delta.shape, 0.5, 0, "m2", ctx.name)
+        return prims.hash_keep_mask(delta.shape, 0.5, key)
 
     def della_keep() -> torch.Tensor:
         if old_dare:
-            return core.bernoulli_mask_like(probs, 0, "m2", ctx.name)
-        return core.hash_uniform(n, key).view(delta.shape) < probs
+            return prims.bernoulli_mask_like(probs, 0, "m2", ctx.name)
+        return prims.hash_uniform(n, key).view(delta.shape) < probs
 
     return {
         "ties merge": lambda: methods["ties"].run(ctx, xs, base, params, {}),
         "dare_ties merge": lambda: methods["dare_ties"].run(ctx, xs, base, params, {}),
         "della merge": lambda: methods["della"].run(ctx, xs, base, params, {}),
         "slerp merge": lambda: methods["slerp"].run(ctx, xs[:1], base, [{}], {"t": 0.5}),
-        "magnitude_prune d=0.5": lambda: core.magnitude_prune(delta, 0.5),
-        "magnitude_prune d=0.1": lambda: core.magnitude_prune(delta, 0.1),
+        "magnitude_prune d=0.5": lambda: prims.magnitude_prune(delta, 0.5),
+        "magnitude_prune d=0.1": lambda: prims.magnitude_prune(delta, 0.1),
         "DARE keep mask d=0.5": dare_mask,
         "DELLA keep (u < p)": della_keep,
-        "hash_keep_mask d=0.5": lambda: core.hash_keep_mask(delta.shape, 0.5, key),
+        "hash_keep_mask d=0.5": lambda: prims.hash_keep_mask(delta.shape, 0.5, key),
     }
 
 

@@ -27,9 +27,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import UsageError
-from .io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from .io.adapter import PEFT_PREFIX
 from .io.card import hub_name, model_card, provenance
 from .io.reader import Checkpoint, check_compatible, open_checkpoint
+from .io.reference import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .io.writer import AtomicDir, check_output_path
 
 

@@ -1,7 +1,8 @@
 """LoRA / PEFT adapters as inputs: `BASE+ADAPTER` is the base with the adapter merged in.
 
 The reference syntax is mergekit's: `models/base+adapters/lora`, or hub ids with revisions,
-`org/base@rev+org/lora@rev`. A path that exists as written is never split on "+".
+`org/base@rev+org/lora@rev`. A path that exists as written is never split on "+"
+(io/reference.py resolves both parts).
 
 Merging is done tensor by tensor while the base streams: each adapted weight is read, its low-rank
 update added in float32, and the result cast back to the stored dtype, so the full merged model is
@@ -32,23 +33,19 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..errors import InputNotFoundError, MismatchError, UsageError
+from ..errors import MismatchError, UsageError
+from .reference import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource, ModelSource
+from .safetensors_format import TensorInfo
 
-if TYPE_CHECKING:
-    from .reader import Checkpoint
-    from .reference import ModelSource
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # peft's TrainableTokens rows
 _LORA_KEY = re.compile(
@@ -56,71 +53,18 @@ _LORA_KEY = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class AdapterSource:
-    """Where an adapter's files are: `root` holds adapter_config.json and the weights."""
+class BaseCheckpoint(Protocol):
+    """What an adapter reads of the checkpoint it is merged into: `reader.Checkpoint`, which
+    builds its adapter (`load_adapter`) and passes itself in."""
 
-    ref: str
-    root: Path
-    revision: str | None = None  # resolved commit hash for hub adapters
+    source: ModelSource
 
     @property
-    def identity(self) -> str:
-        if self.revision:
-            return f"{self.ref.partition('@')[0]}@{self.revision}"
-        return str(self.root.resolve())
+    def shared_pair(self) -> tuple[str, str] | None: ...
 
-    @property
-    def display(self) -> str:
-        return f"{self.ref}@{self.revision[:12]}" if self.revision else self.ref
+    def has(self, name: str) -> bool: ...
 
-
-def split_adapter_ref(ref: str) -> tuple[str, str] | None:
-    """'BASE+ADAPTER' -> (BASE, ADAPTER); None when there is no '+' or the path exists as is."""
-    if "+" not in ref or Path(ref).expanduser().exists():
-        return None
-    base, _, adapter = ref.partition("+")
-    if not base or not adapter or "+" in adapter:
-        raise UsageError(
-            f"'{ref}': a model with an adapter is written BASE+ADAPTER (one '+'), for example "
-            "models/base+adapters/lora or org/base@rev+org/lora."
-        )
-    return base, adapter
-
-
-def resolve_with_adapter(ref: str, allow_pickle: bool = False) -> ModelSource:
-    """The ModelSource of BASE with the adapter's source attached (see Checkpoint.read)."""
-    from .reference import resolve
-
-    split = split_adapter_ref(ref)
-    assert split is not None
-    base = resolve(split[0], allow_pickle=allow_pickle)
-    return replace(base, ref=ref, adapter=resolve_adapter(split[1]))
-
-
-def resolve_adapter(ref: str) -> AdapterSource:
-    """A local adapter directory, or a hub id `org/name[@revision]` (cache honoured offline)."""
-    from .reference import _HUB_ID, hub_snapshot
-
-    path = Path(ref).expanduser()
-    revision = None
-    if not path.exists():
-        if not _HUB_ID.match(ref):
-            raise InputNotFoundError(
-                f"adapter '{ref}' not found: it is not an existing directory, nor a hub id "
-                "org/name[@revision]."
-            )
-        try:
-            path = hub_snapshot(ref, "adapter")
-        except InputNotFoundError as e:
-            raise InputNotFoundError(f"adapter '{ref}' is not an existing directory; {e}") from e
-        revision = path.name
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
-        raise UsageError(
-            f"adapter '{ref}' is not a PEFT adapter: expected {ADAPTER_CONFIG} and "
-            f"{ADAPTER_WEIGHTS} in {path}."
-        )
-    return AdapterSource(ref, path.resolve(), revision)
+    def info(self, name: str) -> TensorInfo: ...
 
 
 # -- the merged weights ----------------------------------------------------------------------
@@ -187,7 +131,7 @@ class LoraAdapter:
     factors are small).
     """
 
-    def __init__(self, source: AdapterSource, base: Checkpoint):
+    def __init__(self, source: AdapterSource, base: BaseCheckpoint):
         self.source = source
         self.config = _read_config(source)
         tensors = _read_weights(source)
@@ -199,7 +143,7 @@ class LoraAdapter:
         self.unties = False  # a modules_to_save copy of one of a tied pair (Checkpoint._untie)
         self._collect(tensors, base)
 
-    def _collect(self, tensors: dict[str, Tensor], base: Checkpoint) -> None:
+    def _collect(self, tensors: dict[str, Tensor], base: BaseCheckpoint) -> None:
         pairs: dict[str, dict[str, Tensor]] = {}  # module -> {lora_A | lora_embedding_A | ...}
         copies: set[str] = set()  # modules_to_save: the module's own copy, not a base layer
         for key, t in tensors.items():
@@ -254,7 +198,7 @@ class LoraAdapter:
                 break
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
-    def _stored(self, name: str, base: Checkpoint) -> str:
+    def _stored(self, name: str, base: BaseCheckpoint) -> str:
         """`name` as the base stores it, checked to be there (a tied lm_head counts; see
         _share). peft names GPT-2 modules `transformer.h.0...`; some files store `h.0...`."""
         unprefixed = name.partition(".")[2]
@@ -267,7 +211,7 @@ class LoraAdapter:
             )
         return name
 
-    def _token_rows(self, module: str, rows: Tensor, name: str, base: Checkpoint) -> None:
+    def _token_rows(self, module: str, rows: Tensor, name: str, base: BaseCheckpoint) -> None:
         """Trainable tokens of `module`: its config indices and the rows [n, d] that replace
         them in the stored tensor `name`."""
         spec = self.config.get("trainable_token_indices")
@@ -291,7 +235,7 @@ class LoraAdapter:
             )
         self.rows[name] = (torch.tensor(spec, dtype=torch.long), rows)
 
-    def _check_shape(self, name: str, f: LoraFactors, base: Checkpoint) -> None:
+    def _check_shape(self, name: str, f: LoraFactors, base: BaseCheckpoint) -> None:
         shape = tuple(f.b.shape[:1]) + tuple(f.a.shape[1:])
         want = tuple(base.info(name).shape)
         if (shape[::-1] if f.transpose else shape) != want:
@@ -383,7 +327,7 @@ def _check_patterns(config: dict[str, Any], path: Path) -> None:
                 ) from e
 
 
-def load_adapter(ckpt: Checkpoint) -> LoraAdapter | None:
+def load_adapter(ckpt: BaseCheckpoint) -> LoraAdapter | None:
     """The adapter a Checkpoint's source names, matched to that checkpoint (None without)."""
     adapter = getattr(ckpt.source, "adapter", None)
     return None if adapter is None else LoraAdapter(adapter, ckpt)

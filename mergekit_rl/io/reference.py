@@ -4,6 +4,8 @@ A reference is a local Hugging Face directory (config.json with model.safetensor
 listed by model.safetensors.index.json), a single .safetensors file, or a hub id
 `org/name[@revision]` fetched with huggingface_hub (safetensors, json and tokenizer files only;
 HF_HUB_OFFLINE and the local cache are honoured). Pickle checkpoints are refused unless asked for.
+`BASE+ADAPTER` is a base model with a PEFT adapter (a directory or a hub id), whose files are
+found here too; io/adapter.py merges the adapter in as the base's tensors are read.
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InputNotFoundError, PickleRefusedError, UsageError
 
-if TYPE_CHECKING:
-    from .adapter import AdapterSource
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -74,8 +75,6 @@ def resolve(ref: str | Path, allow_pickle: bool = False, headers_only: bool = Fa
     if path.exists():
         return _resolve_local(ref_str, path.resolve(), allow_pickle)
     if "+" in ref_str:  # BASE+ADAPTER (io/adapter.py)
-        from .adapter import resolve_with_adapter
-
         return resolve_with_adapter(ref_str, allow_pickle)
     if _HUB_ID.match(ref_str) and not ref_str.startswith((".", "/", "~")):
         if headers_only:
@@ -96,6 +95,72 @@ def resolve(ref: str | Path, allow_pickle: bool = False, headers_only: bool = Fa
         f"model '{ref_str}' not found: it is not an existing local path, nor a hub id of the form "
         "org/name[@revision]. Check the path."
     )
+
+
+# -- BASE+ADAPTER: an adapter's files (merged in by io/adapter.py) ----------------------------
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter's files are: `root` holds adapter_config.json and the weights."""
+
+    ref: str
+    root: Path
+    revision: str | None = None  # resolved commit hash for hub adapters
+
+    @property
+    def identity(self) -> str:
+        if self.revision:
+            return f"{self.ref.partition('@')[0]}@{self.revision}"
+        return str(self.root.resolve())
+
+    @property
+    def display(self) -> str:
+        return f"{self.ref}@{self.revision[:12]}" if self.revision else self.ref
+
+
+def split_adapter_ref(ref: str) -> tuple[str, str] | None:
+    """'BASE+ADAPTER' -> (BASE, ADAPTER); None when there is no '+' or the path exists as is."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return None
+    base, _, adapter = ref.partition("+")
+    if not base or not adapter or "+" in adapter:
+        raise UsageError(
+            f"'{ref}': a model with an adapter is written BASE+ADAPTER (one '+'), for example "
+            "models/base+adapters/lora or org/base@rev+org/lora."
+        )
+    return base, adapter
+
+
+def resolve_with_adapter(ref: str, allow_pickle: bool = False) -> ModelSource:
+    """The ModelSource of BASE with the adapter's source attached (see Checkpoint.read)."""
+    split = split_adapter_ref(ref)
+    assert split is not None
+    base = resolve(split[0], allow_pickle=allow_pickle)
+    return replace(base, ref=ref, adapter=resolve_adapter(split[1]))
+
+
+def resolve_adapter(ref: str) -> AdapterSource:
+    """A local adapter directory, or a hub id `org/name[@revision]` (cache honoured offline)."""
+    path = Path(ref).expanduser()
+    revision = None
+    if not path.exists():
+        if not _HUB_ID.match(ref):
+            raise InputNotFoundError(
+                f"adapter '{ref}' not found: it is not an existing directory, nor a hub id "
+                "org/name[@revision]."
+            )
+        try:
+            path = hub_snapshot(ref, "adapter")
+        except InputNotFoundError as e:
+            raise InputNotFoundError(f"adapter '{ref}' is not an existing directory; {e}") from e
+        revision = path.name
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(
+            f"adapter '{ref}' is not a PEFT adapter: expected {ADAPTER_CONFIG} and "
+            f"{ADAPTER_WEIGHTS} in {path}."
+        )
+    return AdapterSource(ref, path.resolve(), revision)
 
 
 def _resolve_local(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..merge import core
+from ..merge import blend
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -109,6 +109,6 @@ def average_states(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     """The uniform soup of in-memory state dicts (float32 math, the first state's dtypes)."""
     w = [1.0 / len(states)] * len(states)
     return {
-        name: core.weighted_sum([s[name].float() for s in states], w).to(t.dtype)
+        name: blend.weighted_sum([s[name].float() for s in states], w).to(t.dtype)
         for name, t in states[0].items()
     }

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import core, sparsify, task_vectors
+from . import blend, selection, sparsify, task_vectors
 from .registry import MergeMethod, TensorContext
 
 ROW_LOCAL = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties"}
@@ -87,7 +87,7 @@ def merge_blocks(
     angle = None
     if mode == "angle":
         t = method.global_params.model_validate(global_params).t  # type: ignore[attr-defined]
-        angle = core.slerp_weights(core.slerp_sums((xs[0], xs[1]) for _, xs in stream()), t)
+        angle = blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for _, xs in stream()), t)
     whole = replace(ctx, cuts=cuts, slerp=angle)
     masks = None
     if needs_l1(method, global_params):
@@ -107,11 +107,11 @@ def merge_blocks(
 
 def _cuts(
     stream: Stream, shape: tuple[int, ...], model_params: list[dict[str, Any]], min_keep: int
-) -> tuple[core.MagnitudeCut, ...]:
+) -> tuple[selection.MagnitudeCut, ...]:
     """Every model's magnitude cut of its whole task vector: two reads of the blocks."""
     numel = math.prod(shape)
     ks = [sparsify.magnitude_k(float(p.get("density", 1.0)), numel, min_keep) for p in model_params]
-    return tuple(core.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
+    return tuple(selection.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
 
 
 # random sparsifiers whose keep decisions the L1 pass records (bit-packed, 1 bit per entry and
@@ -128,7 +128,7 @@ def _l1_factors(
     RECORDED_MASKS on the host, each model's keep mask per block, bit-packed (kept != 0: a
     dropped entry and a kept zero give the same product)."""
     n = len(model_params)
-    sums = [(core.StableSum(), core.StableSum()) for _ in range(n)]
+    sums = [(blend.StableSum(), blend.StableSum()) for _ in range(n)]
     cuts = None if ctx.cuts is None else tuple(copy.copy(c) for c in ctx.cuts)
     masks: list[list[np.ndarray]] | None = [[] for _ in range(n)]
     for blk, xs in stream():
@@ -142,7 +142,7 @@ def _l1_factors(
             if masks is not None:
                 masks[i].append(np.packbits((mag_kept != 0).reshape(-1).numpy()))
         del mags
-    return tuple(core.l1_factor(d.total(), k.total()) for d, k in sums), masks
+    return tuple(blend.l1_factor(d.total(), k.total()) for d, k in sums), masks
 
 
 def _unpack(packed: np.ndarray, like: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ from pydantic import Field
 from torch import Tensor
 
 from ..errors import UsageError
-from . import core
-from .registry import MergeMethod, MethodParams, NoParams, TensorContext
+from . import blend
+from .registry import MergeMethod, MethodParams, NoParams, TensorContext, set_builtins
 from .task_vectors import TASK_VECTOR_METHODS, WeightParams
 
 # ---- linear ------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def linear(
     layer passes a `models:` recipe's base_model as one more model, listed or not (mergekit
     does the same), with the global weight when it has none of its own."""
     weights = [p.weight for p in model_params]
-    out = core.weighted_sum(tensors, weights)
+    out = blend.weighted_sum(tensors, weights)
     if global_params.normalize:
         out /= _weight_sum(ctx, weights, "linear")  # out is ours: weighted_sum made it
     return out
@@ -68,7 +68,7 @@ def slerp(
 ) -> Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1)."""
     assert base is not None
-    return core.slerp(base, tensors[0], global_params.t, weights=ctx.slerp)
+    return blend.slerp(base, tensors[0], global_params.t, weights=ctx.slerp)
 
 
 # nuslerp lerps only (anti)parallel pairs, as mergekit's nuslerp does (|sin theta| <= 1e-8; in
@@ -113,11 +113,11 @@ def nuslerp(
     t = weights[1] / _weight_sum(ctx, weights, "nuslerp")
     a, b = (tensors[0], tensors[1]) if base is None else (tensors[0] - base, tensors[1] - base)
     if global_params.nuslerp_flatten:
-        out = core.slerp(a, b, t, parallel_cos=NUSLERP_PARALLEL_COS)
+        out = blend.slerp(a, b, t, parallel_cos=NUSLERP_PARALLEL_COS)
     else:
         row_wise = global_params.nuslerp_row_wise
         va, vb = _vectors(a, row_wise), _vectors(b, row_wise)
-        rows = core.slerp_rows(va, vb, t, parallel_cos=NUSLERP_PARALLEL_COS)
+        rows = blend.slerp_rows(va, vb, t, parallel_cos=NUSLERP_PARALLEL_COS)
         out = _unvectors(rows, a, row_wise)
     return out if base is None else base + out
 
@@ -155,7 +155,7 @@ def karcher(
         return torch.zeros_like(tensors[0])
     alpha = 1.0 / len(units)
 
-    m = core.weighted_sum(units, [alpha] * len(units))
+    m = blend.weighted_sum(units, [alpha] * len(units))
     m_norm = float(m.norm())
     m = units[0].clone() if m_norm < tol else m / m_norm
     for _ in range(global_params.max_iter):
@@ -211,9 +211,9 @@ def model_stock(
     denom = 1.0 + (n - 1) * cos  # >= 0 by construction; 0 only if the task vectors cancel out
     t = torch.where(denom > 1e-12, n * cos / denom.clamp_min(1e-12), 0.0)  # [R]
 
-    mean = core.weighted_sum(tensors, [1.0 / n] * n)
+    mean = blend.weighted_sum(tensors, [1.0 / n] * n)
     t_b = t.to(base.dtype).reshape(-1, 1)  # [R, 1], broadcast over each row
-    out = core.lerp(rows(base), rows(mean), t_b)
+    out = blend.lerp(rows(base), rows(mean), t_b)
     return out.reshape(base.shape)
 
 
@@ -306,3 +306,4 @@ BUILTINS: tuple[MergeMethod, ...] = (
         description="copy one model's tensor, optionally scaled (layer stacking)",
     ),
 )
+set_builtins(BUILTINS)

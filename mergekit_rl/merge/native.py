@@ -1,20 +1,21 @@
-"""Host kernels in C for loops torch has no single op for, behind primitives in `core`
-(`indices_at_least`, `top_magnitude_indices`, `hash_bits`, `stochastic_add_at_`,
-`sorted_positions`), each with a pure-torch path that gives the same result (tests run both).
+"""Host kernels in C for loops torch has no single op for, behind primitives in
+`selection`, `rng` and `rounding` (`indices_at_least`, `top_magnitude_indices`, `hash_bits`,
+`stochastic_add_at_`, `sorted_positions`), each with a pure-torch path that gives the same
+result (tests run both).
 
 - `at_least`: sorted flat indices of the entries with |x| >= bound, and |x| there (top-k
   candidates): one read of x (0.31 ns per entry with SSE2 bit masks, one core) where torch
   needs abs, compare and nonzero (about 1.2 ns).
 - `top_k_positions`: the exact top k of those magnitudes (a quickselect, then the index-order
   tie rule in one pass) where torch needs kthvalue, a compare, nonzero and a tie fix-up.
-- `hash_u32`: the counter-based hash of `core.hash_bits` in one loop (about 25 torch passes).
+- `hash_u32`: the counter-based hash of `rng.hash_bits` in one loop (about 25 torch passes).
 - `add_at_bf16_rounded_`: a sparse add into bfloat16 weights with stochastic rounding
-  (`core.stochastic_round`'s rule and bits) in one loop instead of a gather, the hash, the
+  (`rounding.stochastic_round`'s rule and bits) in one loop instead of a gather, the hash, the
   rounding ops and a scatter.
 - `positions`: where each of a sorted list of indices sits in another sorted list (-1 if
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
 - `delta_hist`, `delta_bucket`: the two passes of TIES' magnitude cut over row blocks
-  (`core.delta_magnitude_cuts`) straight from x and base: the bits of |x - base| counted by
+  (`selection.delta_magnitude_cuts`) straight from x and base: the bits of |x - base| counted by
   their top 16 bits, then those of one bucket collected, where torch needs a delta, an abs,
   a digit copy and a bincount per block.
 
@@ -124,7 +125,7 @@ int64_t top_k_positions(const float *v, int64_t n, int64_t k, float *work, int64
     return 0;
 }
 
-/* core.hash_bits for n consecutive elements of one 2**32 block: element lo + j (lo + n <= 2**32)
+/* rng.hash_bits for n consecutive elements of one 2**32 block: element lo + j (lo + n <= 2**32)
    gets mix32(mix32(a * (lo + j) + b) ^ d), all arithmetic mod 2**32 (gcc vectorizes it). */
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
@@ -140,7 +141,7 @@ void hash_u32(uint32_t a, uint32_t b, uint32_t d, uint32_t lo, int64_t n, uint32
 
 /* flat[idx[j]] += val[j] for a bfloat16 flat (raw uint16) of size entries, rounded
    stochastically with the hash word of element j (words a, b, d of block 0), exactly as
-   core.stochastic_round: the float32 sum plus the hash's low 16 bits, truncated to the top 16.
+   rounding.stochastic_round: the float32 sum plus the hash's low 16 bits, truncated to the top 16.
    In order, so a repeated index sees the earlier sum (a zero val leaves a bf16 value
    unchanged). An inf or NaN weight is left as it is; a NaN sum is written as 0x7FC0 (the
    quiet NaN torch fills with); inf sums stay inf (their low 16 bits are 0, the noise cannot
@@ -165,7 +166,7 @@ int64_t add_at_bf16_rounded(uint16_t *flat, int64_t size, const int64_t *idx, co
     return 0;
 }
 
-/* The radix select of task-vector magnitudes (core.delta_magnitude_cuts) without a delta
+/* The radix select of task-vector magnitudes (selection.delta_magnitude_cuts) without a delta
    tensor: for d = x[i] - b[i] (one float32 subtraction, as torch's), the int32 bits of |d|.
    delta_hist_f32 counts their top 16 bits into hist[0..2**15); delta_bucket_f32 appends the
    bits whose top 16 equal bucket to out, in index order, and returns how many. */
@@ -293,7 +294,7 @@ def _run(fn, ranges: list[tuple[int, int]]) -> list:
 
 def hash_u32(out: Tensor, a: int, b: int, d: int, lo: int) -> None:
     """out[j] <- the hash word of element lo + j of one 2**32 block with words (a, b, d), for a
-    contiguous int32 host tensor out (lo + len(out) <= 2**32); see `core.hash_bits`."""
+    contiguous int32 host tensor out (lo + len(out) <= 2**32); see `rng.hash_bits`."""
     lib = library()
     assert lib is not None and out.dtype == torch.int32 and out.is_contiguous()
     assert lo + out.numel() <= 1 << 32

@@ -5,9 +5,11 @@ A method is a pure function over one output tensor plus two pydantic models that
 lambda, t). Both forbid unknown keys, so a misspelled recipe key is an error instead of being
 silently ignored.
 
-The table is filled lazily on first use: the built-ins from `methods.BUILTINS`, then every
-entry point of the group `mergekit_rl.methods` (each loads one `MergeMethod`). Both go through
-`register`, which refuses a second method with the same name.
+The table is filled lazily on first use: the built-ins, then every entry point of the group
+`mergekit_rl.methods` (each loads one `MergeMethod`). Both go through `register`, which refuses a
+second method with the same name. The built-ins are handed in by methods.py (`set_builtins`),
+which the package `mergekit_rl.merge` imports first: this module imports no method, so the
+methods can import its types.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ class TensorContext:
     seed: int = 0  # recipe seed
     # set when the tensors are one row block of the output tensor (engine row blocks):
     offset: int = 0  # flat index of the block's first entry in the whole tensor (mask hashes)
-    cuts: tuple[Any, ...] | None = None  # per-model core.MagnitudeCut of the whole tensor
-    # per-model L1 rescale factor of the whole tensor (core.l1_factor; None: nothing kept)
+    cuts: tuple[Any, ...] | None = None  # per-model selection.MagnitudeCut of the whole tensor
+    # per-model L1 rescale factor of the whole tensor (blend.l1_factor; None: nothing kept)
     l1_factors: tuple[float | None, ...] | None = None
-    slerp: Any = None  # core.SlerpWeights of the whole tensor (slerp's angle)
+    slerp: Any = None  # blend.SlerpWeights of the whole tensor (slerp's angle)
     # per-model bool keep mask of this block, recorded by an earlier pass over the blocks (the
     # random sparsifiers need not draw it again): kept = delta * mask
     keep_masks: tuple[Any, ...] | None = None
@@ -177,6 +179,15 @@ def _validate(model: type[BaseModel], values: dict[str, Any], who: str) -> tuple
 
 _methods: dict[str, MergeMethod] | None = None  # filled on first use by _load()
 _builtin_names: frozenset[str] = frozenset()
+_builtins: tuple[MergeMethod, ...] = ()  # methods.BUILTINS, handed in by set_builtins()
+
+
+def set_builtins(methods: tuple[MergeMethod, ...]) -> None:
+    """The built-in methods the table starts from (called once, by methods.py); a table loaded
+    before is forgotten, so the next use reloads it with them."""
+    global _builtins
+    _builtins = tuple(methods)
+    _reset()
 
 
 def _table() -> dict[str, MergeMethod]:
@@ -188,10 +199,8 @@ def _table() -> dict[str, MergeMethod]:
 
 def _load() -> None:
     global _methods, _builtin_names
-    from .methods import BUILTINS  # imported here: the registry must not depend on load order
-
     _methods = {}
-    for method in BUILTINS:
+    for method in _builtins:
         register(method)
     _builtin_names = frozenset(_methods)
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):

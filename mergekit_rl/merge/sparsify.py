@@ -3,7 +3,7 @@
 Each returns a `Kept(values, prob)`: the delta with the dropped entries set to 0, and the keep
 probability (a number, or a per-entry tensor for DELLA) that the "inverse_density" rescale
 divides by. Random masks are counter-based hashes of (recipe seed, model id, tensor name,
-element index) (`core.hash_keep_mask`), never a generator's stream, so a merge is bit-identical
+element index) (`rng.hash_keep_mask`), never a generator's stream, so a merge is bit-identical
 whatever the order, threads, device or row blocking.
 Inputs are never modified; `values` is always a new tensor.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import core
+from . import blend, rng, selection
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,21 @@ def magnitude_k(density: float, numel: int, min_keep: int = 1) -> int:
 
 
 def magnitude(
-    delta: Tensor, density: float, cut: core.MagnitudeCut | None = None, min_keep: int = 1
+    delta: Tensor, density: float, cut: selection.MagnitudeCut | None = None, min_keep: int = 1
 ) -> Kept:
     """TIES: keep exactly the top `magnitude_k` entries by |delta| over the whole tensor
     (ties with the k-th magnitude in index order). `cut`: the tensor's cut when delta is one
     row block of it (computed over the whole tensor by a streaming pass; consumed in order)."""
     if cut is None:
         k = magnitude_k(density, delta.numel(), min_keep)
-        cut = core.magnitude_cut(delta, delta.numel(), k)
-    return Kept(core.apply_cut_(delta, cut), density)
+        cut = selection.magnitude_cut(delta, delta.numel(), k)
+    return Kept(selection.apply_cut_(delta, cut), density)
 
 
 def mask_key(seed: int, model_id: str, name: str) -> int:
     """The counter-based hash key of one model's tensor: masks are a pure function of
     (recipe seed, model id, tensor name, element index)."""
-    return core.tensor_seed(seed, model_id, name)
+    return rng.tensor_seed(seed, model_id, name)
 
 
 def bernoulli(
@@ -57,7 +57,7 @@ def bernoulli(
     """DARE: keep each entry independently with probability density. `offset`: flat index of
     delta's first entry in its tensor (row blocks get the entries' own bits)."""
     key = mask_key(seed, model_id, name)
-    return Kept(core.hash_keep(delta, density, key, offset=offset), density)
+    return Kept(rng.hash_keep(delta, density, key, offset=offset), density)
 
 
 def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
@@ -74,9 +74,10 @@ def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
     n_top = min(int(gamma * n), n - n_keep)
     # keep the top (n_top + n_keep) by magnitude, then remove the top n_top outliers from them:
     # one total order (|delta| descending, index ascending), so the top n_top are among them
-    kept = core.apply_cut_(delta, core.magnitude_cut(delta, n, n_top + n_keep))
+    kept = selection.apply_cut_(delta, selection.magnitude_cut(delta, n, n_top + n_keep))
     if n_top > 0:
-        kept -= core.apply_cut_(delta, core.magnitude_cut(delta, n, n_top))  # x - x = 0 exactly
+        cut = selection.magnitude_cut(delta, n, n_top)
+        kept -= selection.apply_cut_(delta, cut)  # x - x = 0 exactly
     return Kept(kept, density)
 
 
@@ -120,13 +121,13 @@ def della(
     offset: int = 0,
 ) -> Kept:
     """DELLA: keep each entry with its own magnitude-rank probability (see della_keep_prob),
-    against counter-based uniforms (`core.hash_uniform`, keyed like DARE's masks). `offset`:
+    against counter-based uniforms (`rng.hash_uniform`, keyed like DARE's masks). `offset`:
     flat index of delta's first entry (delta a block of whole rows)."""
     if density >= 1.0:
         return Kept(delta.clone(), 1.0)
     probs = della_keep_prob(delta, density, epsilon)
     key = mask_key(seed, model_id, name)
-    u = core.hash_uniform(delta.numel(), key, offset=offset, device=delta.device)
+    u = rng.hash_uniform(delta.numel(), key, offset=offset, device=delta.device)
     # keep as 1.0 / 0.0 written over u (the products of delta * (u < probs), without a bool
     # tensor and its slower mixed-type multiply)
     keep = torch.lt(u.view(delta.shape), probs, out=u.view(delta.shape))
@@ -137,13 +138,13 @@ def rescale(delta: Tensor, kept: Kept, mode: str, l1: float | None | Unset = UNS
     """The kept values, rescaled to make up for what was dropped (a new tensor).
 
     "l1": match the L1 norm of the unpruned delta (mergekit); `l1`: the whole tensor's factor
-    (`core.l1_factor`) when delta is one row block of it. "inverse_density": divide every kept
+    (`blend.l1_factor`) when delta is one row block of it. "inverse_density": divide every kept
     entry by its keep probability (DARE paper, PEFT, DELLA paper): unbiased in expectation.
     """
     if mode == "l1":
         if not isinstance(l1, Unset):
-            return core.scale_by(kept.values, l1)
-        return core.l1_rescale(delta, kept.values)
+            return blend.scale_by(kept.values, l1)
+        return blend.l1_rescale(delta, kept.values)
     if mode == "inverse_density":
         if isinstance(kept.prob, Tensor):
             # dropped entries are 0 and may have prob 0: 0 / tiny stays 0

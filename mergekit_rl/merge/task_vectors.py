@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from ..errors import UsageError
-from . import core, sparsify
+from . import blend, sparsify
 from .registry import MergeMethod, MethodParams, TensorContext
 
 # ---- parameters --------------------------------------------------------------------------------
@@ -142,11 +142,11 @@ def task_vector_merge(
     if elect:
         # 5-6: sum of the entries agreeing with the elected sign; per-entry divisor is the sum
         # of the weights of the models that contributed there (0 -> 1), needed to normalize
-        mixed, divisor = core.sign_consensus_(weighted, weights, with_divisor=normalize)
+        mixed, divisor = blend.sign_consensus_(weighted, weights, with_divisor=normalize)
         if divisor is not None:
-            divisor = core.nonzero_divisor_(divisor, weights)
+            divisor = blend.nonzero_divisor_(divisor, weights)
     else:
-        mixed = core.weighted_sum(weighted, [1.0] * len(weighted))  # 6
+        mixed = blend.weighted_sum(weighted, [1.0] * len(weighted))  # 6
         divisor = sum(weights)
         if normalize and abs(divisor) < 1e-8:
             raise UsageError(
@@ -199,7 +199,7 @@ def l1_magnitudes(
 ) -> list[tuple[Tensor, Tensor]]:
     """(|delta_i|, |kept_i|) for each model of a task-vector method, made as its merge makes
     them (steps 1-2): what the L1 rescale sums over the whole tensor. A first pass over the row
-    blocks of a large tensor feeds them to `core.StableSum`s (`merge.blocks`)."""
+    blocks of a large tensor feeds them to `blend.StableSum`s (`merge.blocks`)."""
     sparsifier = _SPARSIFIERS[method.name]
     out = []
     for i, (x, raw) in enumerate(zip(tensors, model_params, strict=True)):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from ..engine import parse_dtype
 from ..errors import RecipeError, UsageError
-from ..io.adapter import split_adapter_ref
+from ..io.reference import split_adapter_ref
 from ..io.writer import parse_size
 from ..merge.registry import MergeMethod, get_method
 from ..merge.vocab import chat_template_problem

@@ -33,31 +33,6 @@ COLUMNS = {
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def hub_dataset_problem(path: str, subset: str | None = None) -> str | None:
-    """Why hub dataset `path` cannot be loaded, or None; checked before anything is loaded.
-
-    datasets resolves the id as load_dataset would, without reading any data: online, the
-    repository's card and file list; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), the
-    datasets cache, so a dataset prepared there earlier passes and any other id fails now
-    instead of after the policy is loaded.
-    """
-    import datasets
-
-    try:
-        datasets.load_dataset_builder(path, subset)
-    except datasets.exceptions.DatasetNotFoundError as e:
-        return f"hub dataset '{path}' not found or not accessible ({e})."
-    except ConnectionError:
-        return (
-            f"'{path}' is not a local file, and as a hub dataset it is not in the local datasets "
-            "cache and the hub cannot be reached (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or "
-            "there is no network). Load it once online, or give a .json/.jsonl/.parquet/.csv file."
-        )
-    except (FileNotFoundError, ValueError) as e:  # no data files, an unknown subset
-        return f"hub dataset '{path}': {e}"
-    return None
-
-
 def load_train_dataset(spec: DatasetSpec, algorithm: str) -> Any:
     """The `datasets.Dataset` a recipe names, with its columns renamed and checked."""
     ds = _load(spec)

@@ -55,7 +55,7 @@ from transformers import TrainerCallback
 
 from ..errors import InputNotFoundError, MismatchError, UsageError
 from ..io.reader import Checkpoint, open_checkpoint
-from ..merge import core
+from ..merge import blend
 from .optim_shard import FlatShard, flat_shard, local
 from .taskvec import has_tensor, name_candidates, read_checkpoint_rows
 
@@ -201,7 +201,7 @@ class ElasticResetCallback(TrainerCallback):
         """theta_ema <- lerp(theta_ema, theta, 1 - decay), every tracked parameter in one
         multi-tensor kernel."""
         params = [local(p.detach()) for p in self._params.values()]
-        core.ema_update_many_([local(e) for e in self.ema.values()], params, self.ema_decay)
+        blend.ema_update_many_([local(e) for e in self.ema.values()], params, self.ema_decay)
 
     def _reset(self, optimizer: torch.optim.Optimizer | None) -> None:
         """theta <- theta_ema; theta_ema <- theta_0 (streamed from disk, one tensor at a time)."""

@@ -14,7 +14,7 @@ Design notes section 2 gives the formulas and where the paper and the released c
 Storage: tau lives in the optimizer state in `tau_dtype` (bf16); when sparse (the default
 reserve_p = 0.01) as flat indices + values, about 0.1 byte per parameter. Adam's moments (and the
 merge_every buffer) are float32 whatever the parameter dtype. OnDARE's fresh masks are drawn as
-geometric gaps from a counter-based hash (`core.hash_sparse_keep`: a fixed-size draw, no host
+geometric gaps from a counter-based hash (`rng.hash_sparse_keep`: a fixed-size draw, no host
 sync), and its update is computed only at the kept entries, so a step costs about the Adam
 moment update alone. OnTIES needs |Delta| everywhere for its top-k and forms Delta only at the
 k kept entries.
@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from ..errors import MismatchError, RunError, UsageError
-from ..merge import core
+from ..merge import blend, native, rng, rounding, selection
 from . import optim_shard
 from .taskvec import TaskVectorSource, find_task_vector, find_task_vector_rows
 
@@ -47,7 +47,7 @@ Missing = Literal["zero", "error"]
 # kept: 10 bytes per kept entry against 2 bytes per entry (bf16) dense.
 SPARSE_BELOW = 0.2
 # devices where top-k selection may read sizes back on the host (a sync costs nothing on the CPU);
-# elsewhere the selection is sync-free (`core.top_magnitude_indices_static`, the same result)
+# elsewhere the selection is sync-free (`selection.top_magnitude_indices_static`, the same result)
 HOST_SELECTION_DEVICES: tuple[str, ...] = ("cpu",)
 # wrapper prefixes dropped from parameter names before they key random draws
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -85,11 +85,11 @@ def top_indices(flat: Tensor, density: float, magnitudes: bool = False) -> Tenso
         return None
     k = int(density * flat.numel())
     if flat.device.type not in HOST_SELECTION_DEVICES:
-        return core.top_magnitude_indices_static(flat, k)
+        return selection.top_magnitude_indices_static(flat, k)
     # syncs are free on the host, and the sampled bound is faster there
     if magnitudes:
-        return core.top_indices_of_magnitudes(flat, k)
-    return core.top_magnitude_indices(flat, k)
+        return selection.top_indices_of_magnitudes(flat, k)
+    return selection.top_magnitude_indices(flat, k)
 
 
 def align_rows(tau: Tensor, shape: torch.Size, name: str) -> Tensor:
@@ -117,7 +117,7 @@ def canonical_name(name: str) -> str:
 
 
 def mask_key(seed: int, name: str, *tags: str) -> int:
-    """The key of a counter-based random draw (`core.hash_bits`) for one parameter.
+    """The key of a counter-based random draw (`rng.hash_bits`) for one parameter.
 
     OnDARE's tau mask: ("tau",); the Delta mask at draw step t: ("delta", str(t));
     stochastic rounding at draw step t: ("round", str(t), what). The draw step is the param
@@ -126,19 +126,19 @@ def mask_key(seed: int, name: str, *tags: str) -> int:
     draw the same masks every cycle. Pure functions of the seed, the parameter's canonical name
     and the draw step: every rank, device and resume draws the same.
     """
-    return core.tensor_seed(seed, "online-merging", canonical_name(name), *tags)
+    return rng.tensor_seed(seed, "online-merging", canonical_name(name), *tags)
 
 
 def ondare_tau(
     tau: Tensor, reserve_p: float, rescale: bool, clip_val: float | None, key: int
 ) -> tuple[Tensor | None, Tensor]:
-    """OnDARE init: one Bernoulli(reserve_p) mask for the run (`core.hash_sparse_keep` under
+    """OnDARE init: one Bernoulli(reserve_p) mask for the run (`rng.hash_sparse_keep` under
     key, on tau's device), x 1/p, clamped."""
     flat = tau.reshape(-1)
     if reserve_p >= 1.0:
         idx, val = None, flat
     else:
-        idx, valid = core.hash_sparse_keep(flat.numel(), reserve_p, key, device=tau.device)
+        idx, valid = rng.hash_sparse_keep(flat.numel(), reserve_p, key, device=tau.device)
         idx = idx[valid]  # a host sync, once per tensor at construction
         val = flat[idx] / reserve_p if rescale else flat[idx]
     return idx, clip(val, clip_val)
@@ -153,7 +153,7 @@ def onties_tau(
     if idx is None:
         return None, clip(flat, clip_val)
     val = flat[idx]
-    return idx, clip(core.l1_rescale(flat, val) if l1_rescale else val, clip_val)
+    return idx, clip(blend.l1_rescale(flat, val) if l1_rescale else val, clip_val)
 
 
 def clip(val: Tensor, clip_val: float | None) -> Tensor:
@@ -181,7 +181,7 @@ def tau_at(state: Mapping[str, Any], idx: Tensor | None, numel: int, like: Tenso
         dense = like.new_zeros(numel)
         dense[tau_idx] = tau.to(like.dtype)
         return dense
-    pos = core.sorted_positions(tau_idx, idx)  # both sorted; -1 where tau stores nothing
+    pos = selection.sorted_positions(tau_idx, idx)  # both sorted; -1 where tau stores nothing
     return torch.where(pos >= 0, gather(tau, pos.clamp(min=0)).to(like.dtype), 0.0)
 
 
@@ -192,9 +192,9 @@ def add_at_(
     accumulate.
 
     round_key: for a bfloat16 / float16 flat, round every sum up or down at random (unbiased,
-    `core.stochastic_round` with bits from the key, or the bits themselves) instead of to
+    `rounding.stochastic_round` with bits from the key, or the bits themselves) instead of to
     nearest, so updates far below half an ulp still move the weights on average
-    (`core.stochastic_add_at_`; a repeated index must carry 0 there).
+    (`rounding.stochastic_add_at_`; a repeated index must carry 0 there).
     """
     if round_key is None or flat.dtype not in (torch.bfloat16, torch.float16):
         if idx is None:
@@ -203,15 +203,15 @@ def add_at_(
             scatter_add_(flat, idx, val.to(flat.dtype))
         return
     if idx is None:
-        flat.copy_(core.stochastic_round(flat.float() + val, flat.dtype, round_key))
+        flat.copy_(rounding.stochastic_round(flat.float() + val, flat.dtype, round_key))
     else:
-        core.stochastic_add_at_(flat, idx, val, round_key)
+        rounding.stochastic_add_at_(flat, idx, val, round_key)
 
 
 def add_many_(adds: list[tuple[Tensor, Tensor | None, Tensor, int | Tensor | None]]) -> None:
     """`add_at_(flat, idx, val, round)` for many tensors. The sparse rounded adds whose random
     bits were drawn already (`OnlineMergingAdamW._rounding`) run as one batch per dtype
-    (`core.stochastic_add_at_many_`: ~10 kernels for all of them instead of ~11 per tensor);
+    (`rounding.stochastic_add_at_many_`: ~10 kernels for all of them instead of ~11 per tensor);
     the others one by one (the host kernels draw their own bits)."""
     batches: dict[torch.dtype, list] = {}
     for flat, idx, val, rnd in adds:
@@ -220,7 +220,7 @@ def add_many_(adds: list[tuple[Tensor, Tensor | None, Tensor, int | Tensor | Non
         else:
             add_at_(flat, idx, val, rnd)
     for batch in batches.values():
-        core.stochastic_add_at_many_(*(list(x) for x in zip(*batch, strict=True)))
+        rounding.stochastic_add_at_many_(*(list(x) for x in zip(*batch, strict=True)))
 
 
 def scatter_add_(flat: Tensor, idx: Tensor, val: Tensor) -> None:
@@ -331,7 +331,7 @@ def ondare_drop(
     """(1 - alpha) * drop(Delta) at the drawn entries idx [n] (every entry if None): Delta there,
     x 1/reserve_p when rescaling, 0 at the draws past the end (valid False). A fresh tensor.
 
-    The mask is a fixed-size draw (`core.hash_sparse_keep`): no host sync, and Adam's update is
+    The mask is a fixed-size draw (`rng.hash_sparse_keep`): no host sync, and Adam's update is
     computed only at the ~reserve_p * numel drawn entries. idx and delta_at may also span the
     parameters of a whole chunk (one gather for all of them).
     """
@@ -443,11 +443,11 @@ def onties_update(tau: Tensor, delta: Tensor, alpha: float, weighted_sign: bool)
     """alpha * tau * [tau agrees] + (1 - alpha) * Delta * [Delta agrees] at the kept entries
     (tau and Delta float32 [k], entry by entry: k may span many parameters). A fresh tensor."""
     if weighted_sign:
-        sign = core.elect_sign(torch.stack([tau * alpha, delta * (1.0 - alpha)]))
+        sign = blend.elect_sign(torch.stack([tau * alpha, delta * (1.0 - alpha)]))
     else:
-        sign = core.elect_sign(torch.stack([tau, delta]))
-    kept_tau = torch.where(core.agrees_with(tau, sign), tau, 0.0)
-    kept_delta = torch.where(core.agrees_with(delta, sign), delta, 0.0)
+        sign = blend.elect_sign(torch.stack([tau, delta]))
+    kept_tau = torch.where(blend.agrees_with(tau, sign), tau, 0.0)
+    kept_delta = torch.where(blend.agrees_with(delta, sign), delta, 0.0)
     return kept_tau.mul_(alpha).add_(kept_delta, alpha=1.0 - alpha)
 
 
@@ -466,7 +466,7 @@ def _check_group(group: Mapping[str, Any]) -> None:
     _check(0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0, "betas", f"must be in [0, 1), got {(b1, b2)}.")
     _check(group["weight_decay"] >= 0.0, "weight_decay", "must be >= 0.")
     p = group["reserve_p"]
-    low = core.GAP_MIN_DENSITY  # below it a mask keeps under one entry in a million
+    low = rng.GAP_MIN_DENSITY  # below it a mask keeps under one entry in a million
     _check(low <= p <= 1.0, "reserve_p", f"must be in [{low:g}, 1], got {p}.")
     a = group["alpha"]
     _check(0.0 <= a <= 1.0, "alpha", f"must be in [0, 1], got {a}.")
@@ -485,7 +485,7 @@ class OnlineMergingAdamW(Optimizer):
     on a fixed reserve_p fraction of the weights, independent of the learning rate. clip_val
     clamps the stored tau to +-clip_val in both modes (the released code clamps OnDARE's).
 
-    Random masks are counter-based (`core.hash_sparse_keep` under `mask_key`): a pure function
+    Random masks are counter-based (`rng.hash_sparse_keep` under `mask_key`): a pure function
     of (seed, parameter name, the group's step count), the same on every device and DDP rank,
     with no generator state to save. The step count is the param group's "draw_step", saved
     with the param groups and kept when the optimizer state is reset (Elastic Reset's
@@ -781,7 +781,7 @@ class OnlineMergingAdamW(Optimizer):
         parameters laid end to end: (idx, flat idx, valid, draws, each parameter's first draw)."""
         idx, valid, draws = masks
         firsts = [0, *itertools.accumulate(draws)]
-        offsets, reps = core.to_device(torch.tensor([starts[:-1], draws]), idx.device)
+        offsets, reps = rng.to_device(torch.tensor([starts[:-1], draws]), idx.device)
         flat_idx = idx + torch.repeat_interleave(offsets, reps, output_size=firsts[-1])
         return idx, flat_idx, valid, draws, firsts
 
@@ -833,7 +833,7 @@ class OnlineMergingAdamW(Optimizer):
         taus = [(starts[i] - base, states[i]) for _, i, _ in batch if "tau" in states[i]]
         sizes = [st["tau_idx"].numel() for _, st in taus]
         host = torch.tensor([*offsets, *ks, *(o for o, _ in taus), *sizes])
-        o_k, n_k, o_t, n_t = core.to_device(host, delta.device).split(
+        o_k, n_k, o_t, n_t = rng.to_device(host, delta.device).split(
             [len(offsets), len(ks), len(taus), len(sizes)]
         )
         at = torch.cat([idx for *_, idx in batch])  # [K] kept entries, sorted, into delta
@@ -863,7 +863,7 @@ class OnlineMergingAdamW(Optimizer):
         self, group: Mapping[str, Any], params: list[Tensor], states: list[dict]
     ) -> tuple[Tensor, Tensor, list[int]] | None:
         """This step's OnDARE masks for every parameter of the group, drawn in one batch of
-        kernels (`core.hash_sparse_keep_many`: the same masks as one call per parameter):
+        kernels (`rng.hash_sparse_keep_many`: the same masks as one call per parameter):
         (idx, valid) of all of them end to end, and the draws per parameter to split them by.
         None when masks are drawn per merge instead (merge_every > 1, a single device only)."""
         reserve_p = group["reserve_p"]
@@ -874,7 +874,7 @@ class OnlineMergingAdamW(Optimizer):
         t = group[DRAW_STEP]
         keys = [mask_key(self.seed, self._names[p], "delta", str(t)) for p in params]
         numels = [p.numel() for p in params]
-        return core.hash_sparse_keep_many(numels, reserve_p, keys, device=params[0].device)
+        return rng.hash_sparse_keep_many(numels, reserve_p, keys, device=params[0].device)
 
     def _round_keys(self, p: Tensor, t: int) -> tuple[int, int, int] | None:
         """Stochastic-rounding keys of p's updates at draw step t (the group's DRAW_STEP):
@@ -1052,11 +1052,11 @@ class OnlineMergingAdamW(Optimizer):
     ) -> list[tuple[int | Tensor, ...] | None]:
         """Each merge's stochastic-rounding keys (tau push, vals, decay), or, off the host
         kernels (which draw their own), the random bits themselves: those of every rounded add
-        of the merges from one `core.hash_bits_many`, sized by the adds at hand (~20 integer ops
+        of the merges from one `rng.hash_bits_many`, sized by the adds at hand (~20 integer ops
         for all of them instead of per add)."""
         keys = [m.rounds for m in merges]
         rounded = [j for j, k in enumerate(keys) if k is not None]
-        if not rounded or core.native.usable(merges[rounded[0]].p):
+        if not rounded or native.usable(merges[rounded[0]].p):
             return keys
         sizes = {}  # (merge, which add) -> entries it touches
         for j in rounded:
@@ -1068,7 +1068,7 @@ class OnlineMergingAdamW(Optimizer):
         if not used:
             return keys
         device = merges[rounded[0]].p.device
-        bits = core.hash_bits_many(
+        bits = rng.hash_bits_many(
             [sizes[jw] for jw in used], [keys[j][w] for j, w in used], device=device
         )
         drawn = dict(zip(used, bits.split([sizes[jw] for jw in used]), strict=True))
@@ -1082,7 +1082,7 @@ class OnlineMergingAdamW(Optimizer):
         if reserve_p >= 1.0:
             return None, None
         key = mask_key(self.seed, self._names[p], "delta", str(t))
-        return core.hash_sparse_keep(p.numel(), reserve_p, key, device=p.device)
+        return rng.hash_sparse_keep(p.numel(), reserve_p, key, device=p.device)
 
     def _decay(self, p: Tensor, decay: float, round_key: int | Tensor | None) -> None:
         """p *= 1 - decay; a dense stochastic rounding pass for low-precision parameters

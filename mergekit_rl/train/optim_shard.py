@@ -7,11 +7,11 @@ parameter is the local shard's: the moments and the merge_every buffer are DTens
 parameter, tau (and its indices) covers the local rows only and is read from disk row by row.
 
 A sharded run computes the unsharded run's weights bit for bit:
-- OnDARE's masks are the unsharded tensor's (`core.shard_sparse_keep`, keyed by global flat
+- OnDARE's masks are the unsharded tensor's (`rng.shard_sparse_keep`, keyed by global flat
   index); the random bits that round an add are those of the entry's position in the whole
   tensor's update (its global flat index for a dense add, its rank among the kept entries for
   a sparse one).
-- OnTIES' top-k is exact over the whole tensor (`core.top_magnitude_indices_sharded`: summed
+- OnTIES' top-k is exact over the whole tensor (`selection.top_magnitude_indices_sharded`: summed
   radix-select histograms, ties by global index), never a gather of |Delta|.
 The per-parameter work mirrors `OnlineMergingAdamW._merge_of` and `_apply` (same formulas,
 same order of operations); the batched multi-parameter kernels of the unsharded path are not
@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..errors import MismatchError, UsageError
-from ..merge import core
+from ..merge import rng, selection
 from . import optim as om
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def init_tau(
     idx, pos, count = None, shard.start, shard.numel
     if opt.mode == "ondare" and reserve_p < 1.0:
         key = om.mask_key(opt.seed, name, "tau")
-        idx, pos, count = core.shard_sparse_keep(
+        idx, pos, count = rng.shard_sparse_keep(
             shard.numel, reserve_p, key, shard.start, shard.local, device=lp.device
         )
         val = flat[idx] / reserve_p if opt.rescale else flat[idx]
@@ -127,7 +127,7 @@ def init_tau(
                 f"parameters such as '{name}'; run without it."
             )
         count = int(reserve_p * shard.numel)
-        idx, pos = core.top_magnitude_indices_sharded(flat, count, shard.start, shard.group)
+        idx, pos = selection.top_magnitude_indices_sharded(flat, count, shard.start, shard.group)
         val = flat[idx]
     else:
         val = flat
@@ -203,7 +203,7 @@ def merge(
     if opt.mode == "ondare":
         if reserve_p < 1.0:
             key = om.mask_key(opt.seed, opt._names[p], "delta", str(group[om.DRAW_STEP]))
-            idx, pos, _ = core.shard_sparse_keep(
+            idx, pos, _ = rng.shard_sparse_keep(
                 shard.numel, reserve_p, key, shard.start, n, device=delta.device
             )
         vals = om.ondare_drop(partial(om.gather, delta), idx, None, reserve_p, alpha, opt.rescale)
@@ -212,7 +212,7 @@ def merge(
         vals, push = om.onties_update(tau, delta, alpha, opt.weighted_sign), False
     else:
         k = int(reserve_p * shard.numel)
-        idx, pos = core.top_magnitude_indices_sharded(delta, k, shard.start, shard.group)
+        idx, pos = selection.top_magnitude_indices_sharded(delta, k, shard.start, shard.group)
         kept = om.gather(delta, idx)  # [k local]
         tau = om.tau_at(state, idx, n, like=kept)
         vals = om.onties_update(tau, kept, alpha, opt.weighted_sign).sub_(tau, alpha=alpha)
@@ -251,7 +251,7 @@ def add_(flat: Tensor, idx: Tensor | None, val: Tensor, key: int | None, first: 
     of the whole tensor's add."""
     bits = None
     if key is not None and flat.dtype in om.LOW_PRECISION:
-        bits = core.hash_bits(val.numel(), key, offset=first, device=flat.device)
+        bits = rng.hash_bits(val.numel(), key, offset=first, device=flat.device)
     om.add_at_(flat, idx, val, bits)
 
 

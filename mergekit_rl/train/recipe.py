@@ -570,6 +570,31 @@ def model_refs(doc: dict[str, Any]) -> list[tuple[str, str]]:
     return [(key, ref) for key, ref in refs if isinstance(ref, str) and ref]
 
 
+def hub_dataset_problem(path: str, subset: str | None = None) -> str | None:
+    """Why hub dataset `path` cannot be loaded, or None; checked before anything is loaded.
+
+    datasets resolves the id as load_dataset would, without reading any data: online, the
+    repository's card and file list; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), the
+    datasets cache, so a dataset prepared there earlier passes and any other id fails now
+    instead of after the policy is loaded.
+    """
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(path, subset)
+    except datasets.exceptions.DatasetNotFoundError as e:
+        return f"hub dataset '{path}' not found or not accessible ({e})."
+    except ConnectionError:
+        return (
+            f"'{path}' is not a local file, and as a hub dataset it is not in the local datasets "
+            "cache and the hub cannot be reached (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or "
+            "there is no network). Load it once online, or give a .json/.jsonl/.parquet/.csv file."
+        )
+    except (FileNotFoundError, ValueError) as e:  # no data files, an unknown subset
+        return f"hub dataset '{path}': {e}"
+    return None
+
+
 def path_problems(doc: dict[str, Any], config_only: bool = False) -> Problems:
     """Every checkpoint, hub id and file the recipe names that cannot be found, with its YAML
     path (paths relative to the working directory). Checkpoints are resolved as the merge
@@ -606,8 +631,6 @@ def path_problems(doc: dict[str, Any], config_only: bool = False) -> Problems:
             )
         )
     elif isinstance(data, str) and data and not local and not Path(data).exists():
-        from .data import hub_dataset_problem  # data.py imports this module
-
         subset = _get(doc, "dataset", "subset")
         problem = hub_dataset_problem(data, subset if isinstance(subset, str) else None)
         if problem:

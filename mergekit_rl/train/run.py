@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 from ..errors import OutputExistsError, RunError, UsageError
-from ..io.adapter import split_adapter_ref
 from ..io.card import model_card, provenance, write_aux_files
 from ..io.reader import open_checkpoint
+from ..io.reference import split_adapter_ref
 from ..io.writer import CheckpointWriter, check_output_path
-from ..merge import core
+from ..merge import rng, rounding
 from .data import load_train_dataset, truncate_prompts
 from .progress import TrainProgress
 from .recipe import (
@@ -637,7 +637,7 @@ def saved_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, seed: int) -> t
     Training in float32 on a bf16 / fp16 policy moves most weights by less than half an ulp of
     the stored dtype: rounding to nearest would write the policy back for them and drop the
     alpha * tau push altogether. So a cast to a narrower float dtype rounds stochastically
-    (`core.stochastic_round`, unbiased: the written weight is the trained one in expectation),
+    (`rounding.stochastic_round`, unbiased: the written weight is the trained one in expectation),
     with bits keyed by (seed, tensor name): a rerun writes the same bytes. Casts that lose
     nothing (same or wider dtype, integers) are plain casts."""
     t = t.detach()
@@ -648,8 +648,8 @@ def saved_tensor(name: str, t: torch.Tensor, dtype: torch.dtype, seed: int) -> t
     )
     if not narrower:
         return t.to(dtype)
-    key = core.tensor_seed(seed, "final-model", name)
-    return core.stochastic_round(t.float(), dtype, key)
+    key = rng.tensor_seed(seed, "final-model", name)
+    return rounding.stochastic_round(t.float(), dtype, key)
 
 
 def output_dtypes(

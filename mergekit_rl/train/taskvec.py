@@ -18,7 +18,7 @@ from typing_extensions import Self
 from ..errors import MismatchError
 from ..io.reader import Checkpoint, open_checkpoint
 from ..io.safetensors_format import read_rows
-from ..merge import core
+from ..merge import blend
 
 
 class TaskVectorSource(Protocol):
@@ -126,7 +126,7 @@ class CheckpointTaskVectors(_Closing):
         self._check_shapes(name)
         sft = self.sft.read(name, dtype=torch.float32)
         base = self.base.read(name, dtype=torch.float32)
-        return core.weighted_sum([sft, base], [1.0, -1.0]).to(self.dtype)
+        return blend.weighted_sum([sft, base], [1.0, -1.0]).to(self.dtype)
 
     def _check_shapes(self, name: str) -> None:
         base_shape = tuple(self.base.info(name).shape)
@@ -145,7 +145,7 @@ class CheckpointTaskVectors(_Closing):
         self._check_shapes(name)
         sft = read_checkpoint_rows(self.sft, name, start, stop)
         base = read_checkpoint_rows(self.base, name, start, stop)
-        return core.weighted_sum([sft, base], [1.0, -1.0]).to(self.dtype)
+        return blend.weighted_sum([sft, base], [1.0, -1.0]).to(self.dtype)
 
     def close(self) -> None:
         self.base.close()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from mergekit_rl.merge import core, sparsify
+from mergekit_rl.merge import selection, sparsify
 from mergekit_rl.merge.registry import TensorContext, get_method, list_methods
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -72,13 +72,15 @@ def test_magnitude_selection_on_cuda_is_the_cpu_selection(density: float) -> Non
     _, (d,) = _bf16_family(1, (1000, 513), seed=1)
     d = d - d.mean()
     k = int(density * d.numel())
-    cpu_cut = core.magnitude_cut(d, d.numel(), k)
-    gpu_cut = core.magnitude_cut(d.cuda(), d.numel(), k)
+    cpu_cut = selection.magnitude_cut(d, d.numel(), k)
+    gpu_cut = selection.magnitude_cut(d.cuda(), d.numel(), k)
     assert (gpu_cut.threshold, gpu_cut.ties_left) == (cpu_cut.threshold, cpu_cut.ties_left)
-    got = core.magnitude_prune(d.cuda(), density).cpu()
-    assert torch.equal(got, core.magnitude_prune(d, density))
-    assert int((got != 0).sum()) == int((d * core.magnitude_mask(d, density) != 0).sum())
-    assert float(core.kth_largest(d.abs().cuda(), k)) == float(core.kth_largest(d.abs(), k))
+    got = selection.magnitude_prune(d.cuda(), density).cpu()
+    assert torch.equal(got, selection.magnitude_prune(d, density))
+    assert int((got != 0).sum()) == int((d * selection.magnitude_mask(d, density) != 0).sum())
+    assert float(selection.kth_largest(d.abs().cuda(), k)) == float(
+        selection.kth_largest(d.abs(), k)
+    )
 
 
 def test_random_masks_on_cuda_are_bit_identical() -> None:

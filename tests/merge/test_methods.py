@@ -1,8 +1,8 @@
 """Every registered merge method against an independent float64 reference.
 
 The references below are written from the formulas in docs/methods.md (design notes section 1)
-with plain float64 torch ops and sorting; they never call `mergekit_rl.merge.core`. Random masks
-are rebuilt the documented way: a CPU `torch.Generator` seeded with blake2b-64(seed, model id,
+with plain float64 torch ops and sorting; they never call the primitives in `mergekit_rl.merge`.
+Random masks are rebuilt the documented way: a CPU `torch.Generator` seeded with blake2b-64(seed, model id,
 tensor name) >> 1, then `torch.rand(shape) < keep probability`.
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mergekit_rl.errors import UsageError
-from mergekit_rl.merge import core
+from mergekit_rl.merge import rng, selection
 from mergekit_rl.merge.registry import TensorContext, get_method, list_methods
 
 SHAPE = (6, 11)  # small, 2-D, rows of odd length: exercises row-wise methods
@@ -69,7 +69,7 @@ def ref_seed(seed: int, *keys: str) -> int:
 def ref_words(n: int, seed: int, model: str, name: str) -> list[int]:
     """The counter-based hash word of each entry of one model's tensor (pure Python)."""
     key = ref_seed(seed, model, name)
-    return [core.hash_word(key, i) for i in range(n)]
+    return [rng.hash_word(key, i) for i in range(n)]
 
 
 def ref_dare_keep(shape: tuple[int, ...], density: float, seed: int, model: str, name: str):
@@ -334,9 +334,8 @@ def _ties_stepwise(
     weighted = []
     for x, w in zip(xs, ws, strict=True):
         d = x - base
-        weighted.append(
-            core.apply_cut_(d, core.magnitude_cut(d, d.numel(), int(density * d.numel()))) * w
-        )
+        cut = selection.magnitude_cut(d, d.numel(), int(density * d.numel()))
+        weighted.append(selection.apply_cut_(d, cut) * w)
     total = weighted[0] * 1.0
     for d in weighted[1:]:
         total.add_(d)

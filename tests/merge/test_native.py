@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mergekit_rl.merge import core, native
+from mergekit_rl.merge import native, rng, rounding, selection
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
 
@@ -72,18 +72,18 @@ def test_sorted_positions_and_indices_at_least_on_both_paths(path: str) -> None:
     keys = torch.randperm(100_000, generator=gen)[:3000].sort().values
     queries = torch.cat([keys[::3], torch.randint(0, 100_000, (2000,), generator=gen)])
     queries = queries.unique()
-    pos = core.sorted_positions(keys, queries)
+    pos = selection.sorted_positions(keys, queries)
     where = {int(k): i for i, k in enumerate(keys)}
     assert pos.tolist() == [where.get(int(q), -1) for q in queries]
-    assert core.sorted_positions(keys[:0], queries).eq(-1).all()
+    assert selection.sorted_positions(keys[:0], queries).eq(-1).all()
     x = torch.randn(50_000, generator=gen)
-    idx, mag = core.indices_at_least(x, 2.0, cap=50_000)
+    idx, mag = selection.indices_at_least(x, 2.0, cap=50_000)
     assert torch.equal(idx, (x.abs() >= 2.0).nonzero().squeeze(1))
     assert torch.equal(mag, x[idx].abs())
-    assert core.indices_at_least(x, 2.0, cap=10) is None
+    assert selection.indices_at_least(x, 2.0, cap=10) is None
     half = x.to(torch.bfloat16)  # other dtypes take the torch path
     expected = (half.float().abs() >= 2.0).nonzero().squeeze(1)
-    assert torch.equal(core.indices_at_least(half, 2.0, cap=50_000)[0], expected)
+    assert torch.equal(selection.indices_at_least(half, 2.0, cap=50_000)[0], expected)
 
 
 def test_no_compiler_means_no_library(monkeypatch, tmp_path) -> None:
@@ -122,20 +122,20 @@ def test_native_hash_equals_the_torch_hash_and_the_reference(monkeypatch) -> Non
     monkeypatch.setattr(native, "PARALLEL_MIN", 1000)
     torch.set_num_threads(3)
     try:
-        key = core.tensor_seed(5, "model", "w")
+        key = rng.tensor_seed(5, "model", "w")
         cases = [(100_003, 0), (5000, 2**32 - 1234), (7, 3 * 2**32 + 11)]  # one crosses 2**32
-        fast = [core.hash_bits(n, key, offset=off) for n, off in cases]
-        many = core.hash_bits_many([10, 0, 70_001], [key, key + 1, key + 2])
+        fast = [rng.hash_bits(n, key, offset=off) for n, off in cases]
+        many = rng.hash_bits_many([10, 0, 70_001], [key, key + 1, key + 2])
     finally:
         torch.set_num_threads(1)
     for (n, off), got in zip(cases, fast, strict=True):  # the first and last 50 by hand
         some = sorted(set(range(min(n, 50))) | set(range(max(0, n - 50), n)))
         words = (got.long() & 0xFFFFFFFF)[some].tolist()
-        assert words == [core.hash_word(key, off + i) for i in some], (n, off)
+        assert words == [rng.hash_word(key, off + i) for i in some], (n, off)
     fallback(monkeypatch)
     for (n, off), got in zip(cases, fast, strict=True):
-        assert torch.equal(got, core.hash_bits(n, key, offset=off)), (n, off)
-    assert torch.equal(many, core.hash_bits_many([10, 0, 70_001], [key, key + 1, key + 2]))
+        assert torch.equal(got, rng.hash_bits(n, key, offset=off)), (n, off)
+    assert torch.equal(many, rng.hash_bits_many([10, 0, 70_001], [key, key + 1, key + 2]))
 
 
 @needs_native
@@ -165,8 +165,8 @@ def test_top_magnitude_indices_on_both_paths(path: str) -> None:
     ):
         for k in (1, 3000, 70_000):
             expected = torch.sort(x.abs(), descending=True, stable=True).indices[:k].sort().values
-            assert torch.equal(core.top_magnitude_indices(x, k), expected), k
-            assert torch.equal(core.top_indices_of_magnitudes(x.abs(), k), expected), k
+            assert torch.equal(selection.top_magnitude_indices(x, k), expected), k
+            assert torch.equal(selection.top_indices_of_magnitudes(x.abs(), k), expected), k
 
 
 @pytest.mark.parametrize("scale", [1e-4, 2.0])
@@ -181,15 +181,15 @@ def test_stochastic_add_at_is_the_same_on_both_paths(scale: float, monkeypatch) 
     # repeats that carry 0 (OnDARE's draws past the end): they must leave the entry alone
     idx = torch.cat([idx, torch.full((7,), n - 1)])
     val = torch.cat([val, torch.zeros(7)])
-    key = core.tensor_seed(3, "w")
+    key = rng.tensor_seed(3, "w")
     results = []
     for _ in both_paths(monkeypatch):
         flat = base.clone()
-        core.stochastic_add_at_(flat, idx, val, key)
+        rounding.stochastic_add_at_(flat, idx, val, key)
         results.append(flat)
     # by hand: stochastic_round of each sum, the hash bit of element j of idx for entry idx[j]
     expected = base.clone()
-    expected[idx[:5000]] = core.stochastic_round(
+    expected[idx[:5000]] = rounding.stochastic_round(
         base[idx[:5000]].float() + val[:5000], torch.bfloat16, key
     )
     for flat in results:
@@ -201,24 +201,24 @@ def test_stochastic_add_at_is_the_same_on_both_paths(scale: float, monkeypatch) 
 
 
 def test_hash_masks_and_uniforms_are_the_same_on_both_paths(monkeypatch) -> None:
-    key = core.tensor_seed(9, "m", "t")
+    key = rng.tensor_seed(9, "m", "t")
     shape, n = (300, 1001), 300 * 1001
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     runs = []
     for _ in both_paths(monkeypatch):
         runs.append(
             (
-                core.hash_keep_mask(shape, 0.3, key, offset=5),
-                core.hash_keep(x, 0.3, key),
-                core.hash_uniform(n, key, offset=2**32 - 1000),  # across the 2**32 boundary
+                rng.hash_keep_mask(shape, 0.3, key, offset=5),
+                rng.hash_keep(x, 0.3, key),
+                rng.hash_uniform(n, key, offset=2**32 - 1000),  # across the 2**32 boundary
             )
         )
     for a, b in zip(runs[0], runs[-1], strict=True):
         assert torch.equal(a, b)
     mask, kept, u = runs[0]
-    words = (core.hash_bits(50, key, offset=5).long() & 0xFFFFFFFF) >> 1
-    assert mask.reshape(-1)[:50].tolist() == (words < core.keep_threshold(0.3)).tolist()
-    assert torch.equal(kept, x * core.hash_keep_mask(shape, 0.3, key))
+    words = (rng.hash_bits(50, key, offset=5).long() & 0xFFFFFFFF) >> 1
+    assert mask.reshape(-1)[:50].tolist() == (words < rng.keep_threshold(0.3)).tolist()
+    assert torch.equal(kept, x * rng.hash_keep_mask(shape, 0.3, key))
     assert float(u.min()) >= 0 and float(u.max()) < 1
 
 
@@ -226,7 +226,7 @@ def test_hash_masks_and_uniforms_are_the_same_on_both_paths(monkeypatch) -> None
 # the test rather than end pytest
 GUARD_SCRIPT = r"""
 import torch
-from mergekit_rl.merge import core, native
+from mergekit_rl.merge import native, rng, rounding, selection
 
 assert native.library() is not None
 flat = torch.zeros(8, dtype=torch.bfloat16)
@@ -234,14 +234,14 @@ val = torch.ones(3)
 for bad in ([0, 1, -1], [0, 8, 2], [-(1 << 40), 0, 1]):
     idx = torch.tensor(bad, dtype=torch.int64)
     try:
-        native.add_at_bf16_rounded_(flat, idx, val, core._chunk_words(5, 0))
+        native.add_at_bf16_rounded_(flat, idx, val, rng._chunk_words(5, 0))
     except IndexError as e:
         assert "outside [0, 8)" in str(e), e
     else:
         raise SystemExit(f"no error for {bad}")
     assert torch.equal(flat, torch.zeros(8, dtype=torch.bfloat16)), "written before the check"
     try:  # the primitive the optimizer calls
-        core.stochastic_add_at_(flat, idx, val, 5)
+        rounding.stochastic_add_at_(flat, idx, val, 5)
     except IndexError:
         pass
     else:
@@ -282,7 +282,7 @@ def test_the_rounded_add_keeps_inf_and_nan_on_both_paths(monkeypatch) -> None:
     for _ in both_paths(monkeypatch):
         for key in range(20):  # whatever the random bits
             flat = base.clone()
-            core.stochastic_add_at_(flat, idx, val, key)
+            rounding.stochastic_add_at_(flat, idx, val, key)
             results.append(flat.view(torch.int16))
     for got in results:
         assert torch.equal(got, results[0])
@@ -295,7 +295,7 @@ def test_the_rounded_add_keeps_inf_and_nan_on_both_paths(monkeypatch) -> None:
     x = torch.tensor([inf, -inf, 1.5, 2.0, 3.0], dtype=torch.float32)
     x[2:] = payloads
     for key in range(20):
-        r = core.stochastic_round(x, bf16, key).float()
+        r = rounding.stochastic_round(x, bf16, key).float()
         assert r[0] == inf and r[1] == -inf and r[2:].isnan().all(), r
 
 
@@ -321,9 +321,9 @@ def test_delta_magnitude_cuts_equal_on_both_paths_and_the_reference(
 
         for path in both_paths(monkeypatch):
             for ks in ([int(0.3 * n), 1, n // 2], [0, n, n - 1]):
-                cuts = core.delta_magnitude_cuts(blocks, n, ks)
+                cuts = selection.delta_magnitude_cuts(blocks, n, ks)
                 for i, k in enumerate(ks):
-                    want = core.magnitude_cut(xs[i] - base, n, k)
+                    want = selection.magnitude_cut(xs[i] - base, n, k)
                     c = cuts[i]
                     assert (c.threshold, c.ties_left, c.ties_total) == (
                         want.threshold,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_rl.merge import core, sparsify
+from mergekit_rl.merge import rng, sparsify
 
 
 def _bf16_delta(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -53,8 +53,8 @@ def test_dare_and_della_masks_in_row_blocks_equal_the_whole_tensor() -> None:
         assert torch.equal(torch.cat(dare), whole_dare)
         assert torch.equal(torch.cat(della), whole_della)
     # the masks are the counter-based hash keyed by (seed, model, tensor name)
-    key = core.tensor_seed(7, "m0", "w")
-    assert torch.equal(whole_dare, d * core.hash_keep_mask(d.shape, 0.3, key))
+    key = rng.tensor_seed(7, "m0", "w")
+    assert torch.equal(whole_dare, d * rng.hash_keep_mask(d.shape, 0.3, key))
     assert not torch.equal(whole_dare, sparsify.bernoulli(d, 0.3, 7, "m1", "w").values)
 
 
@@ -78,10 +78,10 @@ def test_dare_and_della_drop_bitwise_as_delta_times_the_bool_mask() -> None:
     d[d.abs() < 0.3] = -0.0
     key = sparsify.mask_key(7, "m0", "w")
     dare = sparsify.bernoulli(d, 0.4, 7, "m0", "w").values
-    want = d * core.hash_keep_mask(d.shape, 0.4, key)
+    want = d * rng.hash_keep_mask(d.shape, 0.4, key)
     assert torch.equal(dare.view(torch.int32), want.view(torch.int32))
     probs = sparsify.della_keep_prob(d, 0.5, 0.2)
-    u = core.hash_uniform(d.numel(), key).view(d.shape)
+    u = rng.hash_uniform(d.numel(), key).view(d.shape)
     della = sparsify.della(d, 0.5, 0.2, 7, "m0", "w").values
     assert torch.equal(della.view(torch.int32), (d * (u < probs)).view(torch.int32))
 

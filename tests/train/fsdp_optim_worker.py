@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from mergekit_rl.merge import core
+from mergekit_rl.merge import selection
 from mergekit_rl.train.elastic import ElasticResetCallback
 from mergekit_rl.train.optim import OnlineMergingAdamW
 from mergekit_rl.train.reference import copy_weights_
@@ -116,7 +116,7 @@ def run_case(root: Path, mode: str, dtype: torch.dtype, merge_every: int) -> dic
 
 
 def check_top_k() -> list[str]:
-    """`core.top_magnitude_indices_sharded` against the unsharded selection, on tensors full of
+    """`selection.top_magnitude_indices_sharded` against the unsharded selection, on tensors full of
     ties (small integers, signs mixed) split unevenly and with an empty shard: the failures."""
     rank, world = dist.get_rank(), dist.get_world_size()
     failures = []
@@ -125,8 +125,8 @@ def check_top_k() -> list[str]:
         x = torch.randint(-4, 5, (numel,), generator=gen).float()
         bounds = [0, cut, numel] if world == 2 else [0, numel]
         lo, hi = bounds[rank], bounds[rank + 1]
-        idx, pos = core.top_magnitude_indices_sharded(x[lo:hi], k, lo, None)
-        want = core.top_magnitude_indices(x, k)
+        idx, pos = selection.top_magnitude_indices_sharded(x[lo:hi], k, lo, None)
+        want = selection.top_magnitude_indices(x, k)
         mine = want[(want >= lo) & (want < hi)]
         if not torch.equal(idx + lo, mine) or pos != int((want < lo).sum()):
             failures.append(f"numel {numel} k {k} rows {lo}:{hi}")

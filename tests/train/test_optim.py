@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mergekit_rl.errors import MismatchError, RunError, UsageError
-from mergekit_rl.merge import core, native
+from mergekit_rl.merge import native, rng, rounding, selection
 from mergekit_rl.train import optim as om
 from mergekit_rl.train.optim import OnlineMergingAdamW
 from tests.syncs import HostSyncs
@@ -178,10 +178,10 @@ def test_onties_zero_tau_is_topk_masked_adam() -> None:
 
 
 def hash_keep(numel: int, density: float, seed: int, name: str, *tags: str) -> Tensor:
-    """The public mask definition: `core.hash_sparse_keep` under key (seed, name, tags), as a
+    """The public mask definition: `rng.hash_sparse_keep` under key (seed, name, tags), as a
     dense bool [numel]."""
-    key = core.tensor_seed(seed, "online-merging", name, *tags)
-    idx, valid = core.hash_sparse_keep(numel, density, key)
+    key = rng.tensor_seed(seed, "online-merging", name, *tags)
+    idx, valid = rng.hash_sparse_keep(numel, density, key)
     keep = torch.zeros(numel, dtype=torch.bool)
     keep[idx[valid]] = True
     return keep
@@ -511,17 +511,18 @@ def test_no_matching_task_vector_at_all_is_an_error() -> None:
 
 def test_top_magnitude_indices_keeps_exactly_k_under_ties() -> None:
     x = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 0.0, 1.0, -3.0])
-    assert core.top_magnitude_indices(x, 4).tolist() == [1, 2, 3, 7]  # ties at 1.0: lowest first
-    assert core.top_magnitude_indices(x, 0).numel() == 0
-    assert core.top_magnitude_indices(x, 8).tolist() == list(range(8))
+    # ties at 1.0: lowest first
+    assert selection.top_magnitude_indices(x, 4).tolist() == [1, 2, 3, 7]
+    assert selection.top_magnitude_indices(x, 0).numel() == 0
+    assert selection.top_magnitude_indices(x, 8).tolist() == list(range(8))
     gen = torch.Generator().manual_seed(0)
     smooth = torch.randn(300_000, generator=gen)  # the sampled-candidates path
     tied = smooth.round(decimals=1)  # heavy ties at the threshold
     spiky = smooth.clone()  # the sampled entries are the large ones: the bound
-    spiky[:: core.TOPK_SAMPLE_STRIDE] *= 100  # is too high and the exact path takes over
+    spiky[:: selection.TOPK_SAMPLE_STRIDE] *= 100  # is too high and the exact path takes over
     for name, x in (("smooth", smooth), ("tied", tied), ("spiky", spiky)):
         for k in (1, 2999, 70_000, 150_000):
-            got = core.top_magnitude_indices(x, k)
+            got = selection.top_magnitude_indices(x, k)
             assert torch.equal(got, ref_topk_indices(x, k)), (name, k)
 
 
@@ -627,14 +628,14 @@ def test_same_seed_different_process_rng_and_simulated_ranks_agree(mode: str) ->
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kept_indices_and_steps_identical_on_cpu_and_cuda() -> None:
     for numel, density in ((1000, 0.3), (3_000_000, 0.01)):
-        key = core.tensor_seed(0, "x", str(numel))
-        cpu = core.hash_sparse_keep(numel, density, key)
-        gpu = core.hash_sparse_keep(numel, density, key, device="cuda")
+        key = rng.tensor_seed(0, "x", str(numel))
+        cpu = rng.hash_sparse_keep(numel, density, key)
+        gpu = rng.hash_sparse_keep(numel, density, key, device="cuda")
         assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
     x = torch.randn(1_000_000).round(decimals=2)
     assert torch.equal(
-        core.top_magnitude_indices_static(x.cuda(), 10_000).cpu(),
-        core.top_magnitude_indices(x, 10_000),
+        selection.top_magnitude_indices_static(x.cuda(), 10_000).cpu(),
+        selection.top_magnitude_indices(x, 10_000),
     )
     # OnTIES is left out: its top-k follows last-bit differences of Delta near ties, and CUDA's
     # moment kernels may round differently (fused multiply-adds); its selection is checked above
@@ -661,8 +662,8 @@ def test_kept_indices_and_steps_identical_on_cpu_and_cuda() -> None:
 
 def test_hash_sparse_keep_is_a_fixed_size_bernoulli_mask() -> None:
     n, p = 200_000, 0.01
-    idx, valid = core.hash_sparse_keep(n, p, key=11)
-    assert idx.numel() == valid.numel() == core.sparse_draws(n, p)  # known from the sizes alone
+    idx, valid = rng.hash_sparse_keep(n, p, key=11)
+    assert idx.numel() == valid.numel() == rng.sparse_draws(n, p)  # known from the sizes alone
     assert idx.dtype == torch.int64 and int(idx.max()) <= n - 1
     kept = idx[valid]
     assert valid[: kept.numel()].all() and not valid[kept.numel() :].any()  # a valid prefix
@@ -676,13 +677,13 @@ def test_hash_sparse_keep_is_a_fixed_size_bernoulli_mask() -> None:
     assert abs(float((gaps == 1).float().mean()) - p) < 5 * math.sqrt(p / gaps.numel())
     assert abs(float(gaps.mean()) * p - 1) < 0.05
     # a pure function of (numel, density, key)
-    again = core.hash_sparse_keep(n, p, key=11)
+    again = rng.hash_sparse_keep(n, p, key=11)
     assert torch.equal(idx, again[0]) and torch.equal(valid, again[1])
-    assert not torch.equal(kept[:50], core.hash_sparse_keep(n, p, key=12)[0][:50])
+    assert not torch.equal(kept[:50], rng.hash_sparse_keep(n, p, key=12)[0][:50])
     # the same per-entry rate at a large density
-    idx, valid = core.hash_sparse_keep(100_000, 0.4, key=1)
+    idx, valid = rng.hash_sparse_keep(100_000, 0.4, key=1)
     assert abs(int(valid.sum()) - 40_000) < 5 * math.sqrt(100_000 * 0.24)
-    all_idx, all_valid = core.hash_sparse_keep(5, 1.0, key=1)
+    all_idx, all_valid = rng.hash_sparse_keep(5, 1.0, key=1)
     assert all_idx.tolist() == list(range(5)) and all_valid.all()
 
 
@@ -690,7 +691,7 @@ def test_hash_sparse_keep_is_a_fixed_size_bernoulli_mask() -> None:
 def test_stochastic_round_is_unbiased_and_stays_on_neighbours(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(200_000, generator=g) + 0.5) * torch.randn(200_000, generator=g).sign()
-    r = core.stochastic_round(x, dtype, key=5)
+    r = rounding.stochastic_round(x, dtype, key=5)
     assert r.dtype == dtype
     lo = torch.minimum(x.to(dtype).float(), r.float())
     near = x.to(dtype)
@@ -705,10 +706,10 @@ def test_stochastic_round_is_unbiased_and_stays_on_neighbours(dtype: torch.dtype
     err = ((r.float() - x) / ulp).mean()
     assert abs(float(err)) < 5 * 0.5 / math.sqrt(x.numel())
     shifted = down.float() + 0.1 * ulp  # 0.1 ulp above the lower neighbour: nearest never moves
-    got = core.stochastic_round(shifted, dtype, key=6).float()
+    got = rounding.stochastic_round(shifted, dtype, key=6).float()
     frac_up = float(((got - down.float()) / ulp).mean())
     assert abs(frac_up - 0.1) < 0.005
-    assert torch.equal(core.stochastic_round(x, dtype, key=5), r)  # deterministic
+    assert torch.equal(rounding.stochastic_round(x, dtype, key=5), r)  # deterministic
     del lo
 
 
@@ -720,7 +721,7 @@ def test_static_top_k_matches_the_host_selection() -> None:
     for name, x in cases.items():
         for k in (0, 1, 4, 2999, 70_000):
             if k <= x.numel():
-                got = core.top_magnitude_indices_static(x, k)
+                got = selection.top_magnitude_indices_static(x, k)
                 assert torch.equal(got, ref_topk_indices(x, k)), (name, k)
 
 
@@ -731,9 +732,9 @@ def test_onties_oracles_on_the_sync_free_path(test, monkeypatch) -> None:
     # the accelerator path (radix select, no host syncs) runs here on the CPU
     monkeypatch.setattr(om, "HOST_SELECTION_DEVICES", ())
     calls = []
-    real = core.top_magnitude_indices_static
+    real = selection.top_magnitude_indices_static
     monkeypatch.setattr(
-        core, "top_magnitude_indices_static", lambda x, k: calls.append(k) or real(x, k)
+        selection, "top_magnitude_indices_static", lambda x, k: calls.append(k) or real(x, k)
     )
     test()
     assert calls
@@ -855,29 +856,29 @@ def test_train_flushes_the_pending_update_at_the_end(family, tmp_path, mode: str
 def test_geometric_gaps_equal_a_search_of_the_integer_cuts() -> None:
     # the float64 log estimate, corrected by one comparison each side, is the exact table lookup
     for density in (0.01, 0.3, 0.999, 1e-4):
-        cuts = core.gap_cuts(density)
+        cuts = rng.gap_cuts(density)
         inner = cuts[1:-1]
         u = torch.cat(
             [torch.tensor([0, 1, 2, (1 << 31) - 1]), inner, inner - 1, (inner + 1)[1:],
              torch.randint(0, 1 << 31, (100_000,), generator=torch.Generator().manual_seed(0))]
         ).clamp(0, (1 << 31) - 1)  # fmt: skip
         want = cuts.numel() - torch.searchsorted(cuts.flip(0), u, right=True)  # 1 + max{D_j > u}
-        assert torch.equal(core.geometric_gaps(u, density), want), density
+        assert torch.equal(rng.geometric_gaps(u, density), want), density
 
 
 def test_batched_masks_equal_one_call_per_tensor() -> None:
     numels = [128, 16, 64, 4, 100_000, 1, 3000]
-    keys = [core.tensor_seed(1, str(i)) for i in range(len(numels))]
+    keys = [rng.tensor_seed(1, str(i)) for i in range(len(numels))]
     assert torch.equal(
-        core.hash_bits_many(numels, keys),
-        torch.cat([core.hash_bits(n, k) for n, k in zip(numels, keys, strict=True)]),
+        rng.hash_bits_many(numels, keys),
+        torch.cat([rng.hash_bits(n, k) for n, k in zip(numels, keys, strict=True)]),
     )
     for density in (0.01, 0.3):
-        idx, valid, draws = core.hash_sparse_keep_many(numels, density, keys)
-        assert draws == [core.sparse_draws(n, density) for n in numels]
+        idx, valid, draws = rng.hash_sparse_keep_many(numels, density, keys)
+        assert draws == [rng.sparse_draws(n, density) for n in numels]
         parts = zip(idx.split(draws), valid.split(draws), numels, keys, strict=True)
         for i, v, n, k in parts:
-            want = core.hash_sparse_keep(n, density, k)
+            want = rng.hash_sparse_keep(n, density, k)
             assert torch.equal(i, want[0]) and torch.equal(v, want[1]), (n, density)
 
 
