@@ -154,16 +154,7 @@ def magnitude_cuts(
         for i in live:
             bits, hi = magnitude_words(blk[i])
             insides[i].append(bits[hi == tops[i][0]])
-    cuts = []
-    for i, k in enumerate(ks):
-        if k >= numel:
-            cuts.append(MagnitudeCut(None, 0, 0))
-        elif k <= 0:
-            cuts.append(MagnitudeCut(math.inf, 0, 0))
-        else:
-            kth, _, n_above, n_equal = _finish_select(torch.cat(insides.pop(i)), k, *tops[i])
-            cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
-    return cuts
+    return _finish_cuts(ks, numel, tops, lambda i: torch.cat(insides.pop(i)))
 
 
 def delta_magnitude_cuts(
@@ -199,6 +190,22 @@ def delta_magnitude_cuts(
             rest = inside[i][filled[i] :]
             x, base = xs[i + 1].contiguous(), xs[0].contiguous()
             filled[i] += native.delta_bucket(x, base, int(tops[i][0]), rest)
+
+    def collected(i: int) -> Tensor:
+        assert filled[i] == inside[i].numel()  # the two passes saw the same entries
+        return inside.pop(i)
+
+    return _finish_cuts(ks, numel, tops, collected)
+
+
+def _finish_cuts(
+    ks: Sequence[int],
+    numel: int,
+    tops: dict[int, tuple[Tensor, Tensor]],
+    inside: Callable[[int], Tensor],
+) -> list[MagnitudeCut]:
+    """Every tensor's cut from its top bin (`_top_bin`) and the bits of its entries in that
+    bin (`inside(i)`, taken once, so each tensor's entries can be freed as it is done)."""
     cuts = []
     for i, k in enumerate(ks):
         if k >= numel:
@@ -206,8 +213,7 @@ def delta_magnitude_cuts(
         elif k <= 0:
             cuts.append(MagnitudeCut(math.inf, 0, 0))
         else:
-            assert filled[i] == inside[i].numel()  # the two passes saw the same entries
-            kth, _, n_above, n_equal = _finish_select(inside.pop(i), k, *tops[i])
+            kth, _, n_above, n_equal = _finish_select(inside(i), k, *tops[i])
             cuts.append(MagnitudeCut(_bits_to_float(kth), k - n_above, n_equal))
     return cuts
 
