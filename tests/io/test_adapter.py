@@ -248,6 +248,16 @@ def test_trainable_token_indices_replace_rows_as_peft_merges(
     emb = got["model.embed_tokens.weight"]
     moved = (emb - base).abs().amax(dim=1) > 0.1
     assert moved.nonzero().flatten().tolist() == [3, 5, 7]
+    # row blocks (the row-blocked and device read paths) get the same rows: blocks that split
+    # the trained tokens (4..6 holds 5 only), hold none, or all
+    ckpt = open_checkpoint(f"{family['base']}+{tmp_path / 'tt'}")
+    name = "model.embed_tokens.weight"
+    for step in (1, 2, 5, emb.shape[0]):
+        blocks = [
+            ckpt.read_rows(name, i, min(i + step, emb.shape[0]))
+            for i in range(0, emb.shape[0], step)
+        ]
+        assert torch.equal(torch.cat(blocks), emb), step
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_object", "bad_regex", "bad_index"])
