@@ -65,6 +65,20 @@ def launch(
     return res
 
 
+def gloo_ranks(module: str, *args: str) -> list[dict]:
+    """Run `-m MODULE ARGS` in 2 CPU processes with torch.distributed.run (FSDP2 over gloo:
+    accelerate enables FSDP only with GPUs); each rank writes ARGS[-1]/rank-R.json, returned
+    in rank order."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", module, *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-6000:]
+    return [json.loads((Path(args[-1]) / f"rank-{r}.json").read_text()) for r in (0, 1)]
+
+
 def dpo_doc(fam: dict[str, Path], out: Path, opt: str, batch: int) -> dict:
     """4 preference pairs; a global batch of 4 makes every step see all of them (any order)."""
     return {
@@ -305,15 +319,7 @@ def test_fsdp2_fully_shard_trains_on_gloo_like_one_process(
     """The installed torch runs FSDP2 on CPU processes over gloo: every parameter becomes a
     DTensor holding half the rows on each rank, and 3 sharded AdamW steps give the same weights
     as the unsharded model (float tolerance)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()),
-        "-m", "tests.train.fsdp2_worker", str(fam["sft1"]), str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-6000:]
-    infos = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    infos = gloo_ranks("tests.train.fsdp2_worker", str(fam["sft1"]), str(tmp_path))
     assert all(i["backend"] == "gloo" and i["dtensor"] for i in infos)
     name = "model.layers.0.mlp.up_proj.weight"  # [128, 64]: 64 rows on each rank
     assert infos[0]["local_shapes"][name] == infos[1]["local_shapes"][name] == [64, 64]

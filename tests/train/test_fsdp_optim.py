@@ -10,8 +10,6 @@ a resume through torch.distributed.checkpoint.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from tests.train.fsdp_optim_worker import CASES, Net
-from tests.train.test_ddp import ROOT, free_port
+from tests.train.test_ddp import ROOT, free_port, gloo_ranks
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,14 +38,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
         (root / name).mkdir()
         save_file(sd, root / name / "model.safetensors")
     save_file(sft, root / "sft.safetensors")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "tests.train.fsdp_optim_worker", str(root),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-6000:]
-    return [json.loads((root / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    return gloo_ranks("tests.train.fsdp_optim_worker", str(root))
 
 
 def test_shards_are_uneven_and_one_is_empty(results: list[dict]) -> None:

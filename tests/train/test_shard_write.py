@@ -10,10 +10,6 @@ embeddings (through `run.write_final`, the trainer's call), with 259 vocabulary 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,7 @@ from safetensors.torch import load_file
 from mergekit_rl.tiny import build_family
 from mergekit_rl.train.run import saved_tensor
 from tests.train.shard_write_worker import CASES
-from tests.train.test_ddp import ROOT, dpo_doc, free_port
+from tests.train.test_ddp import dpo_doc, gloo_ranks
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,14 +38,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
         doc = dpo_doc(fam, root / f"train-{case}", "ondare", 2)
         doc["training"]["seed"] = SEED
         (root / f"{case}.yaml").write_text(yaml.safe_dump(doc))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "tests.train.shard_write_worker", str(root),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-6000:]
-    return root, [json.loads((root / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    return root, gloo_ranks("tests.train.shard_write_worker", str(root))
 
 
 def files(folder: Path) -> dict[str, bytes]:
