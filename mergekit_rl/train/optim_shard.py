@@ -259,10 +259,7 @@ def decay_(
     opt: OnlineMergingAdamW, flat: Tensor, decay: float, key: int | None, start: int
 ) -> None:
     """`OnlineMergingAdamW._decay` on the local rows (start: their first global flat index)."""
-    if key is None:
-        if opt.decay_after_update:
-            flat.add_(flat, alpha=-decay)
-        else:
-            flat.mul_(1.0 - decay)
+    if key is None:  # rounded to nearest: no position is involved, the unsharded decay serves
+        opt._decay(flat, decay, None)
         return
     add_(flat, None, flat.float().mul_(-decay), key, start)
