@@ -17,7 +17,6 @@ from typing_extensions import Self
 
 from ..errors import MismatchError
 from ..io.reader import Checkpoint, open_checkpoint
-from ..io.safetensors_format import read_rows
 from ..merge import blend
 
 
@@ -73,15 +72,14 @@ def find_task_vector_rows(
 
 
 def read_checkpoint_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> Tensor:
-    """Rows start .. stop - 1 of a tensor (clipped to its rows) as float32: positional reads of
-    those rows alone from safetensors; other storage (pickles, a LoRA adapter to merge in) is
-    read whole and sliced."""
+    """Rows start .. stop - 1 of a tensor (clipped to its rows) as float32, through
+    `Checkpoint.read_rows` (positional reads of those rows alone, a LoRA adapter merged in as
+    a whole read would); pickles and 0-dim tensors are read whole and sliced."""
     info = ckpt.info(name)
     stop = max(start, min(stop, info.shape[0] if info.shape else 0))
-    plain = not ckpt.source.pickle and ckpt.adapter is None and ckpt.source.remote_headers is None
-    if plain and info.shape and info.offset >= 0 and info.nbytes > 0:
-        return read_rows(info, start, stop).to(torch.float32)
-    return ckpt.read(name, dtype=torch.float32)[start:stop]
+    if ckpt.source.pickle or not info.shape or ckpt.source.remote_headers is not None:
+        return ckpt.read(name, dtype=torch.float32)[start:stop]
+    return ckpt.read_rows(name, start, stop).to(torch.float32)
 
 
 class _Closing:
