@@ -151,7 +151,9 @@ def _dry_run(
     if processes is None:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
     if fsdp is None:
-        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+        from mergekit_rl.train.run import accelerate_uses
+
+        fsdp = accelerate_uses("FSDP")
     plan = plan_for_recipe(parsed, processes, fsdp)
     if json:
         memory = {

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import OutputExistsError, RunError, UsageError
 from ..io.card import model_card, provenance, write_aux_files
-from ..io.reader import open_checkpoint
+from ..io.reader import all_finite, open_checkpoint
 from ..io.reference import split_adapter_ref
 from ..io.writer import CheckpointWriter, check_output_path
 from ..merge import rng, rounding
@@ -249,9 +249,14 @@ def main_process_first() -> Any:
     return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
 
 
+def accelerate_uses(engine: str) -> bool:
+    """Whether `accelerate launch` set ACCELERATE_USE_<ENGINE> (FSDP, DEEPSPEED) for us."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true", "yes")
+
+
 def check_deepspeed(recipe: TrainRecipe) -> None:
     """Refuse DeepSpeed ZeRO with in-place weight editing (recipe key or accelerate env)."""
-    env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    env = accelerate_uses("DEEPSPEED")
     merging = recipe.optimizer.name in ONLINE_MERGING or recipe.elastic_reset is not None
     if merging and (env or recipe.training.deepspeed):
         where = "training.deepspeed" if recipe.training.deepspeed else "ACCELERATE_USE_DEEPSPEED"
@@ -262,8 +267,7 @@ def check_fsdp(recipe: TrainRecipe) -> None:
     """Refuse, before anything is loaded, what does not run on FSDP2's shards (accelerate's
     ACCELERATE_USE_FSDP): OnTIES' tau_l1_rescale. OnDARE / OnTIES and Elastic Reset work on
     each rank's rows (train/optim_shard.py); plain AdamW is accelerate's business."""
-    env = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
-    if not env:
+    if not accelerate_uses("FSDP"):
         return
     if recipe.optimizer.name == "onties" and recipe.optimizer.tau_l1_rescale:
         raise UsageError(
@@ -717,7 +721,7 @@ def final_writer(
 
         def take(name: str, t: torch.Tensor) -> None:
             saved = saved_tensor(name, t, dtypes[name], recipe.training.seed)
-            if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+            if not all_finite(saved):
                 raise RunError(
                     f"trained tensor '{name}' contains NaN or Inf (in {dtypes[name]}); no "
                     "final model was written. Lower training.learning_rate or optimizer.alpha."
