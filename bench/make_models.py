@@ -24,7 +24,8 @@ from transformers import LlamaConfig
 
 from mergekit_rl.io.writer import CheckpointWriter, Entry
 
-# Llama-like shapes; vocab 32000, full multi-head attention, untied lm_head.
+# Llama-like shapes; vocab 32000, untied lm_head, full multi-head attention unless the size
+# names its key/value heads (grouped-query attention, as TinyLlama).
 SIZES: dict[str, dict[str, int]] = {
     "micro": dict(  # ~8 MB, for the smoke test
         hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4
@@ -38,6 +39,20 @@ SIZES: dict[str, dict[str, int]] = {
     "0.5B": dict(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=26, num_attention_heads=16
     ),
+    "0.35B": dict(  # the 1.1B layout at half the width: its tensors a quarter as large
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=22,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    ),
+    "1.1B": dict(  # TinyLlama-1.1B's shapes (the merge benchmarks' reference family)
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
     "1.5B": dict(
         hidden_size=2048, intermediate_size=5504, num_hidden_layers=28, num_attention_heads=16
     ),
@@ -48,10 +63,9 @@ NOISE = 0.002  # fine-tuning deltas ~ N(0, NOISE^2)
 
 
 def make_config(size: str) -> LlamaConfig:
-    shape = SIZES[size]
+    shape = {"num_key_value_heads": SIZES[size]["num_attention_heads"], **SIZES[size]}
     return LlamaConfig(
         vocab_size=VOCAB,
-        num_key_value_heads=shape["num_attention_heads"],
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
