@@ -7,10 +7,13 @@ passthrough), the random sparsifiers (their masks hash each entry's flat index, 
 tensor has at least 2 dimensions. Whole-tensor quantities come from first passes over the
 blocks, then the blocks are merged in order:
 - TIES: each task vector's global magnitude cut (two reads), each block consuming its share
-  of the ties;
+  of the ties; Model Breadcrumbs: two cuts per task vector (the kept band's top and its
+  outliers), from the same two reads;
 - an L1 rescale: each model's whole-tensor factor, from the stable sums of |delta| and
   |kept delta| (one read, after the cuts when there are some);
-- slerp: the angle, from float64 stable sums of a^2, b^2 and a.b (one read).
+- slerp and nuslerp (flattened): the angle, from float64 stable sums of a^2, b^2 and a.b
+  (one read); nuslerp per row (its default vectors are rows of the last dimension) streams
+  as is.
 So no float32 copy of the whole tensor is ever made, and the result is bit-identical to the
 whole-tensor merge (tests/merge/test_blocks.py).
 """
@@ -27,13 +30,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import blend, selection, sparsify, task_vectors
+from . import blend, methods, selection, sparsify, task_vectors
 from .registry import MergeMethod, TensorContext
 
 ROW_LOCAL = {"linear", "task_arithmetic", "passthrough", "dare_linear", "dare_ties"}
 PER_ROW = {"della", "della_linear", "model_stock"}  # rows of the last dimension
-NEEDS_CUTS = {"ties"}
-NEEDS_ANGLE = {"slerp"}
+NEEDS_CUTS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+BREADCRUMBS = {"breadcrumbs", "breadcrumbs_ties"}  # cut pairs: (top n_top + n_keep, top n_top)
+NEEDS_ANGLE = {"slerp", "nuslerp"}
 
 # (block with .offset, float32 inputs: base first when the method has one) per block, in order
 Stream = Callable[[], Iterator[tuple[Any, list[Tensor]]]]
@@ -46,7 +50,7 @@ def block_mode(
     slerp angle first) or None (whole). An L1 rescale adds a pass to any of them
     (`needs_l1`)."""
     try:
-        method.global_params.model_validate(global_params)
+        gp = method.global_params.model_validate(global_params)
     except ValueError:
         return None  # the whole-tensor run reports the error
     if method.name in ROW_LOCAL:
@@ -57,6 +61,10 @@ def block_mode(
         return "rows"
     if method.name in NEEDS_CUTS:
         return "cuts"
+    if method.name == "nuslerp" and not gp.nuslerp_flatten:  # type: ignore[attr-defined]
+        # vectors along the last dimension are whole rows; along the first, whole columns
+        row_wise = gp.nuslerp_row_wise  # type: ignore[attr-defined]
+        return "rows" if not row_wise and len(shape) >= 2 else None
     if method.name in NEEDS_ANGLE:
         return "angle"
     return None
@@ -83,11 +91,15 @@ def merge_blocks(
     mode = block_mode(method, shape, global_params)
     if mode is None:
         return None
-    cuts = _cuts(stream, shape, model_params, ctx.min_keep) if mode == "cuts" else None
+    cuts = None
+    if mode == "cuts" and method.name in BREADCRUMBS:
+        parsed = [method.model_params.model_validate(p) for p in model_params]
+        cuts = _breadcrumbs_cuts(stream, shape, parsed)
+    elif mode == "cuts":
+        cuts = _cuts(stream, shape, model_params, ctx.min_keep)
     angle = None
     if mode == "angle":
-        t = method.global_params.model_validate(global_params).t  # type: ignore[attr-defined]
-        angle = blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for _, xs in stream()), t)
+        angle = _angle(method, ctx, stream, has_base, model_params, global_params)
     whole = replace(ctx, cuts=cuts, slerp=angle)
     masks = None
     if needs_l1(method, global_params):
@@ -105,6 +117,30 @@ def merge_blocks(
     return results()
 
 
+def _angle(
+    method: MergeMethod,
+    ctx: TensorContext,
+    stream: Stream,
+    has_base: bool,
+    model_params: list[dict[str, Any]],
+    global_params: dict[str, Any],
+) -> blend.SlerpWeights:
+    """The whole tensor's slerp weights: slerp from the base (xs[0]) to the model (xs[1]),
+    nuslerp between its two models (or their task vectors over the base). One read."""
+    if method.name == "slerp":
+        t = method.global_params.model_validate(global_params).t  # type: ignore[attr-defined]
+        return blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for _, xs in stream()), t)
+    t = methods.nuslerp_t(ctx, [method.model_params.model_validate(p) for p in model_params])
+
+    def pairs() -> Iterator[tuple[Tensor, Tensor]]:
+        for _, xs in stream():
+            yield methods.nuslerp_pair(xs[1:], xs[0]) if has_base else (xs[0], xs[1])
+
+    return blend.slerp_weights(
+        blend.slerp_sums(pairs()), t, parallel_cos=methods.NUSLERP_PARALLEL_COS
+    )
+
+
 def _cuts(
     stream: Stream, shape: tuple[int, ...], model_params: list[dict[str, Any]], min_keep: int
 ) -> tuple[selection.MagnitudeCut, ...]:
@@ -112,6 +148,22 @@ def _cuts(
     numel = math.prod(shape)
     ks = [sparsify.magnitude_k(float(p.get("density", 1.0)), numel, min_keep) for p in model_params]
     return tuple(selection.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
+
+
+def _breadcrumbs_cuts(
+    stream: Stream, shape: tuple[int, ...], model_params: list[Any]
+) -> tuple[tuple[selection.MagnitudeCut, selection.MagnitudeCut | None], ...]:
+    """Every model's Model Breadcrumbs cuts of its whole task vector (the top n_top + n_keep
+    entries, and the top n_top outliers or None): one radix select of 2N cuts, two reads."""
+    numel, n = math.prod(shape), len(model_params)
+    counts = [sparsify.breadcrumbs_counts(p.density, p.gamma, numel) for p in model_params]
+    ks = [n_top + n_keep for n_keep, n_top in counts] + [n_top for _, n_top in counts]
+
+    def blocks() -> Iterator[list[Tensor]]:  # [base, x_1..x_N, x_1..x_N]: each delta twice
+        return ([*xs, *xs[1:]] for _, xs in stream())
+
+    cuts = selection.delta_magnitude_cuts(blocks, numel, ks)
+    return tuple((cuts[i], cuts[n + i] if counts[i][1] > 0 else None) for i in range(n))
 
 
 # random sparsifiers whose keep decisions the L1 pass records (bit-packed, 1 bit per entry and

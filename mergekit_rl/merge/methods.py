@@ -100,6 +100,19 @@ def _unvectors(rows: Tensor, like: Tensor, row_wise: bool) -> Tensor:
     return rows.reshape(moved).movedim(-1, 0)
 
 
+def nuslerp_t(ctx: TensorContext, model_params: list[WeightParams]) -> float:
+    """nuslerp's t = w_2 / (w_1 + w_2)."""
+    weights = [p.weight for p in model_params]
+    return weights[1] / _weight_sum(ctx, weights, "nuslerp")
+
+
+def nuslerp_pair(tensors: list[Tensor], base: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The two tensors nuslerp interpolates: the models, or their task vectors with a base."""
+    if base is None:
+        return tensors[0], tensors[1]
+    return tensors[0] - base, tensors[1] - base
+
+
 def nuslerp(
     ctx: TensorContext,
     tensors: list[Tensor],
@@ -109,11 +122,10 @@ def nuslerp(
 ) -> Tensor:
     """Slerp between two models with t = w_2 / (w_1 + w_2); with a base, slerp their task
     vectors and add the base. Whole tensor (flatten) or one vector at a time."""
-    weights = [p.weight for p in model_params]
-    t = weights[1] / _weight_sum(ctx, weights, "nuslerp")
-    a, b = (tensors[0], tensors[1]) if base is None else (tensors[0] - base, tensors[1] - base)
-    if global_params.nuslerp_flatten:
-        out = blend.slerp(a, b, t, parallel_cos=NUSLERP_PARALLEL_COS)
+    t = nuslerp_t(ctx, model_params)
+    a, b = nuslerp_pair(tensors, base)
+    if global_params.nuslerp_flatten:  # ctx.slerp: the whole tensor's angle, for a row block
+        out = blend.slerp(a, b, t, parallel_cos=NUSLERP_PARALLEL_COS, weights=ctx.slerp)
     else:
         row_wise = global_params.nuslerp_row_wise
         va, vb = _vectors(a, row_wise), _vectors(b, row_wise)

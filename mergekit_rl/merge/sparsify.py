@@ -60,24 +60,39 @@ def bernoulli(
     return Kept(rng.hash_keep(delta, density, key, offset=offset), density)
 
 
-def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
-    """Model Breadcrumbs: drop the top `gamma` fraction by |delta| (outliers), then keep the
-    next int(density * numel) entries, i.e. drop the bottom 1 - density - gamma.
-
-    Counts are n_keep = int(density * n) and n_top = int(gamma * n); when n_top + n_keep > n the
-    top cut shrinks to n - n_keep so that density is always met. gamma = 0 (or a tensor too small
-    for one outlier) is plain magnitude pruning, never an all-zero tensor. Both cuts rank by
-    |delta| with ties in index order, so exactly n_keep entries are kept.
-    """
-    n = delta.numel()
+def breadcrumbs_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """(n_keep, n_top) of Model Breadcrumbs on n entries: keep int(density * n) entries below
+    the int(gamma * n) largest ones; the top cut shrinks to n - n_keep when both do not fit,
+    so that density is always met."""
     n_keep = min(int(density * n), n)
-    n_top = min(int(gamma * n), n - n_keep)
+    return n_keep, min(int(gamma * n), n - n_keep)
+
+
+def breadcrumbs(
+    delta: Tensor,
+    density: float,
+    gamma: float,
+    cuts: tuple[selection.MagnitudeCut, selection.MagnitudeCut | None] | None = None,
+) -> Kept:
+    """Model Breadcrumbs: drop the top `gamma` fraction by |delta| (outliers), then keep the
+    next int(density * numel) entries, i.e. drop the bottom 1 - density - gamma
+    (`breadcrumbs_counts`).
+
+    gamma = 0 (or a tensor too small for one outlier) is plain magnitude pruning, never an
+    all-zero tensor. Both cuts rank by |delta| with ties in index order, so exactly n_keep
+    entries are kept. `cuts`: the whole tensor's (top n_top + n_keep, top n_top) cuts when
+    delta is one row block of it (from a first pass over the blocks; consumed in order).
+    """
+    if cuts is None:
+        n = delta.numel()
+        n_keep, n_top = breadcrumbs_counts(density, gamma, n)
+        top = selection.magnitude_cut(delta, n, n_top) if n_top > 0 else None
+        cuts = (selection.magnitude_cut(delta, n, n_top + n_keep), top)
     # keep the top (n_top + n_keep) by magnitude, then remove the top n_top outliers from them:
     # one total order (|delta| descending, index ascending), so the top n_top are among them
-    kept = selection.apply_cut_(delta, selection.magnitude_cut(delta, n, n_top + n_keep))
-    if n_top > 0:
-        cut = selection.magnitude_cut(delta, n, n_top)
-        kept -= selection.apply_cut_(delta, cut)  # x - x = 0 exactly
+    kept = selection.apply_cut_(delta, cuts[0])
+    if cuts[1] is not None:
+        kept -= selection.apply_cut_(delta, cuts[1])  # x - x = 0 exactly
     return Kept(kept, density)
 
 

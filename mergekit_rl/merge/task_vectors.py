@@ -108,7 +108,8 @@ def _random(delta: Tensor, p: DensityParams, ctx: TensorContext, i: int) -> spar
 
 
 def _breadcrumbs(delta: Tensor, p: BreadcrumbsParams, ctx: TensorContext, i: int) -> sparsify.Kept:
-    return sparsify.breadcrumbs(delta, p.density, p.gamma)
+    cuts = None if ctx.cuts is None else ctx.cuts[i]  # (top n_top + n_keep, top n_top)
+    return sparsify.breadcrumbs(delta, p.density, p.gamma, cuts)
 
 
 def _della(delta: Tensor, p: DellaParams, ctx: TensorContext, i: int) -> sparsify.Kept:

@@ -44,6 +44,9 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "della": ({"density": 0.5, "epsilon": 0.2}, {"rescale_mode": "inverse_density"}),
     "della_linear": ({"density": 0.5, "epsilon": 0.1}, {"rescale": False}),
     "model_stock": ({}, {"filter_wise": True}),
+    "breadcrumbs": ({"density": 0.5, "gamma": 0.1, "weight": 0.7}, {}),
+    "breadcrumbs_ties": ({"density": 0.3, "gamma": 0.05}, {}),
+    "breadcrumbs:gamma0": ({"density": 0.4, "gamma": 0.0}, {}),  # no outlier cut
     "passthrough": ({"scale": 0.5}, {}),
     # whole-tensor quantities from a first pass over the blocks
     "dare_ties:l1": ({"density": 0.6, "weight": 0.7}, {}),  # the default L1 rescale
@@ -52,19 +55,31 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "della:l1": ({"density": 0.5, "epsilon": 0.2}, {}),
     "della_linear:l1": ({"density": 0.5, "epsilon": 0.1}, {"rescale": True}),
     "slerp": ({}, {"t": 0.3}),
+    "nuslerp": ({"weight": 0.6}, {}),  # flattened: the angle from a first pass
+    "nuslerp:rows": ({"weight": 0.6}, {"nuslerp_flatten": False}),  # per row: no first pass
 }
+
+
+def test_nuslerp_of_two_models_without_a_base_streams_its_angle() -> None:
+    _, xs = _inputs((40, 24), 2, seed=21)
+    method, ctx = get_method("nuslerp"), TensorContext("w", ("m0", "m1"), 0)
+    mps = [{"weight": 0.3}, {"weight": 0.9}]
+    whole = method.run(ctx, xs, None, mps, {})
+    parts = blocks.merge_blocks(method, ctx, (40, 24), _stream(xs, 7), False, mps, {}, 6)
+    assert parts is not None
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_blocks_equal_the_whole_tensor(name: str, rows: int) -> None:
     method = get_method(name.split(":")[0])
-    n = 1 if method.max_models == 1 else 3
+    n = method.max_models if method.max_models in (1, 2) else 3
     base, xs = _inputs((40, 24), n, seed=len(name))
     mp, gp = CASES[name]
     mps = [dict(mp) for _ in range(n)]
     ctx = TensorContext("model.layers.0.mlp.up_proj.weight", tuple(f"m{i}" for i in range(n)), 5)
-    use_base = method.needs_base
+    use_base = method.needs_base or name.startswith("nuslerp")  # nuslerp of task vectors
     whole = method.run(ctx, xs, base if use_base else None, mps, gp)
     tensors = [base, *xs] if use_base else xs
     stream = _stream(tensors, rows)
@@ -140,9 +155,9 @@ def test_ties_blocks_keep_mergekits_one_entry_at_tiny_density(min_keep: int) -> 
 @pytest.mark.parametrize(
     "name,gp,shape",
     [
-        ("breadcrumbs", {}, (8, 8)),
         ("della_linear", {"rescale": False}, (64,)),  # one row: its ranks span the tensor
         ("model_stock", {}, (8, 8)),
+        ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, (8, 8)),  # columns
     ],
 )
 def test_merges_that_need_the_whole_tensor_are_not_blocked(name: str, gp: dict, shape) -> None:
