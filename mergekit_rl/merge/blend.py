@@ -65,21 +65,46 @@ class SlerpWeights:
 REDUCE_CHUNK = 1 << 20
 
 
+def gram_sums(pieces: Iterable[Sequence[Tensor]]) -> Tensor:
+    """G[i, j] = sum of v_i * v_j over every entry, in float64, for n same-shape tensors given
+    as matching pieces in index order (whole tensors, or row blocks: a list of one piece of
+    each tensor per step). Each entry is a `StableSum`, so G is the same whatever the pieces
+    (and the thread count). Each piece is widened REDUCE_CHUNK entries at a time. [n, n]."""
+    sums: dict[tuple[int, int], StableSum] = {}
+    n = 0
+    for vs in pieces:
+        flats, n = [v.reshape(-1) for v in vs], len(vs)
+        for start in range(0, flats[0].numel(), REDUCE_CHUNK):
+            wide = [f[start : start + REDUCE_CHUNK].double() for f in flats]  # (no copy: f64)
+            for i in range(n):
+                for j in range(i, n):
+                    sums.setdefault((i, j), StableSum()).add(wide[i] * wide[j])
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for (i, j), acc in sums.items():
+        gram[i, j] = gram[j, i] = acc.total()
+    return gram
+
+
 def slerp_sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """(sum a^2, sum b^2, sum a*b) in float64 over two same-shape tensors given as matching
-    pieces in index order (whole tensors, or row blocks), as `StableSum`s: the same three
-    values whatever the pieces. Each piece is widened REDUCE_CHUNK entries at a time."""
-    sums = (StableSum(), StableSum(), StableSum())
-    for a, b in pairs:
-        fa, fb = a.reshape(-1), b.reshape(-1)
-        for start in range(0, fa.numel(), REDUCE_CHUNK):
-            a64 = fa[start : start + REDUCE_CHUNK].double()  # (float64 inputs: no copy)
-            b64 = fb[start : start + REDUCE_CHUNK].double()
-            sums[0].add(a64 * a64)
-            sums[1].add(b64 * b64)
-            sums[2].add(a64 * b64)
-    aa, bb, ab = (s.total() for s in sums)
-    return aa, bb, ab
+    pieces in index order (whole tensors, or row blocks): `gram_sums` of the pair."""
+    gram = gram_sums(pairs)
+    return gram[0, 0], gram[1, 1], gram[0, 1]
+
+
+def weighted_sum_f64(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+    """sum_i c_i * x_i accumulated in float64 (REDUCE_CHUNK entries at a time, so the float64
+    copies stay a few MB) and rounded once to x_0's dtype: for coefficients from whole-tensor
+    float64 arithmetic (karcher), which a float32 accumulation would round a second time."""
+    flats = [x.reshape(-1) for x in tensors]
+    out = torch.empty_like(flats[0])
+    for start in range(0, out.numel(), REDUCE_CHUNK):
+        stop = start + REDUCE_CHUNK
+        acc = flats[0][start:stop].double() * float(coefficients[0])
+        for x, c in zip(flats[1:], coefficients[1:], strict=True):
+            acc.add_(x[start:stop].double(), alpha=float(c))
+        out[start:stop] = acc
+    return out.view(tensors[0].shape)
 
 
 def slerp_weights(

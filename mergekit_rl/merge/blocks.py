@@ -11,6 +11,8 @@ blocks, then the blocks are merged in order:
   outliers), from the same two reads;
 - an L1 rescale: each model's whole-tensor factor, from the stable sums of |delta| and
   |kept delta| (one read, after the cuts when there are some);
+- karcher and model_stock (one cosine per tensor): the float64 Gram matrix of their vectors
+  (one read), from which karcher's mean is a weighted sum of the inputs;
 - slerp and nuslerp (flattened): the angle, from float64 stable sums of a^2, b^2 and a.b
   (one read); nuslerp per row (its default vectors are rows of the last dimension) streams
   as is.
@@ -38,6 +40,11 @@ PER_ROW = {"della", "della_linear", "model_stock"}  # rows of the last dimension
 NEEDS_CUTS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 BREADCRUMBS = {"breadcrumbs", "breadcrumbs_ties"}  # cut pairs: (top n_top + n_keep, top n_top)
 NEEDS_ANGLE = {"slerp", "nuslerp"}
+# the Gram matrix of these vectors (inputs, base) over the whole tensor, from a first pass
+GRAM_VECTORS: dict[str, Callable[[list[Tensor], Tensor | None], list[Tensor]]] = {
+    "karcher": lambda models, base: models,
+    "model_stock": lambda models, base: methods.model_stock_vectors(models, base),  # type: ignore[arg-type]
+}
 
 # (block with .offset, float32 inputs: base first when the method has one) per block, in order
 Stream = Callable[[], Iterator[tuple[Any, list[Tensor]]]]
@@ -47,7 +54,7 @@ def block_mode(
     method: MergeMethod, shape: tuple[int, ...], global_params: dict[str, Any]
 ) -> str | None:
     """ "rows" (each block on its own), "cuts" (global magnitude cuts first), "angle" (the
-    slerp angle first) or None (whole). An L1 rescale adds a pass to any of them
+    slerp angle first), "gram" (the Gram matrix first) or None (whole). An L1 rescale adds a pass to any of them
     (`needs_l1`)."""
     try:
         gp = method.global_params.model_validate(global_params)
@@ -55,10 +62,12 @@ def block_mode(
         return None  # the whole-tensor run reports the error
     if method.name in ROW_LOCAL:
         return "rows"
+    if method.name == "model_stock" and not gp.filter_wise:  # type: ignore[attr-defined]
+        return "gram"  # one cosine over the whole tensor
     if method.name in PER_ROW and len(shape) >= 2:
-        if method.name == "model_stock" and not global_params.get("filter_wise", False):
-            return None  # one cosine over the whole tensor
         return "rows"
+    if method.name == "karcher":
+        return "gram"
     if method.name in NEEDS_CUTS:
         return "cuts"
     if method.name == "nuslerp" and not gp.nuslerp_flatten:  # type: ignore[attr-defined]
@@ -100,7 +109,12 @@ def merge_blocks(
     angle = None
     if mode == "angle":
         angle = _angle(method, ctx, stream, has_base, model_params, global_params)
-    whole = replace(ctx, cuts=cuts, slerp=angle)
+    gram = None
+    if mode == "gram":
+        split = (lambda xs: (xs[1:], xs[0])) if has_base else (lambda xs: (xs, None))
+        vectors = GRAM_VECTORS[method.name]
+        gram = blend.gram_sums(vectors(*split(xs)) for _, xs in stream())
+    whole = replace(ctx, cuts=cuts, slerp=angle, gram=gram)
     masks = None
     if needs_l1(method, global_params):
         factors, masks = _l1_factors(method, whole, stream, model_params)

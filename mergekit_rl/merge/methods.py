@@ -153,38 +153,63 @@ def karcher(
     mean of their norms. Uniform weights; a base tensor is ignored, as for linear (a `models:`
     recipe's base_model is one more model).
 
+    The mean direction is always a combination of the inputs, so it is iterated as
+    coefficients against their float64 Gram matrix (`karcher_coefficients`), and the result is
+    one float64 weighted sum of the inputs: `ctx.gram` carries the whole tensor's matrix when
+    the tensors are one row block of it (a first pass over the blocks).
+    """
+    gram = ctx.gram if ctx.gram is not None else blend.gram_sums([tensors])
+    coefficients = karcher_coefficients(gram, global_params.max_iter, global_params.tol)
+    if not any(coefficients):
+        return torch.zeros_like(tensors[0])  # every input is (near) zero: +0.0, whatever x is
+    return blend.weighted_sum_f64(tensors, coefficients)
+
+
+def karcher_coefficients(gram: Tensor, max_iter: int, tol: float) -> list[float]:
+    """c such that sum_i c_i x_i is the Karcher mean of inputs with Gram matrix `gram` [n, n].
+
     Directions u_i = x_i / |x_i| (inputs with |x_i| <= tol drop out of the direction but count
     in the norm mean). Start from the normalised Euclidean mean, then repeat: step along the
     mean of the log maps, g = mean_i theta_i / sin(theta_i) * (u_i - cos(theta_i) m), with the
-    exponential map m <- cos|g| m + sin|g| g/|g|, until |g| < tol or max_iter steps.
-    Computed in float64 (the tensors are flattened to vectors).
+    exponential map m <- cos|g| m + sin|g| g/|g|, until |g| < tol or max_iter steps. m and g
+    are coefficient vectors over the u_i ([k], float64): m.u_j = (U m)_j and |m|^2 = m.U m
+    with U the Gram matrix of the directions.
     """
-    tol = global_params.tol
-    xs = [x.reshape(-1).double() for x in tensors]
-    norms = [float(x.norm()) for x in xs]
-    units = [x / r for x, r in zip(xs, norms, strict=True) if r > tol]
-    if not units:
-        return torch.zeros_like(tensors[0])
-    alpha = 1.0 / len(units)
+    norms = gram.diagonal().sqrt()  # [n]
+    live = [i for i in range(len(norms)) if float(norms[i]) > tol]
+    if not live:
+        return [0.0] * len(norms)  # every input is (near) zero: so is the mean
+    r = norms[live]
+    units = gram[live][:, live] / (r[:, None] * r[None, :])  # [k, k]
 
-    m = blend.weighted_sum(units, [alpha] * len(units))
-    m_norm = float(m.norm())
-    m = units[0].clone() if m_norm < tol else m / m_norm
-    for _ in range(global_params.max_iter):
-        g = torch.zeros_like(m)
-        for u in units:
-            cos = min(max(float(torch.dot(m, u)), -1.0), 1.0)
+    def norm(v: Tensor) -> float:
+        return math.sqrt(max(float(v @ units @ v), 0.0))
+
+    k = len(live)
+    alpha = 1.0 / k
+    m = torch.full((k,), alpha, dtype=torch.float64)
+    m_norm = norm(m)
+    m = torch.eye(k, dtype=torch.float64)[0] if m_norm < tol else m / m_norm
+    for _ in range(max_iter):
+        g = torch.zeros(k, dtype=torch.float64)
+        cosines = units @ m  # [k]: m . u_j
+        for j in range(k):
+            cos = min(max(float(cosines[j]), -1.0), 1.0)
             theta = math.acos(cos)
             if theta < tol or math.sin(theta) < tol:  # same point, or antipodal (no log map)
                 continue
-            g.add_(u - cos * m, alpha=alpha * theta / math.sin(theta))
-        g_norm = float(g.norm())
+            g -= (alpha * theta / math.sin(theta) * cos) * m
+            g[j] += alpha * theta / math.sin(theta)
+        g_norm = norm(g)
         if g_norm < tol:
             break
         m = math.cos(g_norm) * m + math.sin(g_norm) * (g / g_norm)
-        m = m / m.norm()
-    scale = sum(norms) / len(norms)
-    return (scale * m).reshape(tensors[0].shape).to(tensors[0].dtype)
+        m = m / norm(m)
+    scale = float(norms.mean())
+    coefficients = [0.0] * len(norms)
+    for j, i in enumerate(live):
+        coefficients[i] = scale * float(m[j]) / float(norms[i])  # u_i = x_i / |x_i|
+    return coefficients
 
 
 # ---- model stock -------------------------------------------------------------------------------
@@ -212,10 +237,19 @@ def model_stock(
             return x.reshape(1, -1)
         return x.reshape(-1, x.shape[-1])
 
-    deltas = [rows(x - base).double() for x in tensors]
-    norms = [d.norm(dim=-1) for d in deltas]  # each [R]
+    if global_params.filter_wise:
+        deltas = [rows(x - base).double() for x in tensors]
+        norms = [d.norm(dim=-1) for d in deltas]  # each [R]
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        dots = {(i, j): (deltas[i] * deltas[j]).sum(-1) for i, j in pairs}
+    else:  # one cosine over the whole tensor: from the Gram matrix (ctx.gram: a row block's)
+        gram = ctx.gram
+        if gram is None:
+            gram = blend.gram_sums([model_stock_vectors(tensors, base)])
+        norms = [gram[i, i].sqrt().reshape(1) for i in range(n)]  # each [1]
+        dots = {(i, j): gram[i, j].reshape(1) for i in range(n) for j in range(i + 1, n)}
     cos_pairs = [
-        ((deltas[i] * deltas[j]).sum(-1) / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1, 1)
+        (dots[i, j] / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1, 1)
         for i in range(n)
         for j in range(i + 1, n)
     ]
@@ -227,6 +261,11 @@ def model_stock(
     t_b = t.to(base.dtype).reshape(-1, 1)  # [R, 1], broadcast over each row
     out = blend.lerp(rows(base), rows(mean), t_b)
     return out.reshape(base.shape)
+
+
+def model_stock_vectors(tensors: list[Tensor], base: Tensor) -> list[Tensor]:
+    """The task vectors whose whole-tensor angles set model_stock's ratio."""
+    return [x - base for x in tensors]
 
 
 # ---- passthrough -------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class TensorContext:
     # per-model L1 rescale factor of the whole tensor (blend.l1_factor; None: nothing kept)
     l1_factors: tuple[float | None, ...] | None = None
     slerp: Any = None  # blend.SlerpWeights of the whole tensor (slerp's angle)
+    # float64 [n, n] Gram matrix of the method's vectors over the whole tensor (karcher's
+    # inputs, model_stock's task vectors): blend.gram_sums
+    gram: Any = None
     # per-model bool keep mask of this block, recorded by an earlier pass over the blocks (the
     # random sparsifiers need not draw it again): kept = delta * mask
     keep_masks: tuple[Any, ...] | None = None

@@ -44,6 +44,8 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "della": ({"density": 0.5, "epsilon": 0.2}, {"rescale_mode": "inverse_density"}),
     "della_linear": ({"density": 0.5, "epsilon": 0.1}, {"rescale": False}),
     "model_stock": ({}, {"filter_wise": True}),
+    "model_stock:whole": ({}, {}),  # one cosine: the Gram matrix from a first pass
+    "karcher": ({}, {"max_iter": 50, "tol": 1e-9}),  # its mean: a weighted sum of the inputs
     "breadcrumbs": ({"density": 0.5, "gamma": 0.1, "weight": 0.7}, {}),
     "breadcrumbs_ties": ({"density": 0.3, "gamma": 0.05}, {}),
     "breadcrumbs:gamma0": ({"density": 0.4, "gamma": 0.0}, {}),  # no outlier cut
@@ -156,7 +158,7 @@ def test_ties_blocks_keep_mergekits_one_entry_at_tiny_density(min_keep: int) -> 
     "name,gp,shape",
     [
         ("della_linear", {"rescale": False}, (64,)),  # one row: its ranks span the tensor
-        ("model_stock", {}, (8, 8)),
+        ("model_stock", {"filter_wise": True}, (64,)),  # one row: its cosine spans it
         ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, (8, 8)),  # columns
     ],
 )
