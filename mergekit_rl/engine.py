@@ -10,8 +10,9 @@ Tensors larger than `RunOptions.block_elems` entries (a 256k-vocabulary embeddin
 in row blocks when the compute says how (`compute.blocked`, see `rowwise`): inputs are read a
 block of rows at a time and each block's result is written as it comes, so peak memory follows
 the block size, not the vocabulary. Results equal the whole-tensor ones bit for bit. Every
-built-in method but breadcrumbs, karcher, nuslerp and whole-tensor model_stock streams: cuts,
-L1 norms and slerp angles come from first passes over the blocks (`merge.blocks`).
+built-in method streams (all but nuslerp over columns, and a union vocabulary's remapped rows):
+cuts, L1 norms, slerp angles and Gram matrices come from first passes over the blocks
+(`merge.blocks`).
 
 Each input's compute copy and each output's cast go into buffers the run reuses
 (`BufferPool`), so a job does not fault in fresh pages for them.
