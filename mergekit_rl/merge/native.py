@@ -14,6 +14,8 @@ result (tests run both).
   rounding ops and a scatter.
 - `positions`: where each of a sorted list of indices sits in another sorted list (-1 if
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
+- `rank_rows`: DELLA's per-row magnitude ranks with a radix sort per row (O(d)), where torch
+  needs a stable comparison sort and a scatter.
 - `delta_hist`, `delta_bucket`: the two passes of TIES' magnitude cut over row blocks
   (`selection.delta_magnitude_cuts`) straight from x and base: the bits of |x - base| counted by
   their top 16 bits, then those of one bucket collected, where torch needs a delta, an abs,
@@ -193,6 +195,28 @@ int64_t delta_bucket_f32(const float *x, const float *b, int64_t n, uint32_t buc
     return c;
 }
 
+/* DELLA's ranks (sparsify.della_keep_prob): for each of `rows` rows of d keys, ranks[i] = the
+   position of entry i in the row's stable ascending order (ties by position). An LSD radix
+   sort, 8 bits a digit, skipping digits every key of the row shares: O(d) per row where a
+   comparison sort is O(d log d). a and b hold d indices each (the sort's two buffers). */
+void rank_rows_u32(const uint32_t *keys, int64_t rows, int64_t d, int64_t *ranks,
+                   uint32_t *a, uint32_t *b) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint32_t *k = keys + r * d;
+        uint32_t all_or = 0, all_and = 0xFFFFFFFFu;
+        for (int64_t i = 0; i < d; i++) { a[i] = (uint32_t)i; all_or |= k[i]; all_and &= k[i]; }
+        for (int shift = 0; shift < 32; shift += 8) {
+            if ((((all_or ^ all_and) >> shift) & 0xFFu) == 0) continue;  /* one digit value */
+            int64_t count[257] = {0};
+            for (int64_t i = 0; i < d; i++) count[((k[a[i]] >> shift) & 0xFFu) + 1]++;
+            for (int v = 0; v < 256; v++) count[v + 1] += count[v];
+            for (int64_t i = 0; i < d; i++) b[count[(k[a[i]] >> shift) & 0xFFu]++] = a[i];
+            uint32_t *t = a; a = b; b = t;
+        }
+        for (int64_t j = 0; j < d; j++) ranks[r * d + a[j]] = j;
+    }
+}
+
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
 void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq,
                    int64_t *out) {
@@ -265,6 +289,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.delta_hist_f32.restype = None
     lib.delta_bucket_f32.argtypes = [ptr, ptr, i64, u32, ptr, i64]
     lib.delta_bucket_f32.restype = i64
+    lib.rank_rows_u32.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+    lib.rank_rows_u32.restype = None
     return lib
 
 
@@ -405,3 +431,25 @@ def delta_bucket(x: Tensor, base: Tensor, bucket: int, out: Tensor) -> int:
     return lib.delta_bucket_f32(
         x.data_ptr(), base.data_ptr(), x.numel(), bucket, out.data_ptr(), out.numel()
     )
+
+
+def rank_rows(keys: Tensor) -> Tensor:
+    """int64 [R, D] ranks of a contiguous int32 host tensor [R, D] of non-negative keys: entry
+    i of row r gets its position in the row's stable ascending order (what a stable sort and a
+    scatter of arange give). Rows are split across torch's threads, each with its own buffers."""
+    lib = library()
+    assert lib is not None and keys.dtype == torch.int32 and keys.is_contiguous()
+    rows, d = keys.shape
+    ranks = torch.empty(rows, d, dtype=torch.int64)
+    if keys.numel() == 0:
+        return ranks
+
+    def part(lo: int, hi: int) -> None:
+        a, b = torch.empty(d, dtype=torch.int32), torch.empty(d, dtype=torch.int32)
+        k, out = keys.data_ptr() + 4 * lo * d, ranks.data_ptr() + 8 * lo * d
+        lib.rank_rows_u32(k, hi - lo, d, out, a.data_ptr(), b.data_ptr())
+
+    parts = max(1, min(torch.get_num_threads(), keys.numel() // PARALLEL_MIN, rows))
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    _run(part, list(zip(cuts[:-1], cuts[1:], strict=True)))
+    return ranks

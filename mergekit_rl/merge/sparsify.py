@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import blend, rng, selection
+from . import blend, native, rng, selection
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,12 @@ def della_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
     # integer sort gives the same permutation (1.5x faster on the CPU, float32)
     as_int = _SAME_WIDTH_INT.get(mag.dtype)
     keys = mag if as_int is None else mag.view(as_int)
-    order = torch.sort(keys, dim=-1, stable=True).indices  # [R, D] ascending |delta|
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(d, device=delta.device).expand(r, d))
+    if keys.dtype == torch.int32 and native.usable(keys):
+        ranks = native.rank_rows(keys.contiguous())  # a radix sort per row: ~10x the sort's speed
+    else:
+        order = torch.sort(keys, dim=-1, stable=True).indices  # [R, D] ascending |delta|
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(d, device=delta.device).expand(r, d))
     frac = ranks.float() / (d - 1) if d > 1 else torch.full_like(rows, 0.5)  # [R, D] in [0, 1]
     probs = (density - epsilon) + 2.0 * epsilon * frac
     return probs.clamp(0.0, 1.0).reshape(delta.shape)

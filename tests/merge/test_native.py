@@ -332,3 +332,26 @@ def test_delta_magnitude_cuts_equal_on_both_paths_and_the_reference(
                     ), (path, i, k)
     finally:
         torch.set_num_threads(1)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(0, 5), (3, 1), (7, 300), (40, 2048)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rank_rows_equals_a_stable_sort_and_scatter(shape, threads: int, monkeypatch) -> None:
+    # keys as DELLA makes them (|x| as int32 bits): ties, zeros, 1-bit and 31-bit differences,
+    # NaN's bits (above inf's) and rows whose keys share their high bytes (skipped digits)
+    monkeypatch.setattr(native, "PARALLEL_MIN", 64)  # several row ranges even for small rows
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(shape[1])
+        x = (torch.randn(shape, generator=gen) * 0.02).bfloat16().float()  # many exact ties
+        if shape[0] >= 3 and shape[1] >= 8:
+            x[0, :8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), 1e-45, 1.0, 1.0, 3e38])
+            x[1] = 1.0 + torch.arange(shape[1]) * 2.0**-23  # one key per low-bit step
+            x[2] = 0.5  # a row of one value: every digit skipped
+        keys = x.abs().view(torch.int32)
+        order = torch.sort(keys, dim=-1, stable=True).indices
+        want = torch.empty_like(order).scatter_(-1, order, torch.arange(shape[1]).expand(shape))
+        assert torch.equal(native.rank_rows(keys.contiguous()), want)
+    finally:
+        torch.set_num_threads(1)

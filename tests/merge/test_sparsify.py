@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_rl.merge import rng, sparsify
+from mergekit_rl.merge import native, rng, sparsify
 
 
 def _bf16_delta(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -86,8 +86,16 @@ def test_dare_and_della_drop_bitwise_as_delta_times_the_bool_mask() -> None:
     assert torch.equal(della.view(torch.int32), (d * (u < probs)).view(torch.int32))
 
 
+@pytest.mark.parametrize("native_path", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_della_ranks_from_the_integer_sort_equal_the_float_sort(dtype: torch.dtype) -> None:
+def test_della_ranks_from_the_integer_sort_equal_the_float_sort(
+    dtype: torch.dtype, native_path: bool, monkeypatch
+) -> None:
+    # float32 on the host: the C radix sort per row (`native.rank_rows`); else torch's sort
+    if native_path and native.library() is None:
+        pytest.skip("no C compiler here")
+    if not native_path:
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
     g = torch.Generator().manual_seed(5)
     d = (torch.randint(-40, 40, (37, 300), generator=g) * 0.125).to(dtype)  # many ties, zeros
     d[d == 0.5] = float("-0.0")
