@@ -168,3 +168,15 @@ def test_launches_on_the_tinyllama_layout(tmp_path: Path) -> None:
     # per-step work (the masks) is shared by every parameter: fewer calls per parameter here
     # than with 4 parameters in the toy layout
     assert by["ondare", "float32", 0.0]["calls_per_param"] < 40
+
+
+@pytest.mark.slow
+def test_rss_sizes_runs_every_method_on_each_size(work: Path) -> None:
+    methods = ["karcher", "breadcrumbs", "linear"]
+    run_script(work, "rss_sizes.py", "--sizes", "micro", "--methods", *methods)
+    data = json.loads((work / "rss-sizes.json").read_text())
+    assert [(r["method"], r["size"]) for r in data["runs"]] == [(m, "micro") for m in methods]
+    for row in data["runs"]:
+        assert row["peak_rss_mb"] > 100 and row["minor_faults"] > 1000 and row["wall_s"] > 0
+    assert "| karcher |" in (work / "rss-sizes.md").read_text()
+    assert not (work / "out" / "rss").exists()  # outputs are removed after every run
