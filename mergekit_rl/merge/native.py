@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -193,6 +194,127 @@ int64_t delta_bucket_f32(const float *x, const float *b, int64_t n, uint32_t buc
     return c;
 }
 
+/* ---- TIES' merge pass (blend.ties_merge, blend.ties_consensus_) ------------------------------
+   Entry for entry the float32 operations of the torch path, in its order and with its rounding,
+   so the output bits are the same: x - b; the cut (selection.apply_cut_: hardshrink, then ties
+   past the quota zeroed); * w; the sign elected from the sum over the models in model order (a
+   sum >= 0 is +1, NaN is -1); each term times the sign, clamp_min 0 (keeps -0.0 and NaN); the
+   mixed sum and the divisor sum_i w_i * sign(term) from +0; mixed * sign; the divisor's zeros
+   replaced (blend.nonzero_divisor_); then base + mixed / divisor (addcdiv), with lambda
+   ((mixed / divisor) * lambda) or without the division (normalize false). torch.sign(NaN) is
+   0. The entries go TIES_CHUNK at a time through a scratch of (3 + n) * TIES_CHUNK floats. */
+#define TIES_CHUNK 256
+#define TIES_NORMALIZE 1   /* divide by the divisor */
+#define TIES_ALL_POSITIVE 2 /* every weight > 0: the divisor is clamped to wmin, else 0 -> 1 */
+#define TIES_LAMBDA 4      /* lambda != 1: one more multiply */
+
+static inline uint32_t mag_bits(float v) {
+    union { float f; uint32_t u; } c;
+    c.f = v;
+    return c.u & 0x7FFFFFFFu;
+}
+
+/* hardshrink(d, below): 0 where -below <= d <= below, else d (NaN d, or a NaN below, keep d) */
+static inline float shrink(float d, float below) {
+    return (d >= -below && d <= below) ? 0.0f : d;
+}
+
+/* The consensus of m <= TIES_CHUNK entries from the n weighted deltas rows[i][0..m), into out */
+static void ties_tail(const float *const *rows, int64_t n, int64_t m, const float *w,
+                      const float *b, int32_t flags, float lam, float wmin, float *out,
+                      float *scratch) {
+    float *sign = scratch, *mixed = scratch + TIES_CHUNK, *div = scratch + 2 * TIES_CHUNK;
+    for (int64_t j = 0; j < m; j++) sign[j] = rows[0][j];
+    for (int64_t i = 1; i < n; i++)
+        for (int64_t j = 0; j < m; j++) sign[j] = sign[j] + rows[i][j];
+    for (int64_t j = 0; j < m; j++) {
+        sign[j] = sign[j] >= 0.0f ? 1.0f : -1.0f;
+        mixed[j] = 0.0f;
+        div[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float *k = rows[i], wi = w[i];
+        for (int64_t j = 0; j < m; j++) {
+            float d = k[j] * sign[j];
+            d = d < 0.0f ? 0.0f : d;
+            mixed[j] = mixed[j] + d;
+            div[j] = div[j] + wi * (d > 0.0f ? 1.0f : 0.0f);
+        }
+    }
+    for (int64_t j = 0; j < m; j++) {
+        float v = mixed[j] * sign[j];
+        if (flags & TIES_NORMALIZE) {
+            float q = div[j];
+            if (flags & TIES_ALL_POSITIVE) q = q < wmin ? wmin : q;
+            else q = q == 0.0f ? 1.0f : q;
+            v = v / q;
+        }
+        if (flags & TIES_LAMBDA) v = v * lam;
+        out[j] = b[j] + v;
+    }
+}
+
+/* The cut of model i on m entries, weighted: k[j] = cut(x[j] - b[j]) * w. mode 0 keeps all,
+   1 none (+0), 2 keeps shrink(d, below), 3 also zeroes the entries whose kept magnitude has the
+   bits tie once *quota of them were kept (in index order; *quota counts down, *seen counts
+   them). */
+static void ties_cut(const float *x, const float *b, int64_t m, int32_t mode, float below,
+                     uint32_t tie, int64_t *quota, int64_t *seen, float w, float *k) {
+    if (mode == 1) {
+        for (int64_t j = 0; j < m; j++) k[j] = 0.0f * w;
+        return;
+    }
+    for (int64_t j = 0; j < m; j++) k[j] = x[j] - b[j];
+    if (mode >= 2)
+        for (int64_t j = 0; j < m; j++) k[j] = shrink(k[j], below);
+    if (mode == 3)
+        for (int64_t j = 0; j < m; j++)
+            if (mag_bits(k[j]) == tie) {
+                ++*seen;
+                if (*quota > 0) --*quota;
+                else k[j] = 0.0f;
+            }
+    for (int64_t j = 0; j < m; j++) k[j] = k[j] * w;
+}
+
+/* TIES merge of len entries: b the base, xs[i] model i's entries (n pointers), mode / below /
+   tie / quota / seen / w per model as in ties_cut, flags TIES_*, into out. */
+void ties_merge_f32(const float *b, const int64_t *xs, int64_t n, int64_t len,
+                    const int32_t *mode, const float *below, const uint32_t *tie, int64_t *quota,
+                    int64_t *seen, const float *w, int32_t flags, float lam, float wmin,
+                    float *out, float *scratch) {
+    float *k = scratch + 3 * TIES_CHUNK;
+    const float *rows[n];
+    for (int64_t i = 0; i < n; i++) rows[i] = k + i * TIES_CHUNK;
+    for (int64_t s = 0; s < len; s += TIES_CHUNK) {
+        int64_t m = len - s < TIES_CHUNK ? len - s : TIES_CHUNK;
+        for (int64_t i = 0; i < n; i++)
+            ties_cut((const float *)xs[i] + s, b + s, m, mode[i], below[i], tie[i], quota + i,
+                     seen + i, w[i], k + i * TIES_CHUNK);
+        ties_tail(rows, n, m, w, b + s, flags, lam, wmin, out + s, scratch);
+    }
+}
+
+/* The consensus alone: ks[i] model i's weighted delta (n pointers to len floats) */
+void ties_consensus_f32(const float *b, const int64_t *ks, int64_t n, int64_t len,
+                        const float *w, int32_t flags, float lam, float wmin, float *out,
+                        float *scratch) {
+    const float *rows[n];
+    for (int64_t s = 0; s < len; s += TIES_CHUNK) {
+        int64_t m = len - s < TIES_CHUNK ? len - s : TIES_CHUNK;
+        for (int64_t i = 0; i < n; i++) rows[i] = (const float *)ks[i] + s;
+        ties_tail(rows, n, m, w, b + s, flags, lam, wmin, out + s, scratch);
+    }
+}
+
+/* How many of len entries the cut (mode 3) meets at its threshold: a range's share of the ties,
+   so that ranges merged on several threads know how many ties the ranges before them kept. */
+int64_t ties_count_f32(const float *x, const float *b, int64_t len, float below, uint32_t tie) {
+    int64_t c = 0;
+    for (int64_t j = 0; j < len; j++) c += mag_bits(shrink(x[j] - b[j], below)) == tie;
+    return c;
+}
+
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
 void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq,
                    int64_t *out) {
@@ -204,7 +326,9 @@ void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq
 }
 """
 
-FLAGS = ("-O3", "-shared", "-fPIC")
+# no contraction of a * b + c into one fused multiply-add (targets that have it): the kernels
+# reproduce torch's separately rounded steps
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
 # below this many entries a scan runs on one thread (a thread pool costs ~50 us)
 PARALLEL_MIN = 1 << 20
 
@@ -265,6 +389,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.delta_hist_f32.restype = None
     lib.delta_bucket_f32.argtypes = [ptr, ptr, i64, u32, ptr, i64]
     lib.delta_bucket_f32.restype = i64
+    lib.ties_merge_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.ties_merge_f32.argtypes += [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ptr, ptr]
+    lib.ties_merge_f32.restype = None
+    lib.ties_consensus_f32.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int32]
+    lib.ties_consensus_f32.argtypes += [ctypes.c_float, ctypes.c_float, ptr, ptr]
+    lib.ties_consensus_f32.restype = None
+    lib.ties_count_f32.argtypes = [ptr, ptr, i64, ctypes.c_float, u32]
+    lib.ties_count_f32.restype = i64
     return lib
 
 
@@ -405,3 +537,130 @@ def delta_bucket(x: Tensor, base: Tensor, bucket: int, out: Tensor) -> int:
     return lib.delta_bucket_f32(
         x.data_ptr(), base.data_ptr(), x.numel(), bucket, out.data_ptr(), out.numel()
     )
+
+
+# -- TIES' merge pass ------------------------------------------------------------------------------
+
+TIES_CHUNK = 256  # entries per step of the kernels (their scratch holds (3 + n) chunks)
+TIES_NORMALIZE, TIES_ALL_POSITIVE, TIES_LAMBDA = 1, 2, 4  # the kernels' flags
+
+
+@dataclass(frozen=True)
+class TiesCut:
+    """What `selection.apply_cut_` does to one model's block, for the kernel: mode 0 keeps
+    every entry, 1 none, 2 those with |x - b| > below (hardshrink), 3 also only the first
+    `quota` of those whose magnitude has the bits `tie_bits` (the threshold's)."""
+
+    mode: int
+    below: float = 0.0
+    tie_bits: int = 0
+    quota: int = 0
+
+
+def _int64s(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def ties_merge(
+    out: Tensor,
+    base: Tensor,
+    xs: list[Tensor],
+    cuts: list[TiesCut],
+    weights: Tensor,
+    flags: int,
+    lam: float,
+    wmin: float,
+) -> list[int]:
+    """TIES' merge of contiguous float32 host tensors of one shape into out (see the C source):
+    weights float32 [n]. Returns the ties each mode-3 cut met (its `ties_total` share). Long
+    tensors run as one range per torch thread; with a mode-3 cut a first pass counts each
+    range's ties, so each range gets its share of the quota in index order."""
+    lib = library()
+    assert lib is not None and all(_host_f32(t) for t in (out, base, *xs))
+    n, ranges = len(xs), _ranges(base.numel())
+    counts = _tie_counts(lib, base, xs, cuts, ranges) if len(ranges) > 1 else None
+    quotas = _range_quotas(cuts, counts, len(ranges))  # [R][n]
+    mode = torch.tensor([c.mode for c in cuts], dtype=torch.int32)
+    below = torch.tensor([c.below for c in cuts], dtype=torch.float32)
+    tie = torch.tensor([c.tie_bits for c in cuts], dtype=torch.int32)  # < 2**31: no sign bit
+    seen = torch.zeros(len(ranges), n, dtype=torch.int64)
+    scratch = torch.empty(len(ranges), (3 + n) * TIES_CHUNK, dtype=torch.float32)
+    row = {lo: r for r, (lo, _) in enumerate(ranges)}
+
+    def part(lo: int, hi: int) -> None:
+        r = row[lo]
+        ptrs = _int64s([x.data_ptr() + 4 * lo for x in xs])
+        quota = _int64s(quotas[r])
+        lib.ties_merge_f32(
+            base.data_ptr() + 4 * lo, ptrs.data_ptr(), n, hi - lo, mode.data_ptr(),
+            below.data_ptr(), tie.data_ptr(), quota.data_ptr(), seen[r].data_ptr(),
+            weights.data_ptr(), flags, lam, wmin, out.data_ptr() + 4 * lo, scratch[r].data_ptr(),
+        )  # fmt: skip
+
+    _run(part, ranges)
+    return seen.sum(0).tolist()
+
+
+def _host_f32(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+def _tie_counts(
+    lib: ctypes.CDLL, base: Tensor, xs: list[Tensor], cuts: list[TiesCut], ranges: list
+) -> list[list[int]]:
+    """[R][n]: the ties each mode-3 cut meets in each range (0 for the other modes)."""
+
+    def count(lo: int, hi: int) -> list[int]:
+        b = base.data_ptr() + 4 * lo
+        return [
+            lib.ties_count_f32(x.data_ptr() + 4 * lo, b, hi - lo, c.below, c.tie_bits)
+            if c.mode == 3
+            else 0
+            for x, c in zip(xs, cuts, strict=True)
+        ]
+
+    if not any(c.mode == 3 for c in cuts):
+        return [[0] * len(xs) for _ in ranges]
+    return _run(count, ranges)
+
+
+def _range_quotas(
+    cuts: list[TiesCut], counts: list[list[int]] | None, n_ranges: int
+) -> list[list[int]]:
+    """[R][n]: the ties each range keeps, the quota taken by the ranges in index order."""
+    if counts is None:
+        return [[c.quota for c in cuts]]
+    left = [c.quota for c in cuts]
+    quotas = []
+    for r in range(n_ranges):
+        q = [min(lf, cnt) for lf, cnt in zip(left, counts[r], strict=True)]
+        left = [lf - qi for lf, qi in zip(left, q, strict=True)]
+        quotas.append(q)
+    return quotas
+
+
+def ties_consensus(
+    out: Tensor,
+    base: Tensor,
+    ks: list[Tensor],
+    weights: Tensor,
+    flags: int,
+    lam: float,
+    wmin: float,
+) -> None:
+    """The TIES consensus of the weighted deltas ks into out (contiguous float32 host tensors of
+    one shape; see the C source): sign election, mix, divisor, base + the result, one pass."""
+    lib = library()
+    assert lib is not None and all(_host_f32(t) for t in (out, base, *ks))
+    n, ranges = len(ks), _ranges(base.numel())
+    scratch = torch.empty(len(ranges), 3 * TIES_CHUNK, dtype=torch.float32)
+    row = {lo: r for r, (lo, _) in enumerate(ranges)}
+
+    def part(lo: int, hi: int) -> None:
+        ptrs = _int64s([k.data_ptr() + 4 * lo for k in ks])
+        lib.ties_consensus_f32(
+            base.data_ptr() + 4 * lo, ptrs.data_ptr(), n, hi - lo, weights.data_ptr(), flags,
+            lam, wmin, out.data_ptr() + 4 * lo, scratch[row[lo]].data_ptr(),
+        )  # fmt: skip
+
+    _run(part, ranges)

@@ -250,11 +250,33 @@ def apply_cut_(x: Tensor, cut: MagnitudeCut) -> Tensor:
         ties = cut.tie_index  # the whole tensor: the select located the ties already
     else:
         ties = (magnitude_bits(flat) == _float_bits(cut.threshold)).nonzero().squeeze(1)
-    keep = min(cut.ties_left, ties.numel())
+    keep = consume_ties(cut, ties.numel())
     flat[ties[keep:]] = 0.0  # ties past the quota, the highest-indexed ones
-    cut.ties_left -= keep
-    cut.ties_total -= ties.numel()  # ties still to come in later blocks
     return out
+
+
+def consume_ties(cut: MagnitudeCut, met: int) -> int:
+    """Count a block's `met` ties at the threshold against cut, as `apply_cut_` does for a
+    block it cuts with a quota (`kernel_cut` mode 3): returns how many of them are kept."""
+    keep = min(cut.ties_left, met)
+    cut.ties_left -= keep
+    cut.ties_total -= met  # ties still to come in later blocks
+    return keep
+
+
+def kernel_cut(cut: MagnitudeCut) -> native.TiesCut:
+    """What `apply_cut_` does to the next float32 block under cut, as the C kernels take it
+    (`native.ties_merge`): keep all, keep none, |x| > the float below the threshold (the
+    hardshrink of `zero_below`), or that with a quota of ties at the threshold (taken in index
+    order; the caller updates the cut with `consume_ties` afterwards)."""
+    if cut.threshold is None:
+        return native.TiesCut(0)
+    if math.isinf(cut.threshold):
+        return native.TiesCut(1)
+    below = _float_below(cut.threshold, torch.float32)
+    if cut.ties_left == cut.ties_total:
+        return native.TiesCut(2, below)
+    return native.TiesCut(3, below, _float_bits(cut.threshold), cut.ties_left)
 
 
 def _float_bits(v: float) -> int:
@@ -309,11 +331,15 @@ def zero_below(x: Tensor, threshold: float | None) -> Tensor:
         return torch.zeros_like(x)
     if x.dtype not in (torch.float32, torch.float64):
         return torch.where(x.abs() >= threshold, x, 0.0)
-    # the largest value of x's dtype below threshold; a Python-float nextafter would round back
-    # up to threshold when the kernel casts it to float32 and drop the k-th entry itself
-    t = torch.tensor(threshold, dtype=x.dtype)
-    below = float(torch.nextafter(t, torch.zeros_like(t)))
-    return torch.nn.functional.hardshrink(x, below)
+    return torch.nn.functional.hardshrink(x, _float_below(threshold, x.dtype))
+
+
+def _float_below(threshold: float, dtype: torch.dtype) -> float:
+    """The largest value of dtype below threshold (0 for 0): hardshrink by it drops exactly the
+    |x| < threshold. A Python-float nextafter would round back up to threshold when a kernel
+    casts it to float32, and drop the k-th entry itself."""
+    t = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(t, torch.zeros_like(t)))
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
