@@ -328,7 +328,7 @@ void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq
 
 # no contraction of a * b + c into one fused multiply-add (targets that have it): the kernels
 # reproduce torch's separately rounded steps
-FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math")
 # below this many entries a scan runs on one thread (a thread pool costs ~50 us)
 PARALLEL_MIN = 1 << 20
 
