@@ -181,6 +181,14 @@ void delta_hist_f32(const float *x, const float *b, int64_t n, int64_t *hist) {
     for (int64_t i = 0; i < n; i++) hist[delta_bits(x[i], b[i]) >> 16]++;
 }
 
+/* delta_hist_f32 of every stride-th entry (a sample): returns how many were counted */
+int64_t delta_hist_strided_f32(const float *x, const float *b, int64_t n, int64_t stride,
+                               int64_t *hist) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i += stride, c++) hist[delta_bits(x[i], b[i]) >> 16]++;
+    return c;
+}
+
 int64_t delta_bucket_f32(const float *x, const float *b, int64_t n, uint32_t bucket,
                          int32_t *out, int64_t cap) {
     int64_t c = 0;
@@ -315,6 +323,23 @@ int64_t ties_count_f32(const float *x, const float *b, int64_t len, float below,
     return c;
 }
 
+/* delta_hist_f32 and delta_bucket_f32 in one pass, for a window of buckets [lo, hi] guessed
+   before the histogram is known: every entry is counted, and the bits whose top 16 lie in the
+   window are appended to out (up to cap, in index order). Returns how many lie in it. */
+int64_t delta_hist_window_f32(const float *x, const float *b, int64_t n, int64_t *hist,
+                              uint32_t lo, uint32_t hi, int32_t *out, int64_t cap) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = delta_bits(x[i], b[i]), top = u >> 16;
+        hist[top]++;
+        if (top - lo <= hi - lo) {
+            if (c < cap) out[c] = (int32_t)u;
+            c++;
+        }
+    }
+    return c;
+}
+
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
 void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq,
                    int64_t *out) {
@@ -389,6 +414,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.delta_hist_f32.restype = None
     lib.delta_bucket_f32.argtypes = [ptr, ptr, i64, u32, ptr, i64]
     lib.delta_bucket_f32.restype = i64
+    lib.delta_hist_window_f32.argtypes = [ptr, ptr, i64, ptr, u32, u32, ptr, i64]
+    lib.delta_hist_window_f32.restype = i64
+    lib.delta_hist_strided_f32.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.delta_hist_strided_f32.restype = i64
     lib.ties_merge_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.ties_merge_f32.argtypes += [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ptr, ptr]
     lib.ties_merge_f32.restype = None
@@ -537,6 +566,47 @@ def delta_bucket(x: Tensor, base: Tensor, bucket: int, out: Tensor) -> int:
     return lib.delta_bucket_f32(
         x.data_ptr(), base.data_ptr(), x.numel(), bucket, out.data_ptr(), out.numel()
     )
+
+
+def delta_hist_strided(x: Tensor, base: Tensor, bins: int, stride: int) -> tuple[Tensor, int]:
+    """(`delta_hist` of every stride-th entry, how many that is): a sample, in one thread."""
+    lib = library()
+    assert lib is not None and x.dtype == base.dtype == torch.float32
+    assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
+    hist = torch.zeros(bins, dtype=torch.int64)
+    m = lib.delta_hist_strided_f32(
+        x.data_ptr(), base.data_ptr(), x.numel(), stride, hist.data_ptr()
+    )
+    return hist, m
+
+
+def delta_hist_window(
+    x: Tensor, base: Tensor, bins: int, lo: int, hi: int, cap: int
+) -> tuple[Tensor, Tensor | None]:
+    """`delta_hist` and, in the same pass, the int32 bits of |x - base| whose top 16 bits lie
+    in [lo, hi] (in index order), or None when more than cap of them are there. Split into one
+    range per torch thread when long, each with its own histogram row and cap."""
+    lib = library()
+    assert lib is not None and x.dtype == base.dtype == torch.float32
+    assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
+    ranges = _ranges(x.numel())
+    hists = torch.zeros(len(ranges), bins, dtype=torch.int64)
+    found = torch.empty(len(ranges), cap, dtype=torch.int32)  # pages touched only as written
+    row = {lo_: i for i, (lo_, _) in enumerate(ranges)}
+
+    def scan(start: int, stop: int) -> int:
+        r = row[start]
+        xp, bp = x.data_ptr() + 4 * start, base.data_ptr() + 4 * start
+        h, out = hists[r].data_ptr(), found[r].data_ptr()
+        return lib.delta_hist_window_f32(xp, bp, stop - start, h, lo, hi, out, cap)
+
+    counts = _run(scan, ranges)
+    hist = hists[0] if len(ranges) == 1 else hists.sum(0)
+    if max(counts) > cap:
+        return hist, None
+    if len(ranges) == 1:
+        return hist, found[0, : counts[0]]
+    return hist, torch.cat([found[r, :c] for r, c in enumerate(counts)])
 
 
 # -- TIES' merge pass ------------------------------------------------------------------------------

@@ -161,10 +161,12 @@ def delta_magnitude_cuts(
     blocks: Callable[[], Iterable[Sequence[Tensor]]], numel: int, ks: Sequence[int]
 ) -> list[MagnitudeCut]:
     """`magnitude_cuts` of the task vectors x_i - base: blocks() yields, in index order, one
-    block of [base, x_1, ..., x_N] (float32); cut i keeps ks[i] entries of x_i - base. Two
-    passes. On the host a C loop counts and collects the magnitudes' bits straight from x_i
-    and base (`native.delta_hist`, `native.delta_bucket`): no delta, abs or digit tensors;
-    elsewhere the deltas go through `magnitude_cuts`. The same cuts either way."""
+    block of [base, x_1, ..., x_N] (float32); cut i keeps ks[i] entries of x_i - base. On the
+    host a C loop counts and collects the magnitudes' bits straight from x_i and base
+    (`native.delta_hist_window`, `native.delta_bucket`): no delta, abs or digit tensors, and
+    one pass over the blocks where the bucket of the k-th largest was guessed right from a
+    sample (`_guess_window`), two otherwise; elsewhere the deltas go through `magnitude_cuts`
+    (two passes). The same cuts in every case."""
 
     it = iter(blocks())
     first = next(it, None)
@@ -178,24 +180,104 @@ def delta_magnitude_cuts(
         return magnitude_cuts(deltas, numel, ks)
     live = [i for i, k in enumerate(ks) if 0 < k < numel]
     hists: dict[int, Tensor] = {}
-    for xs in opened.pop():
+    windows: dict[int, _Window] = {}
+    for xs in opened.pop():  # the histograms, and the entries in each guessed window
+        base = xs[0].contiguous()
         for i in live:
-            h = native.delta_hist(xs[i + 1].contiguous(), xs[0].contiguous(), _HI_BINS)
+            x = xs[i + 1].contiguous()
+            if i not in windows:
+                windows[i] = _guess_window(x, base, ks[i], numel)
+            h = windows[i].scan(x, base)
             hists[i] = hists[i].add_(h) if i in hists else h
     tops = {i: _top_bin(hists[i], ks[i]) for i in live}
-    inside = {i: torch.empty(int(hists[i][tops[i][0]]), dtype=torch.int32) for i in live}
-    filled = dict.fromkeys(live, 0)
+    inside = {i: w.inside(int(tops[i][0])) for i, w in windows.items()}
+    missed = [i for i in live if inside[i] is None]
+    if missed:  # the k-th largest fell outside the guess: collect its bucket in a second pass
+        inside.update(_bucket_pass(blocks, missed, hists, tops))
+    return _finish_cuts(ks, numel, tops, inside.pop)
+
+
+# The cut passes guess, from a strided sample of a tensor's first block (every
+# WINDOW_SAMPLE_STRIDE-th entry, denser where that would give under WINDOW_SAMPLE_MIN entries), a
+# window of top-16-bit buckets that holds its k-th largest |x - base|, and keep the bits of the
+# entries inside it while they count the histogram: when the guess holds (the usual case) no
+# second pass over the blocks is needed. The window holds at most WINDOW_MAX_FRACTION of the
+# sampled entries where it can (it narrows down to the guessed bucket).
+WINDOW_SAMPLE_STRIDE = 61
+WINDOW_SAMPLE_MIN = 1 << 16
+WINDOW_MAX_FRACTION = 1 / 8
+
+
+@dataclass
+class _Window:
+    """A guessed window [lo, hi] of buckets, the sampled fraction of entries in it, and the
+    bits of the entries found in it so far (None once one block held more than planned)."""
+
+    lo: int
+    hi: int
+    fraction: float
+    found: list[Tensor] | None
+
+    def scan(self, x: Tensor, base: Tensor) -> Tensor:
+        """One block's histogram of |x - base|'s top 16 bits, keeping the window's bits."""
+        cap = int(x.numel() * self.fraction * 1.5) + 1024
+        hist, bits = native.delta_hist_window(x, base, _HI_BINS, self.lo, self.hi, cap)
+        if bits is None:
+            self.found = None
+        elif self.found is not None:
+            self.found.append(bits)
+        return hist
+
+    def inside(self, bucket: int) -> Tensor | None:
+        """The bits of every entry in bucket, or None when the window missed it."""
+        if self.found is None or not self.lo <= bucket <= self.hi:
+            return None
+        bits = torch.cat(self.found) if len(self.found) != 1 else self.found[0]
+        return bits[(bits >> 16) == bucket]
+
+
+def _guess_window(x: Tensor, base: Tensor, k: int, numel: int) -> _Window:
+    """The buckets likely to hold the k-th largest |x - base| of the whole tensor (numel
+    entries), from a strided sample of one block of it: the sample's ranks k/numel of the way
+    down, give or take 4 standard deviations and 0.2% of the sample (less where that window
+    would hold more than WINDOW_MAX_FRACTION of the sample)."""
+    stride = max(1, min(WINDOW_SAMPLE_STRIDE, x.numel() // WINDOW_SAMPLE_MIN))
+    # a C loop: the torch ops on a sample this small cost more in thread hand-offs than work
+    hist, m = native.delta_hist_strided(x, base, _HI_BINS, stride)
+    rank, p = k * m / numel, k / numel  # the k-th largest's rank within the sample
+    margin = 4.0 * math.sqrt(m * p * (1.0 - p)) + 0.002 * m + 8.0
+
+    def bucket(r: float) -> int:  # the bucket of the sample's r-th largest (1 <= r <= m)
+        return int(_top_bin(hist, min(m, max(1, int(r))))[0])
+
+    while True:
+        # past the sample's extremes the window runs to the end of the range (an unsampled
+        # entry may lie beyond them)
+        lo = bucket(rank + margin + 1) if rank + margin + 1 <= m else 0
+        hi = bucket(rank - margin) if rank - margin >= 1 else _HI_BINS - 1
+        fraction = float(hist[lo : hi + 1].sum()) / m
+        if fraction <= WINDOW_MAX_FRACTION or margin < 1.0:
+            return _Window(lo, hi, fraction, [])
+        margin /= 2.0
+
+
+def _bucket_pass(
+    blocks: Callable[[], Iterable[Sequence[Tensor]]],
+    models: list[int],
+    hists: dict[int, Tensor],
+    tops: dict[int, tuple[Tensor, Tensor]],
+) -> dict[int, Tensor]:
+    """The bits of the entries in each model's top bucket: a second pass over the blocks."""
+    inside = {i: torch.empty(int(hists[i][tops[i][0]]), dtype=torch.int32) for i in models}
+    filled = dict.fromkeys(models, 0)
     for xs in blocks():
-        for i in live:
+        for i in models:
             rest = inside[i][filled[i] :]
             x, base = xs[i + 1].contiguous(), xs[0].contiguous()
             filled[i] += native.delta_bucket(x, base, int(tops[i][0]), rest)
-
-    def collected(i: int) -> Tensor:
+    for i in models:
         assert filled[i] == inside[i].numel()  # the two passes saw the same entries
-        return inside.pop(i)
-
-    return _finish_cuts(ks, numel, tops, collected)
+    return inside
 
 
 def _finish_cuts(

@@ -338,6 +338,70 @@ def test_delta_magnitude_cuts_equal_on_both_paths_and_the_reference(
         torch.set_num_threads(1)
 
 
+def _counted_blocks(tensors: list[torch.Tensor], rows: int, passes: list[int]):
+    """blocks() of [base, x_1, ...] in row blocks, counting the passes over them."""
+
+    def blocks():
+        passes.append(1)
+        for s in range(0, tensors[0].shape[0], rows):
+            yield [t[s : s + rows] for t in tensors]
+
+    return blocks
+
+
+def _assert_cuts_equal_the_reference(cuts, base, xs, ks) -> None:
+    for c, x, k in zip(cuts, xs, ks, strict=True):
+        want = selection.magnitude_cut(x - base, base.numel(), k)
+        assert (c.threshold, c.ties_left, c.ties_total) == (
+            want.threshold,
+            want.ties_left,
+            want.ties_total,
+        )
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_delta_cuts_take_one_pass_when_the_sampled_window_holds_the_kth(
+    threads: int, monkeypatch
+) -> None:
+    monkeypatch.setattr(native, "PARALLEL_MIN", 5000)  # several ranges, each its own window part
+    torch.set_num_threads(threads)
+    try:
+        base, xs = _ties_inputs(3, (300, 130), seed=4)
+        n = base.numel()
+        for ks in ([n // 2, n // 10, 1], [n - 1, int(0.9 * n), n // 3]):
+            passes: list[int] = []
+            cuts = selection.delta_magnitude_cuts(_counted_blocks([base, *xs], 70, passes), n, ks)
+            assert len(passes) == 1, ks
+            _assert_cuts_equal_the_reference(cuts, base, xs, ks)
+    finally:
+        torch.set_num_threads(1)
+
+
+@needs_native
+def test_delta_cuts_take_a_second_pass_when_the_guess_misses_or_overflows(monkeypatch) -> None:
+    # the first block (the sample) differs from the rest. Model 0: tiny task vectors there,
+    # large ones after, so the window guessed misses the k-th largest of the whole tensor.
+    # Model 1: |N(0, 1)| there, 0.25 + tiny after, k at 80%: the window around 0.25 holds
+    # the k-th largest but far more of the later blocks' entries than planned (overflow).
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 100, generator=g)
+    x0 = base + torch.randn(400, 100, generator=g) * 1e-3
+    x0[50:] = base[50:] + torch.randn(350, 100, generator=g)
+    x1 = base + torch.randn(400, 100, generator=g)
+    x1[50:] = base[50:] + 0.25 + torch.rand(350, 100, generator=g) * 1e-3
+    n = base.numel()
+    ks = [n // 4, int(0.8 * n)]
+    scans = []
+    real = native.delta_hist_window
+    monkeypatch.setattr(native, "delta_hist_window", lambda *a: scans.append(r := real(*a)) or r)
+    passes: list[int] = []
+    cuts = selection.delta_magnitude_cuts(_counted_blocks([base, x0, x1], 50, passes), n, ks)
+    assert len(passes) == 2
+    assert any(bits is None for _, bits in scans[1::2])  # model 1 overflowed
+    _assert_cuts_equal_the_reference(cuts, base, [x0, x1], ks)
+
+
 # ---- TIES' merge pass -----------------------------------------------------------------------------
 
 
