@@ -14,10 +14,13 @@ result (tests run both).
   rounding ops and a scatter.
 - `positions`: where each of a sorted list of indices sits in another sorted list (-1 if
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
-- `delta_hist`, `delta_bucket`: the two passes of TIES' magnitude cut over row blocks
-  (`selection.delta_magnitude_cuts`) straight from x and base: the bits of |x - base| counted by
-  their top 16 bits, then those of one bucket collected, where torch needs a delta, an abs,
-  a digit copy and a bincount per block.
+- `delta_hist_window`, `delta_hist_strided`, `delta_bucket`: TIES' magnitude cut over row
+  blocks (`selection.delta_magnitude_cuts`) straight from x and base: the bits of |x - base|
+  counted by their top 16 bits while those in a window of buckets guessed from a sample are
+  kept, and (where the guess missed) those of one bucket collected in a second pass, where
+  torch needs a delta, an abs, a digit copy and a bincount per block.
+- `ties_merge`, `ties_consensus`: TIES' merge pass (the cut, the weights, the sign election,
+  the mix, the divisor and the final sum) in one loop, entry for entry torch's float32 steps.
 
 The library is compiled on first use with the system C compiler (`cc -O3`, no
 machine-specific flags) into `$XDG_CACHE_HOME/mergekit_rl` (default `~/.cache/mergekit_rl`),
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -168,20 +172,33 @@ int64_t add_at_bf16_rounded(uint16_t *flat, int64_t size, const int64_t *idx, co
 }
 
 /* The radix select of task-vector magnitudes (selection.delta_magnitude_cuts) without a delta
-   tensor: for d = x[i] - b[i] (one float32 subtraction, as torch's), the int32 bits of |d|.
-   delta_hist_f32 counts their top 16 bits into hist[0..2**15); delta_bucket_f32 appends the
-   bits whose top 16 equal bucket to out, in index order, and returns how many. */
+   tensor: for d = x[i] - b[i] (one float32 subtraction, as torch's), the int32 bits of |d|,
+   counted by their top 16 bits into hist[0..2**15) (the first pass), and those of one bucket
+   collected (delta_bucket_f32, the second pass where the first one's window missed it). */
 static inline uint32_t delta_bits(float x, float b) {
     union { float f; uint32_t u; } d;
     d.f = x - b;
     return d.u & 0x7FFFFFFFu;
 }
 
-void delta_hist_f32(const float *x, const float *b, int64_t n, int64_t *hist) {
-    for (int64_t i = 0; i < n; i++) hist[delta_bits(x[i], b[i]) >> 16]++;
+/* Every entry's top 16 bits counted into hist, and the bits whose top 16 lie in a window of
+   buckets [lo, hi] (guessed before the histogram is known) appended to out (up to cap, in
+   index order). Returns how many lie in the window. */
+int64_t delta_hist_window_f32(const float *x, const float *b, int64_t n, int64_t *hist,
+                              uint32_t lo, uint32_t hi, int32_t *out, int64_t cap) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = delta_bits(x[i], b[i]), top = u >> 16;
+        hist[top]++;
+        if (top - lo <= hi - lo) {
+            if (c < cap) out[c] = (int32_t)u;
+            c++;
+        }
+    }
+    return c;
 }
 
-/* delta_hist_f32 of every stride-th entry (a sample): returns how many were counted */
+/* The histogram of every stride-th entry (a sample): returns how many were counted */
 int64_t delta_hist_strided_f32(const float *x, const float *b, int64_t n, int64_t stride,
                                int64_t *hist) {
     int64_t c = 0;
@@ -189,6 +206,8 @@ int64_t delta_hist_strided_f32(const float *x, const float *b, int64_t n, int64_
     return c;
 }
 
+/* Appends the bits whose top 16 equal bucket to out (up to cap, in index order), returns how
+   many there are */
 int64_t delta_bucket_f32(const float *x, const float *b, int64_t n, uint32_t bucket,
                          int32_t *out, int64_t cap) {
     int64_t c = 0;
@@ -323,23 +342,6 @@ int64_t ties_count_f32(const float *x, const float *b, int64_t len, float below,
     return c;
 }
 
-/* delta_hist_f32 and delta_bucket_f32 in one pass, for a window of buckets [lo, hi] guessed
-   before the histogram is known: every entry is counted, and the bits whose top 16 lie in the
-   window are appended to out (up to cap, in index order). Returns how many lie in it. */
-int64_t delta_hist_window_f32(const float *x, const float *b, int64_t n, int64_t *hist,
-                              uint32_t lo, uint32_t hi, int32_t *out, int64_t cap) {
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u = delta_bits(x[i], b[i]), top = u >> 16;
-        hist[top]++;
-        if (top - lo <= hi - lo) {
-            if (c < cap) out[c] = (int32_t)u;
-            c++;
-        }
-    }
-    return c;
-}
-
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
 void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq,
                    int64_t *out) {
@@ -410,8 +412,6 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.hash_u32.restype = None
     lib.add_at_bf16_rounded.argtypes = [ptr, i64, ptr, ptr, i64, u32, u32, u32]
     lib.add_at_bf16_rounded.restype = i64
-    lib.delta_hist_f32.argtypes = [ptr, ptr, i64, ptr]
-    lib.delta_hist_f32.restype = None
     lib.delta_bucket_f32.argtypes = [ptr, ptr, i64, u32, ptr, i64]
     lib.delta_bucket_f32.restype = i64
     lib.delta_hist_window_f32.argtypes = [ptr, ptr, i64, ptr, u32, u32, ptr, i64]
@@ -537,25 +537,6 @@ def positions(keys: Tensor, queries: Tensor) -> Tensor:
     return out
 
 
-def delta_hist(x: Tensor, base: Tensor, bins: int) -> Tensor:
-    """The int64 histogram [bins] of the top 16 bits of |x - base| (float32 bits) for
-    contiguous float32 host tensors of one shape: one pass, no delta tensor; split into one
-    range per torch thread when long (a histogram row each, summed)."""
-    lib = library()
-    assert lib is not None and x.dtype == base.dtype == torch.float32
-    assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
-    ranges = _ranges(x.numel())
-    hists = torch.zeros(len(ranges), bins, dtype=torch.int64)
-    row = {lo: i for i, (lo, _) in enumerate(ranges)}
-
-    def count(lo: int, hi: int) -> None:
-        h = hists[row[lo]].data_ptr()
-        lib.delta_hist_f32(x.data_ptr() + 4 * lo, base.data_ptr() + 4 * lo, hi - lo, h)
-
-    _run(count, ranges)
-    return hists[0] if len(ranges) == 1 else hists.sum(0)
-
-
 def delta_bucket(x: Tensor, base: Tensor, bucket: int, out: Tensor) -> int:
     """Write the int32 bits of |x - base| whose top 16 bits are `bucket` to the front of out
     (int32), in index order; returns how many there are (more than out holds: only its
@@ -573,7 +554,7 @@ def delta_hist_strided(x: Tensor, base: Tensor, bins: int, stride: int) -> tuple
     lib = library()
     assert lib is not None and x.dtype == base.dtype == torch.float32
     assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
-    hist = torch.zeros(bins, dtype=torch.int64)
+    hist = torch.from_numpy(np.zeros(bins, dtype=np.int64))  # (numpy: no thread hand-off)
     m = lib.delta_hist_strided_f32(
         x.data_ptr(), base.data_ptr(), x.numel(), stride, hist.data_ptr()
     )
@@ -590,7 +571,7 @@ def delta_hist_window(
     assert lib is not None and x.dtype == base.dtype == torch.float32
     assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
     ranges = _ranges(x.numel())
-    hists = torch.zeros(len(ranges), bins, dtype=torch.int64)
+    hists = torch.from_numpy(np.zeros((len(ranges), bins), dtype=np.int64))
     found = torch.empty(len(ranges), cap, dtype=torch.int32)  # pages touched only as written
     row = {lo_: i for i, (lo_, _) in enumerate(ranges)}
 
@@ -601,12 +582,14 @@ def delta_hist_window(
         return lib.delta_hist_window_f32(xp, bp, stop - start, h, lo, hi, out, cap)
 
     counts = _run(scan, ranges)
-    hist = hists[0] if len(ranges) == 1 else hists.sum(0)
+    # numpy sums and joins the rows (torch would hand these small ops to its threads)
+    hist = hists[0] if len(ranges) == 1 else torch.from_numpy(hists.numpy().sum(0))
     if max(counts) > cap:
         return hist, None
     if len(ranges) == 1:
         return hist, found[0, : counts[0]]
-    return hist, torch.cat([found[r, :c] for r, c in enumerate(counts)])
+    parts = [found[r, :c].numpy() for r, c in enumerate(counts)]
+    return hist, torch.from_numpy(np.concatenate(parts))
 
 
 # -- TIES' merge pass ------------------------------------------------------------------------------

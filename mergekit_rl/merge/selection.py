@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,12 +74,23 @@ def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
 
     With c the running count, entries in bins >= b are total - c[b - 1], at least k exactly
     while c[b - 1] <= total - k; c never decreases, so b is the number of bins with
-    c <= total - k, and the entries above b are total - c[b]."""
+    c <= total - k, and the entries above b are total - c[b]. On the host, with k a number,
+    numpy does it (a binary search; torch would hand each op on 2**15 bins to its threads)."""
+    if hist.device.type == "cpu" and not isinstance(k, Tensor):
+        b_, higher_ = _top_bin_host(np.cumsum(hist.numpy()), k)
+        return torch.tensor(b_), torch.tensor(higher_)
     c = hist.cumsum(0)  # [bins]
     total = c[-1]
     b = (c <= total - k).sum()
     higher = total - c.index_select(0, b.view(1)).squeeze(0)  # (x[0-dim tensor] would sync)
     return b, higher
+
+
+def _top_bin_host(c: np.ndarray, k: int) -> tuple[int, int]:
+    """`_top_bin` from the running count c of a host histogram (the same rule), as ints."""
+    total = int(c[-1])
+    b = int(np.searchsorted(c, total - k, side="right"))  # bins with c <= total - k
+    return b, total - int(c[b])
 
 
 def radix_select(blocks: Callable[[], Iterable[Tensor]], k: int) -> tuple[int, int, int]:
@@ -122,6 +134,8 @@ def _finish_select(
 ) -> tuple[int, Tensor, int, int]:
     """(k-th largest bits, tie mask over inside, count above, count equal) from the bits
     `inside` the bucket holding the k-th largest and the count of entries in higher buckets."""
+    if inside.device.type == "cpu":
+        return _finish_select_host(inside, k - int(n_higher), int(n_higher))
     k_in = k - n_higher  # rank of the k-th largest inside the bucket
     if inside.device.type in KTHVALUE_BUCKET_DEVICES:  # kthvalue on the small bucket is cheaper
         k_in = int(k_in)
@@ -134,6 +148,17 @@ def _finish_select(
     found = torch.stack([kth.to(torch.int64), n_higher + (inside > kth).sum(), is_tie.sum()])
     kth_bits, n_above, n_equal = (int(v) for v in found.tolist())  # the one sync at the end
     return kth_bits, is_tie, n_above, n_equal
+
+
+def _finish_select_host(inside: Tensor, k_in: int, n_higher: int) -> tuple[int, Tensor, int, int]:
+    """`_finish_select` of a host bucket, in numpy: a partition finds the k_in-th largest bits
+    (torch's kthvalue, compares and sums on a bucket this small cost more in hand-offs to its
+    threads than in work)."""
+    bits = inside.numpy()
+    kth = int(np.partition(bits, bits.size - k_in)[bits.size - k_in])
+    is_tie = bits == kth
+    n_above = n_higher + int(np.count_nonzero(bits > kth))
+    return kth, torch.from_numpy(is_tie), n_above, int(np.count_nonzero(is_tie))
 
 
 def magnitude_cuts(
@@ -232,8 +257,8 @@ class _Window:
         """The bits of every entry in bucket, or None when the window missed it."""
         if self.found is None or not self.lo <= bucket <= self.hi:
             return None
-        bits = torch.cat(self.found) if len(self.found) != 1 else self.found[0]
-        return bits[(bits >> 16) == bucket]
+        bits = np.concatenate([f.numpy() for f in self.found])  # (numpy: one thread)
+        return torch.from_numpy(bits[(bits >> 16) == bucket])
 
 
 def _guess_window(x: Tensor, base: Tensor, k: int, numel: int) -> _Window:
@@ -242,20 +267,21 @@ def _guess_window(x: Tensor, base: Tensor, k: int, numel: int) -> _Window:
     down, give or take 4 standard deviations and 0.2% of the sample (less where that window
     would hold more than WINDOW_MAX_FRACTION of the sample)."""
     stride = max(1, min(WINDOW_SAMPLE_STRIDE, x.numel() // WINDOW_SAMPLE_MIN))
-    # a C loop: the torch ops on a sample this small cost more in thread hand-offs than work
+    # C and numpy: torch ops on a sample this small cost more in thread hand-offs than work
     hist, m = native.delta_hist_strided(x, base, _HI_BINS, stride)
+    c = np.cumsum(hist.numpy())  # [2**15] running count of the sample
     rank, p = k * m / numel, k / numel  # the k-th largest's rank within the sample
     margin = 4.0 * math.sqrt(m * p * (1.0 - p)) + 0.002 * m + 8.0
 
     def bucket(r: float) -> int:  # the bucket of the sample's r-th largest (1 <= r <= m)
-        return int(_top_bin(hist, min(m, max(1, int(r))))[0])
+        return _top_bin_host(c, min(m, max(1, int(r))))[0]
 
     while True:
         # past the sample's extremes the window runs to the end of the range (an unsampled
         # entry may lie beyond them)
         lo = bucket(rank + margin + 1) if rank + margin + 1 <= m else 0
         hi = bucket(rank - margin) if rank - margin >= 1 else _HI_BINS - 1
-        fraction = float(hist[lo : hi + 1].sum()) / m
+        fraction = float(c[hi] - (c[lo - 1] if lo > 0 else 0)) / m
         if fraction <= WINDOW_MAX_FRACTION or margin < 1.0:
             return _Window(lo, hi, fraction, [])
         margin /= 2.0
