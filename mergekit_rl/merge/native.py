@@ -284,23 +284,34 @@ static void ties_tail(const float *const *rows, int64_t n, int64_t m, const floa
 /* The cut of model i on m entries, weighted: k[j] = cut(x[j] - b[j]) * w. mode 0 keeps all,
    1 none (+0), 2 keeps shrink(d, below), 3 also zeroes the entries whose kept magnitude has the
    bits tie once *quota of them were kept (in index order; *quota counts down, *seen counts
-   them). */
+   them). A chunk's ties are counted first (a vectorized loop): only the chunk where the quota
+   runs out needs the entry-by-entry loop. */
 static void ties_cut(const float *x, const float *b, int64_t m, int32_t mode, float below,
                      uint32_t tie, int64_t *quota, int64_t *seen, float w, float *k) {
     if (mode == 1) {
         for (int64_t j = 0; j < m; j++) k[j] = 0.0f * w;
         return;
     }
-    for (int64_t j = 0; j < m; j++) k[j] = x[j] - b[j];
-    if (mode >= 2)
-        for (int64_t j = 0; j < m; j++) k[j] = shrink(k[j], below);
-    if (mode == 3)
-        for (int64_t j = 0; j < m; j++)
-            if (mag_bits(k[j]) == tie) {
-                ++*seen;
-                if (*quota > 0) --*quota;
-                else k[j] = 0.0f;
-            }
+    if (mode == 0)
+        for (int64_t j = 0; j < m; j++) k[j] = x[j] - b[j];
+    else
+        for (int64_t j = 0; j < m; j++) k[j] = shrink(x[j] - b[j], below);
+    if (mode == 3) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < m; j++) c += mag_bits(k[j]) == tie;
+        *seen += c;
+        if (c <= *quota) {
+            *quota -= c;  /* every tie here is kept */
+        } else if (*quota == 0) {
+            for (int64_t j = 0; j < m; j++) k[j] = mag_bits(k[j]) == tie ? 0.0f : k[j];
+        } else {
+            for (int64_t j = 0; j < m; j++)
+                if (mag_bits(k[j]) == tie) {
+                    if (*quota > 0) --*quota;
+                    else k[j] = 0.0f;
+                }
+        }
+    }
     for (int64_t j = 0; j < m; j++) k[j] = k[j] * w;
 }
 
