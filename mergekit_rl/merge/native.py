@@ -637,44 +637,30 @@ def ties_merge(
 ) -> list[int]:
     """TIES' merge of contiguous float32 host tensors of one shape into out (see the C source):
     weights float32 [n]. Returns the ties each mode-3 cut met (its `ties_total` share). Long
-    tensors run as one range per torch thread; with a mode-3 cut a first pass counts each
-    range's ties, so each range gets its share of the quota in index order."""
+    tensors run as one range per torch thread; range r keeps what ranges 0..r-1 left of a
+    mode-3 cut's quota, so while range 0 is merged the other threads count the ties of
+    ranges 0..R-2 (a cheap pass), then merge their own."""
     lib = library()
     assert lib is not None and all(_host_f32(t) for t in (out, base, *xs))
     n, ranges = len(xs), _ranges(base.numel())
-    counts = _tie_counts(lib, base, xs, cuts, ranges) if len(ranges) > 1 else None
-    quotas = _range_quotas(cuts, counts, len(ranges))  # [R][n]
     mode = torch.tensor([c.mode for c in cuts], dtype=torch.int32)
     below = torch.tensor([c.below for c in cuts], dtype=torch.float32)
     tie = torch.tensor([c.tie_bits for c in cuts], dtype=torch.int32)  # < 2**31: no sign bit
     seen = torch.zeros(len(ranges), n, dtype=torch.int64)
     scratch = torch.empty(len(ranges), (3 + n) * TIES_CHUNK, dtype=torch.float32)
-    row = {lo: r for r, (lo, _) in enumerate(ranges)}
 
-    def part(lo: int, hi: int) -> None:
-        r = row[lo]
+    def merge(r: int, quotas: list[int]) -> None:
+        lo, hi = ranges[r]
         ptrs = _int64s([x.data_ptr() + 4 * lo for x in xs])
-        quota = _int64s(quotas[r])
+        quota = _int64s(quotas)
         lib.ties_merge_f32(
             base.data_ptr() + 4 * lo, ptrs.data_ptr(), n, hi - lo, mode.data_ptr(),
             below.data_ptr(), tie.data_ptr(), quota.data_ptr(), seen[r].data_ptr(),
             weights.data_ptr(), flags, lam, wmin, out.data_ptr() + 4 * lo, scratch[r].data_ptr(),
         )  # fmt: skip
 
-    _run(part, ranges)
-    return seen.sum(0).tolist()
-
-
-def _host_f32(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-
-
-def _tie_counts(
-    lib: ctypes.CDLL, base: Tensor, xs: list[Tensor], cuts: list[TiesCut], ranges: list
-) -> list[list[int]]:
-    """[R][n]: the ties each mode-3 cut meets in each range (0 for the other modes)."""
-
-    def count(lo: int, hi: int) -> list[int]:
+    def count(r: int) -> list[int]:  # the ties of each mode-3 cut in range r
+        lo, hi = ranges[r]
         b = base.data_ptr() + 4 * lo
         return [
             lib.ties_count_f32(x.data_ptr() + 4 * lo, b, hi - lo, c.below, c.tie_bits)
@@ -683,24 +669,31 @@ def _tie_counts(
             for x, c in zip(xs, cuts, strict=True)
         ]
 
-    if not any(c.mode == 3 for c in cuts):
-        return [[0] * len(xs) for _ in ranges]
-    return _run(count, ranges)
+    full = [c.quota for c in cuts]
+    if len(ranges) == 1 or all(c.mode != 3 for c in cuts):
+        _run(lambda lo, hi: merge(ranges.index((lo, hi)), full), ranges)
+    else:
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            first = pool.submit(merge, 0, full)
+            counted = list(pool.map(count, range(len(ranges) - 1)))
+            rest = [pool.submit(merge, r, q) for r, q in _later_quotas(full, counted)]
+            for job in (first, *rest):
+                job.result()
+    return seen.sum(0).tolist()
 
 
-def _range_quotas(
-    cuts: list[TiesCut], counts: list[list[int]] | None, n_ranges: int
-) -> list[list[int]]:
-    """[R][n]: the ties each range keeps, the quota taken by the ranges in index order."""
-    if counts is None:
-        return [[c.quota for c in cuts]]
-    left = [c.quota for c in cuts]
-    quotas = []
-    for r in range(n_ranges):
-        q = [min(lf, cnt) for lf, cnt in zip(left, counts[r], strict=True)]
-        left = [lf - qi for lf, qi in zip(left, q, strict=True)]
-        quotas.append(q)
-    return quotas
+def _host_f32(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+def _later_quotas(full: list[int], counted: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """(r, each cut's quota left for range r) for r >= 1, from the ties counted in the ranges
+    before it (counted[r] for range r): the quota is taken in index order."""
+    left, out = list(full), []
+    for r, counts in enumerate(counted, start=1):
+        left = [max(0, lf - c) for lf, c in zip(left, counts, strict=True)]
+        out.append((r, left))
+    return out
 
 
 def ties_consensus(
