@@ -222,8 +222,8 @@ def ties_consensus_(
     On the host one C pass (`native.ties_consensus`) reads the deltas and base once and writes
     the result, bit for bit the torch steps (which run elsewhere, and overwrite `weighted`).
     """
-    target = torch.empty_like(base) if out is None else out
-    if not ties_native(base, target, *weighted):
+    target = _native_target(base, weighted, out)
+    if target is None:
         return _consensus_torch(weighted, weights, base, normalize, lam, out)
     flags, wmin = _ties_flags(weights, normalize, lam)
     native.ties_consensus(target, base, list(weighted), _f32(weights), flags, lam, wmin)
@@ -269,10 +269,19 @@ def ties_merge(
     where ties at a threshold are shared between threads), with no float32 temporaries, bit
     for bit the torch steps; it updates the cuts as `apply_cut_` does.
     """
-    target = torch.empty_like(base) if out is None else out
-    if not ties_native(base, target, *tensors):
+    target = _native_target(base, tensors, out)
+    if target is None:
         return _ties_merge_torch(base, tensors, cuts, weights, normalize, lam, out)
     return _ties_merge_native(base, tensors, cuts, weights, normalize, lam, target)
+
+
+def _native_target(base: Tensor, inputs: Sequence[Tensor], out: Tensor | None) -> Tensor | None:
+    """Where the C kernels write (out, or a new tensor like base), or None when they do not
+    serve these tensors (`ties_native`)."""
+    given = [] if out is None else [out]
+    if not ties_native(base, *inputs, *given):
+        return None
+    return torch.empty_like(base) if out is None else out
 
 
 def _ties_merge_torch(
