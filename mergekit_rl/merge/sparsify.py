@@ -50,8 +50,9 @@ def magnitude_cuts(
 ) -> list[selection.MagnitudeCut]:
     """The cut `magnitude` makes of each whole task vector x_i - base (float32 tensors of one
     shape), found without delta tensors where that costs less: a small tensor is selected as
-    `magnitude` selects it (kthvalue on its delta), a larger one by the two passes of
-    `selection.delta_magnitude_cuts` (a C loop over x_i and base on the host). Same cuts."""
+    `magnitude` selects it (kthvalue on its delta), a larger one by
+    `selection.delta_magnitude_cuts` (on the host a C loop over x_i and base, one pass where
+    its sampled guess holds). Same cuts."""
     numel = base.numel()
     ks = [magnitude_k(d, numel, min_keep) for d in densities]
     if numel < selection.SMALL_SELECT:
