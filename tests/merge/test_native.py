@@ -546,6 +546,27 @@ def test_ties_consensus_is_bitwise_the_torch_steps(
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_ties_primitives_write_into_a_given_buffer(path: str, monkeypatch) -> None:
+    # a caller's pooled buffer: the result is that buffer, on both paths, with the same bits
+    if path == "native" and native.library() is None:
+        pytest.skip("no C compiler here")
+    base, xs = _ties_inputs(2, (30, 41), seed=5)
+    cuts = [selection.magnitude_cut(x - base, base.numel(), 500) for x in xs]
+    want = blend._ties_merge_torch(
+        base, xs, [copy.copy(c) for c in cuts], [0.6, 0.4], True, 0.8, None
+    )
+    tail_want = blend._consensus_torch([x - base for x in xs], [0.6, 0.4], base, False, 1.0, None)
+    if path == "torch":
+        fallback(monkeypatch)
+    buf = torch.full_like(base, float("nan"))
+    got = blend.ties_merge(base, xs, cuts, [0.6, 0.4], normalize=True, lam=0.8, out=buf)
+    assert got is buf and torch.equal(_bits(buf), _bits(want))
+    buf = torch.full_like(base, float("nan"))
+    tail = blend.ties_consensus_([x - base for x in xs], [0.6, 0.4], base, normalize=False, out=buf)
+    assert tail is buf and torch.equal(_bits(buf), _bits(tail_want))
+
+
 @needs_native
 def test_ties_kernels_are_probed_against_torch(monkeypatch) -> None:
     assert blend._ties_kernels_agree.__wrapped__()
