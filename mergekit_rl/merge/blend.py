@@ -9,11 +9,15 @@ task vectors, slerp's angle) go through `stable_sum` / `StableSum`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
+
+from . import native, selection
 
 # |cos| above this: the two tensors are (anti)parallel and slerp degenerates to lerp.
 SLERP_PARALLEL_COS = 0.9995
@@ -225,6 +229,186 @@ def nonzero_divisor_(divisor: Tensor, weights: Sequence[float]) -> Tensor:
     if weights and min(weights) > 0.0:
         return divisor.clamp_min_(min(weights))
     return divisor.masked_fill_(divisor == 0, 1.0)
+
+
+def ties_consensus_(
+    weighted: Sequence[Tensor],
+    weights: Sequence[float],
+    base: Tensor,
+    *,
+    normalize: bool,
+    lam: float = 1.0,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The TIES family's merged tensor from its weighted deltas w_i * delta_i (n tensors of
+    base's shape): `sign_consensus_`, `nonzero_divisor_` when `normalize`, then base +
+    lam * mixed (/ divisor), written to out when given (a float32 tensor of base's shape).
+
+    On the host one C pass (`native.ties_consensus`) reads the deltas and base once and writes
+    the result, bit for bit the torch steps (which run elsewhere, and overwrite `weighted`).
+    """
+    target = _native_target(base, weighted, out)
+    if target is None:
+        return _consensus_torch(weighted, weights, base, normalize, lam, out)
+    flags, wmin = _ties_flags(weights, normalize, lam)
+    native.ties_consensus(target, base, list(weighted), _f32(weights), flags, lam, wmin)
+    return target
+
+
+def _consensus_torch(
+    weighted: Sequence[Tensor],
+    weights: Sequence[float],
+    base: Tensor,
+    normalize: bool,
+    lam: float,
+    out: Tensor | None,
+) -> Tensor:
+    """`ties_consensus_` as torch ops (in place on weighted)."""
+    mixed, divisor = sign_consensus_(weighted, weights, with_divisor=normalize)
+    if divisor is not None:
+        divisor = nonzero_divisor_(divisor, weights)
+        if lam == 1.0:  # base + mixed / divisor in one pass: the quotient and sum of the steps
+            return torch.addcdiv(base, mixed, divisor, out=out)
+        mixed /= divisor
+    if lam != 1.0:  # x * 1 is x: skip the pass
+        mixed.mul_(lam)
+    return torch.add(base, mixed, out=out)
+
+
+def ties_merge(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    cuts: Sequence[selection.MagnitudeCut],
+    weights: Sequence[float],
+    *,
+    normalize: bool,
+    lam: float = 1.0,
+    out: Tensor | None = None,
+) -> Tensor:
+    """TIES' merge of one tensor, or one row block of it, once each model's magnitude cut of
+    the whole task vector is known: delta_i = x_i - base, `selection.apply_cut_` (consuming
+    each cut's ties, so the blocks of a tensor go in index order), times w_i, then
+    `ties_consensus_`. tensors: n float32 of base's shape; out as in `ties_consensus_`.
+
+    On the host one C pass (`native.ties_merge`) does it all, reading each input once (twice
+    where ties at a threshold are shared between threads), with no float32 temporaries, bit
+    for bit the torch steps; it updates the cuts as `apply_cut_` does.
+    """
+    target = _native_target(base, tensors, out)
+    if target is None:
+        return _ties_merge_torch(base, tensors, cuts, weights, normalize, lam, out)
+    return _ties_merge_native(base, tensors, cuts, weights, normalize, lam, target)
+
+
+def _native_target(base: Tensor, inputs: Sequence[Tensor], out: Tensor | None) -> Tensor | None:
+    """Where the C kernels write (out, or a new tensor like base), or None when they do not
+    serve these tensors (`ties_native`)."""
+    given = [] if out is None else [out]
+    if not ties_native(base, *inputs, *given):
+        return None
+    return torch.empty_like(base) if out is None else out
+
+
+def _ties_merge_torch(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    cuts: Sequence[selection.MagnitudeCut],
+    weights: Sequence[float],
+    normalize: bool,
+    lam: float,
+    out: Tensor | None,
+) -> Tensor:
+    weighted = [
+        selection.apply_cut_(x - base, cut).mul_(w)
+        for x, cut, w in zip(tensors, cuts, weights, strict=True)
+    ]
+    return _consensus_torch(weighted, weights, base, normalize, lam, out)
+
+
+def _ties_merge_native(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    cuts: Sequence[selection.MagnitudeCut],
+    weights: Sequence[float],
+    normalize: bool,
+    lam: float,
+    out: Tensor,
+) -> Tensor:
+    rules = [selection.kernel_cut(c) for c in cuts]
+    flags, wmin = _ties_flags(weights, normalize, lam)
+    met = native.ties_merge(out, base, list(tensors), rules, _f32(weights), flags, lam, wmin)
+    for cut, rule, m in zip(cuts, rules, met, strict=True):
+        if rule.mode == 3:  # the other modes leave the cut as it is (see apply_cut_)
+            selection.consume_ties(cut, m)
+    return out
+
+
+def _f32(values: Sequence[float]) -> Tensor:
+    """Python floats as the float32 values torch's kernels compute with."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def _ties_flags(weights: Sequence[float], normalize: bool, lam: float) -> tuple[int, float]:
+    """(the C kernels' flags, the smallest weight): `nonzero_divisor_`'s two branches and the
+    three finishes of `ties_consensus_`."""
+    wmin = min(float(w) for w in weights)
+    flags = native.TIES_NORMALIZE if normalize else 0
+    flags |= native.TIES_ALL_POSITIVE if wmin > 0.0 else 0
+    flags |= native.TIES_LAMBDA if lam != 1.0 else 0
+    return flags, wmin
+
+
+def ties_native(*tensors: Tensor) -> bool:
+    """True when the TIES kernels serve these tensors: contiguous float32 on the host, the
+    library built, and its results equal to torch's on this machine (`_ties_kernels_agree`)."""
+    host = all(t.dtype == torch.float32 for t in tensors) and native.usable(*tensors)
+    return host and _ties_kernels_agree()
+
+
+# the probe's (weights, normalize, lambda): nonzero_divisor_'s two branches, the three finishes
+_PROBES = (
+    ([1.0, 0.5, -0.3], True, 1.0),
+    ([0.3, 0.7, 0.2], True, 0.9),
+    ([0.5, 0.0, 1.5], False, 1.3),
+)
+
+
+@cache
+def _ties_kernels_agree() -> bool:
+    """Whether the C kernels give torch's bits here, probed once on crafted values (signed
+    zeros, inf, subnormals, ties at the thresholds shared by two row blocks, a zero and a
+    negative weight, every finish): a CPU or compiler that rounds a step differently gets the
+    torch steps instead."""
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(40, 37, generator=g) * 4).round() / 4  # few distinct values: ties
+    xs = [base + (torch.randn(40, 37, generator=g) * 4).round() / 8 for _ in range(3)]
+    xs[0][0, :6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -3.0])
+    base[0, :6] = torch.tensor([-0.0, -0.0, 1.0, 2.0, 0.0, -3.0])
+    blocks = (slice(0, 17), slice(17, 40))
+    for weights, normalize, lam in _PROBES:
+        cuts = [selection.magnitude_cut(x - base, x.numel(), 700) for x in xs]
+        mine = [copy.copy(c) for c in cuts]
+        for r in blocks:  # ties at the thresholds spread over both blocks
+            b, rows = base[r], [x[r] for x in xs]
+            want = _ties_merge_torch(b, rows, cuts, weights, normalize, lam, None)
+            got = _ties_merge_native(b, rows, mine, weights, normalize, lam, torch.empty_like(b))
+            if not _same_bits(got, want):
+                return False
+        if [(c.ties_left, c.ties_total) for c in cuts] != [
+            (c.ties_left, c.ties_total) for c in mine
+        ]:
+            return False
+        weighted = [(x - base) * w for x, w in zip(xs, weights, strict=True)]
+        flags, wmin = _ties_flags(weights, normalize, lam)
+        got = torch.empty_like(base)
+        native.ties_consensus(got, base, weighted, _f32(weights), flags, lam, wmin)
+        if not _same_bits(got, _consensus_torch(weighted, weights, base, normalize, lam, None)):
+            return False
+    return True
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 # Rows of this many entries are each summed by one thread (below torch's parallel grain size).

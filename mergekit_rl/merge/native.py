@@ -16,10 +16,13 @@ result (tests run both).
   absent): a two-pointer merge, O(n + m), where `searchsorted` costs O(m log n).
 - `rank_rows`: DELLA's per-row magnitude ranks with a radix sort per row (O(d)), where torch
   needs a stable comparison sort and a scatter.
-- `delta_hist`, `delta_bucket`: the two passes of TIES' magnitude cut over row blocks
-  (`selection.delta_magnitude_cuts`) straight from x and base: the bits of |x - base| counted by
-  their top 16 bits, then those of one bucket collected, where torch needs a delta, an abs,
-  a digit copy and a bincount per block.
+- `delta_hist_window`, `delta_hist_strided`, `delta_bucket`: TIES' magnitude cut over row
+  blocks (`selection.delta_magnitude_cuts`) straight from x and base: the bits of |x - base|
+  counted by their top 16 bits while those in a window of buckets guessed from a sample are
+  kept, and (where the guess missed) those of one bucket collected in a second pass, where
+  torch needs a delta, an abs, a digit copy and a bincount per block.
+- `ties_merge`, `ties_consensus`: TIES' merge pass (the cut, the weights, the sign election,
+  the mix, the divisor and the final sum) in one loop, entry for entry torch's float32 steps.
 
 The library is compiled on first use with the system C compiler (`cc -O3`, no
 machine-specific flags) into `$XDG_CACHE_HOME/mergekit_rl` (default `~/.cache/mergekit_rl`),
@@ -42,9 +45,11 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -169,19 +174,42 @@ int64_t add_at_bf16_rounded(uint16_t *flat, int64_t size, const int64_t *idx, co
 }
 
 /* The radix select of task-vector magnitudes (selection.delta_magnitude_cuts) without a delta
-   tensor: for d = x[i] - b[i] (one float32 subtraction, as torch's), the int32 bits of |d|.
-   delta_hist_f32 counts their top 16 bits into hist[0..2**15); delta_bucket_f32 appends the
-   bits whose top 16 equal bucket to out, in index order, and returns how many. */
+   tensor: for d = x[i] - b[i] (one float32 subtraction, as torch's), the int32 bits of |d|,
+   counted by their top 16 bits into hist[0..2**15) (the first pass), and those of one bucket
+   collected (delta_bucket_f32, the second pass where the first one's window missed it). */
 static inline uint32_t delta_bits(float x, float b) {
     union { float f; uint32_t u; } d;
     d.f = x - b;
     return d.u & 0x7FFFFFFFu;
 }
 
-void delta_hist_f32(const float *x, const float *b, int64_t n, int64_t *hist) {
-    for (int64_t i = 0; i < n; i++) hist[delta_bits(x[i], b[i]) >> 16]++;
+/* Every entry's top 16 bits counted into hist, and the bits whose top 16 lie in a window of
+   buckets [lo, hi] (guessed before the histogram is known) appended to out (up to cap, in
+   index order). Returns how many lie in the window. */
+int64_t delta_hist_window_f32(const float *x, const float *b, int64_t n, int64_t *hist,
+                              uint32_t lo, uint32_t hi, int32_t *out, int64_t cap) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = delta_bits(x[i], b[i]), top = u >> 16;
+        hist[top]++;
+        if (top - lo <= hi - lo) {
+            if (c < cap) out[c] = (int32_t)u;
+            c++;
+        }
+    }
+    return c;
 }
 
+/* The histogram of every stride-th entry (a sample): returns how many were counted */
+int64_t delta_hist_strided_f32(const float *x, const float *b, int64_t n, int64_t stride,
+                               int64_t *hist) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i += stride, c++) hist[delta_bits(x[i], b[i]) >> 16]++;
+    return c;
+}
+
+/* Appends the bits whose top 16 equal bucket to out (up to cap, in index order), returns how
+   many there are */
 int64_t delta_bucket_f32(const float *x, const float *b, int64_t n, uint32_t bucket,
                          int32_t *out, int64_t cap) {
     int64_t c = 0;
@@ -217,6 +245,138 @@ void rank_rows_u32(const uint32_t *keys, int64_t rows, int64_t d, int64_t *ranks
     }
 }
 
+/* ---- TIES' merge pass (blend.ties_merge, blend.ties_consensus_) ------------------------------
+   Entry for entry the float32 operations of the torch path, in its order and with its rounding,
+   so the output bits are the same: x - b; the cut (selection.apply_cut_: hardshrink, then ties
+   past the quota zeroed); * w; the sign elected from the sum over the models in model order (a
+   sum >= 0 is +1, NaN is -1); each term times the sign, clamp_min 0 (keeps -0.0 and NaN); the
+   mixed sum and the divisor sum_i w_i * sign(term) from +0; mixed * sign; the divisor's zeros
+   replaced (blend.nonzero_divisor_); then base + mixed / divisor (addcdiv), with lambda
+   ((mixed / divisor) * lambda) or without the division (normalize false). torch.sign(NaN) is
+   0. The entries go TIES_CHUNK at a time through a scratch of (3 + n) * TIES_CHUNK floats. */
+#define TIES_CHUNK 256
+#define TIES_NORMALIZE 1   /* divide by the divisor */
+#define TIES_ALL_POSITIVE 2 /* every weight > 0: the divisor is clamped to wmin, else 0 -> 1 */
+#define TIES_LAMBDA 4      /* lambda != 1: one more multiply */
+
+static inline uint32_t mag_bits(float v) {
+    union { float f; uint32_t u; } c;
+    c.f = v;
+    return c.u & 0x7FFFFFFFu;
+}
+
+/* hardshrink(d, below): 0 where -below <= d <= below, else d (NaN d, or a NaN below, keep d) */
+static inline float shrink(float d, float below) {
+    return (d >= -below && d <= below) ? 0.0f : d;
+}
+
+/* The consensus of m <= TIES_CHUNK entries from the n weighted deltas rows[i][0..m), into out */
+static void ties_tail(const float *const *rows, int64_t n, int64_t m, const float *w,
+                      const float *b, int32_t flags, float lam, float wmin, float *out,
+                      float *scratch) {
+    float *sign = scratch, *mixed = scratch + TIES_CHUNK, *div = scratch + 2 * TIES_CHUNK;
+    for (int64_t j = 0; j < m; j++) sign[j] = rows[0][j];
+    for (int64_t i = 1; i < n; i++)
+        for (int64_t j = 0; j < m; j++) sign[j] = sign[j] + rows[i][j];
+    for (int64_t j = 0; j < m; j++) {
+        sign[j] = sign[j] >= 0.0f ? 1.0f : -1.0f;
+        mixed[j] = 0.0f;
+        div[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float *k = rows[i], wi = w[i];
+        for (int64_t j = 0; j < m; j++) {
+            float d = k[j] * sign[j];
+            d = d < 0.0f ? 0.0f : d;
+            mixed[j] = mixed[j] + d;
+            div[j] = div[j] + wi * (d > 0.0f ? 1.0f : 0.0f);
+        }
+    }
+    for (int64_t j = 0; j < m; j++) {
+        float v = mixed[j] * sign[j];
+        if (flags & TIES_NORMALIZE) {
+            float q = div[j];
+            if (flags & TIES_ALL_POSITIVE) q = q < wmin ? wmin : q;
+            else q = q == 0.0f ? 1.0f : q;
+            v = v / q;
+        }
+        if (flags & TIES_LAMBDA) v = v * lam;
+        out[j] = b[j] + v;
+    }
+}
+
+/* The cut of model i on m entries, weighted: k[j] = cut(x[j] - b[j]) * w. mode 0 keeps all,
+   1 none (+0), 2 keeps shrink(d, below), 3 also zeroes the entries whose kept magnitude has the
+   bits tie once *quota of them were kept (in index order; *quota counts down, *seen counts
+   them). A chunk's ties are counted first (a vectorized loop): only the chunk where the quota
+   runs out needs the entry-by-entry loop. */
+static void ties_cut(const float *x, const float *b, int64_t m, int32_t mode, float below,
+                     uint32_t tie, int64_t *quota, int64_t *seen, float w, float *k) {
+    if (mode == 1) {
+        for (int64_t j = 0; j < m; j++) k[j] = 0.0f * w;
+        return;
+    }
+    if (mode == 0)
+        for (int64_t j = 0; j < m; j++) k[j] = x[j] - b[j];
+    else
+        for (int64_t j = 0; j < m; j++) k[j] = shrink(x[j] - b[j], below);
+    if (mode == 3) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < m; j++) c += mag_bits(k[j]) == tie;
+        *seen += c;
+        if (c <= *quota) {
+            *quota -= c;  /* every tie here is kept */
+        } else if (*quota == 0) {
+            for (int64_t j = 0; j < m; j++) k[j] = mag_bits(k[j]) == tie ? 0.0f : k[j];
+        } else {
+            for (int64_t j = 0; j < m; j++)
+                if (mag_bits(k[j]) == tie) {
+                    if (*quota > 0) --*quota;
+                    else k[j] = 0.0f;
+                }
+        }
+    }
+    for (int64_t j = 0; j < m; j++) k[j] = k[j] * w;
+}
+
+/* TIES merge of len entries: b the base, xs[i] model i's entries (n pointers), mode / below /
+   tie / quota / seen / w per model as in ties_cut, flags TIES_*, into out. */
+void ties_merge_f32(const float *b, const int64_t *xs, int64_t n, int64_t len,
+                    const int32_t *mode, const float *below, const uint32_t *tie, int64_t *quota,
+                    int64_t *seen, const float *w, int32_t flags, float lam, float wmin,
+                    float *out, float *scratch) {
+    float *k = scratch + 3 * TIES_CHUNK;
+    const float *rows[n];
+    for (int64_t i = 0; i < n; i++) rows[i] = k + i * TIES_CHUNK;
+    for (int64_t s = 0; s < len; s += TIES_CHUNK) {
+        int64_t m = len - s < TIES_CHUNK ? len - s : TIES_CHUNK;
+        for (int64_t i = 0; i < n; i++)
+            ties_cut((const float *)xs[i] + s, b + s, m, mode[i], below[i], tie[i], quota + i,
+                     seen + i, w[i], k + i * TIES_CHUNK);
+        ties_tail(rows, n, m, w, b + s, flags, lam, wmin, out + s, scratch);
+    }
+}
+
+/* The consensus alone: ks[i] model i's weighted delta (n pointers to len floats) */
+void ties_consensus_f32(const float *b, const int64_t *ks, int64_t n, int64_t len,
+                        const float *w, int32_t flags, float lam, float wmin, float *out,
+                        float *scratch) {
+    const float *rows[n];
+    for (int64_t s = 0; s < len; s += TIES_CHUNK) {
+        int64_t m = len - s < TIES_CHUNK ? len - s : TIES_CHUNK;
+        for (int64_t i = 0; i < n; i++) rows[i] = (const float *)ks[i] + s;
+        ties_tail(rows, n, m, w, b + s, flags, lam, wmin, out + s, scratch);
+    }
+}
+
+/* How many of len entries the cut (mode 3) meets at its threshold: a range's share of the ties,
+   so that ranges merged on several threads know how many ties the ranges before them kept. */
+int64_t ties_count_f32(const float *x, const float *b, int64_t len, float below, uint32_t tie) {
+    int64_t c = 0;
+    for (int64_t j = 0; j < len; j++) c += mag_bits(shrink(x[j] - b[j], below)) == tie;
+    return c;
+}
+
 /* For each query q[j] (ascending), its position in keys (ascending, distinct) or -1. */
 void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq,
                    int64_t *out) {
@@ -228,7 +388,9 @@ void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq
 }
 """
 
-FLAGS = ("-O3", "-shared", "-fPIC")
+# no contraction of a * b + c into one fused multiply-add (targets that have it): the kernels
+# reproduce torch's separately rounded steps
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math")
 # below this many entries a scan runs on one thread (a thread pool costs ~50 us)
 PARALLEL_MIN = 1 << 20
 
@@ -285,12 +447,22 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.hash_u32.restype = None
     lib.add_at_bf16_rounded.argtypes = [ptr, i64, ptr, ptr, i64, u32, u32, u32]
     lib.add_at_bf16_rounded.restype = i64
-    lib.delta_hist_f32.argtypes = [ptr, ptr, i64, ptr]
-    lib.delta_hist_f32.restype = None
     lib.delta_bucket_f32.argtypes = [ptr, ptr, i64, u32, ptr, i64]
     lib.delta_bucket_f32.restype = i64
     lib.rank_rows_u32.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     lib.rank_rows_u32.restype = None
+    lib.delta_hist_window_f32.argtypes = [ptr, ptr, i64, ptr, u32, u32, ptr, i64]
+    lib.delta_hist_window_f32.restype = i64
+    lib.delta_hist_strided_f32.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.delta_hist_strided_f32.restype = i64
+    lib.ties_merge_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.ties_merge_f32.argtypes += [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ptr, ptr]
+    lib.ties_merge_f32.restype = None
+    lib.ties_consensus_f32.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int32]
+    lib.ties_consensus_f32.argtypes += [ctypes.c_float, ctypes.c_float, ptr, ptr]
+    lib.ties_consensus_f32.restype = None
+    lib.ties_count_f32.argtypes = [ptr, ptr, i64, ctypes.c_float, u32]
+    lib.ties_count_f32.restype = i64
     return lib
 
 
@@ -402,25 +574,6 @@ def positions(keys: Tensor, queries: Tensor) -> Tensor:
     return out
 
 
-def delta_hist(x: Tensor, base: Tensor, bins: int) -> Tensor:
-    """The int64 histogram [bins] of the top 16 bits of |x - base| (float32 bits) for
-    contiguous float32 host tensors of one shape: one pass, no delta tensor; split into one
-    range per torch thread when long (a histogram row each, summed)."""
-    lib = library()
-    assert lib is not None and x.dtype == base.dtype == torch.float32
-    assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
-    ranges = _ranges(x.numel())
-    hists = torch.zeros(len(ranges), bins, dtype=torch.int64)
-    row = {lo: i for i, (lo, _) in enumerate(ranges)}
-
-    def count(lo: int, hi: int) -> None:
-        h = hists[row[lo]].data_ptr()
-        lib.delta_hist_f32(x.data_ptr() + 4 * lo, base.data_ptr() + 4 * lo, hi - lo, h)
-
-    _run(count, ranges)
-    return hists[0] if len(ranges) == 1 else hists.sum(0)
-
-
 def delta_bucket(x: Tensor, base: Tensor, bucket: int, out: Tensor) -> int:
     """Write the int32 bits of |x - base| whose top 16 bits are `bucket` to the front of out
     (int32), in index order; returns how many there are (more than out holds: only its
@@ -453,3 +606,166 @@ def rank_rows(keys: Tensor) -> Tensor:
     cuts = [rows * i // parts for i in range(parts + 1)]
     _run(part, list(zip(cuts[:-1], cuts[1:], strict=True)))
     return ranks
+
+
+def delta_hist_strided(x: Tensor, base: Tensor, bins: int, stride: int) -> tuple[Tensor, int]:
+    """(`delta_hist` of every stride-th entry, how many that is): a sample, in one thread."""
+    lib = library()
+    assert lib is not None and x.dtype == base.dtype == torch.float32
+    assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
+    hist = torch.from_numpy(np.zeros(bins, dtype=np.int64))  # (numpy: no thread hand-off)
+    m = lib.delta_hist_strided_f32(
+        x.data_ptr(), base.data_ptr(), x.numel(), stride, hist.data_ptr()
+    )
+    return hist, m
+
+
+def delta_hist_window(
+    x: Tensor, base: Tensor, bins: int, lo: int, hi: int, cap: int
+) -> tuple[Tensor, Tensor | None]:
+    """`delta_hist` and, in the same pass, the int32 bits of |x - base| whose top 16 bits lie
+    in [lo, hi] (in index order), or None when more than cap of them are there. Split into one
+    range per torch thread when long, each with its own histogram row and cap."""
+    lib = library()
+    assert lib is not None and x.dtype == base.dtype == torch.float32
+    assert x.is_contiguous() and base.is_contiguous() and x.shape == base.shape
+    ranges = _ranges(x.numel())
+    hists = torch.from_numpy(np.zeros((len(ranges), bins), dtype=np.int64))
+    found = torch.empty(len(ranges), cap, dtype=torch.int32)  # pages touched only as written
+    row = {lo_: i for i, (lo_, _) in enumerate(ranges)}
+
+    def scan(start: int, stop: int) -> int:
+        r = row[start]
+        xp, bp = x.data_ptr() + 4 * start, base.data_ptr() + 4 * start
+        h, out = hists[r].data_ptr(), found[r].data_ptr()
+        return lib.delta_hist_window_f32(xp, bp, stop - start, h, lo, hi, out, cap)
+
+    counts = _run(scan, ranges)
+    # numpy sums and joins the rows (torch would hand these small ops to its threads)
+    hist = hists[0] if len(ranges) == 1 else torch.from_numpy(hists.numpy().sum(0))
+    if max(counts) > cap:
+        return hist, None
+    if len(ranges) == 1:
+        return hist, found[0, : counts[0]]
+    parts = [found[r, :c].numpy() for r, c in enumerate(counts)]
+    return hist, torch.from_numpy(np.concatenate(parts))
+
+
+# -- TIES' merge pass ------------------------------------------------------------------------------
+
+TIES_CHUNK = 256  # entries per step of the kernels (their scratch holds (3 + n) chunks)
+TIES_NORMALIZE, TIES_ALL_POSITIVE, TIES_LAMBDA = 1, 2, 4  # the kernels' flags
+
+
+@dataclass(frozen=True)
+class TiesCut:
+    """What `selection.apply_cut_` does to one model's block, for the kernel: mode 0 keeps
+    every entry, 1 none, 2 those with |x - b| > below (hardshrink), 3 also only the first
+    `quota` of those whose magnitude has the bits `tie_bits` (the threshold's)."""
+
+    mode: int
+    below: float = 0.0
+    tie_bits: int = 0
+    quota: int = 0
+
+
+def _int64s(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def ties_merge(
+    out: Tensor,
+    base: Tensor,
+    xs: list[Tensor],
+    cuts: list[TiesCut],
+    weights: Tensor,
+    flags: int,
+    lam: float,
+    wmin: float,
+) -> list[int]:
+    """TIES' merge of contiguous float32 host tensors of one shape into out (see the C source):
+    weights float32 [n]. Returns the ties each mode-3 cut met (its `ties_total` share). Long
+    tensors run as one range per torch thread; range r keeps what ranges 0..r-1 left of a
+    mode-3 cut's quota, so while range 0 is merged the other threads count the ties of
+    ranges 0..R-2 (a cheap pass), then merge their own."""
+    lib = library()
+    assert lib is not None and all(_host_f32(t) for t in (out, base, *xs))
+    n, ranges = len(xs), _ranges(base.numel())
+    mode = torch.tensor([c.mode for c in cuts], dtype=torch.int32)
+    below = torch.tensor([c.below for c in cuts], dtype=torch.float32)
+    tie = torch.tensor([c.tie_bits for c in cuts], dtype=torch.int32)  # < 2**31: no sign bit
+    seen = torch.zeros(len(ranges), n, dtype=torch.int64)
+    scratch = torch.empty(len(ranges), (3 + n) * TIES_CHUNK, dtype=torch.float32)
+
+    def merge(r: int, quotas: list[int]) -> None:
+        lo, hi = ranges[r]
+        ptrs = _int64s([x.data_ptr() + 4 * lo for x in xs])
+        quota = _int64s(quotas)
+        lib.ties_merge_f32(
+            base.data_ptr() + 4 * lo, ptrs.data_ptr(), n, hi - lo, mode.data_ptr(),
+            below.data_ptr(), tie.data_ptr(), quota.data_ptr(), seen[r].data_ptr(),
+            weights.data_ptr(), flags, lam, wmin, out.data_ptr() + 4 * lo, scratch[r].data_ptr(),
+        )  # fmt: skip
+
+    def count(r: int) -> list[int]:  # the ties of each mode-3 cut in range r
+        lo, hi = ranges[r]
+        b = base.data_ptr() + 4 * lo
+        return [
+            lib.ties_count_f32(x.data_ptr() + 4 * lo, b, hi - lo, c.below, c.tie_bits)
+            if c.mode == 3
+            else 0
+            for x, c in zip(xs, cuts, strict=True)
+        ]
+
+    full = [c.quota for c in cuts]
+    if len(ranges) == 1 or all(c.mode != 3 for c in cuts):
+        _run(lambda lo, hi: merge(ranges.index((lo, hi)), full), ranges)
+    else:
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            first = pool.submit(merge, 0, full)
+            counted = list(pool.map(count, range(len(ranges) - 1)))
+            rest = [pool.submit(merge, r, q) for r, q in _later_quotas(full, counted)]
+            for job in (first, *rest):
+                job.result()
+    return seen.sum(0).tolist()
+
+
+def _host_f32(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+def _later_quotas(full: list[int], counted: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """(r, each cut's quota left for range r) for r >= 1, from the ties counted in the ranges
+    before it (counted[r] for range r): the quota is taken in index order."""
+    left, out = list(full), []
+    for r, counts in enumerate(counted, start=1):
+        left = [max(0, lf - c) for lf, c in zip(left, counts, strict=True)]
+        out.append((r, left))
+    return out
+
+
+def ties_consensus(
+    out: Tensor,
+    base: Tensor,
+    ks: list[Tensor],
+    weights: Tensor,
+    flags: int,
+    lam: float,
+    wmin: float,
+) -> None:
+    """The TIES consensus of the weighted deltas ks into out (contiguous float32 host tensors of
+    one shape; see the C source): sign election, mix, divisor, base + the result, one pass."""
+    lib = library()
+    assert lib is not None and all(_host_f32(t) for t in (out, base, *ks))
+    n, ranges = len(ks), _ranges(base.numel())
+    scratch = torch.empty(len(ranges), 3 * TIES_CHUNK, dtype=torch.float32)
+    row = {lo: r for r, (lo, _) in enumerate(ranges)}
+
+    def part(lo: int, hi: int) -> None:
+        ptrs = _int64s([k.data_ptr() + 4 * lo for k in ks])
+        lib.ties_consensus_f32(
+            base.data_ptr() + 4 * lo, ptrs.data_ptr(), n, hi - lo, weights.data_ptr(), flags,
+            lam, wmin, out.data_ptr() + 4 * lo, scratch[row[lo]].data_ptr(),
+        )  # fmt: skip
+
+    _run(part, ranges)

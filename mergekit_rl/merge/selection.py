@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,12 +74,23 @@ def _top_bin(hist: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
 
     With c the running count, entries in bins >= b are total - c[b - 1], at least k exactly
     while c[b - 1] <= total - k; c never decreases, so b is the number of bins with
-    c <= total - k, and the entries above b are total - c[b]."""
+    c <= total - k, and the entries above b are total - c[b]. On the host, with k a number,
+    numpy does it (a binary search; torch would hand each op on 2**15 bins to its threads)."""
+    if hist.device.type == "cpu" and not isinstance(k, Tensor):
+        b_, higher_ = _top_bin_host(np.cumsum(hist.numpy()), k)
+        return torch.tensor(b_), torch.tensor(higher_)
     c = hist.cumsum(0)  # [bins]
     total = c[-1]
     b = (c <= total - k).sum()
     higher = total - c.index_select(0, b.view(1)).squeeze(0)  # (x[0-dim tensor] would sync)
     return b, higher
+
+
+def _top_bin_host(c: np.ndarray, k: int) -> tuple[int, int]:
+    """`_top_bin` from the running count c of a host histogram (the same rule), as ints."""
+    total = int(c[-1])
+    b = int(np.searchsorted(c, total - k, side="right"))  # bins with c <= total - k
+    return b, total - int(c[b])
 
 
 def radix_select(blocks: Callable[[], Iterable[Tensor]], k: int) -> tuple[int, int, int]:
@@ -122,6 +134,8 @@ def _finish_select(
 ) -> tuple[int, Tensor, int, int]:
     """(k-th largest bits, tie mask over inside, count above, count equal) from the bits
     `inside` the bucket holding the k-th largest and the count of entries in higher buckets."""
+    if inside.device.type == "cpu":
+        return _finish_select_host(inside, k - int(n_higher), int(n_higher))
     k_in = k - n_higher  # rank of the k-th largest inside the bucket
     if inside.device.type in KTHVALUE_BUCKET_DEVICES:  # kthvalue on the small bucket is cheaper
         k_in = int(k_in)
@@ -134,6 +148,17 @@ def _finish_select(
     found = torch.stack([kth.to(torch.int64), n_higher + (inside > kth).sum(), is_tie.sum()])
     kth_bits, n_above, n_equal = (int(v) for v in found.tolist())  # the one sync at the end
     return kth_bits, is_tie, n_above, n_equal
+
+
+def _finish_select_host(inside: Tensor, k_in: int, n_higher: int) -> tuple[int, Tensor, int, int]:
+    """`_finish_select` of a host bucket, in numpy: a partition finds the k_in-th largest bits
+    (torch's kthvalue, compares and sums on a bucket this small cost more in hand-offs to its
+    threads than in work)."""
+    bits = inside.numpy()
+    kth = int(np.partition(bits, bits.size - k_in)[bits.size - k_in])
+    is_tie = bits == kth
+    n_above = n_higher + int(np.count_nonzero(bits > kth))
+    return kth, torch.from_numpy(is_tie), n_above, int(np.count_nonzero(is_tie))
 
 
 def magnitude_cuts(
@@ -161,10 +186,12 @@ def delta_magnitude_cuts(
     blocks: Callable[[], Iterable[Sequence[Tensor]]], numel: int, ks: Sequence[int]
 ) -> list[MagnitudeCut]:
     """`magnitude_cuts` of the task vectors x_i - base: blocks() yields, in index order, one
-    block of [base, x_1, ..., x_N] (float32); cut i keeps ks[i] entries of x_i - base. Two
-    passes. On the host a C loop counts and collects the magnitudes' bits straight from x_i
-    and base (`native.delta_hist`, `native.delta_bucket`): no delta, abs or digit tensors;
-    elsewhere the deltas go through `magnitude_cuts`. The same cuts either way."""
+    block of [base, x_1, ..., x_N] (float32); cut i keeps ks[i] entries of x_i - base. On the
+    host a C loop counts and collects the magnitudes' bits straight from x_i and base
+    (`native.delta_hist_window`, `native.delta_bucket`): no delta, abs or digit tensors, and
+    one pass over the blocks where the bucket of the k-th largest was guessed right from a
+    sample (`_guess_window`), two otherwise; elsewhere the deltas go through `magnitude_cuts`
+    (two passes). The same cuts in every case."""
 
     it = iter(blocks())
     first = next(it, None)
@@ -178,24 +205,105 @@ def delta_magnitude_cuts(
         return magnitude_cuts(deltas, numel, ks)
     live = [i for i, k in enumerate(ks) if 0 < k < numel]
     hists: dict[int, Tensor] = {}
-    for xs in opened.pop():
+    windows: dict[int, _Window] = {}
+    for xs in opened.pop():  # the histograms, and the entries in each guessed window
+        base = xs[0].contiguous()
         for i in live:
-            h = native.delta_hist(xs[i + 1].contiguous(), xs[0].contiguous(), _HI_BINS)
+            x = xs[i + 1].contiguous()
+            if i not in windows:
+                windows[i] = _guess_window(x, base, ks[i], numel)
+            h = windows[i].scan(x, base)
             hists[i] = hists[i].add_(h) if i in hists else h
     tops = {i: _top_bin(hists[i], ks[i]) for i in live}
-    inside = {i: torch.empty(int(hists[i][tops[i][0]]), dtype=torch.int32) for i in live}
-    filled = dict.fromkeys(live, 0)
+    inside = {i: w.inside(int(tops[i][0])) for i, w in windows.items()}
+    missed = [i for i in live if inside[i] is None]
+    if missed:  # the k-th largest fell outside the guess: collect its bucket in a second pass
+        inside.update(_bucket_pass(blocks, missed, hists, tops))
+    return _finish_cuts(ks, numel, tops, inside.pop)
+
+
+# The cut passes guess, from a strided sample of a tensor's first block (every
+# WINDOW_SAMPLE_STRIDE-th entry, denser where that would give under WINDOW_SAMPLE_MIN entries), a
+# window of top-16-bit buckets that holds its k-th largest |x - base|, and keep the bits of the
+# entries inside it while they count the histogram: when the guess holds (the usual case) no
+# second pass over the blocks is needed. The window holds at most WINDOW_MAX_FRACTION of the
+# sampled entries where it can (it narrows down to the guessed bucket).
+WINDOW_SAMPLE_STRIDE = 61
+WINDOW_SAMPLE_MIN = 1 << 16
+WINDOW_MAX_FRACTION = 1 / 8
+
+
+@dataclass
+class _Window:
+    """A guessed window [lo, hi] of buckets, the sampled fraction of entries in it, and the
+    bits of the entries found in it so far (None once one block held more than planned)."""
+
+    lo: int
+    hi: int
+    fraction: float
+    found: list[Tensor] | None
+
+    def scan(self, x: Tensor, base: Tensor) -> Tensor:
+        """One block's histogram of |x - base|'s top 16 bits, keeping the window's bits."""
+        cap = int(x.numel() * self.fraction * 1.5) + 1024
+        hist, bits = native.delta_hist_window(x, base, _HI_BINS, self.lo, self.hi, cap)
+        if bits is None:
+            self.found = None
+        elif self.found is not None:
+            self.found.append(bits)
+        return hist
+
+    def inside(self, bucket: int) -> Tensor | None:
+        """The bits of every entry in bucket, or None when the window missed it."""
+        if self.found is None or not self.lo <= bucket <= self.hi:
+            return None
+        bits = np.concatenate([f.numpy() for f in self.found])  # (numpy: one thread)
+        return torch.from_numpy(bits[(bits >> 16) == bucket])
+
+
+def _guess_window(x: Tensor, base: Tensor, k: int, numel: int) -> _Window:
+    """The buckets likely to hold the k-th largest |x - base| of the whole tensor (numel
+    entries), from a strided sample of one block of it: the sample's ranks k/numel of the way
+    down, give or take 4 standard deviations and 0.2% of the sample (less where that window
+    would hold more than WINDOW_MAX_FRACTION of the sample)."""
+    stride = max(1, min(WINDOW_SAMPLE_STRIDE, x.numel() // WINDOW_SAMPLE_MIN))
+    # C and numpy: torch ops on a sample this small cost more in thread hand-offs than work
+    hist, m = native.delta_hist_strided(x, base, _HI_BINS, stride)
+    c = np.cumsum(hist.numpy())  # [2**15] running count of the sample
+    rank, p = k * m / numel, k / numel  # the k-th largest's rank within the sample
+    margin = 4.0 * math.sqrt(m * p * (1.0 - p)) + 0.002 * m + 8.0
+
+    def bucket(r: float) -> int:  # the bucket of the sample's r-th largest (1 <= r <= m)
+        return _top_bin_host(c, min(m, max(1, int(r))))[0]
+
+    while True:
+        # past the sample's extremes the window runs to the end of the range (an unsampled
+        # entry may lie beyond them)
+        lo = bucket(rank + margin + 1) if rank + margin + 1 <= m else 0
+        hi = bucket(rank - margin) if rank - margin >= 1 else _HI_BINS - 1
+        fraction = float(c[hi] - (c[lo - 1] if lo > 0 else 0)) / m
+        if fraction <= WINDOW_MAX_FRACTION or margin < 1.0:
+            return _Window(lo, hi, fraction, [])
+        margin /= 2.0
+
+
+def _bucket_pass(
+    blocks: Callable[[], Iterable[Sequence[Tensor]]],
+    models: list[int],
+    hists: dict[int, Tensor],
+    tops: dict[int, tuple[Tensor, Tensor]],
+) -> dict[int, Tensor]:
+    """The bits of the entries in each model's top bucket: a second pass over the blocks."""
+    inside = {i: torch.empty(int(hists[i][tops[i][0]]), dtype=torch.int32) for i in models}
+    filled = dict.fromkeys(models, 0)
     for xs in blocks():
-        for i in live:
+        for i in models:
             rest = inside[i][filled[i] :]
             x, base = xs[i + 1].contiguous(), xs[0].contiguous()
             filled[i] += native.delta_bucket(x, base, int(tops[i][0]), rest)
-
-    def collected(i: int) -> Tensor:
+    for i in models:
         assert filled[i] == inside[i].numel()  # the two passes saw the same entries
-        return inside.pop(i)
-
-    return _finish_cuts(ks, numel, tops, collected)
+    return inside
 
 
 def _finish_cuts(
@@ -250,11 +358,33 @@ def apply_cut_(x: Tensor, cut: MagnitudeCut) -> Tensor:
         ties = cut.tie_index  # the whole tensor: the select located the ties already
     else:
         ties = (magnitude_bits(flat) == _float_bits(cut.threshold)).nonzero().squeeze(1)
-    keep = min(cut.ties_left, ties.numel())
+    keep = consume_ties(cut, ties.numel())
     flat[ties[keep:]] = 0.0  # ties past the quota, the highest-indexed ones
-    cut.ties_left -= keep
-    cut.ties_total -= ties.numel()  # ties still to come in later blocks
     return out
+
+
+def consume_ties(cut: MagnitudeCut, met: int) -> int:
+    """Count a block's `met` ties at the threshold against cut, as `apply_cut_` does for a
+    block it cuts with a quota (`kernel_cut` mode 3): returns how many of them are kept."""
+    keep = min(cut.ties_left, met)
+    cut.ties_left -= keep
+    cut.ties_total -= met  # ties still to come in later blocks
+    return keep
+
+
+def kernel_cut(cut: MagnitudeCut) -> native.TiesCut:
+    """What `apply_cut_` does to the next float32 block under cut, as the C kernels take it
+    (`native.ties_merge`): keep all, keep none, |x| > the float below the threshold (the
+    hardshrink of `zero_below`), or that with a quota of ties at the threshold (taken in index
+    order; the caller updates the cut with `consume_ties` afterwards)."""
+    if cut.threshold is None:
+        return native.TiesCut(0)
+    if math.isinf(cut.threshold):
+        return native.TiesCut(1)
+    below = _float_below(cut.threshold, torch.float32)
+    if cut.ties_left == cut.ties_total:
+        return native.TiesCut(2, below)
+    return native.TiesCut(3, below, _float_bits(cut.threshold), cut.ties_left)
 
 
 def _float_bits(v: float) -> int:
@@ -309,11 +439,15 @@ def zero_below(x: Tensor, threshold: float | None) -> Tensor:
         return torch.zeros_like(x)
     if x.dtype not in (torch.float32, torch.float64):
         return torch.where(x.abs() >= threshold, x, 0.0)
-    # the largest value of x's dtype below threshold; a Python-float nextafter would round back
-    # up to threshold when the kernel casts it to float32 and drop the k-th entry itself
-    t = torch.tensor(threshold, dtype=x.dtype)
-    below = float(torch.nextafter(t, torch.zeros_like(t)))
-    return torch.nn.functional.hardshrink(x, below)
+    return torch.nn.functional.hardshrink(x, _float_below(threshold, x.dtype))
+
+
+def _float_below(threshold: float, dtype: torch.dtype) -> float:
+    """The largest value of dtype below threshold (0 for 0): hardshrink by it drops exactly the
+    |x| < threshold. A Python-float nextafter would round back up to threshold when a kernel
+    casts it to float32, and drop the k-th entry itself."""
+    t = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(t, torch.zeros_like(t)))
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:

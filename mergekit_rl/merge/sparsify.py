@@ -45,6 +45,23 @@ def magnitude(
     return Kept(selection.apply_cut_(delta, cut), density)
 
 
+def magnitude_cuts(
+    tensors: list[Tensor], base: Tensor, densities: list[float], min_keep: int = 1
+) -> list[selection.MagnitudeCut]:
+    """The cut `magnitude` makes of each whole task vector x_i - base (float32 tensors of one
+    shape), found without delta tensors where that costs less: a small tensor is selected as
+    `magnitude` selects it (kthvalue on its delta), a larger one by
+    `selection.delta_magnitude_cuts` (on the host a C loop over x_i and base, one pass where
+    its sampled guess holds). Same cuts."""
+    numel = base.numel()
+    ks = [magnitude_k(d, numel, min_keep) for d in densities]
+    if numel < selection.SMALL_SELECT:
+        return [
+            selection.magnitude_cut(x - base, numel, k) for x, k in zip(tensors, ks, strict=True)
+        ]
+    return selection.delta_magnitude_cuts(lambda: [[base, *tensors]], numel, ks)
+
+
 def mask_key(seed: int, model_id: str, name: str) -> int:
     """The counter-based hash key of one model's tensor: masks are a pure function of
     (recipe seed, model id, tensor name, element index)."""

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
@@ -131,6 +130,8 @@ def task_vector_merge(
     weights = [p.weight for p in model_params]
     rescale = getattr(global_params, "rescale", False)
     mode = getattr(global_params, "rescale_mode", "l1")
+    if sparsifier is _magnitude and elect and not rescale and blend.ties_native(base, *tensors):
+        return _ties(ctx, tensors, base, model_params, global_params)  # type: ignore[arg-type]
 
     weighted = []  # w_i * (sparsified, rescaled) delta_i: new tensors, ours to modify in place
     for i, (x, p) in enumerate(zip(tensors, model_params, strict=True)):
@@ -139,30 +140,42 @@ def task_vector_merge(
             delta = _rescaled(ctx, delta, kept, mode, i) if rescale else kept.values  # 3
         weighted.append(delta.mul_(p.weight))  # 4
 
-    normalize = global_params.normalize
+    normalize, lam = global_params.normalize, global_params.lambda_
     if elect:
         # 5-6: sum of the entries agreeing with the elected sign; per-entry divisor is the sum
         # of the weights of the models that contributed there (0 -> 1), needed to normalize
-        mixed, divisor = blend.sign_consensus_(weighted, weights, with_divisor=normalize)
-        if divisor is not None:
-            divisor = blend.nonzero_divisor_(divisor, weights)
-    else:
-        mixed = blend.weighted_sum(weighted, [1.0] * len(weighted))  # 6
-        divisor = sum(weights)
-        if normalize and abs(divisor) < 1e-8:
-            raise UsageError(
-                f"tensor '{ctx.name}': the model weights sum to {divisor:g}, so `normalize: "
-                "true` would divide by zero; set normalize: false or change the weights."
-            )
-    lam = global_params.lambda_
-    if normalize and lam == 1.0 and isinstance(divisor, Tensor):
-        # base + mixed / divisor in one pass: the same quotient and sum as the steps below
-        return torch.addcdiv(base, mixed, divisor)
+        return blend.ties_consensus_(weighted, weights, base, normalize=normalize, lam=lam)
+    mixed = blend.weighted_sum(weighted, [1.0] * len(weighted))  # 6
+    divisor = sum(weights)
+    if normalize and abs(divisor) < 1e-8:
+        raise UsageError(
+            f"tensor '{ctx.name}': the model weights sum to {divisor:g}, so `normalize: "
+            "true` would divide by zero; set normalize: false or change the weights."
+        )
     if normalize:
         mixed /= divisor
     if lam != 1.0:  # x * 1 is x: skip the pass
         mixed.mul_(lam)
     return base + mixed
+
+
+def _ties(
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor,
+    model_params: list[DensityParams],
+    global_params: TiesGlobals,
+) -> Tensor:
+    """Steps 1-6 of TIES (magnitude cuts, no rescale) in one fused pass on the host
+    (`blend.ties_merge`), with each task vector's cut of the whole tensor: the context's (a row
+    block) or found here, without delta tensors for a large one."""
+    cuts = ctx.cuts
+    if cuts is None:
+        densities = [p.density for p in model_params]
+        cuts = tuple(sparsify.magnitude_cuts(tensors, base, densities, ctx.min_keep))
+    weights = [p.weight for p in model_params]
+    normalize, lam = global_params.normalize, global_params.lambda_
+    return blend.ties_merge(base, tensors, cuts, weights, normalize=normalize, lam=lam)
 
 
 def _sparsified(

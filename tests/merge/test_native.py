@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from mergekit_rl.merge import native, rng, rounding, selection
+from mergekit_rl.merge import blend, native, rng, rounding, selection, sparsify
+from tests.conftest import load_state
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler here")
 
@@ -226,7 +229,8 @@ def test_hash_masks_and_uniforms_are_the_same_on_both_paths(monkeypatch) -> None
 # the test rather than end pytest
 GUARD_SCRIPT = r"""
 import torch
-from mergekit_rl.merge import native, rng, rounding, selection
+from mergekit_rl.merge import blend, native, rng, rounding, selection, sparsify
+from tests.conftest import load_state
 
 assert native.library() is not None
 flat = torch.zeros(8, dtype=torch.bfloat16)
@@ -355,3 +359,319 @@ def test_rank_rows_equals_a_stable_sort_and_scatter(shape, threads: int, monkeyp
         assert torch.equal(native.rank_rows(keys.contiguous()), want)
     finally:
         torch.set_num_threads(1)
+
+
+def _counted_blocks(tensors: list[torch.Tensor], rows: int, passes: list[int]):
+    """blocks() of [base, x_1, ...] in row blocks, counting the passes over them."""
+
+    def blocks():
+        passes.append(1)
+        for s in range(0, tensors[0].shape[0], rows):
+            yield [t[s : s + rows] for t in tensors]
+
+    return blocks
+
+
+def _assert_cuts_equal_the_reference(cuts, base, xs, ks) -> None:
+    for c, x, k in zip(cuts, xs, ks, strict=True):
+        want = selection.magnitude_cut(x - base, base.numel(), k)
+        assert (c.threshold, c.ties_left, c.ties_total) == (
+            want.threshold,
+            want.ties_left,
+            want.ties_total,
+        )
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_delta_cuts_take_one_pass_when_the_sampled_window_holds_the_kth(
+    threads: int, monkeypatch
+) -> None:
+    monkeypatch.setattr(native, "PARALLEL_MIN", 5000)  # several ranges, each its own window part
+    torch.set_num_threads(threads)
+    try:
+        base, xs = _ties_inputs(3, (300, 130), seed=4)
+        n = base.numel()
+        for ks in ([n // 2, n // 10, 1], [n - 1, int(0.9 * n), n // 3]):
+            passes: list[int] = []
+            cuts = selection.delta_magnitude_cuts(_counted_blocks([base, *xs], 70, passes), n, ks)
+            assert len(passes) == 1, ks
+            _assert_cuts_equal_the_reference(cuts, base, xs, ks)
+    finally:
+        torch.set_num_threads(1)
+
+
+@needs_native
+def test_delta_cuts_take_a_second_pass_when_the_guess_misses_or_overflows(monkeypatch) -> None:
+    # the first block (the sample) differs from the rest. Model 0: tiny task vectors there,
+    # large ones after, so the window guessed misses the k-th largest of the whole tensor.
+    # Model 1: |N(0, 1)| there, 0.25 + tiny after, k at 80%: the window around 0.25 holds
+    # the k-th largest but far more of the later blocks' entries than planned (overflow).
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 100, generator=g)
+    x0 = base + torch.randn(400, 100, generator=g) * 1e-3
+    x0[50:] = base[50:] + torch.randn(350, 100, generator=g)
+    x1 = base + torch.randn(400, 100, generator=g)
+    x1[50:] = base[50:] + 0.25 + torch.rand(350, 100, generator=g) * 1e-3
+    n = base.numel()
+    ks = [n // 4, int(0.8 * n)]
+    scans = []
+    real = native.delta_hist_window
+    monkeypatch.setattr(native, "delta_hist_window", lambda *a: scans.append(r := real(*a)) or r)
+    passes: list[int] = []
+    cuts = selection.delta_magnitude_cuts(_counted_blocks([base, x0, x1], 50, passes), n, ks)
+    assert len(passes) == 2
+    assert any(bits is None for _, bits in scans[1::2])  # model 1 overflowed
+    _assert_cuts_equal_the_reference(cuts, base, [x0, x1], ks)
+
+
+# ---- TIES' merge pass -----------------------------------------------------------------------------
+
+
+def _ties_inputs(n: int, shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, list]:
+    """A bf16-valued base and n fine-tunes (float32): task vectors with many exact ties at any
+    threshold, exact zeros, and -0.0 deltas (x = -0.0 over a +0.0 base entry)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).bfloat16().float()
+    base.view(-1)[::11] = 0.0
+    xs = []
+    for i in range(n):
+        x = (base + torch.randn(shape, generator=g) * 1e-3).bfloat16().float()
+        x.view(-1)[i::5] = base.view(-1)[i::5]  # delta +-0 (and -0.0 where base is -0.0)
+        x.view(-1)[::11] = -0.0  # over base +0.0: delta -0.0
+        xs.append(x)
+    return base, xs
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+def _ties_both_paths(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    densities: list[float],
+    weights: list[float],
+    normalize: bool,
+    lam: float,
+    rows: int,
+) -> tuple[list, list, list]:
+    """(native outputs, torch outputs, [cut states after each block, per path]) of
+    `blend.ties_merge` over row blocks of `rows` rows, each path with its own copy of the
+    whole-tensor cuts; fails if the C kernel did not run."""
+    numel = base.numel()
+    cuts = [
+        selection.magnitude_cut(x - base, numel, sparsify.magnitude_k(d, numel))
+        for x, d in zip(xs, densities, strict=True)
+    ]
+    results, states, calls = {}, {}, []
+    real = native.ties_merge
+    with pytest.MonkeyPatch.context() as mp:  # the torch path only until this returns
+        mp.setattr(native, "ties_merge", lambda *a: calls.append(1) or real(*a))
+        for path in both_paths(mp):
+            mine = [copy.copy(c) for c in cuts]
+            outs, seen = [], []
+            for s in range(0, base.shape[0], rows):
+                b, xb = base[s : s + rows], [x[s : s + rows] for x in xs]
+                outs.append(blend.ties_merge(b, xb, mine, weights, normalize=normalize, lam=lam))
+                seen.append([(c.ties_left, c.ties_total) for c in mine])
+            results[path], states[path] = outs, seen
+    assert calls, "the C kernel never ran"
+    return results["native"], results["torch"], [states["native"], states["torch"]]
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [64, 7])  # whole, and row blocks whose ties span blocks
+@pytest.mark.parametrize("normalize,lam", [(True, 1.0), (True, 0.7), (False, 1.0), (False, 1.3)])
+def test_ties_merge_is_bitwise_the_torch_steps(
+    n: int, rows: int, normalize: bool, lam: float, monkeypatch
+) -> None:
+    monkeypatch.setattr(native, "PARALLEL_MIN", 300)  # several ranges per block: quota split
+    torch.set_num_threads(3)
+    try:
+        base, xs = _ties_inputs(n, (64, 37), seed=n)
+        for densities, weights in (
+            ([0.3, 0.5, 0.05, 1.0], [1.0, 0.6, 0.8, 0.5]),  # all > 0: the divisor clamp
+            ([0.5, 0.2, 0.9, 0.01], [0.7, 0.0, -0.4, 1.2]),  # a zero and a negative weight
+            ([0.0, 0.6, 0.45, 0.3], [-1.0, 1.0, 0.3, 0.3]),  # density 0: nothing kept
+        ):
+            got, want, (s_got, s_want) = _ties_both_paths(
+                base, xs, densities[:n], weights[:n], normalize, lam, rows
+            )
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(_bits(g), _bits(w)), (densities, weights)
+            assert s_got == s_want  # the cuts consumed their ties alike, block by block
+    finally:
+        torch.set_num_threads(1)
+
+
+@needs_native
+def test_ties_merge_cuts_that_keep_only_some_ties_really_do(monkeypatch) -> None:
+    # the inputs above make quota cuts (ties_left < ties_total) at these densities: the case
+    # where the two paths could disagree on which ties are kept
+    base, xs = _ties_inputs(2, (64, 37), seed=2)
+    cut = selection.magnitude_cut(xs[0] - base, base.numel(), int(0.3 * base.numel()))
+    assert 0 < cut.ties_left < cut.ties_total
+    assert selection.kernel_cut(cut).mode == 3
+
+
+@needs_native
+def test_ties_merge_with_nan_and_inf_inputs(monkeypatch) -> None:
+    base, xs = _ties_inputs(3, (40, 29), seed=9)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e-42])
+    for i, x in enumerate(xs):
+        x.view(-1)[7 * i : 7 * i + 6] = specials.roll(i)
+        x.view(-1)[500 + i] = float("inf")  # the same entry in another model: inf - inf later
+    base.view(-1)[900:906] = specials
+    for normalize, lam in ((True, 1.0), (True, 0.5), (False, 2.0)):
+        got, want, (s_got, s_want) = _ties_both_paths(
+            base, xs, [0.4, 0.6, 0.2], [1.0, -0.5, 0.25], normalize, lam, 9
+        )
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(_bits(g), _bits(w))
+        assert s_got == s_want
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("weights", [[0.3, 0.7, 1.0, 2.0], [1.0, 0.0, -0.5, 0.2]])
+@pytest.mark.parametrize("normalize,lam", [(True, 1.0), (True, 0.9), (False, 1.0), (False, 0.4)])
+def test_ties_consensus_is_bitwise_the_torch_steps(
+    n: int, weights: list[float], normalize: bool, lam: float, monkeypatch
+) -> None:
+    # the weighted deltas of dare_ties / della / breadcrumbs_ties: dropped entries (+-0.0),
+    # exact cancellations between models, and odd sizes (a partial last chunk)
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1000)
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(n)
+        base = torch.randn(3001, generator=g)
+        base[::13] = -0.0
+        ds = [
+            torch.randn(3001, generator=g) * (torch.rand(3001, generator=g) > 0.5) for _ in range(n)
+        ]
+        for d in ds:
+            d[::7] = -0.0
+        if n > 1:
+            ds[1][::3] = -ds[0][::3]  # the sum is exactly 0: + is elected
+        weights = weights[:n]
+        weighted = [d * w for d, w in zip(ds, weights, strict=True)]
+        outs = []
+        for _ in both_paths(monkeypatch):
+            outs.append(
+                blend.ties_consensus_(
+                    [d.clone() for d in weighted], weights, base, normalize=normalize, lam=lam
+                )
+            )
+        assert len(outs) == 2 and torch.equal(_bits(outs[0]), _bits(outs[1]))
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_ties_primitives_write_into_a_given_buffer(path: str, monkeypatch) -> None:
+    # a caller's pooled buffer: the result is that buffer, on both paths, with the same bits
+    if path == "native" and native.library() is None:
+        pytest.skip("no C compiler here")
+    base, xs = _ties_inputs(2, (30, 41), seed=5)
+    cuts = [selection.magnitude_cut(x - base, base.numel(), 500) for x in xs]
+    want = blend._ties_merge_torch(
+        base, xs, [copy.copy(c) for c in cuts], [0.6, 0.4], True, 0.8, None
+    )
+    tail_want = blend._consensus_torch([x - base for x in xs], [0.6, 0.4], base, False, 1.0, None)
+    if path == "torch":
+        fallback(monkeypatch)
+    buf = torch.full_like(base, float("nan"))
+    got = blend.ties_merge(base, xs, cuts, [0.6, 0.4], normalize=True, lam=0.8, out=buf)
+    assert got is buf and torch.equal(_bits(buf), _bits(want))
+    buf = torch.full_like(base, float("nan"))
+    tail = blend.ties_consensus_([x - base for x in xs], [0.6, 0.4], base, normalize=False, out=buf)
+    assert tail is buf and torch.equal(_bits(buf), _bits(tail_want))
+
+
+@needs_native
+def test_ties_kernels_are_probed_against_torch(monkeypatch) -> None:
+    assert blend._ties_kernels_agree.__wrapped__()
+    # a kernel that rounds one step differently (here: the final add) is caught and unused
+    real = native.ties_merge
+
+    def off_by_one_ulp(out, *args):
+        met = real(out, *args)
+        out.view(torch.int32).add_(1)
+        return met
+
+    monkeypatch.setattr(native, "ties_merge", off_by_one_ulp)
+    assert not blend._ties_kernels_agree.__wrapped__()
+
+
+TIES_RECIPES = {
+    # a negative and a zero weight; normalize (the default) with lambda
+    "ties": "merge_method: ties\nparameters: {lambda: 0.9}\n",
+    "ties_floor": "merge_method: ties\nparameters: {normalize: false}\n",
+    "dare_ties": "merge_method: dare_ties\nparameters: {rescale: false, normalize: true}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nparameters: {gamma: 0.05}\n",
+}
+
+
+def _ties_recipe(tmp_path: Path, fam: dict[str, Path], kind: str) -> Path:
+    models = [("sft1", 1.0, 0.4), ("sft2", -0.5, 0.6), ("rlhf", 0.0, 0.3)]
+    body = TIES_RECIPES[kind] + f"base_model: {fam['base']}\nseed: 3\nmodels:\n"
+    for name, w, d in models:
+        body += f"  - model: {fam[name]}\n    parameters: {{weight: {w}, density: {d}}}\n"
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(body)
+    return path
+
+
+def _file_bytes(out: Path) -> dict[str, tuple[torch.dtype, bytes]]:
+    """Every output tensor's dtype and bytes (the headers' metadata differs between runs)."""
+    state = load_state(out)
+    return {
+        k: (t.dtype, t.contiguous().view(torch.uint8).numpy().tobytes()) for k, t in state.items()
+    }
+
+
+@needs_native
+@pytest.mark.parametrize("kind", list(TIES_RECIPES))
+def test_ties_recipes_write_the_same_bytes_with_and_without_the_kernels(
+    kind: str, tied_family: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    from mergekit_rl.cli.app import app
+    from typer.testing import CliRunner
+
+    from mergekit_rl.engine import RunOptions
+    from mergekit_rl.ops import WriteOptions
+    from mergekit_rl.recipe.run import MergeOptions, merge_file
+
+    recipe = _ties_recipe(tmp_path, tied_family, kind)
+    calls = []
+    real_merge, real_tail = native.ties_merge, native.ties_consensus
+    monkeypatch.setattr(native, "ties_merge", lambda *a: calls.append(1) or real_merge(*a))
+    monkeypatch.setattr(native, "ties_consensus", lambda *a: calls.append(2) or real_tail(*a))
+
+    def cli(out: Path, use_native: str) -> dict[str, bytes]:
+        monkeypatch.setenv("RLMERGE_NATIVE", use_native)
+        native.library.cache_clear()
+        result = CliRunner().invoke(app, ["merge", str(recipe), "-o", str(out), "--quiet"])
+        assert result.exit_code == 0, result.stderr
+        return _file_bytes(out)
+
+    def blocks(out: Path, block_elems: int) -> dict[str, bytes]:
+        run = RunOptions(progress="none", block_elems=block_elems)
+        merge_file(recipe, out, MergeOptions(write=WriteOptions(run=run)))
+        return _file_bytes(out)
+
+    try:
+        want = cli(tmp_path / "torch", "0")
+        assert want and not calls
+        assert cli(tmp_path / "native", "1") == want
+        assert blend._ties_kernels_agree()  # (else the kernels ran only in the probe)
+        assert calls.count(1 if kind.startswith("ties") else 2) > 0
+        # the 256 x 64 embedding in row blocks of 15 rows: cuts consumed across blocks
+        assert blocks(tmp_path / "blocks", 1000) == want
+        # whole tensors above this size take their cuts from the C select (no delta tensors)
+        monkeypatch.setattr(selection, "SMALL_SELECT", 1000)
+        assert blocks(tmp_path / "select", 1 << 30) == want
+    finally:
+        native.library.cache_clear()
