@@ -241,7 +241,7 @@ def run_jobs(
                     continue
                 # read then compute, in one thread: a read-ahead thread was measured slower on
                 # 2 cores (contention with torch's own threads) and raised the peak RSS
-                raw = _read_raw(inputs, job, device, device_reads(device, options))
+                raw = _read_raw(inputs, job, device, device_reads(device, options), pool)
                 tensors, nbytes = _to_compute(inputs, job, raw, device, pool)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
@@ -295,17 +295,36 @@ def _rows_readable(ckpt: Checkpoint, name: str) -> bool:
 
 
 def _read_raw(
-    inputs: Sequence[Checkpoint], job: TensorJob, device: torch.device, rows: bool
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    device: torch.device,
+    rows: bool,
+    pool: BufferPool | None = None,
 ) -> list[Tensor]:
-    """The job's inputs as stored (adapter merged in); `rows`: as one row range, straight into
-    pinned buffers on CUDA."""
+    """The job's inputs as stored (adapter merged in), each in its pooled slot ("raw", k):
+    all are alive together; `rows`: as one row range, straight into pinned buffers on CUDA."""
     pin = pinned_reads(device)
-    return [
-        inputs[i].read_rows(n, 0, inputs[i].info(n).shape[0], pin=pin)
-        if rows and _rows_readable(inputs[i], n)
-        else inputs[i].read(n)
-        for i, n in job.sources
-    ]
+    raws = []
+    for k, (i, n) in enumerate(job.sources):
+        info = inputs[i].info(n)
+        out = _raw_buffer(pool, k, info.shape, info.dtype, pin)
+        if rows and _rows_readable(inputs[i], n):
+            raws.append(inputs[i].read_rows(n, 0, info.shape[0], pin=pin, out=out))
+        else:
+            raws.append(inputs[i].read(n, out=out))
+    return raws
+
+
+def _raw_buffer(
+    pool: BufferPool | None, k: int, shape: Sequence[int], dtype: torch.dtype, pin: bool
+) -> Tensor | None:
+    """Host slot ("raw", k) for input k's read (k = -1: one slot shared by reads converted
+    at once), or None for a new tensor: no pool, or a pinned read (CUDA keeps its own
+    page-locked buffers). A float32 read is its own compute tensor (`to_device` returns it),
+    so its slot is not taken again before the job (or block) is done."""
+    if pool is None or pin:
+        return None
+    return pool.take("raw", k, shape, dtype, torch.device("cpu"))
 
 
 def to_device(
@@ -390,7 +409,12 @@ def _blocked(
             stop = min(job.shape[0], start + step)
             xs = []
             for k, (i, name) in enumerate(job.sources):
-                raw = inputs[i].read_rows(name, start, stop, pin=pin)
+                info = inputs[i].info(name)
+                # a raw block converted at once shares one slot; one kept as it is, its own
+                kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
+                shape = (stop - start, *info.shape[1:])
+                out = _raw_buffer(pool, k if kept else -1, shape, info.dtype, pin)
+                raw = inputs[i].read_rows(name, start, stop, pin=pin, out=out)
                 if raw.is_floating_point() and (i, name) not in warned and not all_finite(raw):
                     warned.add((i, name))
                     warn_non_finite(raw, name, inputs[i].source.ref)
