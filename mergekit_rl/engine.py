@@ -45,6 +45,7 @@ from .io.card import write_aux_files
 from .io.reader import Checkpoint, all_finite, warn_non_finite
 from .io.safetensors_format import DTYPE_NAMES
 from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Entry
+from .merge import blend
 from .progress import make_reporter
 
 
@@ -73,6 +74,11 @@ BlockStream = Callable[[], Iterator[tuple[Block, list[Tensor]]]]
 # rows of that block) per block of stream() (n_blocks of them), or None when this job must be
 # computed whole. It may call stream() more than once (a pass for a global threshold first).
 Blocked = Callable[[TensorJob, BlockStream, int], Iterator[list[Tensor]] | None]
+# compute.fused(job, pieces) -> one blend.Elementwise per output when the job's merge is a
+# row-local blend, else None (decided before reading anything). pieces() yields the job's
+# inputs as stored (whole, or row blocks in order) for a first pass: slerp's angle.
+Pieces = Callable[[], Iterator[list[Tensor]]]
+Fused = Callable[[TensorJob, Pieces], list[blend.Elementwise] | None]
 
 # tensors with more entries than this go through in row blocks of about this many entries
 # (64 MB in float32), when the compute supports it
@@ -113,15 +119,19 @@ class BufferPool:
         return self.take("out", k, t.shape, dtype, t.device).copy_(t)
 
 
-def rowwise(compute: Compute) -> Compute:
+def rowwise(compute: Compute, fused: Fused | None = None) -> Compute:
     """Mark `compute` as row-local: each row of a result depends only on the same row of the
     inputs (elementwise math: soups, lerp, task arithmetic), so the engine may run it on row
-    blocks of large tensors and concatenate. Returns compute, with `blocked` set."""
+    blocks of large tensors and concatenate. `fused`: the same math as `blend.Elementwise`s,
+    which the engine runs in one pass over the stored inputs where the host kernel serves
+    them. Returns compute, with `blocked` (and `fused`) set."""
 
     def blocked(job: TensorJob, stream: BlockStream, n_blocks: int) -> Iterator[list[Tensor]]:
         return (compute(job, xs) for _, xs in stream())
 
     compute.blocked = blocked  # type: ignore[attr-defined]
+    if fused is not None:
+        compute.fused = fused  # type: ignore[attr-defined]
     return compute
 
 
@@ -232,6 +242,11 @@ def run_jobs(
         reporter.start(len(jobs), total, label)
         try:
             for job in jobs:
+                nbytes = _fused(inputs, job, compute, outputs, writers, device, options, pool)
+                if nbytes is not None:  # one pass over the stored inputs: done
+                    bytes_read += nbytes
+                    reporter.advance(nbytes)
+                    continue
                 blocked = _blocked(inputs, job, compute, device, options.block_elems, pool)
                 if blocked is not None:
                     _write_blocks(job, blocked, outputs, writers, pool)
@@ -423,6 +438,113 @@ def _blocked(
             yield Block(start, stop, start * row), xs
 
     return blocked_fn(job, stream, -(-job.shape[0] // step))
+
+
+def _fused(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    compute: Compute,
+    outputs: Sequence[OutputSpec],
+    writers: Sequence[CheckpointWriter],
+    device: torch.device,
+    options: RunOptions,
+    pool: BufferPool,
+) -> int | None:
+    """Run a job whose compute declares row-local blends (`rowwise(..., fused)`) in one pass
+    per block over the stored inputs: read into the pooled "raw" slots, converted, merged,
+    checked and cast into the "out" slots by `blend.blend_into`, without float32 copies or
+    separate finiteness passes. Returns the bytes read, or None when the job takes the other
+    paths (no declaration, an accelerator, dtypes the kernel does not take, no kernel)."""
+    fused_fn: Fused | None = getattr(compute, "fused", None)
+    if fused_fn is None or device.type != "cpu" or not _fusable(inputs, job, outputs):
+        return None
+    parts = _row_parts(inputs, job, options.block_elems)
+    cached: list[list[Tensor]] = []  # a whole job's inputs, read once for both passes
+
+    def read(rows: tuple[int, int] | None) -> list[Tensor]:
+        if rows is None:
+            cached[:] = cached or [
+                _read_raw(inputs, job, device, device_reads(device, options), pool)
+            ]
+            return cached[0]
+        return _read_rows_pooled(inputs, job, rows, pool)
+
+    specs = fused_fn(job, lambda: (read(rows) for rows in parts))
+    if specs is None:
+        return None
+    if len(specs) != len(outputs):
+        raise RunError(f"internal: {len(specs)} blends for {len(outputs)} outputs.")
+    if parts != [None]:
+        for spec, writer in zip(outputs, writers, strict=True):
+            writer.begin_tensor(job.name, out_dtype(job, spec))
+    warned: set[int] = set()
+    for rows in parts:
+        raws = read(rows)
+        shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+        for k, (blend_k, spec, writer) in enumerate(zip(specs, outputs, writers, strict=True)):
+            out = pool.take("out", k, shape, out_dtype(job, spec), torch.device("cpu"))
+            bad, out_bad = blend.blend_into(blend_k, raws, out)
+            _warn_inputs(inputs, job, raws, bad, warned)
+            if out_bad:  # the torch path's error, named as it names it
+                _cast_checked(
+                    blend.elementwise(blend_k, [r.float() for r in raws]), out.dtype, job, spec
+                )
+                raise RunError(f"internal: the fused blend of '{job.name}' is not finite.")
+            if rows is None:
+                writer.add(job.name, out)
+            else:
+                writer.write_part(out)
+        del raws
+    return sum(inputs[i].info(n).nbytes for i, n in job.sources)
+
+
+def _fusable(inputs: Sequence[Checkpoint], job: TensorJob, outputs: Sequence[OutputSpec]) -> bool:
+    """A non-empty float job whose stored dtypes and output dtypes `blend.blend_into` takes."""
+    if not job.dtype.is_floating_point or math.prod(job.shape) == 0:
+        return False
+    dtypes = [inputs[i].info(n).dtype for i, n in job.sources]
+    return all(blend.fused_serves(dtypes, out_dtype(job, spec)) for spec in outputs)
+
+
+def _row_parts(
+    inputs: Sequence[Checkpoint], job: TensorJob, block_elems: int
+) -> list[tuple[int, int] | None]:
+    """A job's row ranges as `_blocked` cuts them (blocks of about block_elems entries), or
+    [None]: read whole (small, one row, or not readable in rows)."""
+    numel = math.prod(job.shape)
+    if numel <= block_elems or len(job.shape) < 1 or job.shape[0] < 2:
+        return [None]
+    if not all(_rows_readable(inputs[i], name) for i, name in job.sources):
+        return [None]
+    step = max(1, block_elems // (numel // job.shape[0]))
+    return [(s, min(job.shape[0], s + step)) for s in range(0, job.shape[0], step)]
+
+
+def _read_rows_pooled(
+    inputs: Sequence[Checkpoint], job: TensorJob, rows: tuple[int, int], pool: BufferPool
+) -> list[Tensor]:
+    """Rows [start, stop) of every input as stored, each in its slot ("raw", k)."""
+    raws = []
+    for k, (i, name) in enumerate(job.sources):
+        info = inputs[i].info(name)
+        shape = (rows[1] - rows[0], *info.shape[1:])
+        out = _raw_buffer(pool, k, shape, info.dtype, pin=False)
+        raws.append(inputs[i].read_rows(name, rows[0], rows[1], out=out))
+    return raws
+
+
+def _warn_inputs(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    raws: Sequence[Tensor],
+    bad: Sequence[bool],
+    warned: set[int],
+) -> None:
+    """The non-finite input warning of the other paths, once per input of a job."""
+    for k, ((i, name), raw, flagged) in enumerate(zip(job.sources, raws, bad, strict=True)):
+        if flagged and k not in warned:
+            warned.add(k)
+            warn_non_finite(raw, name, inputs[i].source.ref)
 
 
 def _write_blocks(

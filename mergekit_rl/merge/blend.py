@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
+
+from . import native
 
 # |cos| above this: the two tensors are (anti)parallel and slerp degenerates to lerp.
 SLERP_PARALLEL_COS = 0.9995
@@ -32,6 +35,17 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
         out = rest * weights[0]
     for x, w in zip(tensors[first:], weights[first:], strict=True):
         out.add_(x, alpha=float(w))
+    return out
+
+
+def linear_sum(
+    tensors: Sequence[Tensor], weights: Sequence[float], divisor: float | None = None
+) -> Tensor:
+    """`weighted_sum`, divided by divisor when given (a normalized linear merge, in place on
+    the new sum): the linear method's math, and `Elementwise`'s torch path."""
+    out = weighted_sum(tensors, weights)
+    if divisor is not None:
+        out /= divisor
     return out
 
 
@@ -120,6 +134,11 @@ def slerp(
     """
     if weights is None:
         weights = slerp_weights(slerp_sums([(a, b)]), t, eps, parallel_cos)
+    return slerp_apply(a, b, t, weights)
+
+
+def slerp_apply(a: Tensor, b: Tensor, t: float, weights: SlerpWeights) -> Tensor:
+    """The second step of `slerp`, entry by entry: a * s0 + b * s1, or lerp(a, b, t)."""
     if weights.lerp:
         return lerp(a, b, t)
     return a * weights.s0 + b * weights.s1
@@ -283,3 +302,162 @@ def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float)
         for e, x in zip(emas, xs, strict=True)
     ]
     torch._foreach_lerp_(list(emas), same, 1.0 - float(decay))
+
+
+# ---- fused row-local blends --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """A row-local blend: each output entry from the same entry of every input, the merges the
+    engine runs in one fused pass over the stored inputs (`blend_into`). Kinds:
+
+    - "linear": `linear_sum(xs, weights, divisor)` (soups, lerp, the linear method);
+    - "task_arithmetic": xs[0] is the base, weights those of xs[1:]:
+      base + scale * (sum_i w_i (x_i - base)) / divisor, in `task_vector_merge`'s order;
+    - "slerp": `slerp_apply(xs[0], xs[1], t, angle)`, the angle from a first pass.
+    """
+
+    kind: str
+    weights: tuple[float, ...] = ()
+    divisor: float | None = None  # normalize: divide the sum by it
+    scale: float = 1.0  # task arithmetic's lambda
+    t: float = 0.0
+    angle: SlerpWeights | None = None
+
+
+def elementwise(spec: Elementwise, xs: Sequence[Tensor]) -> Tensor:
+    """The blend with torch ops on float32 inputs: a new float32 tensor, the bits the merge
+    methods give (the fused kernel reproduces them)."""
+    if spec.kind == "linear":
+        return linear_sum(xs, spec.weights, spec.divisor)
+    if spec.kind == "task_arithmetic":
+        return task_arithmetic_sum(xs[0], xs[1:], spec.weights, spec.divisor, spec.scale)
+    assert spec.kind == "slerp" and spec.angle is not None
+    return slerp_apply(xs[0], xs[1], spec.t, spec.angle)
+
+
+def task_arithmetic_sum(
+    base: Tensor, xs: Sequence[Tensor], weights: Sequence[float], divisor: float | None, lam: float
+) -> Tensor:
+    """base + lam * (sum_i w_i (x_i - base)) [/ divisor]: task_vector_merge without a
+    sparsifier or sign election, step for step (each delta weighted in place, summed, divided,
+    scaled, added to base)."""
+    weighted = [(x - base).mul_(w) for x, w in zip(xs, weights, strict=True)]
+    mixed = weighted_sum(weighted, [1.0] * len(weighted))
+    if divisor is not None:
+        mixed /= divisor
+    if lam != 1.0:
+        mixed.mul_(lam)
+    return base + mixed
+
+
+def blend_into(spec: Elementwise, raws: Sequence[Tensor], out: Tensor) -> tuple[list[bool], bool]:
+    """out <- spec over the inputs as stored (raws: float32 or bfloat16 host tensors, one
+    numel), converted, merged and cast to out's dtype (float32 or bfloat16) in one pass of
+    the C kernel; falls back to `elementwise` on float32 copies where the kernel does not
+    reproduce torch on this machine (`_kernel_flags`). Returns (input i holds Inf or NaN, per
+    input; out does). The caller checks `fused_serves` first."""
+    kind, weights, params, flags = _kernel_args(spec)
+    chosen = _kernel_flags().get(kind)
+    if chosen is None:  # torch's bits differ from every kernel variant here
+        xs = [r.reshape(-1).float() for r in raws]
+        bad = [not bool(torch.isfinite(x).all()) for x in xs]
+        out.view(-1).copy_(elementwise(spec, xs))
+        return bad, not bool(torch.isfinite(out).all())
+    return native.fused_blend(kind, raws, weights, params, flags | chosen, out)
+
+
+def fused_serves(dtypes: Sequence[torch.dtype], out_dtype: torch.dtype) -> bool:
+    """Does `blend_into` take these inputs (stored dtypes) and output dtype on the host?"""
+    ok = set(native.FUSED_DTYPES)
+    return out_dtype in ok and all(d in ok for d in dtypes) and native.library() is not None
+
+
+def _kernel_args(spec: Elementwise) -> tuple[str, tuple[float, ...], tuple[float, ...], int]:
+    """(kernel kind, weights, (divisor, lambda, s0, s1, t), flags) of a blend."""
+    kind, flags = spec.kind, 0
+    if kind == "slerp" and spec.angle is not None and spec.angle.lerp:
+        kind = "lerp"
+    s0, s1 = (spec.angle.s0, spec.angle.s1) if spec.angle is not None else (0.0, 0.0)
+    if kind == "linear" and len(spec.weights) > 1 and float(spec.weights[0]) == 1.0:
+        flags |= native.FUSED_SHORTCUT  # weighted_sum's first add writes x0 + w1 * x1
+    if spec.divisor is not None:
+        flags |= native.FUSED_DIVIDE
+    if spec.scale != 1.0:
+        flags |= native.FUSED_SCALE
+    params = (float(spec.divisor or 1.0), float(spec.scale), s0, s1, float(spec.t))
+    return kind, tuple(float(w) for w in spec.weights), params, flags
+
+
+# Probe blends and lengths: 13 entries run in torch's scalar tail only, 4133 mostly in its
+# vectorized body; weights whose products round differently fused and unfused.
+_PROBE_LENGTHS = (13, 4133)
+_PROBES: dict[str, tuple[Elementwise, ...]] = {
+    "add": (Elementwise("linear", (0.3, 0.7, 1.3)), Elementwise("linear", (1.0, 0.3))),
+    "div": (Elementwise("linear", (1.0, 1.0, 1.0), 3.0), Elementwise("linear", (0.3, 0.4), 0.7)),
+    "lerp": (
+        Elementwise("slerp", t=0.3, angle=SlerpWeights(True)),
+        Elementwise("slerp", t=0.7, angle=SlerpWeights(True)),
+    ),
+    "task_arithmetic": (
+        Elementwise("task_arithmetic", (0.3, 0.7)),
+        Elementwise("task_arithmetic", (0.5, 1.3), divisor=1.8, scale=0.7),
+    ),
+    "slerp": (Elementwise("slerp", t=0.4, angle=SlerpWeights(False, 0.6123, 0.4567)),),
+}
+
+
+@cache
+def _kernel_flags() -> dict[str, int | None]:
+    """Kernel kind -> the variant flags that give torch's bits on this machine and build, or
+    None where none does (that kind then runs `elementwise`). Not guessed: torch's CPU kernels
+    may fuse add(alpha=w) and lerp into an FMA and turn a division by a scalar into a multiply,
+    depending on the build and the CPU; each variant is run against torch on probe data."""
+    g = torch.Generator().manual_seed(0)
+    data = [
+        [torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 3, (n,), generator=g)]
+        for n in _PROBE_LENGTHS
+        for _ in range(4)
+    ]
+    xs_by_len = [sum(data[i * 4 : i * 4 + 4], []) for i in range(len(_PROBE_LENGTHS))]
+
+    def first(group: str, candidates: Sequence[int], extra: int = 0) -> int | None:
+        return next(
+            (
+                c
+                for c in candidates
+                if all(_same_bits(s, xs, c | extra) for s in _PROBES[group] for xs in xs_by_len)
+            ),
+            None,
+        )
+
+    fma_add = first("add", (native.FUSED_FMA_ADD, 0))
+    div = None if fma_add is None else first("div", (0, native.FUSED_RECIPROCAL), fma_add)
+    arith = None if div is None else first("task_arithmetic", (0,), fma_add | div)
+    return {
+        "linear": None if div is None else fma_add | div,
+        "task_arithmetic": None if arith is None else fma_add | div,
+        "lerp": first("lerp", (native.FUSED_FMA_LERP, 0)),
+        "slerp": first("slerp", (0,)),
+    }
+
+
+def _same_bits(spec: Elementwise, xs: Sequence[Tensor], variant: int) -> bool:
+    """Does the kernel with these variant flags give `elementwise`'s bits, float32 and bf16?"""
+    want = elementwise(spec, xs[: _probe_inputs(spec)])
+    kind, weights, params, flags = _kernel_args(spec)
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        out = torch.empty(want.shape, dtype=dtype)
+        raws = xs[: _probe_inputs(spec)]
+        native.fused_blend(kind, raws, weights, params, flags | variant, out)
+        if not torch.equal(out.view(bits), want.to(dtype).view(bits)):
+            return False
+    return True
+
+
+def _probe_inputs(spec: Elementwise) -> int:
+    """How many inputs a probe blend reads."""
+    if spec.kind == "task_arithmetic":
+        return len(spec.weights) + 1
+    return 2 if spec.kind == "slerp" else len(spec.weights)

@@ -39,6 +39,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -202,9 +203,177 @@ void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq
         out[j] = (i < nk && keys[i] == q[j]) ? i : -1;
     }
 }
+
+/* ---- fused_: the row-local blends of blend.Elementwise in one pass over the stored inputs.
+   Tiles of FUSED_TILE entries: each input is widened to float32 into a tile (bf16: its bits
+   shifted up, exact), the op sequence the torch path runs is applied tile by tile in float32
+   (same operations, same order, same rounding: built with -ffp-contract=off, a fused
+   multiply-add only where torch uses one, FUSED_FMA_*), and the result is rounded to the
+   output dtype (bf16: to nearest even, as torch's cast). Input and output bits are checked for
+   Inf/NaN on the way (an exponent of all ones), so no separate pass is needed. */
+enum { FUSED_F32 = 0, FUSED_BF16 = 1 };
+enum { FUSED_LINEAR = 0, FUSED_TASK = 1, FUSED_SLERP = 2, FUSED_LERP = 3 };
+enum {
+    FUSED_SHORTCUT = 1,   /* linear: weight[0] == 1, the first add writes x0 + w1 * x1 */
+    FUSED_DIVIDE = 2,     /* divide by p[0] (normalize) */
+    FUSED_SCALE = 4,      /* multiply by p[1] (task arithmetic's lambda) */
+    FUSED_FMA_ADD = 8,    /* add(alpha=w) is fma(w, x, acc), as torch's vectorized add */
+    FUSED_FMA_LERP = 16,  /* lerp is an fma, as torch's vectorized lerp */
+    FUSED_RECIPROCAL = 32 /* a division by a scalar is a multiply by its float reciprocal */
+};
+#define FUSED_TILE 512
+
+typedef union { float f; uint32_t u; } fused_bits;
+
+static inline __attribute__((always_inline))
+uint32_t fused_load(const void *x, int32_t dtype, int64_t lo, int64_t m, float *t) {
+    uint32_t bad = 0;
+    if (dtype == FUSED_BF16) {
+        const uint16_t *p = (const uint16_t *)x + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.u = (uint32_t)p[j] << 16; t[j] = b.f;
+            bad |= (p[j] & 0x7F80u) == 0x7F80u;
+        }
+    } else {
+        const uint32_t *p = (const uint32_t *)x + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.u = p[j]; t[j] = b.f;
+            bad |= (p[j] & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    return bad;
+}
+
+static inline __attribute__((always_inline))
+uint32_t fused_store(const float *t, int64_t m, void *out, int32_t dtype, int64_t lo) {
+    uint32_t bad = 0;
+    if (dtype == FUSED_BF16) {
+        uint16_t *p = (uint16_t *)out + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.f = t[j];
+            uint16_t h = t[j] != t[j] ? (uint16_t)0x7FC0u
+                                      : (uint16_t)((b.u + 0x7FFFu + ((b.u >> 16) & 1u)) >> 16);
+            p[j] = h;
+            bad |= (h & 0x7F80u) == 0x7F80u;
+        }
+    } else {
+        uint32_t *p = (uint32_t *)out + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.f = t[j]; p[j] = b.u;
+            bad |= (b.u & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    return bad;
+}
+
+/* acc[j] <- acc[j] + w * x[j], fused or not (torch's add(acc, x, alpha=w)) */
+static inline __attribute__((always_inline))
+void fused_axpy(float *acc, const float *x, float w, int64_t m, int fma) {
+    if (fma) for (int64_t j = 0; j < m; j++) acc[j] = __builtin_fmaf(w, x[j], acc[j]);
+    else for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + w * x[j];
+}
+
+static inline __attribute__((always_inline))
+void fused_divide(float *acc, float d, int64_t m, int reciprocal) {
+    if (reciprocal) { float r = 1.0f / d; for (int64_t j = 0; j < m; j++) acc[j] *= r; }
+    else for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / d;
+}
+
+/* torch.lerp(a, b, w) for a scalar weight: small weights from a, others from b */
+static inline __attribute__((always_inline))
+void fused_lerp(float *a, const float *b, float w, int64_t m, int fma) {
+    int small = fabsf(w) < 0.5f;
+    for (int64_t j = 0; j < m; j++) {
+        float d = b[j] - a[j];
+        if (fma) a[j] = small ? __builtin_fmaf(w, d, a[j]) : __builtin_fmaf(w - 1.0f, d, b[j]);
+        else a[j] = small ? a[j] + w * d : b[j] - d * (1.0f - w);
+    }
+}
+
+/* One tile [lo, lo + m) of a blend; bad[i] |= input i non-finite; returns output non-finite. */
+static inline __attribute__((always_inline))
+uint32_t fused_tile(int32_t kind, int32_t n, const void *const *xs, const int32_t *dtypes,
+                    const float *w, const float *p, int32_t flags, void *out, int32_t odt,
+                    int64_t lo, int64_t m, uint8_t *bad, int fma_add, int fma_lerp) {
+    float acc[FUSED_TILE], x[FUSED_TILE], b[FUSED_TILE];
+    int recip = (flags & FUSED_RECIPROCAL) != 0;
+    if (kind == FUSED_LINEAR) {  /* blend.weighted_sum, then / divisor */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, acc);
+        int i = 1;
+        if (flags & FUSED_SHORTCUT) {  /* x0 + w1 * x1 into the new tensor */
+            bad[1] |= fused_load(xs[1], dtypes[1], lo, m, x);
+            fused_axpy(acc, x, w[1], m, fma_add);
+            i = 2;
+        } else {
+            for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * w[0];
+        }
+        for (; i < n; i++) {
+            bad[i] |= fused_load(xs[i], dtypes[i], lo, m, x);
+            fused_axpy(acc, x, w[i], m, fma_add);
+        }
+        if (flags & FUSED_DIVIDE) fused_divide(acc, p[0], m, recip);
+    } else if (kind == FUSED_TASK) {  /* xs[0] = base: base + lambda * sum w_i (x_i - base) */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, b);
+        for (int i = 1; i < n; i++) {
+            bad[i] |= fused_load(xs[i], dtypes[i], lo, m, x);
+            if (i == 1) for (int64_t j = 0; j < m; j++) acc[j] = (x[j] - b[j]) * w[0];
+            else for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + (x[j] - b[j]) * w[i - 1];
+        }
+        if (flags & FUSED_DIVIDE) fused_divide(acc, p[0], m, recip);
+        if (flags & FUSED_SCALE) for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * p[1];
+        for (int64_t j = 0; j < m; j++) acc[j] = b[j] + acc[j];
+    } else if (kind == FUSED_SLERP) {  /* a * s0 + b * s1 */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, acc);
+        bad[1] |= fused_load(xs[1], dtypes[1], lo, m, x);
+        for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * p[2] + x[j] * p[3];
+    } else {  /* lerp from xs[0] (t = 0) to xs[1] */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, acc);
+        bad[1] |= fused_load(xs[1], dtypes[1], lo, m, x);
+        fused_lerp(acc, x, p[4], m, fma_lerp);
+    }
+    return fused_store(acc, m, out, odt, lo);
+}
+
+#define FUSED_LOOP(FA, FL)                                                                 \
+    uint32_t obad = 0;                                                                     \
+    for (int64_t lo = start; lo < stop; lo += FUSED_TILE) {                                \
+        int64_t m = stop - lo < FUSED_TILE ? stop - lo : FUSED_TILE;                       \
+        obad |= fused_tile(kind, n, xs, dtypes, w, p, flags, out, odt, lo, m, bad, FA, FL); \
+    }                                                                                      \
+    return obad;
+
+#define FUSED_ARGS int32_t kind, int32_t n, const void *const *xs, const int32_t *dtypes,   \
+    const float *w, const float *p, int32_t flags, void *out, int32_t odt, int64_t start,  \
+    int64_t stop, uint8_t *bad
+
+static uint32_t fused_plain(FUSED_ARGS) { FUSED_LOOP(0, 0) }
+static uint32_t fused_any(FUSED_ARGS) {
+    FUSED_LOOP((flags & FUSED_FMA_ADD) != 0, (flags & FUSED_FMA_LERP) != 0)
+}
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) static uint32_t fused_avx2(FUSED_ARGS) {
+    FUSED_LOOP((flags & FUSED_FMA_ADD) != 0, (flags & FUSED_FMA_LERP) != 0)
+}
+#endif
+
+/* Entries [start, stop) of a blend of n inputs xs (element 0 of each, dtypes FUSED_F32 or
+   FUSED_BF16) into out (dtype odt): w the weights (task arithmetic: of xs[1..n)), p the
+   scalars (divisor, lambda, s0, s1, t). bad[i] is set when input i holds Inf or NaN; the
+   return value is 1 when the output does (after rounding to its dtype). */
+int64_t fused_blend(FUSED_ARGS) {
+    if (!(flags & (FUSED_FMA_ADD | FUSED_FMA_LERP)))
+        return fused_plain(kind, n, xs, dtypes, w, p, flags, out, odt, start, stop, bad);
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return fused_avx2(kind, n, xs, dtypes, w, p, flags, out, odt, start, stop, bad);
+#endif
+    return fused_any(kind, n, xs, dtypes, w, p, flags, out, odt, start, stop, bad);
+}
 """
 
-FLAGS = ("-O3", "-shared", "-fPIC")
+# -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (compilers may
+# otherwise fuse it where the target has FMA); the fused_ kernels ask for fma explicitly
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
 # below this many entries a scan runs on one thread (a thread pool costs ~50 us)
 PARALLEL_MIN = 1 << 20
 
@@ -265,6 +434,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.delta_hist_f32.restype = None
     lib.delta_bucket_f32.argtypes = [ptr, ptr, i64, u32, ptr, i64]
     lib.delta_bucket_f32.restype = i64
+    i32 = ctypes.c_int32
+    lib.fused_blend.argtypes = [i32, i32, ptr, ptr, ptr, ptr, i32, ptr, i32, i64, i64, ptr]
+    lib.fused_blend.restype = i64
     return lib
 
 
@@ -405,3 +577,43 @@ def delta_bucket(x: Tensor, base: Tensor, bucket: int, out: Tensor) -> int:
     return lib.delta_bucket_f32(
         x.data_ptr(), base.data_ptr(), x.numel(), bucket, out.data_ptr(), out.numel()
     )
+
+
+# the fused_blend kernel's dtype codes and flags (see SOURCE)
+FUSED_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+FUSED_KINDS = {"linear": 0, "task_arithmetic": 1, "slerp": 2, "lerp": 3}
+FUSED_SHORTCUT, FUSED_DIVIDE, FUSED_SCALE = 1, 2, 4
+FUSED_FMA_ADD, FUSED_FMA_LERP, FUSED_RECIPROCAL = 8, 16, 32
+
+
+def fused_blend(
+    kind: str,
+    xs: Sequence[Tensor],
+    weights: Sequence[float],
+    params: Sequence[float],
+    flags: int,
+    out: Tensor,
+) -> tuple[list[bool], bool]:
+    """One pass of `blend.Elementwise`'s kernel over contiguous host tensors of one numel
+    (float32 or bfloat16 each, as stored) into out (float32 or bfloat16): params are
+    (divisor, lambda, s0, s1, t). Returns (input i holds Inf/NaN, per input; the output does).
+    Split into one range per torch thread when long; each range flags into its own row."""
+    lib = library()
+    assert lib is not None and all(x.numel() == out.numel() for x in xs)
+    assert all(x.is_contiguous() and x.device.type == "cpu" for x in [*xs, out])
+    n = len(xs)
+    ptrs = (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs])
+    codes = (ctypes.c_int32 * n)(*[FUSED_DTYPES[x.dtype] for x in xs])
+    w = (ctypes.c_float * max(1, len(weights)))(*weights)
+    p = (ctypes.c_float * 5)(*params)
+    ranges = _ranges(out.numel())
+    bad = torch.zeros(len(ranges), n, dtype=torch.uint8)
+    row = {lo: i for i, (lo, _) in enumerate(ranges)}
+    kcode, ocode, optr = FUSED_KINDS[kind], FUSED_DTYPES[out.dtype], out.data_ptr()
+
+    def part(lo: int, hi: int) -> int:
+        flag_row = bad[row[lo]].data_ptr()
+        return lib.fused_blend(kcode, n, ptrs, codes, w, p, flags, optr, ocode, lo, hi, flag_row)
+
+    out_bad = any(_run(part, ranges))
+    return [bool(b) for b in bad.amax(0).tolist()], out_bad
