@@ -167,9 +167,13 @@ def elementwise_form(
         return None
     try:
         gp = method.global_params.model_validate(global_params)
-        weights = [method.model_params.model_validate(p).weight for p in model_params]
-    except (ValueError, AttributeError):
+        mps = [method.model_params.model_validate(p) for p in model_params]
+    except ValueError:
         return None
+    if method.name == "slerp" and has_base and len(mps) == 1:
+        angle = blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for xs in pieces()), gp.t)
+        return blend.Elementwise("slerp", t=gp.t, angle=angle)
+    weights = [p.weight for p in mps]
     divisor = sum(weights) if getattr(gp, "normalize", False) else None
     if divisor is not None and abs(divisor) < 1e-8:
         return None  # the method's division-by-zero error
@@ -177,9 +181,6 @@ def elementwise_form(
         return blend.Elementwise("linear", tuple(weights), divisor)
     if method.name == "task_arithmetic" and has_base:
         return blend.Elementwise("task_arithmetic", tuple(weights), divisor, gp.lambda_)
-    if method.name == "slerp" and has_base and len(model_params) == 1:
-        angle = blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for xs in pieces()), gp.t)
-        return blend.Elementwise("slerp", t=gp.t, angle=angle)
     return None
 
 
