@@ -13,8 +13,15 @@ the block size, not the vocabulary. Results equal the whole-tensor ones bit for 
 built-in method but breadcrumbs, karcher, nuslerp and whole-tensor model_stock streams: cuts,
 L1 norms and slerp angles come from first passes over the blocks (`merge.blocks`).
 
-Each input's compute copy and each output's cast go into buffers the run reuses
+Each input's read, its compute copy and each output's cast go into buffers the run reuses
 (`BufferPool`), so a job does not fault in fresh pages for them.
+
+Row-local blends (soups, lerp, task vectors applied or extracted, and the linear,
+task_arithmetic and slerp recipes) declare their math as `blend.Elementwise`s
+(`rowwise(compute, fused)`): on the host, the engine hands the stored bf16/float32 inputs to
+`blend.blend_into`, one C pass per block that converts, checks, merges and casts into the
+output buffer, with torch's bits. Everything else (accelerators, other dtypes, no compiler,
+RLMERGE_NATIVE=0) takes the float32 path below.
 
 On CUDA, safetensors inputs are read as one row range into pinned host buffers and copied
 asynchronously in their stored dtype; the cast to float32 runs on the device. Every read, whole,
@@ -462,12 +469,11 @@ def _fused(
     cached: list[list[Tensor]] = []  # a whole job's inputs, read once for both passes
 
     def read(rows: tuple[int, int] | None) -> list[Tensor]:
-        if rows is None:
-            cached[:] = cached or [
-                _read_raw(inputs, job, device, device_reads(device, options), pool)
-            ]
-            return cached[0]
-        return _read_rows_pooled(inputs, job, rows, pool)
+        if rows is not None:
+            return _read_rows_pooled(inputs, job, rows, pool)
+        if not cached:
+            cached.append(_read_raw(inputs, job, device, device_reads(device, options), pool))
+        return cached[0]
 
     specs = fused_fn(job, lambda: (read(rows) for rows in parts))
     if specs is None:
@@ -479,23 +485,40 @@ def _fused(
             writer.begin_tensor(job.name, out_dtype(job, spec))
     warned: set[int] = set()
     for rows in parts:
-        raws = read(rows)
-        shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
-        for k, (blend_k, spec, writer) in enumerate(zip(specs, outputs, writers, strict=True)):
-            out = pool.take("out", k, shape, out_dtype(job, spec), torch.device("cpu"))
-            bad, out_bad = blend.blend_into(blend_k, raws, out)
-            _warn_inputs(inputs, job, raws, bad, warned)
-            if out_bad:  # the torch path's error, named as it names it
-                _cast_checked(
-                    blend.elementwise(blend_k, [r.float() for r in raws]), out.dtype, job, spec
-                )
-                raise RunError(f"internal: the fused blend of '{job.name}' is not finite.")
+        results = _blend_part(inputs, job, specs, read(rows), rows, outputs, pool, warned)
+        for writer, out in zip(writers, results, strict=True):
             if rows is None:
                 writer.add(job.name, out)
             else:
                 writer.write_part(out)
-        del raws
     return sum(inputs[i].info(n).nbytes for i, n in job.sources)
+
+
+def _blend_part(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    specs: Sequence[blend.Elementwise],
+    raws: list[Tensor],
+    rows: tuple[int, int] | None,
+    outputs: Sequence[OutputSpec],
+    pool: BufferPool,
+    warned: set[int],
+) -> list[Tensor]:
+    """Output k's blend of one part (rows, or None: whole) of a job's stored inputs, in its
+    slot ("out", k). Warns about non-finite inputs (once per input of the job) and raises the
+    torch path's RunError for a non-finite output, before anything of it is written."""
+    shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+    results = []
+    for k, (spec_k, out_spec) in enumerate(zip(specs, outputs, strict=True)):
+        out = pool.take("out", k, shape, out_dtype(job, out_spec), torch.device("cpu"))
+        bad, out_bad = blend.blend_into(spec_k, raws, out)
+        _warn_inputs(inputs, job, raws, bad, warned)
+        if out_bad:  # the torch path's message: NaN/Inf, or the peak past the dtype's range
+            result = blend.elementwise(spec_k, [r.float() for r in raws])
+            _cast_checked(result, out.dtype, job, out_spec)
+            raise RunError(f"internal: the fused blend of '{job.name}' is not finite.")
+        results.append(out)
+    return results
 
 
 def _fusable(inputs: Sequence[Checkpoint], job: TensorJob, outputs: Sequence[OutputSpec]) -> bool:
