@@ -75,23 +75,30 @@ class SlerpWeights:
 
 
 # entries per float64 piece when reducing over a tensor (`slerp_sums`): bounds the float64
-# copies of a large tensor to a few MB whatever its size
-REDUCE_CHUNK = 1 << 20
+# scratch to a few MB (cache-sized) whatever the tensor's size; the sums do not depend on it
+REDUCE_CHUNK = 1 << 17
 
 
 def slerp_sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """(sum a^2, sum b^2, sum a*b) in float64 over two same-shape tensors given as matching
     pieces in index order (whole tensors, or row blocks), as `StableSum`s: the same three
-    values whatever the pieces. Each piece is widened REDUCE_CHUNK entries at a time."""
+    values whatever the pieces. Each piece is widened REDUCE_CHUNK entries at a time into
+    three float64 scratch buffers reused for the whole pass (fresh ones would cost a page
+    fault per 4 KiB, more than the products: the angle pass was most of a slerp's time)."""
     sums = (StableSum(), StableSum(), StableSum())
+    scratch: list[Tensor] = []  # [3, REDUCE_CHUNK] float64: a, b, one product at a time
     for a, b in pairs:
         fa, fb = a.reshape(-1), b.reshape(-1)
+        if not scratch and fa.numel():
+            scratch = list(torch.empty(3, REDUCE_CHUNK, dtype=torch.float64, device=a.device))
         for start in range(0, fa.numel(), REDUCE_CHUNK):
-            a64 = fa[start : start + REDUCE_CHUNK].double()  # (float64 inputs: no copy)
-            b64 = fb[start : start + REDUCE_CHUNK].double()
-            sums[0].add(a64 * a64)
-            sums[1].add(b64 * b64)
-            sums[2].add(a64 * b64)
+            n = min(REDUCE_CHUNK, fa.numel() - start)
+            a64 = scratch[0][:n].copy_(fa[start : start + n])
+            b64 = scratch[1][:n].copy_(fb[start : start + n])
+            prod = scratch[2][:n]
+            sums[0].add(torch.mul(a64, a64, out=prod))  # add() keeps no view of its piece
+            sums[1].add(torch.mul(b64, b64, out=prod))
+            sums[2].add(torch.mul(a64, b64, out=prod))
     aa, bb, ab = (s.total() for s in sums)
     return aa, bb, ab
 
