@@ -465,6 +465,18 @@ def test_slerp_sums_and_weights_are_the_same_in_row_blocks(monkeypatch) -> None:
     assert blend.slerp_weights(blend.slerp_sums([(a * 0, b)]), 0.3).lerp  # zero: lerp
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slerp_sums_are_stable_sums_of_the_float64_products(dtype, monkeypatch) -> None:
+    # the pass widens into reused scratch buffers: its sums are those of the whole float64
+    # products, from the stored dtype as from float32 (bf16 widens exactly)
+    g = torch.Generator().manual_seed(9)
+    a, b = (torch.randn(70_001, generator=g).to(dtype) for _ in range(2))
+    want = [blend.stable_sum(x.double() * y.double()) for x, y in ((a, a), (b, b), (a, b))]
+    monkeypatch.setattr(blend, "REDUCE_CHUNK", 20_000)  # a short last chunk too
+    for got in (blend.slerp_sums([(a, b)]), blend.slerp_sums([(a.float(), b.float())])):
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_add_at_many_rounds_each_tensor_as_alone(dtype) -> None:
     # three tensors, one of them with repeats carrying 0 (OnDARE's draws past the end), their
