@@ -5,7 +5,7 @@ of the torch path (the C library switched off: no compiler, RLMERGE_NATIVE=0).""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,8 +77,17 @@ def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No C library: what a machine without a compiler, or RLMERGE_NATIVE=0, runs."""
-    monkeypatch.setattr(native, "library", lambda: None)
+    """RLMERGE_NATIVE=0: no C library, as on a machine without a compiler."""
+    monkeypatch.setenv("RLMERGE_NATIVE", "0")
+    native.library.cache_clear()
+    assert native.library() is None
+
+
+@pytest.fixture(autouse=True)
+def _reload_library() -> Iterator[None]:
+    """The library as the environment gives it, after a test that switched it off."""
+    yield
+    native.library.cache_clear()
 
 
 def assert_same_tensors(a_dir: Path, b_dir: Path) -> None:
