@@ -75,32 +75,44 @@ class SlerpWeights:
 
 
 # entries per float64 piece when reducing over a tensor (`slerp_sums`): bounds the float64
-# scratch to a few MB (cache-sized) whatever the tensor's size; the sums do not depend on it
-REDUCE_CHUNK = 1 << 17
+# scratch to 24 MB whatever the tensor's size; the sums do not depend on it
+REDUCE_CHUNK = 1 << 20
 
 
 def slerp_sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """(sum a^2, sum b^2, sum a*b) in float64 over two same-shape tensors given as matching
     pieces in index order (whole tensors, or row blocks), as `StableSum`s: the same three
-    values whatever the pieces. Each piece is widened REDUCE_CHUNK entries at a time into
-    three float64 scratch buffers reused for the whole pass (fresh ones would cost a page
-    fault per 4 KiB, more than the products: the angle pass was most of a slerp's time)."""
+    values whatever the pieces. Each piece is widened REDUCE_CHUNK entries at a time and its
+    products go into one [3, REDUCE_CHUNK] float64 scratch reused for the whole pass (fresh
+    tensors cost a page fault per 4 KiB, more than the products); on the host the C kernel
+    widens and multiplies in one pass (`_products`)."""
     sums = (StableSum(), StableSum(), StableSum())
-    scratch: list[Tensor] = []  # [3, REDUCE_CHUNK] float64: a, b, one product at a time
+    scratch: Tensor | None = None
     for a, b in pairs:
         fa, fb = a.reshape(-1), b.reshape(-1)
-        if not scratch and fa.numel():
-            scratch = list(torch.empty(3, REDUCE_CHUNK, dtype=torch.float64, device=a.device))
+        if scratch is None and fa.numel():
+            scratch = torch.empty(3, REDUCE_CHUNK, dtype=torch.float64, device=a.device)
         for start in range(0, fa.numel(), REDUCE_CHUNK):
+            assert scratch is not None
             n = min(REDUCE_CHUNK, fa.numel() - start)
-            a64 = scratch[0][:n].copy_(fa[start : start + n])
-            b64 = scratch[1][:n].copy_(fb[start : start + n])
-            prod = scratch[2][:n]
-            sums[0].add(torch.mul(a64, a64, out=prod))  # add() keeps no view of its piece
-            sums[1].add(torch.mul(b64, b64, out=prod))
-            sums[2].add(torch.mul(a64, b64, out=prod))
+            prods = _products(fa, fb, start, n, scratch)
+            for acc, prod in zip(sums, prods, strict=True):
+                acc.add(prod)  # keeps no view of its piece: the scratch can be reused
     aa, bb, ab = (s.total() for s in sums)
     return aa, bb, ab
+
+
+def _products(a: Tensor, b: Tensor, start: int, n: int, scratch: Tensor) -> Tensor:
+    """[3, n] float64 view of scratch: a*a, b*b, a*b of flat entries [start, start + n)."""
+    out = scratch[:, :n]  # each row contiguous
+    if native.usable(a, b) and {a.dtype, b.dtype} <= set(native.FUSED_DTYPES):
+        native.fused_products(a, b, start, out)
+        return out
+    a64, b64 = out[0].copy_(a[start : start + n]), out[1].copy_(b[start : start + n])
+    torch.mul(a64, b64, out=out[2])  # before a64 and b64 are squared in place
+    a64.mul_(a64)
+    b64.mul_(b64)
+    return out
 
 
 def slerp_weights(

@@ -369,6 +369,25 @@ int64_t fused_blend(FUSED_ARGS) {
 #endif
     return fused_any(kind, n, xs, dtypes, w, p, flags, out, odt, start, stop, bad);
 }
+
+/* slerp's angle pass (blend.slerp_sums): the float64 products a*a, b*b and a*b of entries
+   [start, stop) of two stored tensors (FUSED_F32 or FUSED_BF16), written to aa, bb, ab at
+   [0, stop - start): widened exactly, one rounding per product, as torch's float64 mul. */
+void fused_products(const void *a, int32_t da, const void *b, int32_t db, int64_t start,
+                    int64_t stop, double *aa, double *bb, double *ab) {
+    float x[FUSED_TILE], y[FUSED_TILE];
+    for (int64_t lo = start; lo < stop; lo += FUSED_TILE) {
+        int64_t m = stop - lo < FUSED_TILE ? stop - lo : FUSED_TILE, o = lo - start;
+        fused_load(a, da, lo, m, x);
+        fused_load(b, db, lo, m, y);
+        for (int64_t j = 0; j < m; j++) {
+            double u = x[j], v = y[j];
+            aa[o + j] = u * u;
+            bb[o + j] = v * v;
+            ab[o + j] = u * v;
+        }
+    }
+}
 """
 
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (compilers may
@@ -437,6 +456,8 @@ def _load(path: Path) -> ctypes.CDLL:
     i32 = ctypes.c_int32
     lib.fused_blend.argtypes = [i32, i32, ptr, ptr, ptr, ptr, i32, ptr, i32, i64, i64, ptr]
     lib.fused_blend.restype = i64
+    lib.fused_products.argtypes = [ptr, i32, ptr, i32, i64, i64, ptr, ptr, ptr]
+    lib.fused_products.restype = None
     return lib
 
 
@@ -617,3 +638,31 @@ def fused_blend(
 
     out_bad = any(_run(part, ranges))
     return [bool(b) for b in bad.amax(0).tolist()], out_bad
+
+
+def fused_products(a: Tensor, b: Tensor, start: int, out: Tensor) -> None:
+    """out[0], out[1], out[2] <- a*a, b*b, a*b in float64 for entries [start, start + n) of
+    two contiguous host tensors of one numel stored as float32 or bfloat16, out a [3, n]
+    float64 host tensor with contiguous rows: the widening and the three products of torch's
+    ops, in one pass."""
+    lib = library()
+    assert lib is not None and a.numel() == b.numel() and out.dtype == torch.float64
+    assert a.is_contiguous() and b.is_contiguous() and out.stride(1) == 1
+    assert start + out.shape[1] <= a.numel() and out.device.type == "cpu"
+    da, db = FUSED_DTYPES[a.dtype], FUSED_DTYPES[b.dtype]
+    aa, bb, ab = (row.data_ptr() for row in out)
+
+    def part(lo: int, hi: int) -> None:
+        lib.fused_products(
+            a.data_ptr(),
+            da,
+            b.data_ptr(),
+            db,
+            start + lo,
+            start + hi,
+            aa + 8 * lo,
+            bb + 8 * lo,
+            ab + 8 * lo,
+        )
+
+    _run(part, _ranges(out.shape[1]))
