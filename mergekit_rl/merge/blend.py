@@ -275,11 +275,11 @@ class StableSum:
                 self._carry = torch.cat([self._carry, flat])
                 return
             row = torch.cat([self._carry, flat[:need]]).view(1, _SUM_BLOCK)
-            self._rows.append(row.sum(dim=1).double())
+            self._rows.append(_row_sums(row))
             self._carry, flat = None, flat[need:]
         n_full = flat.numel() - flat.numel() % _SUM_BLOCK
         if n_full:  # [R]: one thread per row
-            self._rows.append(flat[:n_full].view(-1, _SUM_BLOCK).sum(dim=1).double())
+            self._rows.append(_row_sums(flat[:n_full].view(-1, _SUM_BLOCK)))
         if n_full < flat.numel():
             self._carry = flat[n_full:].clone()
 
@@ -291,6 +291,31 @@ class StableSum:
         for part in rows.split(_SUM_BLOCK):  # at most a block each: one thread
             total = total + part.sum()
         return total
+
+
+def _row_sums(rows: Tensor) -> Tensor:
+    """rows.sum(dim=1) as float64 for a [R, _SUM_BLOCK] view: float64 host rows through the C
+    kernel where it reproduces torch's order here (`_sum_lanes`): no thread pool per call,
+    which costs more than the sum on a loaded machine, and the same bits."""
+    if rows.dtype == torch.float64 and native.usable(rows):
+        lanes = _sum_lanes()
+        if lanes is not None:
+            return native.fused_row_sums(rows, lanes)
+    return rows.sum(dim=1).double()
+
+
+@cache
+def _sum_lanes() -> int | None:
+    """The vector width with which `native.fused_row_sums` gives torch's float64 row sums on
+    this machine (torch's CPU kernels sum in lanes of its vector width), or None: probed on
+    rows whose sums round differently in every other order."""
+    g = torch.Generator().manual_seed(0)
+    scale = 10.0 ** torch.randint(-8, 8, (4, _SUM_BLOCK), generator=g)
+    rows = torch.randn(4, _SUM_BLOCK, generator=g, dtype=torch.float64) * scale
+    want = rows.sum(dim=1)
+    return next(
+        (n for n in (8, 4, 16, 2) if torch.equal(native.fused_row_sums(rows, n), want)), None
+    )
 
 
 def l1_factor(original_abs_sum: Tensor, kept_abs_sum: Tensor) -> float | None:

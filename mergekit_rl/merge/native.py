@@ -388,6 +388,56 @@ void fused_products(const void *a, int32_t da, const void *b, int32_t db, int64_
         }
     }
 }
+
+/* torch's float64 sum over the last dimension of a contiguous [rows, n] tensor, in its order
+   (blend.StableSum's row sums): `lanes`-wide vector accumulators (torch's Vectorized<double>
+   width: 8 with AVX-512, 4 with AVX2; probed, not assumed), four of them side by side, each
+   summed in a 4-level cascade of chunks of 2**max(4, ceil(log2(groups)) / 4) groups; then
+   the leftover vectors into the first, the other three into it, the scalar tail into a zero
+   and the lanes after it, in order, and the result added to a zero output. */
+#define FUSED_MAX_LANES 16
+static double fused_row_sum(const double *x, int64_t n, int64_t lanes) {
+    int64_t nvec = n / lanes, groups = nvec / 4;
+    int64_t clog = groups <= 2 ? 1 : 64 - __builtin_clzll((uint64_t)(groups - 1));
+    int64_t power = clog / 4 > 4 ? clog / 4 : 4, step = (int64_t)1 << power;
+    double acc[4][4][FUSED_MAX_LANES] = {{{0}}}; /* [level][accumulator][lane] */
+    int64_t i = 0;
+    while (i + step <= groups) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < 4; k++)
+                for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += x[(i * 4 + k) * lanes + l];
+        for (int lv = 1; lv < 4; lv++) {
+            for (int k = 0; k < 4; k++)
+                for (int64_t l = 0; l < lanes; l++) {
+                    acc[lv][k][l] += acc[lv - 1][k][l];
+                    acc[lv - 1][k][l] = 0.0;
+                }
+            if ((i & ((step - 1) << (lv * power))) != 0) break;
+        }
+    }
+    for (; i < groups; i++)
+        for (int k = 0; k < 4; k++)
+            for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += x[(i * 4 + k) * lanes + l];
+    for (int lv = 1; lv < 4; lv++)
+        for (int k = 0; k < 4; k++)
+            for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += acc[lv][k][l];
+    for (int64_t v = groups * 4; v < nvec; v++)
+        for (int64_t l = 0; l < lanes; l++) acc[0][0][l] += x[v * lanes + l];
+    for (int k = 1; k < 4; k++)
+        for (int64_t l = 0; l < lanes; l++) acc[0][0][l] += acc[0][k][l];
+    double total = 0.0;
+    for (int64_t e = nvec * lanes; e < n; e++) total += x[e];
+    for (int64_t l = 0; l < lanes; l++) total += acc[0][0][l];
+    return 0.0 + total;
+}
+
+/* out[r] = the sum of row r of a contiguous [rows, n] float64 array (n >= lanes); returns
+   -1 (nothing written) for a lane count it does not take. */
+int64_t fused_row_sums(const double *x, int64_t rows, int64_t n, int64_t lanes, double *out) {
+    if (lanes < 1 || lanes > FUSED_MAX_LANES || n < lanes) return -1;
+    for (int64_t r = 0; r < rows; r++) out[r] = fused_row_sum(x + r * n, n, lanes);
+    return 0;
+}
 """
 
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (compilers may
@@ -458,6 +508,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.fused_blend.restype = i64
     lib.fused_products.argtypes = [ptr, i32, ptr, i32, i64, i64, ptr, ptr, ptr]
     lib.fused_products.restype = None
+    lib.fused_row_sums.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.fused_row_sums.restype = i64
     return lib
 
 
@@ -666,3 +718,16 @@ def fused_products(a: Tensor, b: Tensor, start: int, out: Tensor) -> None:
         )
 
     _run(part, _ranges(out.shape[1]))
+
+
+def fused_row_sums(rows: Tensor, lanes: int) -> Tensor:
+    """torch's rows.sum(dim=1) of a contiguous [R, n] float64 host tensor (n >= lanes), in
+    its summation order for `lanes`-wide vectors (which width torch uses is probed by the
+    caller): the [R] float64 sums."""
+    lib = library()
+    assert lib is not None and rows.dtype == torch.float64 and rows.dim() == 2
+    assert rows.is_contiguous() and rows.device.type == "cpu"
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    if lib.fused_row_sums(rows.data_ptr(), rows.shape[0], rows.shape[1], lanes, out.data_ptr()):
+        raise ValueError(f"fused_row_sums: {lanes} lanes for rows of {rows.shape[1]}")
+    return out

@@ -43,7 +43,7 @@ def inputs(n: int, length: int, dtypes: list[torch.dtype], seed: int = 0) -> lis
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -172,3 +172,37 @@ def test_the_torch_blends_are_the_methods(normalize: bool, lam: float) -> None:
         angle = blend.slerp_weights(blend.slerp_sums([(a, b)]), lam / 2)
         spec = blend.Elementwise("slerp", t=lam / 2, angle=angle)
         assert torch.equal(bits(sl), bits(blend.elementwise(spec, [a, b])))
+
+
+@needs_native
+@pytest.mark.parametrize("n", [16384, 1000, 37, 100_003])
+def test_row_sums_follow_torch_s_order(n: int) -> None:
+    # the probed lane count reproduces torch's float64 row sums; the others do not (the probe
+    # data tells them apart)
+    lanes = blend._sum_lanes()
+    assert lanes is not None
+    g = torch.Generator().manual_seed(n)
+    scale = 10.0 ** torch.randint(-8, 8, (3, n), generator=g)
+    rows = torch.randn(3, n, generator=g, dtype=torch.float64) * scale
+    rows[0, 5] = -0.0
+    assert torch.equal(native.fused_row_sums(rows, lanes), rows.sum(dim=1))
+    others = [k for k in (2, 4, 8, 16) if k != lanes]
+    assert all(not torch.equal(native.fused_row_sums(rows, k), rows.sum(dim=1)) for k in others)
+    zeros = -torch.zeros(2, n, dtype=torch.float64)  # -0.0 sums are +0.0, as in torch
+    assert torch.equal(bits(native.fused_row_sums(zeros, lanes)), bits(zeros.sum(dim=1)))
+
+
+@needs_native
+def test_stable_sums_of_float64_pieces_equal_the_torch_path(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5 * 16384 + 77, generator=g, dtype=torch.float64) * 1e3
+    pieces = [x[:20000], x[20000:20001], x[20001:]]
+    fast = blend.StableSum()
+    for p in pieces:
+        fast.add(p)
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    slow = blend.StableSum()
+    for p in pieces:
+        slow.add(p)
+    assert torch.equal(fast.total(), slow.total())
+    assert torch.equal(blend.stable_sum(x), slow.total())
