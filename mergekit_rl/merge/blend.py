@@ -403,6 +403,7 @@ def blend_into(spec: Elementwise, raws: Sequence[Tensor], out: Tensor) -> tuple[
     reproduce torch on this machine (`_kernel_flags`). Returns (input i holds Inf or NaN, per
     input; out does). The caller checks `fused_serves` first."""
     kind, weights, params, flags = _kernel_args(spec)
+    raws = [r.contiguous() for r in raws]  # no copy for reads; an adapter's merge, maybe
     chosen = _kernel_flags().get(kind)
     if chosen is None:  # torch's bits differ from every kernel variant here
         xs = [r.reshape(-1).float() for r in raws]
