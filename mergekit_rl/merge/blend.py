@@ -82,24 +82,47 @@ REDUCE_CHUNK = 1 << 20
 def slerp_sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """(sum a^2, sum b^2, sum a*b) in float64 over two same-shape tensors given as matching
     pieces in index order (whole tensors, or row blocks), as `StableSum`s: the same three
-    values whatever the pieces. Each piece is widened REDUCE_CHUNK entries at a time and its
-    products go into one [3, REDUCE_CHUNK] float64 scratch reused for the whole pass (fresh
-    tensors cost a page fault per 4 KiB, more than the products); on the host the C kernel
-    widens and multiplies in one pass (`_products`)."""
+    values whatever the pieces. On the host (stored float32 or bf16, torch's row-sum order
+    reproduced) the whole rows of each piece are summed by one C pass straight from the
+    inputs; the rest, and every other case, is widened REDUCE_CHUNK entries at a time into
+    one [3, REDUCE_CHUNK] float64 scratch reused for the whole pass (fresh tensors cost a page
+    fault per 4 KiB, more than the products)."""
     sums = (StableSum(), StableSum(), StableSum())
-    scratch: Tensor | None = None
+    scratch: list[Tensor] = []  # created at the first piece that needs it
     for a, b in pairs:
         fa, fb = a.reshape(-1), b.reshape(-1)
-        if scratch is None and fa.numel():
-            scratch = torch.empty(3, REDUCE_CHUNK, dtype=torch.float64, device=a.device)
-        for start in range(0, fa.numel(), REDUCE_CHUNK):
-            assert scratch is not None
-            n = min(REDUCE_CHUNK, fa.numel() - start)
-            prods = _products(fa, fb, start, n, scratch)
-            for acc, prod in zip(sums, prods, strict=True):
-                acc.add(prod)  # keeps no view of its piece: the scratch can be reused
+        lanes = _sum_lanes() if _host_pair(fa, fb) else None
+        if lanes is None:
+            _add_products(sums, fa, fb, 0, fa.numel(), scratch)
+            continue
+        lo = min(fa.numel(), sums[0].need())  # completes a row carried from the last piece
+        hi = lo + (fa.numel() - lo) // _SUM_BLOCK * _SUM_BLOCK
+        _add_products(sums, fa, fb, 0, lo, scratch)
+        if hi > lo:  # [3, rows]: whole rows, in one read of a and b
+            rows = native.fused_product_row_sums(fa[lo:hi], fb[lo:hi], _SUM_BLOCK, lanes)
+            for acc, row_sums in zip(sums, rows, strict=True):
+                acc.add_row_sums(row_sums)
+        _add_products(sums, fa, fb, hi, fa.numel(), scratch)
     aa, bb, ab = (s.total() for s in sums)
     return aa, bb, ab
+
+
+def _host_pair(a: Tensor, b: Tensor) -> bool:
+    """Contiguous host tensors stored as the C kernels' dtypes."""
+    return native.usable(a, b) and {a.dtype, b.dtype} <= set(native.FUSED_DTYPES)
+
+
+def _add_products(
+    sums: Sequence[StableSum], a: Tensor, b: Tensor, lo: int, hi: int, scratch: list[Tensor]
+) -> None:
+    """Feed a*a, b*b, a*b of flat entries [lo, hi) to sums, REDUCE_CHUNK at a time through
+    the reused scratch (made on first use: [3, REDUCE_CHUNK] float64 on a's device)."""
+    for start in range(lo, hi, REDUCE_CHUNK):
+        if not scratch:
+            scratch.append(torch.empty(3, REDUCE_CHUNK, dtype=torch.float64, device=a.device))
+        n = min(REDUCE_CHUNK, hi - start)
+        for acc, prod in zip(sums, _products(a, b, start, n, scratch[0]), strict=True):
+            acc.add(prod)  # keeps no view of its piece: the scratch can be reused
 
 
 def _products(a: Tensor, b: Tensor, start: int, n: int, scratch: Tensor) -> Tensor:
@@ -282,6 +305,16 @@ class StableSum:
             self._rows.append(_row_sums(flat[:n_full].view(-1, _SUM_BLOCK)))
         if n_full < flat.numel():
             self._carry = flat[n_full:].clone()
+
+    def need(self) -> int:
+        """Entries still missing from the row carried over (0: none is)."""
+        return 0 if self._carry is None else _SUM_BLOCK - self._carry.numel()
+
+    def add_row_sums(self, row_sums: Tensor) -> None:
+        """Add whole rows already summed as `add` sums them (float64 [R], in index order),
+        when no row is carried over."""
+        assert self._carry is None, "add_row_sums continues a carried row"
+        self._rows.append(row_sums)
 
     def total(self) -> Tensor:
         """The sum of every entry added, as a 0-dim float64 tensor."""

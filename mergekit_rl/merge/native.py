@@ -438,6 +438,23 @@ int64_t fused_row_sums(const double *x, int64_t rows, int64_t n, int64_t lanes, 
     for (int64_t r = 0; r < rows; r++) out[r] = fused_row_sum(x + r * n, n, lanes);
     return 0;
 }
+
+/* slerp's angle pass in one read: for rows [r0, r1) of n entries (from entry 0 of a and b,
+   stored as FUSED_F32 or FUSED_BF16), the torch-order row sums (fused_row_sum) of the float64
+   products a*a, b*b and a*b into aa, bb, ab at [r0, r1); scratch holds 3 * n doubles (one
+   row of each product, cache-resident). */
+int64_t fused_product_row_sums(const void *a, int32_t da, const void *b, int32_t db,
+                               int64_t r0, int64_t r1, int64_t n, int64_t lanes,
+                               double *scratch, double *aa, double *bb, double *ab) {
+    if (lanes < 1 || lanes > FUSED_MAX_LANES || n < lanes) return -1;
+    for (int64_t r = r0; r < r1; r++) {
+        fused_products(a, da, b, db, r * n, (r + 1) * n, scratch, scratch + n, scratch + 2 * n);
+        aa[r] = fused_row_sum(scratch, n, lanes);
+        bb[r] = fused_row_sum(scratch + n, n, lanes);
+        ab[r] = fused_row_sum(scratch + 2 * n, n, lanes);
+    }
+    return 0;
+}
 """
 
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (compilers may
@@ -510,6 +527,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.fused_products.restype = None
     lib.fused_row_sums.argtypes = [ptr, i64, i64, i64, ptr]
     lib.fused_row_sums.restype = i64
+    lib.fused_product_row_sums.argtypes = [ptr, i32, ptr, i32, i64, i64, i64, i64] + [ptr] * 4
+    lib.fused_product_row_sums.restype = i64
     return lib
 
 
@@ -730,4 +749,31 @@ def fused_row_sums(rows: Tensor, lanes: int) -> Tensor:
     out = torch.empty(rows.shape[0], dtype=torch.float64)
     if lib.fused_row_sums(rows.data_ptr(), rows.shape[0], rows.shape[1], lanes, out.data_ptr()):
         raise ValueError(f"fused_row_sums: {lanes} lanes for rows of {rows.shape[1]}")
+    return out
+
+
+def fused_product_row_sums(a: Tensor, b: Tensor, n: int, lanes: int) -> Tensor:
+    """[3, R] float64: the torch-order row sums (`fused_row_sums`) of the float64 products
+    a*a, b*b and a*b over the R = numel / n rows of n entries of two contiguous host tensors
+    stored as float32 or bfloat16, in one read and no product tensor; rows split across
+    torch's thread count when there are many."""
+    lib = library()
+    assert lib is not None and a.numel() == b.numel() and a.numel() % n == 0
+    assert a.is_contiguous() and b.is_contiguous() and a.device.type == b.device.type == "cpu"
+    rows = a.numel() // n
+    out = torch.empty(3, rows, dtype=torch.float64)
+    parts = max(1, min(torch.get_num_threads(), a.numel() // PARALLEL_MIN, rows))
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    scratch = torch.empty(parts, 3 * n, dtype=torch.float64)
+    da, db = FUSED_DTYPES[a.dtype], FUSED_DTYPES[b.dtype]
+    sums = [row.data_ptr() for row in out]
+    part_of = {lo: i for i, lo in enumerate(cuts[:-1])}
+
+    def part(r0: int, r1: int) -> int:
+        work = scratch[part_of[r0]].data_ptr()
+        args = (a.data_ptr(), da, b.data_ptr(), db, r0, r1, n, lanes, work, *sums)
+        return lib.fused_product_row_sums(*args)
+
+    if any(_run(part, list(zip(cuts[:-1], cuts[1:], strict=True)))):
+        raise ValueError(f"fused_product_row_sums: {lanes} lanes for rows of {n}")
     return out

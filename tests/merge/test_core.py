@@ -483,6 +483,10 @@ def test_slerp_sums_are_stable_sums_of_the_float64_products(dtype, kernel, monke
     monkeypatch.setattr(blend, "REDUCE_CHUNK", 20_000)  # a short last chunk too
     for got in (blend.slerp_sums([(a, b)]), blend.slerp_sums([(a.float(), b.float())])):
         assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+    for step in (5000, 16384, 16385, 40_000):  # rows carried across pieces
+        pieces = [(a[i : i + step], b[i : i + step]) for i in range(0, a.numel(), step)]
+        got = blend.slerp_sums(pieces)
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True)), step
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

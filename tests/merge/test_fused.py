@@ -206,3 +206,18 @@ def test_stable_sums_of_float64_pieces_equal_the_torch_path(monkeypatch) -> None
         slow.add(p)
     assert torch.equal(fast.total(), slow.total())
     assert torch.equal(blend.stable_sum(x), slow.total())
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+)
+def test_product_row_sums_are_the_row_sums_of_the_products(dtypes) -> None:
+    g = torch.Generator().manual_seed(5)
+    rows = (1 << 21) // 16384 + 3  # split across threads
+    a, b = (torch.randn(rows * 16384, generator=g).to(d) for d in dtypes)
+    lanes = blend._sum_lanes()
+    assert lanes is not None
+    got = native.fused_product_row_sums(a, b, 16384, lanes)
+    for row, (x, y) in zip(got, ((a, a), (b, b), (a, b)), strict=True):
+        assert torch.equal(row, (x.double() * y.double()).view(rows, 16384).sum(dim=1))
