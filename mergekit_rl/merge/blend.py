@@ -5,6 +5,11 @@ Reset EMA and the online merging optimizers' sign election mix tensors through t
 functions take float32 tensors (any device) and never modify their inputs unless the name
 ends in an underscore. Sums whose rounding must not depend on the thread count (norms of
 task vectors, slerp's angle) go through `stable_sum` / `StableSum`.
+
+The row-local blends (linear, task arithmetic, slerp after its angle) are also described as
+`Elementwise`s, which `blend_into` runs in one C pass over the inputs as stored (bf16 or
+float32; merge/native.py), with the bits of the torch ops here: the kernel variants that match
+torch on this machine are probed at first use (`_kernel_flags`, `_sum_lanes`).
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def _add_products(
 def _products(a: Tensor, b: Tensor, start: int, n: int, scratch: Tensor) -> Tensor:
     """[3, n] float64 view of scratch: a*a, b*b, a*b of flat entries [start, start + n)."""
     out = scratch[:, :n]  # each row contiguous
-    if native.usable(a, b) and {a.dtype, b.dtype} <= set(native.FUSED_DTYPES):
+    if _host_pair(a, b):
         native.fused_products(a, b, start, out)
         return out
     a64, b64 = out[0].copy_(a[start : start + n]), out[1].copy_(b[start : start + n])
