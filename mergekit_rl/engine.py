@@ -263,7 +263,8 @@ def run_jobs(
                     continue
                 # read then compute, in one thread: a read-ahead thread was measured slower on
                 # 2 cores (contention with torch's own threads) and raised the peak RSS
-                raw = _read_raw(inputs, job, device, device_reads(device, options), pool)
+                rows = device_reads(device, options)
+                raw = _read_raw(inputs, job, device, rows, pool, kept_only=True)
                 tensors, nbytes = _to_compute(inputs, job, raw, device, pool)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
@@ -322,14 +323,20 @@ def _read_raw(
     device: torch.device,
     rows: bool,
     pool: BufferPool | None = None,
+    kept_only: bool = False,
 ) -> list[Tensor]:
     """The job's inputs as stored (adapter merged in), each in its pooled slot ("raw", k):
-    all are alive together; `rows`: as one row range, straight into pinned buffers on CUDA."""
+    all are alive together; `rows`: as one row range, straight into pinned buffers on CUDA.
+    `kept_only`: only reads that stay the compute tensor (float32 in a float32 job) take a
+    slot, which replaces their "in" one; the others are converted at once and freed (a
+    slot kept for them would add to the peak of the merge's temporaries)."""
     pin = pinned_reads(device)
+    compute_dtype = _compute_dtype(inputs, job)
     raws = []
     for k, (i, n) in enumerate(job.sources):
         info = inputs[i].info(n)
-        out = _raw_buffer(pool, k, info.shape, info.dtype, pin)
+        kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
+        out = _raw_buffer(pool, k, info.shape, info.dtype, pin) if kept or not kept_only else None
         if rows and _rows_readable(inputs[i], n):
             raws.append(inputs[i].read_rows(n, 0, info.shape[0], pin=pin, out=out))
         else:
@@ -340,13 +347,19 @@ def _read_raw(
 def _raw_buffer(
     pool: BufferPool | None, k: int, shape: Sequence[int], dtype: torch.dtype, pin: bool
 ) -> Tensor | None:
-    """Host slot ("raw", k) for input k's read (k = -1: one slot shared by reads converted
-    at once), or None for a new tensor: no pool, or a pinned read (CUDA keeps its own
-    page-locked buffers). A float32 read is its own compute tensor (`to_device` returns it),
-    so its slot is not taken again before the job (or block) is done."""
+    """Host slot ("raw", k) for input k's read, or None for a new tensor: no pool, or a
+    pinned read (CUDA keeps its own page-locked buffers). A float32 read is its own compute
+    tensor (`to_device` returns it), so its slot is not taken again before the job (or
+    block) is done."""
     if pool is None or pin:
         return None
     return pool.take("raw", k, shape, dtype, torch.device("cpu"))
+
+
+def _compute_dtype(inputs: Sequence[Checkpoint], job: TensorJob) -> torch.dtype:
+    """float64 when an input is stored that wide (a lossless task vector), else float32."""
+    wide = any(inputs[i].info(n).dtype == torch.float64 for i, n in job.sources)
+    return torch.float64 if wide else torch.float32
 
 
 def to_device(
@@ -423,8 +436,7 @@ def _blocked(
     pin = pinned_reads(device)
     warned: set[tuple[int, str]] = set()
     # as _to_compute: a float64 input (a lossless task vector) makes the job compute in float64
-    wide = any(inputs[i].info(name).dtype == torch.float64 for i, name in job.sources)
-    compute_dtype = torch.float64 if wide else torch.float32
+    compute_dtype = _compute_dtype(inputs, job)
 
     def stream() -> Iterator[tuple[Block, list[Tensor]]]:
         for start in range(0, job.shape[0], step):
@@ -432,10 +444,11 @@ def _blocked(
             xs = []
             for k, (i, name) in enumerate(job.sources):
                 info = inputs[i].info(name)
-                # a raw block converted at once shares one slot; one kept as it is, its own
+                # a block kept as the compute tensor takes slot k (for its "in" one); one
+                # converted at once is read fresh and freed, as in `_read_raw`
                 kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
                 shape = (stop - start, *info.shape[1:])
-                out = _raw_buffer(pool, k if kept else -1, shape, info.dtype, pin)
+                out = _raw_buffer(pool, k, shape, info.dtype, pin) if kept else None
                 raw = inputs[i].read_rows(name, start, stop, pin=pin, out=out)
                 if raw.is_floating_point() and (i, name) not in warned and not all_finite(raw):
                     warned.add((i, name))

@@ -208,18 +208,22 @@ def test_buffer_pool_reuses_one_buffer_per_slot_and_grows() -> None:
     )
 
 
+@pytest.mark.parametrize("stored", ["tied_family", "family"])  # bf16, float32
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("block_elems", [1 << 30, 1000])
 def test_the_engine_converts_and_casts_into_reused_buffers(
     block_elems: int,
     fused: bool,
-    tied_family: dict[str, Path],
+    stored: str,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # every job's reads, float32 inputs and bf16 output land in the same few buffers (one per
-    # input and output), not in new tensors; the fused pass (the C kernel) reads the stored
-    # bf16 and makes no float32 copies; the soup is still exactly the independent reference
+    # every job's float32 inputs and output land in the same few buffers (one per input and
+    # output), not in new tensors: the fused pass (the C kernel) reads the stored inputs into
+    # pooled buffers and makes no float32 copies; otherwise a float32 read is pooled (it is
+    # the compute tensor) and a bf16 one is converted into its pooled float32 copy and freed;
+    # the soup is still exactly the independent reference
     import mergekit_rl.engine as engine
     from mergekit_rl.merge import native
     from mergekit_rl.ops import WriteOptions, soup
@@ -242,12 +246,14 @@ def test_the_engine_converts_and_casts_into_reused_buffers(
         return t
 
     monkeypatch.setattr(engine.BufferPool, "take", spy)
-    fam = [tied_family[m] for m in ("sft1", "sft2", "rlhf")]
+    fam = [request.getfixturevalue(stored)[m] for m in ("sft1", "sft2", "rlhf")]
     opts = WriteOptions(run=RunOptions(progress="none", block_elems=block_elems))
     soup(fam, tmp_path / "out", opts=opts)
     n_tensors = len(load_state(fam[0]))
-    assert takes.count("raw") >= 3 * n_tensors and takes.count("out") >= n_tensors
-    assert takes.count("in") == (0 if fused else takes.count("raw"))
+    assert takes.count("out") >= n_tensors or stored == "family"  # float32 out: no cast
+    reads = "raw" if fused or stored == "family" else "in"  # the pooled compute tensors
+    assert takes.count(reads) >= 3 * n_tensors
+    assert takes.count("in" if reads == "raw" else "raw") == 0
     assert len(storages) <= 2 * len(slots)  # one per slot, and a regrowth at most per slot
     got = load_state(tmp_path / "out")
     states = [load_state(p) for p in fam]
