@@ -440,6 +440,8 @@ def blend_into(spec: Elementwise, raws: Sequence[Tensor], out: Tensor) -> tuple[
     the C kernel; falls back to `elementwise` on float32 copies where the kernel does not
     reproduce torch on this machine (`_kernel_flags`). Returns (input i holds Inf or NaN, per
     input; out does). The caller checks `fused_serves` first."""
+    if len(raws) != _n_inputs(spec):
+        raise ValueError(f"a {spec.kind} blend of {_n_inputs(spec)} inputs got {len(raws)}")
     kind, weights, params, flags = _kernel_args(spec)
     raws = [r.contiguous() for r in raws]  # no copy for reads; an adapter's merge, maybe
     chosen = _kernel_flags().get(kind)
@@ -528,19 +530,19 @@ def _kernel_flags() -> dict[str, int | None]:
 
 def _same_bits(spec: Elementwise, xs: Sequence[Tensor], variant: int) -> bool:
     """Does the kernel with these variant flags give `elementwise`'s bits, float32 and bf16?"""
-    want = elementwise(spec, xs[: _probe_inputs(spec)])
+    want = elementwise(spec, xs[: _n_inputs(spec)])
     kind, weights, params, flags = _kernel_args(spec)
     for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
         out = torch.empty(want.shape, dtype=dtype)
-        raws = xs[: _probe_inputs(spec)]
+        raws = xs[: _n_inputs(spec)]
         native.fused_blend(kind, raws, weights, params, flags | variant, out)
         if not torch.equal(out.view(bits), want.to(dtype).view(bits)):
             return False
     return True
 
 
-def _probe_inputs(spec: Elementwise) -> int:
-    """How many inputs a probe blend reads."""
+def _n_inputs(spec: Elementwise) -> int:
+    """How many inputs a blend reads (the kernel indexes its weights by input)."""
     if spec.kind == "task_arithmetic":
         return len(spec.weights) + 1
     return 2 if spec.kind == "slerp" else len(spec.weights)

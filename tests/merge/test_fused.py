@@ -27,7 +27,7 @@ SPECS = {
 
 
 def n_inputs(spec: blend.Elementwise) -> int:
-    return blend._probe_inputs(spec)
+    return blend._n_inputs(spec)
 
 
 def inputs(n: int, length: int, dtypes: list[torch.dtype], seed: int = 0) -> list[torch.Tensor]:
@@ -221,3 +221,9 @@ def test_product_row_sums_are_the_row_sums_of_the_products(dtypes) -> None:
     got = native.fused_product_row_sums(a, b, 16384, lanes)
     for row, (x, y) in zip(got, ((a, a), (b, b), (a, b)), strict=True):
         assert torch.equal(row, (x.double() * y.double()).view(rows, 16384).sum(dim=1))
+
+
+def test_a_blend_given_other_inputs_than_it_weighs_is_refused() -> None:
+    out = torch.empty(3)
+    with pytest.raises(ValueError, match="linear blend of 2 inputs got 3"):
+        blend.blend_into(SPECS["difference"], [torch.zeros(3)] * 3, out)
