@@ -14,8 +14,15 @@ built-in method streams (all but nuslerp over columns, and a union vocabulary's 
 cuts, L1 norms, slerp angles and Gram matrices come from first passes over the blocks
 (`merge.blocks`).
 
-Each input's compute copy and each output's cast go into buffers the run reuses
+Each input's read, its compute copy and each output's cast go into buffers the run reuses
 (`BufferPool`), so a job does not fault in fresh pages for them.
+
+Row-local blends (soups, lerp, task vectors applied or extracted, and the linear,
+task_arithmetic and slerp recipes) declare their math as `blend.Elementwise`s
+(`rowwise(compute, fused)`): on the host, the engine hands the stored bf16/float32 inputs to
+`blend.blend_into`, one C pass per block that converts, checks, merges and casts into the
+output buffer, with torch's bits. Everything else (accelerators, other dtypes, no compiler,
+RLMERGE_NATIVE=0) takes the float32 path below.
 
 On CUDA, safetensors inputs are read as one row range into pinned host buffers and copied
 asynchronously in their stored dtype; the cast to float32 runs on the device. Every read, whole,
@@ -46,6 +53,7 @@ from .io.card import write_aux_files
 from .io.reader import Checkpoint, all_finite, warn_non_finite
 from .io.safetensors_format import DTYPE_NAMES
 from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Entry
+from .merge import blend
 from .progress import make_reporter
 
 
@@ -74,6 +82,11 @@ BlockStream = Callable[[], Iterator[tuple[Block, list[Tensor]]]]
 # rows of that block) per block of stream() (n_blocks of them), or None when this job must be
 # computed whole. It may call stream() more than once (a pass for a global threshold first).
 Blocked = Callable[[TensorJob, BlockStream, int], Iterator[list[Tensor]] | None]
+# compute.fused(job, pieces) -> one blend.Elementwise per output when the job's merge is a
+# row-local blend, else None (decided before reading anything). pieces() yields the job's
+# inputs as stored (whole, or row blocks in order) for a first pass: slerp's angle.
+Pieces = Callable[[], Iterator[list[Tensor]]]
+Fused = Callable[[TensorJob, Pieces], list[blend.Elementwise] | None]
 
 # tensors with more entries than this go through in row blocks of about this many entries
 # (64 MB in float32), when the compute supports it
@@ -114,15 +127,19 @@ class BufferPool:
         return self.take("out", k, t.shape, dtype, t.device).copy_(t)
 
 
-def rowwise(compute: Compute) -> Compute:
+def rowwise(compute: Compute, fused: Fused | None = None) -> Compute:
     """Mark `compute` as row-local: each row of a result depends only on the same row of the
     inputs (elementwise math: soups, lerp, task arithmetic), so the engine may run it on row
-    blocks of large tensors and concatenate. Returns compute, with `blocked` set."""
+    blocks of large tensors and concatenate. `fused`: the same math as `blend.Elementwise`s,
+    which the engine runs in one pass over the stored inputs where the host kernel serves
+    them. Returns compute, with `blocked` (and `fused`) set."""
 
     def blocked(job: TensorJob, stream: BlockStream, n_blocks: int) -> Iterator[list[Tensor]]:
         return (compute(job, xs) for _, xs in stream())
 
     compute.blocked = blocked  # type: ignore[attr-defined]
+    if fused is not None:
+        compute.fused = fused  # type: ignore[attr-defined]
     return compute
 
 
@@ -233,6 +250,11 @@ def run_jobs(
         reporter.start(len(jobs), total, label)
         try:
             for job in jobs:
+                nbytes = _fused(inputs, job, compute, outputs, writers, device, options, pool)
+                if nbytes is not None:  # one pass over the stored inputs: done
+                    bytes_read += nbytes
+                    reporter.advance(nbytes)
+                    continue
                 blocked = _blocked(inputs, job, compute, device, options.block_elems, pool)
                 if blocked is not None:
                     _write_blocks(job, blocked, outputs, writers, pool)
@@ -242,7 +264,8 @@ def run_jobs(
                     continue
                 # read then compute, in one thread: a read-ahead thread was measured slower on
                 # 2 cores (contention with torch's own threads) and raised the peak RSS
-                raw = _read_raw(inputs, job, device, device_reads(device, options))
+                rows = device_reads(device, options)
+                raw = _read_raw(inputs, job, device, rows, pool, kept_only=True)
                 tensors, nbytes = _to_compute(inputs, job, raw, device, pool)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
@@ -296,17 +319,48 @@ def _rows_readable(ckpt: Checkpoint, name: str) -> bool:
 
 
 def _read_raw(
-    inputs: Sequence[Checkpoint], job: TensorJob, device: torch.device, rows: bool
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    device: torch.device,
+    rows: bool,
+    pool: BufferPool | None = None,
+    kept_only: bool = False,
 ) -> list[Tensor]:
-    """The job's inputs as stored (adapter merged in); `rows`: as one row range, straight into
-    pinned buffers on CUDA."""
+    """The job's inputs as stored (adapter merged in), each in its pooled slot ("raw", k):
+    all are alive together; `rows`: as one row range, straight into pinned buffers on CUDA.
+    `kept_only`: only reads that stay the compute tensor (float32 in a float32 job) take a
+    slot, which replaces their "in" one; the others are converted at once and freed (a
+    slot kept for them would add to the peak of the merge's temporaries)."""
     pin = pinned_reads(device)
-    return [
-        inputs[i].read_rows(n, 0, inputs[i].info(n).shape[0], pin=pin)
-        if rows and _rows_readable(inputs[i], n)
-        else inputs[i].read(n)
-        for i, n in job.sources
-    ]
+    compute_dtype = _compute_dtype(inputs, job)
+    raws = []
+    for k, (i, n) in enumerate(job.sources):
+        info = inputs[i].info(n)
+        kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
+        out = _raw_buffer(pool, k, info.shape, info.dtype, pin) if kept or not kept_only else None
+        if rows and _rows_readable(inputs[i], n):
+            raws.append(inputs[i].read_rows(n, 0, info.shape[0], pin=pin, out=out))
+        else:
+            raws.append(inputs[i].read(n, out=out))
+    return raws
+
+
+def _raw_buffer(
+    pool: BufferPool | None, k: int, shape: Sequence[int], dtype: torch.dtype, pin: bool
+) -> Tensor | None:
+    """Host slot ("raw", k) for input k's read, or None for a new tensor: no pool, or a
+    pinned read (CUDA keeps its own page-locked buffers). A float32 read is its own compute
+    tensor (`to_device` returns it), so its slot is not taken again before the job (or
+    block) is done."""
+    if pool is None or pin:
+        return None
+    return pool.take("raw", k, shape, dtype, torch.device("cpu"))
+
+
+def _compute_dtype(inputs: Sequence[Checkpoint], job: TensorJob) -> torch.dtype:
+    """float64 when an input is stored that wide (a lossless task vector), else float32."""
+    wide = any(inputs[i].info(n).dtype == torch.float64 for i, n in job.sources)
+    return torch.float64 if wide else torch.float32
 
 
 def to_device(
@@ -383,15 +437,20 @@ def _blocked(
     pin = pinned_reads(device)
     warned: set[tuple[int, str]] = set()
     # as _to_compute: a float64 input (a lossless task vector) makes the job compute in float64
-    wide = any(inputs[i].info(name).dtype == torch.float64 for i, name in job.sources)
-    compute_dtype = torch.float64 if wide else torch.float32
+    compute_dtype = _compute_dtype(inputs, job)
 
     def stream() -> Iterator[tuple[Block, list[Tensor]]]:
         for start in range(0, job.shape[0], step):
             stop = min(job.shape[0], start + step)
             xs = []
             for k, (i, name) in enumerate(job.sources):
-                raw = inputs[i].read_rows(name, start, stop, pin=pin)
+                info = inputs[i].info(name)
+                # a block kept as the compute tensor takes slot k (for its "in" one); one
+                # converted at once is read fresh and freed, as in `_read_raw`
+                kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
+                shape = (stop - start, *info.shape[1:])
+                out = _raw_buffer(pool, k, shape, info.dtype, pin) if kept else None
+                raw = inputs[i].read_rows(name, start, stop, pin=pin, out=out)
                 if raw.is_floating_point() and (i, name) not in warned and not all_finite(raw):
                     warned.add((i, name))
                     warn_non_finite(raw, name, inputs[i].source.ref)
@@ -400,6 +459,129 @@ def _blocked(
             yield Block(start, stop, start * row), xs
 
     return blocked_fn(job, stream, -(-job.shape[0] // step))
+
+
+def _fused(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    compute: Compute,
+    outputs: Sequence[OutputSpec],
+    writers: Sequence[CheckpointWriter],
+    device: torch.device,
+    options: RunOptions,
+    pool: BufferPool,
+) -> int | None:
+    """Run a job whose compute declares row-local blends (`rowwise(..., fused)`) in one pass
+    per block over the stored inputs: read into the pooled "raw" slots, converted, merged,
+    checked and cast into the "out" slots by `blend.blend_into`, without float32 copies or
+    separate finiteness passes. Returns the bytes read, or None when the job takes the other
+    paths (no declaration, an accelerator, dtypes the kernel does not take, no kernel)."""
+    fused_fn: Fused | None = getattr(compute, "fused", None)
+    if fused_fn is None or device.type != "cpu" or not _fusable(inputs, job, outputs):
+        return None
+    parts = _row_parts(inputs, job, options.block_elems)
+    cached: list[list[Tensor]] = []  # a whole job's inputs, read once for both passes
+
+    def read(rows: tuple[int, int] | None) -> list[Tensor]:
+        if rows is not None:
+            return _read_rows_pooled(inputs, job, rows, pool)
+        if not cached:
+            cached.append(_read_raw(inputs, job, device, device_reads(device, options), pool))
+        return cached[0]
+
+    specs = fused_fn(job, lambda: (read(rows) for rows in parts))
+    if specs is None:
+        return None
+    if len(specs) != len(outputs):
+        raise RunError(f"internal: {len(specs)} blends for {len(outputs)} outputs.")
+    if parts != [None]:
+        for spec, writer in zip(outputs, writers, strict=True):
+            writer.begin_tensor(job.name, out_dtype(job, spec))
+    warned: set[int] = set()
+    for rows in parts:
+        results = _blend_part(inputs, job, specs, read(rows), rows, outputs, pool, warned)
+        for writer, out in zip(writers, results, strict=True):
+            if rows is None:
+                writer.add(job.name, out)
+            else:
+                writer.write_part(out)
+    return sum(inputs[i].info(n).nbytes for i, n in job.sources)
+
+
+def _blend_part(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    specs: Sequence[blend.Elementwise],
+    raws: list[Tensor],
+    rows: tuple[int, int] | None,
+    outputs: Sequence[OutputSpec],
+    pool: BufferPool,
+    warned: set[int],
+) -> list[Tensor]:
+    """Output k's blend of one part (rows, or None: whole) of a job's stored inputs, in its
+    slot ("out", k). Warns about non-finite inputs (once per input of the job) and raises the
+    torch path's RunError for a non-finite output, before anything of it is written."""
+    shape = job.shape if rows is None else (rows[1] - rows[0], *job.shape[1:])
+    results = []
+    for k, (spec_k, out_spec) in enumerate(zip(specs, outputs, strict=True)):
+        out = pool.take("out", k, shape, out_dtype(job, out_spec), torch.device("cpu"))
+        bad, out_bad = blend.blend_into(spec_k, raws, out)
+        _warn_inputs(inputs, job, raws, bad, warned)
+        if out_bad:  # the torch path's message: NaN/Inf, or the peak past the dtype's range
+            result = blend.elementwise(spec_k, [r.float() for r in raws])
+            _cast_checked(result, out.dtype, job, out_spec)
+            raise RunError(f"internal: the fused blend of '{job.name}' is not finite.")
+        results.append(out)
+    return results
+
+
+def _fusable(inputs: Sequence[Checkpoint], job: TensorJob, outputs: Sequence[OutputSpec]) -> bool:
+    """A non-empty float job whose stored dtypes and output dtypes `blend.blend_into` takes."""
+    if not job.dtype.is_floating_point or math.prod(job.shape) == 0:
+        return False
+    dtypes = [inputs[i].info(n).dtype for i, n in job.sources]
+    return all(blend.fused_serves(dtypes, out_dtype(job, spec)) for spec in outputs)
+
+
+def _row_parts(
+    inputs: Sequence[Checkpoint], job: TensorJob, block_elems: int
+) -> list[tuple[int, int] | None]:
+    """A job's row ranges as `_blocked` cuts them (blocks of about block_elems entries), or
+    [None]: read whole (small, one row, or not readable in rows)."""
+    numel = math.prod(job.shape)
+    if numel <= block_elems or len(job.shape) < 1 or job.shape[0] < 2:
+        return [None]
+    if not all(_rows_readable(inputs[i], name) for i, name in job.sources):
+        return [None]
+    step = max(1, block_elems // (numel // job.shape[0]))
+    return [(s, min(job.shape[0], s + step)) for s in range(0, job.shape[0], step)]
+
+
+def _read_rows_pooled(
+    inputs: Sequence[Checkpoint], job: TensorJob, rows: tuple[int, int], pool: BufferPool
+) -> list[Tensor]:
+    """Rows [start, stop) of every input as stored, each in its slot ("raw", k)."""
+    raws = []
+    for k, (i, name) in enumerate(job.sources):
+        info = inputs[i].info(name)
+        shape = (rows[1] - rows[0], *info.shape[1:])
+        out = _raw_buffer(pool, k, shape, info.dtype, pin=False)
+        raws.append(inputs[i].read_rows(name, rows[0], rows[1], out=out))
+    return raws
+
+
+def _warn_inputs(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    raws: Sequence[Tensor],
+    bad: Sequence[bool],
+    warned: set[int],
+) -> None:
+    """The non-finite input warning of the other paths, once per input of a job."""
+    for k, ((i, name), raw, flagged) in enumerate(zip(job.sources, raws, bad, strict=True)):
+        if flagged and k not in warned:
+            warned.add(k)
+            warn_non_finite(raw, name, inputs[i].source.ref)
 
 
 def _write_blocks(

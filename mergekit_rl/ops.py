@@ -13,12 +13,15 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .engine import (
+    Fused,
     OutputSpec,
+    Pieces,
     RunOptions,
     RunSummary,
     TensorJob,
@@ -30,7 +33,9 @@ from .errors import RunError, UsageError
 from .io.card import model_card, provenance
 from .io.reader import TIED_METADATA_KEY, Checkpoint, check_compatible, open_checkpoint
 from .io.writer import AtomicDir, check_output_path
-from .merge.registry import TensorContext, get_method
+from .merge.blend import Elementwise
+from .merge.blocks import elementwise_form
+from .merge.registry import MergeMethod, TensorContext, get_method
 
 TV_KIND = "task_vector"
 
@@ -89,7 +94,8 @@ def output_spec(
 
 
 def _linear(weights: Sequence[float], normalize: bool):
-    """compute(job, xs) for sum_i w_i x_i through the registry's linear method."""
+    """compute(job, xs) for sum_i w_i x_i through the registry's linear method; the same
+    blend declared for the engine's fused pass."""
     method = get_method("linear")
     per_model = [{"weight": float(w)} for w in weights]
 
@@ -97,7 +103,19 @@ def _linear(weights: Sequence[float], normalize: bool):
         ctx = TensorContext(job.name, tuple(str(i) for i in range(len(xs))))
         return [method.run(ctx, xs, None, per_model, {"normalize": normalize})]
 
-    return rowwise(compute)  # elementwise: large tensors may go through in row blocks
+    # elementwise: large tensors may go through in row blocks, or one fused pass
+    return rowwise(compute, _linear_blend(method, per_model, normalize))
+
+
+def _linear_blend(method: MergeMethod, per_model: list[dict[str, Any]], normalize: bool) -> Fused:
+    """The fused form of a linear compute: one blend per job, None where the method would
+    raise (weights summing to zero under normalize)."""
+
+    def fused(job: TensorJob, pieces: Pieces) -> list[Elementwise] | None:
+        spec = elementwise_form(method, False, per_model, {"normalize": normalize}, pieces)
+        return None if spec is None else [spec]
+
+    return fused
 
 
 def soup(
@@ -195,7 +213,12 @@ def interpolate(
 def _interpolation(alphas: Sequence[float], method: str):
     if method == "lerp":
         lerps = [_linear([1.0 - a, a], normalize=False) for a in alphas]
-        return rowwise(lambda job, xs: [f(job, xs)[0] for f in lerps])
+
+        def fused(job: TensorJob, pieces: Pieces) -> list[Elementwise] | None:
+            specs = [f.fused(job, pieces) for f in lerps]  # type: ignore[attr-defined]
+            return None if None in specs else [s[0] for s in specs]
+
+        return rowwise(lambda job, xs: [f(job, xs)[0] for f in lerps], fused)
     slerp = get_method("slerp")
 
     def compute(job: TensorJob, xs: list[Tensor]) -> list[Tensor]:

@@ -103,9 +103,9 @@ def _spy_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]
     calls: list[tuple[str, int, int]] = []
     real = reader.read_rows
 
-    def spy(info, start, stop, pin=False):  # noqa: ANN001, ANN202
+    def spy(info, start, stop, pin=False, out=None):  # noqa: ANN001, ANN202
         calls.append((info.name, start, stop))
-        return real(info, start, stop, pin=pin)
+        return real(info, start, stop, pin=pin, out=out)
 
     monkeypatch.setattr(reader, "read_rows", spy)
     return calls
@@ -208,32 +208,53 @@ def test_buffer_pool_reuses_one_buffer_per_slot_and_grows() -> None:
     )
 
 
+@pytest.mark.parametrize("stored", ["tied_family", "family"])  # bf16, float32
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("block_elems", [1 << 30, 1000])
 def test_the_engine_converts_and_casts_into_reused_buffers(
-    block_elems: int, tied_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    block_elems: int,
+    fused: bool,
+    stored: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # every job's float32 inputs and bf16 output land in the same few buffers (one per input
-    # and output), not in new tensors; the soup is still exactly the independent reference
+    # every job's float32 inputs and output land in the same few buffers (one per input and
+    # output), not in new tensors: the fused pass (the C kernel) reads the stored inputs into
+    # pooled buffers and makes no float32 copies; otherwise a float32 read is pooled (it is
+    # the compute tensor) and a bf16 one is converted into its pooled float32 copy and freed;
+    # the soup is still exactly the independent reference
     import mergekit_rl.engine as engine
+    from mergekit_rl.merge import native
     from mergekit_rl.ops import WriteOptions, soup
+
+    if fused and native.library() is None:
+        pytest.skip("no C compiler here")
+    if not fused:
+        monkeypatch.setattr(native, "library", lambda: None)
 
     storages: set[int] = set()
     takes = []
+    slots: set[tuple[str, int]] = set()
     real = engine.BufferPool.take
 
     def spy(self, role, k, shape, dtype, device):  # noqa: ANN001, ANN202
         t = real(self, role, k, shape, dtype, device)
         storages.add(t.untyped_storage().data_ptr())
         takes.append(role)
+        slots.add((role, k))
         return t
 
     monkeypatch.setattr(engine.BufferPool, "take", spy)
-    fam = [tied_family[m] for m in ("sft1", "sft2", "rlhf")]
+    fam = [request.getfixturevalue(stored)[m] for m in ("sft1", "sft2", "rlhf")]
     opts = WriteOptions(run=RunOptions(progress="none", block_elems=block_elems))
     soup(fam, tmp_path / "out", opts=opts)
     n_tensors = len(load_state(fam[0]))
-    assert takes.count("in") >= 3 * n_tensors and takes.count("out") >= n_tensors
-    assert len(storages) <= 3 + 1 + 3  # one per slot, and a regrowth at most per input
+    assert takes.count("out") >= n_tensors or stored == "family"  # float32 out: no cast
+    reads = "raw" if fused or stored == "family" else "in"  # the pooled compute tensors
+    assert takes.count(reads) >= 3 * n_tensors
+    assert takes.count("in" if reads == "raw" else "raw") == 0
+    assert len(storages) <= 2 * len(slots)  # one per slot, and a regrowth at most per slot
     got = load_state(tmp_path / "out")
     states = [load_state(p) for p in fam]
     for name, t in got.items():

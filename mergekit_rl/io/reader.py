@@ -157,21 +157,33 @@ class Checkpoint:
 
     # -- reading ---------------------------------------------------------------------------
     def read(
-        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        out: Tensor | None = None,
     ) -> Tensor:
-        """Load one tensor (cast to `dtype` on `device` when given), the adapter merged in."""
+        """Load one tensor (cast to `dtype` on `device` when given), the adapter merged in.
+        `out`: a contiguous host tensor of the stored shape and dtype to read into (a run's
+        pooled buffer), unused for pickles; an adapter's merge still returns a new tensor."""
         info = self.info(name)
-        t = self._pickled[self._stored_name(name)] if self.source.pickle else self._read_raw(info)
+        if self.source.pickle:
+            t = self._pickled[self._stored_name(name)]
+        else:
+            t = self._read_raw(info, out)
         if self.adapter is not None:
             t = self.adapter.apply(info.name, t)
         return t.to(device=device, dtype=dtype or t.dtype)
 
-    def read_rows(self, name: str, start: int, stop: int, pin: bool = False) -> Tensor:
+    def read_rows(
+        self, name: str, start: int, stop: int, pin: bool = False, out: Tensor | None = None
+    ) -> Tensor:
         """Rows start .. stop - 1 (dim 0) of one tensor, the adapter merged in: equal to
         read(name)[start:stop] without holding the whole tensor. `pin`: read into page-locked
-        memory (for asynchronous copies to CUDA). Safetensors only (not pickles)."""
+        memory (for asynchronous copies to CUDA). `out`: a buffer of the rows' shape and
+        stored dtype to read into (see `read`). Safetensors only (not pickles)."""
         info = self.info(name)
-        t = read_rows(info, start, stop, pin=pin)
+        t = read_rows(info, start, stop, pin=pin, out=out)
         if self.adapter is not None:
             t = self.adapter.apply(info.name, t, rows=(start, stop))
         return t
@@ -180,26 +192,31 @@ class Checkpoint:
         pair = self.shared_pair
         return pair[1] if pair is not None and name == pair[0] else name
 
-    def _read_raw(self, info: TensorInfo) -> Tensor:
+    def _read_raw(self, info: TensorInfo, out: Tensor | None = None) -> Tensor:
         if self.source.remote_headers is not None:
             raise UsageError(
                 f"{self.source.ref}: only the headers were fetched (a dry run); cannot read "
                 f"tensor '{info.name}'."
             )
+        if out is None:  # torch.empty, not bytearray: about to be overwritten, no zero-filling
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
+            raise ValueError(
+                f"tensor '{info.name}': the read buffer is not {info.dtype} {info.shape}"
+            )
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return out
         fd = self._files.get(info.file)
         if fd is None:
             fd = self._files[info.file] = os.open(info.file, os.O_RDONLY)
-        # torch.empty, not bytearray: the buffer is about to be overwritten, so skip zero-filling
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = out.reshape(-1).view(torch.uint8)
         view, got = memoryview(buf.numpy()), 0
         while got < info.nbytes:  # pread may return short reads for huge tensors
             n = os.preadv(fd, [view[got:]], info.offset + got)
             if n == 0:
                 raise UsageError(f"{info.file}: truncated while reading tensor '{info.name}'.")
             got += n
-        return buf.view(info.dtype).reshape(info.shape)
+        return out
 
     def _load_pickles(self) -> None:
         for path in self.source.weight_files:

@@ -190,28 +190,41 @@ def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def read_rows(info: TensorInfo, start: int, stop: int, pin: bool = False) -> Tensor:
+def read_rows(
+    info: TensorInfo, start: int, stop: int, pin: bool = False, out: Tensor | None = None
+) -> Tensor:
     """Rows start .. stop - 1 (along dim 0) of a stored tensor, read with positional reads.
 
     Rows are contiguous in the file (row-major), so this is one read of (stop - start) rows:
     a large tensor can be streamed in row blocks without ever holding it whole. `pin`: read
-    into page-locked memory, so that a copy to CUDA can be asynchronous.
+    into page-locked memory, so that a copy to CUDA can be asynchronous. `out`: a contiguous
+    host tensor of the rows' shape and dtype to read into (a run's pooled buffer, whose pages
+    are already faulted in), returned; else a new one.
     """
     if info.offset < 0 or not info.shape:
         raise ValueError(f"tensor '{info.name}' cannot be read in rows")
     row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0  # a [0, ...] tensor: none
-    nbytes = (stop - start) * row_bytes
-    if nbytes == 0:
-        return torch.empty(stop - start, *info.shape[1:], dtype=info.dtype, pin_memory=pin)
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)  # not zero-filled: overwritten
+    shape = (stop - start, *info.shape[1:])
+    if out is None:  # not zero-filled: overwritten
+        out = torch.empty(shape, dtype=info.dtype, pin_memory=pin)
+    elif out.dtype != info.dtype or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"tensor '{info.name}': the read buffer is not {info.dtype} {shape}")
+    _pread_into(info, out.reshape(-1).view(torch.uint8), info.offset + start * row_bytes)
+    return out
+
+
+def _pread_into(info: TensorInfo, buf: Tensor, offset: int) -> None:
+    """Fill the contiguous uint8 host tensor buf from info.file at offset (positional reads:
+    pread may return short reads for huge tensors)."""
+    if buf.numel() == 0:
+        return
     view, got = memoryview(buf.numpy()), 0
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        while got < nbytes:  # pread may return short reads
-            n = os.preadv(fd, [view[got:]], info.offset + start * row_bytes + got)
+        while got < buf.numel():
+            n = os.preadv(fd, [view[got:]], offset + got)
             if n == 0:
                 raise UsageError(f"{info.file}: truncated while reading tensor '{info.name}'.")
             got += n
     finally:
         os.close(fd)
-    return buf.view(info.dtype).reshape(stop - start, *info.shape[1:])

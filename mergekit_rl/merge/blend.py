@@ -5,6 +5,11 @@ Reset EMA and the online merging optimizers' sign election mix tensors through t
 functions take float32 tensors (any device) and never modify their inputs unless the name
 ends in an underscore. Sums whose rounding must not depend on the thread count (norms of
 task vectors, slerp's angle) go through `stable_sum` / `StableSum`.
+
+The row-local blends (linear, task arithmetic, slerp after its angle) are also described as
+`Elementwise`s, which `blend_into` runs in one C pass over the inputs as stored (bf16 or
+float32; merge/native.py), with the bits of the torch ops here: the kernel variants that match
+torch on this machine are probed at first use (`_kernel_flags`, `_sum_lanes`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,17 @@ def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return out
 
 
+def linear_sum(
+    tensors: Sequence[Tensor], weights: Sequence[float], divisor: float | None = None
+) -> Tensor:
+    """`weighted_sum`, divided by divisor when given (a normalized linear merge, in place on
+    the new sum): the linear method's math, and `Elementwise`'s torch path."""
+    out = weighted_sum(tensors, weights)
+    if divisor is not None:
+        out /= divisor
+    return out
+
+
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     """Same dtype, shape and device: `torch.add(a, b)` has a's type and shape."""
     return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
@@ -65,7 +81,7 @@ class SlerpWeights:
 
 
 # entries per float64 piece when reducing over a tensor (`slerp_sums`): bounds the float64
-# copies of a large tensor to a few MB whatever its size
+# scratch to 24 MB whatever the tensor's size; the sums do not depend on it
 REDUCE_CHUNK = 1 << 20
 
 
@@ -91,9 +107,30 @@ def gram_sums(pieces: Iterable[Sequence[Tensor]]) -> Tensor:
 
 def slerp_sums(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """(sum a^2, sum b^2, sum a*b) in float64 over two same-shape tensors given as matching
-    pieces in index order (whole tensors, or row blocks): `gram_sums` of the pair."""
-    gram = gram_sums(pairs)
-    return gram[0, 0], gram[1, 1], gram[0, 1]
+    pieces in index order (whole tensors, or row blocks), as `StableSum`s: the same three
+    values whatever the pieces. On the host (stored float32 or bf16, torch's row-sum order
+    reproduced) the whole rows of each piece are summed by one C pass straight from the
+    inputs; the rest, and every other case, is widened REDUCE_CHUNK entries at a time into
+    one [3, REDUCE_CHUNK] float64 scratch reused for the whole pass (fresh tensors cost a page
+    fault per 4 KiB, more than the products)."""
+    sums = (StableSum(), StableSum(), StableSum())
+    scratch: list[Tensor] = []  # created at the first piece that needs it
+    for a, b in pairs:
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        lanes = _sum_lanes() if _host_pair(fa, fb) else None
+        if lanes is None:
+            _add_products(sums, fa, fb, 0, fa.numel(), scratch)
+            continue
+        lo = min(fa.numel(), sums[0].need())  # completes a row carried from the last piece
+        hi = lo + (fa.numel() - lo) // _SUM_BLOCK * _SUM_BLOCK
+        _add_products(sums, fa, fb, 0, lo, scratch)
+        if hi > lo:  # [3, rows]: whole rows, in one read of a and b
+            rows = native.fused_product_row_sums(fa[lo:hi], fb[lo:hi], _SUM_BLOCK, lanes)
+            for acc, row_sums in zip(sums, rows, strict=True):
+                acc.add_row_sums(row_sums)
+        _add_products(sums, fa, fb, hi, fa.numel(), scratch)
+    aa, bb, ab = (s.total() for s in sums)
+    return aa, bb, ab
 
 
 def weighted_sum_f64(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
@@ -109,6 +146,37 @@ def weighted_sum_f64(tensors: Sequence[Tensor], coefficients: Sequence[float]) -
             acc.add_(x[start:stop].double(), alpha=float(c))
         out[start:stop] = acc
     return out.view(tensors[0].shape)
+
+
+def _host_pair(a: Tensor, b: Tensor) -> bool:
+    """Contiguous host tensors stored as the C kernels' dtypes."""
+    return native.usable(a, b) and {a.dtype, b.dtype} <= set(native.FUSED_DTYPES)
+
+
+def _add_products(
+    sums: Sequence[StableSum], a: Tensor, b: Tensor, lo: int, hi: int, scratch: list[Tensor]
+) -> None:
+    """Feed a*a, b*b, a*b of flat entries [lo, hi) to sums, REDUCE_CHUNK at a time through
+    the reused scratch (made on first use: [3, REDUCE_CHUNK] float64 on a's device)."""
+    for start in range(lo, hi, REDUCE_CHUNK):
+        if not scratch:
+            scratch.append(torch.empty(3, REDUCE_CHUNK, dtype=torch.float64, device=a.device))
+        n = min(REDUCE_CHUNK, hi - start)
+        for acc, prod in zip(sums, _products(a, b, start, n, scratch[0]), strict=True):
+            acc.add(prod)  # keeps no view of its piece: the scratch can be reused
+
+
+def _products(a: Tensor, b: Tensor, start: int, n: int, scratch: Tensor) -> Tensor:
+    """[3, n] float64 view of scratch: a*a, b*b, a*b of flat entries [start, start + n)."""
+    out = scratch[:, :n]  # each row contiguous
+    if _host_pair(a, b):
+        native.fused_products(a, b, start, out)
+        return out
+    a64, b64 = out[0].copy_(a[start : start + n]), out[1].copy_(b[start : start + n])
+    torch.mul(a64, b64, out=out[2])  # before a64 and b64 are squared in place
+    a64.mul_(a64)
+    b64.mul_(b64)
+    return out
 
 
 def slerp_weights(
@@ -149,6 +217,11 @@ def slerp(
     """
     if weights is None:
         weights = slerp_weights(slerp_sums([(a, b)]), t, eps, parallel_cos)
+    return slerp_apply(a, b, t, weights)
+
+
+def slerp_apply(a: Tensor, b: Tensor, t: float, weights: SlerpWeights) -> Tensor:
+    """The second step of `slerp`, entry by entry: a * s0 + b * s1, or lerp(a, b, t)."""
     if weights.lerp:
         return lerp(a, b, t)
     return a * weights.s0 + b * weights.s1
@@ -366,7 +439,7 @@ def ties_native(*tensors: Tensor) -> bool:
 
 
 # the probe's (weights, normalize, lambda): nonzero_divisor_'s two branches, the three finishes
-_PROBES = (
+_TIES_PROBES = (
     ([1.0, 0.5, -0.3], True, 1.0),
     ([0.3, 0.7, 0.2], True, 0.9),
     ([0.5, 0.0, 1.5], False, 1.3),
@@ -385,14 +458,14 @@ def _ties_kernels_agree() -> bool:
     xs[0][0, :6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -3.0])
     base[0, :6] = torch.tensor([-0.0, -0.0, 1.0, 2.0, 0.0, -3.0])
     blocks = (slice(0, 17), slice(17, 40))
-    for weights, normalize, lam in _PROBES:
+    for weights, normalize, lam in _TIES_PROBES:
         cuts = [selection.magnitude_cut(x - base, x.numel(), 700) for x in xs]
         mine = [copy.copy(c) for c in cuts]
         for r in blocks:  # ties at the thresholds spread over both blocks
             b, rows = base[r], [x[r] for x in xs]
             want = _ties_merge_torch(b, rows, cuts, weights, normalize, lam, None)
             got = _ties_merge_native(b, rows, mine, weights, normalize, lam, torch.empty_like(b))
-            if not _same_bits(got, want):
+            if not _equal_bits(got, want):
                 return False
         if [(c.ties_left, c.ties_total) for c in cuts] != [
             (c.ties_left, c.ties_total) for c in mine
@@ -402,12 +475,12 @@ def _ties_kernels_agree() -> bool:
         flags, wmin = _ties_flags(weights, normalize, lam)
         got = torch.empty_like(base)
         native.ties_consensus(got, base, weighted, _f32(weights), flags, lam, wmin)
-        if not _same_bits(got, _consensus_torch(weighted, weights, base, normalize, lam, None)):
+        if not _equal_bits(got, _consensus_torch(weighted, weights, base, normalize, lam, None)):
             return False
     return True
 
 
-def _same_bits(a: Tensor, b: Tensor) -> bool:
+def _equal_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
@@ -446,13 +519,23 @@ class StableSum:
                 self._carry = torch.cat([self._carry, flat])
                 return
             row = torch.cat([self._carry, flat[:need]]).view(1, _SUM_BLOCK)
-            self._rows.append(row.sum(dim=1).double())
+            self._rows.append(_row_sums(row))
             self._carry, flat = None, flat[need:]
         n_full = flat.numel() - flat.numel() % _SUM_BLOCK
         if n_full:  # [R]: one thread per row
-            self._rows.append(flat[:n_full].view(-1, _SUM_BLOCK).sum(dim=1).double())
+            self._rows.append(_row_sums(flat[:n_full].view(-1, _SUM_BLOCK)))
         if n_full < flat.numel():
             self._carry = flat[n_full:].clone()
+
+    def need(self) -> int:
+        """Entries still missing from the row carried over (0: none is)."""
+        return 0 if self._carry is None else _SUM_BLOCK - self._carry.numel()
+
+    def add_row_sums(self, row_sums: Tensor) -> None:
+        """Add whole rows already summed as `add` sums them (float64 [R], in index order),
+        when no row is carried over."""
+        assert self._carry is None, "add_row_sums continues a carried row"
+        self._rows.append(row_sums)
 
     def total(self) -> Tensor:
         """The sum of every entry added, as a 0-dim float64 tensor."""
@@ -462,6 +545,31 @@ class StableSum:
         for part in rows.split(_SUM_BLOCK):  # at most a block each: one thread
             total = total + part.sum()
         return total
+
+
+def _row_sums(rows: Tensor) -> Tensor:
+    """rows.sum(dim=1) as float64 for a [R, _SUM_BLOCK] view: float64 host rows through the C
+    kernel where it reproduces torch's order here (`_sum_lanes`): no thread pool per call,
+    which costs more than the sum on a loaded machine, and the same bits."""
+    if rows.dtype == torch.float64 and native.usable(rows):
+        lanes = _sum_lanes()
+        if lanes is not None:
+            return native.fused_row_sums(rows, lanes)
+    return rows.sum(dim=1).double()
+
+
+@cache
+def _sum_lanes() -> int | None:
+    """The vector width with which `native.fused_row_sums` gives torch's float64 row sums on
+    this machine (torch's CPU kernels sum in lanes of its vector width), or None: probed on
+    rows whose sums round differently in every other order."""
+    g = torch.Generator().manual_seed(0)
+    scale = 10.0 ** torch.randint(-8, 8, (4, _SUM_BLOCK), generator=g)
+    rows = torch.randn(4, _SUM_BLOCK, generator=g, dtype=torch.float64) * scale
+    want = rows.sum(dim=1)
+    return next(
+        (n for n in (8, 4, 16, 2) if torch.equal(native.fused_row_sums(rows, n), want)), None
+    )
 
 
 def l1_factor(original_abs_sum: Tensor, kept_abs_sum: Tensor) -> float | None:
@@ -492,3 +600,165 @@ def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float)
         for e, x in zip(emas, xs, strict=True)
     ]
     torch._foreach_lerp_(list(emas), same, 1.0 - float(decay))
+
+
+# ---- fused row-local blends --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """A row-local blend: each output entry from the same entry of every input, the merges the
+    engine runs in one fused pass over the stored inputs (`blend_into`). Kinds:
+
+    - "linear": `linear_sum(xs, weights, divisor)` (soups, lerp, the linear method);
+    - "task_arithmetic": xs[0] is the base, weights those of xs[1:]:
+      base + scale * (sum_i w_i (x_i - base)) / divisor, in `task_vector_merge`'s order;
+    - "slerp": `slerp_apply(xs[0], xs[1], t, angle)`, the angle from a first pass.
+    """
+
+    kind: str
+    weights: tuple[float, ...] = ()
+    divisor: float | None = None  # normalize: divide the sum by it
+    scale: float = 1.0  # task arithmetic's lambda
+    t: float = 0.0
+    angle: SlerpWeights | None = None
+
+
+def elementwise(spec: Elementwise, xs: Sequence[Tensor]) -> Tensor:
+    """The blend with torch ops on float32 inputs: a new float32 tensor, the bits the merge
+    methods give (the fused kernel reproduces them)."""
+    if spec.kind == "linear":
+        return linear_sum(xs, spec.weights, spec.divisor)
+    if spec.kind == "task_arithmetic":
+        return task_arithmetic_sum(xs[0], xs[1:], spec.weights, spec.divisor, spec.scale)
+    assert spec.kind == "slerp" and spec.angle is not None
+    return slerp_apply(xs[0], xs[1], spec.t, spec.angle)
+
+
+def task_arithmetic_sum(
+    base: Tensor, xs: Sequence[Tensor], weights: Sequence[float], divisor: float | None, lam: float
+) -> Tensor:
+    """base + lam * (sum_i w_i (x_i - base)) [/ divisor]: task_vector_merge without a
+    sparsifier or sign election, step for step (each delta weighted in place, summed, divided,
+    scaled, added to base)."""
+    weighted = [(x - base).mul_(w) for x, w in zip(xs, weights, strict=True)]
+    mixed = weighted_sum(weighted, [1.0] * len(weighted))
+    if divisor is not None:
+        mixed /= divisor
+    if lam != 1.0:
+        mixed.mul_(lam)
+    return base + mixed
+
+
+def blend_into(spec: Elementwise, raws: Sequence[Tensor], out: Tensor) -> tuple[list[bool], bool]:
+    """out <- spec over the inputs as stored (raws: float32 or bfloat16 host tensors, one
+    numel), converted, merged and cast to out's dtype (float32 or bfloat16) in one pass of
+    the C kernel; falls back to `elementwise` on float32 copies where the kernel does not
+    reproduce torch on this machine (`_kernel_flags`). Returns (input i holds Inf or NaN, per
+    input; out does). The caller checks `fused_serves` first."""
+    if len(raws) != _n_inputs(spec):
+        raise ValueError(f"a {spec.kind} blend of {_n_inputs(spec)} inputs got {len(raws)}")
+    kind, weights, params, flags = _kernel_args(spec)
+    raws = [r.contiguous() for r in raws]  # no copy for reads; an adapter's merge, maybe
+    chosen = _kernel_flags().get(kind)
+    if chosen is None:  # torch's bits differ from every kernel variant here
+        xs = [r.reshape(-1).float() for r in raws]
+        bad = [not bool(torch.isfinite(x).all()) for x in xs]
+        out.view(-1).copy_(elementwise(spec, xs))
+        return bad, not bool(torch.isfinite(out).all())
+    return native.fused_blend(kind, raws, weights, params, flags | chosen, out)
+
+
+def fused_serves(dtypes: Sequence[torch.dtype], out_dtype: torch.dtype) -> bool:
+    """Does `blend_into` take these inputs (stored dtypes) and output dtype on the host?"""
+    ok = set(native.FUSED_DTYPES)
+    return out_dtype in ok and all(d in ok for d in dtypes) and native.library() is not None
+
+
+def _kernel_args(spec: Elementwise) -> tuple[str, tuple[float, ...], tuple[float, ...], int]:
+    """(kernel kind, weights, (divisor, lambda, s0, s1, t), flags) of a blend."""
+    kind, flags = spec.kind, 0
+    if kind == "slerp" and spec.angle is not None and spec.angle.lerp:
+        kind = "lerp"
+    s0, s1 = (spec.angle.s0, spec.angle.s1) if spec.angle is not None else (0.0, 0.0)
+    if kind == "linear" and len(spec.weights) > 1 and float(spec.weights[0]) == 1.0:
+        flags |= native.FUSED_SHORTCUT  # weighted_sum's first add writes x0 + w1 * x1
+    if spec.divisor is not None:
+        flags |= native.FUSED_DIVIDE
+    if spec.scale != 1.0:
+        flags |= native.FUSED_SCALE
+    params = (float(spec.divisor or 1.0), float(spec.scale), s0, s1, float(spec.t))
+    return kind, tuple(float(w) for w in spec.weights), params, flags
+
+
+# Probe blends and lengths: 13 entries run in torch's scalar tail only, 4133 mostly in its
+# vectorized body; weights whose products round differently fused and unfused.
+_PROBE_LENGTHS = (13, 4133)
+_PROBES: dict[str, tuple[Elementwise, ...]] = {
+    "add": (Elementwise("linear", (0.3, 0.7, 1.3)), Elementwise("linear", (1.0, 0.3))),
+    "div": (Elementwise("linear", (1.0, 1.0, 1.0), 3.0), Elementwise("linear", (0.3, 0.4), 0.7)),
+    "lerp": (
+        Elementwise("slerp", t=0.3, angle=SlerpWeights(True)),
+        Elementwise("slerp", t=0.7, angle=SlerpWeights(True)),
+    ),
+    "task_arithmetic": (
+        Elementwise("task_arithmetic", (0.3, 0.7)),
+        Elementwise("task_arithmetic", (0.5, 1.3), divisor=1.8, scale=0.7),
+    ),
+    "slerp": (Elementwise("slerp", t=0.4, angle=SlerpWeights(False, 0.6123, 0.4567)),),
+}
+
+
+@cache
+def _kernel_flags() -> dict[str, int | None]:
+    """Kernel kind -> the variant flags that give torch's bits on this machine and build, or
+    None where none does (that kind then runs `elementwise`). Not guessed: torch's CPU kernels
+    may fuse add(alpha=w) and lerp into an FMA and turn a division by a scalar into a multiply,
+    depending on the build and the CPU; each variant is run against torch on probe data."""
+    g = torch.Generator().manual_seed(0)
+    data = [
+        [torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 3, (n,), generator=g)]
+        for n in _PROBE_LENGTHS
+        for _ in range(4)
+    ]
+    xs_by_len = [sum(data[i * 4 : i * 4 + 4], []) for i in range(len(_PROBE_LENGTHS))]
+
+    def first(group: str, candidates: Sequence[int], extra: int = 0) -> int | None:
+        return next(
+            (
+                c
+                for c in candidates
+                if all(_same_bits(s, xs, c | extra) for s in _PROBES[group] for xs in xs_by_len)
+            ),
+            None,
+        )
+
+    fma_add = first("add", (native.FUSED_FMA_ADD, 0))
+    div = None if fma_add is None else first("div", (0, native.FUSED_RECIPROCAL), fma_add)
+    arith = None if div is None else first("task_arithmetic", (0,), fma_add | div)
+    return {
+        "linear": None if div is None else fma_add | div,
+        "task_arithmetic": None if arith is None else fma_add | div,
+        "lerp": first("lerp", (native.FUSED_FMA_LERP, 0)),
+        "slerp": first("slerp", (0,)),
+    }
+
+
+def _same_bits(spec: Elementwise, xs: Sequence[Tensor], variant: int) -> bool:
+    """Does the kernel with these variant flags give `elementwise`'s bits, float32 and bf16?"""
+    want = elementwise(spec, xs[: _n_inputs(spec)])
+    kind, weights, params, flags = _kernel_args(spec)
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        out = torch.empty(want.shape, dtype=dtype)
+        raws = xs[: _n_inputs(spec)]
+        native.fused_blend(kind, raws, weights, params, flags | variant, out)
+        if not torch.equal(out.view(bits), want.to(dtype).view(bits)):
+            return False
+    return True
+
+
+def _n_inputs(spec: Elementwise) -> int:
+    """How many inputs a blend reads (the kernel indexes its weights by input)."""
+    if spec.kind == "task_arithmetic":
+        return len(spec.weights) + 1
+    return 2 if spec.kind == "slerp" else len(spec.weights)

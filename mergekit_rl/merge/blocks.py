@@ -215,3 +215,41 @@ def _unpack(packed: np.ndarray, like: Tensor) -> Tensor:
     """A block's bool keep mask from its packed bits, shaped like the block."""
     bits = np.unpackbits(packed, count=like.numel())
     return torch.from_numpy(bits).view(torch.bool).view(like.shape)
+
+
+def elementwise_form(
+    method: MergeMethod,
+    has_base: bool,
+    model_params: list[dict[str, Any]],
+    global_params: dict[str, Any],
+    pieces: Callable[[], Iterator[list[Tensor]]],
+) -> blend.Elementwise | None:
+    """The merge of one tensor as a fused row-local blend, or None: another method, or
+    parameters the method itself rejects (its run reports them). pieces() yields the inputs
+    as stored (base first), whole or in row blocks: slerp's angle comes from a pass over them
+    (float64 sums of values that bf16 and float32 hold exactly: the float32 path's angle)."""
+    if method not in FUSED_BUILTINS or not method.min_models <= len(model_params):
+        return None
+    try:
+        gp = method.global_params.model_validate(global_params)
+        mps = [method.model_params.model_validate(p) for p in model_params]
+    except ValueError:
+        return None
+    if method.name == "slerp" and has_base and len(mps) == 1:
+        angle = blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for xs in pieces()), gp.t)
+        return blend.Elementwise("slerp", t=gp.t, angle=angle)
+    weights = [p.weight for p in mps]
+    divisor = sum(weights) if getattr(gp, "normalize", False) else None
+    if divisor is not None and abs(divisor) < 1e-8:
+        return None  # the method's division-by-zero error
+    if method.name == "linear" and not has_base:
+        return blend.Elementwise("linear", tuple(weights), divisor)
+    if method.name == "task_arithmetic" and has_base:
+        return blend.Elementwise("task_arithmetic", tuple(weights), divisor, gp.lambda_)
+    return None
+
+
+# the built-in methods with a fused form (identity: not a plugin registered under their names)
+FUSED_BUILTINS = tuple(
+    m for m in methods.BUILTINS if m.name in ("linear", "task_arithmetic", "slerp")
+)

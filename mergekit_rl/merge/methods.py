@@ -46,10 +46,8 @@ def linear(
     layer passes a `models:` recipe's base_model as one more model, listed or not (mergekit
     does the same), with the global weight when it has none of its own."""
     weights = [p.weight for p in model_params]
-    out = blend.weighted_sum(tensors, weights)
-    if global_params.normalize:
-        out /= _weight_sum(ctx, weights, "linear")  # out is ours: weighted_sum made it
-    return out
+    divisor = _weight_sum(ctx, weights, "linear") if global_params.normalize else None
+    return blend.linear_sum(tensors, weights, divisor)
 
 
 # ---- slerp / nuslerp ---------------------------------------------------------------------------

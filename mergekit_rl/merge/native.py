@@ -44,6 +44,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -386,10 +387,263 @@ void positions_i64(const int64_t *keys, int64_t nk, const int64_t *q, int64_t nq
         out[j] = (i < nk && keys[i] == q[j]) ? i : -1;
     }
 }
+
+/* ---- fused_: the row-local blends of blend.Elementwise in one pass over the stored inputs.
+   Tiles of FUSED_TILE entries: each input is widened to float32 into a tile (bf16: its bits
+   shifted up, exact), the op sequence the torch path runs is applied tile by tile in float32
+   (same operations, same order, same rounding: built with -ffp-contract=off, a fused
+   multiply-add only where torch uses one, FUSED_FMA_*), and the result is rounded to the
+   output dtype (bf16: to nearest even, as torch's cast). Input and output bits are checked for
+   Inf/NaN on the way (an exponent of all ones), so no separate pass is needed. */
+enum { FUSED_F32 = 0, FUSED_BF16 = 1 };
+enum { FUSED_LINEAR = 0, FUSED_TASK = 1, FUSED_SLERP = 2, FUSED_LERP = 3 };
+enum {
+    FUSED_SHORTCUT = 1,   /* linear: weight[0] == 1, the first add writes x0 + w1 * x1 */
+    FUSED_DIVIDE = 2,     /* divide by p[0] (normalize) */
+    FUSED_SCALE = 4,      /* multiply by p[1] (task arithmetic's lambda) */
+    FUSED_FMA_ADD = 8,    /* add(alpha=w) is fma(w, x, acc), as torch's vectorized add */
+    FUSED_FMA_LERP = 16,  /* lerp is an fma, as torch's vectorized lerp */
+    FUSED_RECIPROCAL = 32 /* a division by a scalar is a multiply by its float reciprocal */
+};
+#define FUSED_TILE 512
+
+typedef union { float f; uint32_t u; } fused_bits;
+
+static inline __attribute__((always_inline))
+uint32_t fused_load(const void *x, int32_t dtype, int64_t lo, int64_t m, float *t) {
+    uint32_t bad = 0;
+    if (dtype == FUSED_BF16) {
+        const uint16_t *p = (const uint16_t *)x + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.u = (uint32_t)p[j] << 16; t[j] = b.f;
+            bad |= (p[j] & 0x7F80u) == 0x7F80u;
+        }
+    } else {
+        const uint32_t *p = (const uint32_t *)x + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.u = p[j]; t[j] = b.f;
+            bad |= (p[j] & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    return bad;
+}
+
+static inline __attribute__((always_inline))
+uint32_t fused_store(const float *t, int64_t m, void *out, int32_t dtype, int64_t lo) {
+    uint32_t bad = 0;
+    if (dtype == FUSED_BF16) {
+        uint16_t *p = (uint16_t *)out + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.f = t[j];
+            uint16_t h = t[j] != t[j] ? (uint16_t)0x7FC0u
+                                      : (uint16_t)((b.u + 0x7FFFu + ((b.u >> 16) & 1u)) >> 16);
+            p[j] = h;
+            bad |= (h & 0x7F80u) == 0x7F80u;
+        }
+    } else {
+        uint32_t *p = (uint32_t *)out + lo;
+        for (int64_t j = 0; j < m; j++) {
+            fused_bits b; b.f = t[j]; p[j] = b.u;
+            bad |= (b.u & 0x7F800000u) == 0x7F800000u;
+        }
+    }
+    return bad;
+}
+
+/* acc[j] <- acc[j] + w * x[j], fused or not (torch's add(acc, x, alpha=w)) */
+static inline __attribute__((always_inline))
+void fused_axpy(float *acc, const float *x, float w, int64_t m, int fma) {
+    if (fma) for (int64_t j = 0; j < m; j++) acc[j] = __builtin_fmaf(w, x[j], acc[j]);
+    else for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + w * x[j];
+}
+
+static inline __attribute__((always_inline))
+void fused_divide(float *acc, float d, int64_t m, int reciprocal) {
+    if (reciprocal) { float r = 1.0f / d; for (int64_t j = 0; j < m; j++) acc[j] *= r; }
+    else for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / d;
+}
+
+/* torch.lerp(a, b, w) for a scalar weight: small weights from a, others from b */
+static inline __attribute__((always_inline))
+void fused_lerp(float *a, const float *b, float w, int64_t m, int fma) {
+    int small = fabsf(w) < 0.5f;
+    for (int64_t j = 0; j < m; j++) {
+        float d = b[j] - a[j];
+        if (fma) a[j] = small ? __builtin_fmaf(w, d, a[j]) : __builtin_fmaf(w - 1.0f, d, b[j]);
+        else a[j] = small ? a[j] + w * d : b[j] - d * (1.0f - w);
+    }
+}
+
+/* One tile [lo, lo + m) of a blend; bad[i] |= input i non-finite; returns output non-finite. */
+static inline __attribute__((always_inline))
+uint32_t fused_tile(int32_t kind, int32_t n, const void *const *xs, const int32_t *dtypes,
+                    const float *w, const float *p, int32_t flags, void *out, int32_t odt,
+                    int64_t lo, int64_t m, uint8_t *bad, int fma_add, int fma_lerp) {
+    float acc[FUSED_TILE], x[FUSED_TILE], b[FUSED_TILE];
+    int recip = (flags & FUSED_RECIPROCAL) != 0;
+    if (kind == FUSED_LINEAR) {  /* blend.weighted_sum, then / divisor */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, acc);
+        int i = 1;
+        if (flags & FUSED_SHORTCUT) {  /* x0 + w1 * x1 into the new tensor */
+            bad[1] |= fused_load(xs[1], dtypes[1], lo, m, x);
+            fused_axpy(acc, x, w[1], m, fma_add);
+            i = 2;
+        } else {
+            for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * w[0];
+        }
+        for (; i < n; i++) {
+            bad[i] |= fused_load(xs[i], dtypes[i], lo, m, x);
+            fused_axpy(acc, x, w[i], m, fma_add);
+        }
+        if (flags & FUSED_DIVIDE) fused_divide(acc, p[0], m, recip);
+    } else if (kind == FUSED_TASK) {  /* xs[0] = base: base + lambda * sum w_i (x_i - base) */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, b);
+        for (int i = 1; i < n; i++) {
+            bad[i] |= fused_load(xs[i], dtypes[i], lo, m, x);
+            if (i == 1) for (int64_t j = 0; j < m; j++) acc[j] = (x[j] - b[j]) * w[0];
+            else for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + (x[j] - b[j]) * w[i - 1];
+        }
+        if (flags & FUSED_DIVIDE) fused_divide(acc, p[0], m, recip);
+        if (flags & FUSED_SCALE) for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * p[1];
+        for (int64_t j = 0; j < m; j++) acc[j] = b[j] + acc[j];
+    } else if (kind == FUSED_SLERP) {  /* a * s0 + b * s1 */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, acc);
+        bad[1] |= fused_load(xs[1], dtypes[1], lo, m, x);
+        for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * p[2] + x[j] * p[3];
+    } else {  /* lerp from xs[0] (t = 0) to xs[1] */
+        bad[0] |= fused_load(xs[0], dtypes[0], lo, m, acc);
+        bad[1] |= fused_load(xs[1], dtypes[1], lo, m, x);
+        fused_lerp(acc, x, p[4], m, fma_lerp);
+    }
+    return fused_store(acc, m, out, odt, lo);
+}
+
+#define FUSED_LOOP(FA, FL)                                                                 \
+    uint32_t obad = 0;                                                                     \
+    for (int64_t lo = start; lo < stop; lo += FUSED_TILE) {                                \
+        int64_t m = stop - lo < FUSED_TILE ? stop - lo : FUSED_TILE;                       \
+        obad |= fused_tile(kind, n, xs, dtypes, w, p, flags, out, odt, lo, m, bad, FA, FL); \
+    }                                                                                      \
+    return obad;
+
+#define FUSED_ARGS int32_t kind, int32_t n, const void *const *xs, const int32_t *dtypes,   \
+    const float *w, const float *p, int32_t flags, void *out, int32_t odt, int64_t start,  \
+    int64_t stop, uint8_t *bad
+
+static uint32_t fused_plain(FUSED_ARGS) { FUSED_LOOP(0, 0) }
+static uint32_t fused_any(FUSED_ARGS) {
+    FUSED_LOOP((flags & FUSED_FMA_ADD) != 0, (flags & FUSED_FMA_LERP) != 0)
+}
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) static uint32_t fused_avx2(FUSED_ARGS) {
+    FUSED_LOOP((flags & FUSED_FMA_ADD) != 0, (flags & FUSED_FMA_LERP) != 0)
+}
+#endif
+
+/* Entries [start, stop) of a blend of n inputs xs (element 0 of each, dtypes FUSED_F32 or
+   FUSED_BF16) into out (dtype odt): w the weights (task arithmetic: of xs[1..n)), p the
+   scalars (divisor, lambda, s0, s1, t). bad[i] is set when input i holds Inf or NaN; the
+   return value is 1 when the output does (after rounding to its dtype). */
+int64_t fused_blend(FUSED_ARGS) {
+    if (!(flags & (FUSED_FMA_ADD | FUSED_FMA_LERP)))
+        return fused_plain(kind, n, xs, dtypes, w, p, flags, out, odt, start, stop, bad);
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return fused_avx2(kind, n, xs, dtypes, w, p, flags, out, odt, start, stop, bad);
+#endif
+    return fused_any(kind, n, xs, dtypes, w, p, flags, out, odt, start, stop, bad);
+}
+
+/* slerp's angle pass (blend.slerp_sums): the float64 products a*a, b*b and a*b of entries
+   [start, stop) of two stored tensors (FUSED_F32 or FUSED_BF16), written to aa, bb, ab at
+   [0, stop - start): widened exactly, one rounding per product, as torch's float64 mul. */
+void fused_products(const void *a, int32_t da, const void *b, int32_t db, int64_t start,
+                    int64_t stop, double *aa, double *bb, double *ab) {
+    float x[FUSED_TILE], y[FUSED_TILE];
+    for (int64_t lo = start; lo < stop; lo += FUSED_TILE) {
+        int64_t m = stop - lo < FUSED_TILE ? stop - lo : FUSED_TILE, o = lo - start;
+        fused_load(a, da, lo, m, x);
+        fused_load(b, db, lo, m, y);
+        for (int64_t j = 0; j < m; j++) {
+            double u = x[j], v = y[j];
+            aa[o + j] = u * u;
+            bb[o + j] = v * v;
+            ab[o + j] = u * v;
+        }
+    }
+}
+
+/* torch's float64 sum over the last dimension of a contiguous [rows, n] tensor, in its order
+   (blend.StableSum's row sums): `lanes`-wide vector accumulators (torch's Vectorized<double>
+   width: 8 with AVX-512, 4 with AVX2; probed, not assumed), four of them side by side, each
+   summed in a 4-level cascade of chunks of 2**max(4, ceil(log2(groups)) / 4) groups; then
+   the leftover vectors into the first, the other three into it, the scalar tail into a zero
+   and the lanes after it, in order, and the result added to a zero output. */
+#define FUSED_MAX_LANES 16
+static double fused_row_sum(const double *x, int64_t n, int64_t lanes) {
+    int64_t nvec = n / lanes, groups = nvec / 4;
+    int64_t clog = groups <= 2 ? 1 : 64 - __builtin_clzll((uint64_t)(groups - 1));
+    int64_t power = clog / 4 > 4 ? clog / 4 : 4, step = (int64_t)1 << power;
+    double acc[4][4][FUSED_MAX_LANES] = {{{0}}}; /* [level][accumulator][lane] */
+    int64_t i = 0;
+    while (i + step <= groups) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < 4; k++)
+                for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += x[(i * 4 + k) * lanes + l];
+        for (int lv = 1; lv < 4; lv++) {
+            for (int k = 0; k < 4; k++)
+                for (int64_t l = 0; l < lanes; l++) {
+                    acc[lv][k][l] += acc[lv - 1][k][l];
+                    acc[lv - 1][k][l] = 0.0;
+                }
+            if ((i & ((step - 1) << (lv * power))) != 0) break;
+        }
+    }
+    for (; i < groups; i++)
+        for (int k = 0; k < 4; k++)
+            for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += x[(i * 4 + k) * lanes + l];
+    for (int lv = 1; lv < 4; lv++)
+        for (int k = 0; k < 4; k++)
+            for (int64_t l = 0; l < lanes; l++) acc[0][k][l] += acc[lv][k][l];
+    for (int64_t v = groups * 4; v < nvec; v++)
+        for (int64_t l = 0; l < lanes; l++) acc[0][0][l] += x[v * lanes + l];
+    for (int k = 1; k < 4; k++)
+        for (int64_t l = 0; l < lanes; l++) acc[0][0][l] += acc[0][k][l];
+    double total = 0.0;
+    for (int64_t e = nvec * lanes; e < n; e++) total += x[e];
+    for (int64_t l = 0; l < lanes; l++) total += acc[0][0][l];
+    return 0.0 + total;
+}
+
+/* out[r] = the sum of row r of a contiguous [rows, n] float64 array (n >= lanes); returns
+   -1 (nothing written) for a lane count it does not take. */
+int64_t fused_row_sums(const double *x, int64_t rows, int64_t n, int64_t lanes, double *out) {
+    if (lanes < 1 || lanes > FUSED_MAX_LANES || n < lanes) return -1;
+    for (int64_t r = 0; r < rows; r++) out[r] = fused_row_sum(x + r * n, n, lanes);
+    return 0;
+}
+
+/* slerp's angle pass in one read: for rows [r0, r1) of n entries (from entry 0 of a and b,
+   stored as FUSED_F32 or FUSED_BF16), the torch-order row sums (fused_row_sum) of the float64
+   products a*a, b*b and a*b into aa, bb, ab at [r0, r1); scratch holds 3 * n doubles (one
+   row of each product, cache-resident). */
+int64_t fused_product_row_sums(const void *a, int32_t da, const void *b, int32_t db,
+                               int64_t r0, int64_t r1, int64_t n, int64_t lanes,
+                               double *scratch, double *aa, double *bb, double *ab) {
+    if (lanes < 1 || lanes > FUSED_MAX_LANES || n < lanes) return -1;
+    for (int64_t r = r0; r < r1; r++) {
+        fused_products(a, da, b, db, r * n, (r + 1) * n, scratch, scratch + n, scratch + 2 * n);
+        aa[r] = fused_row_sum(scratch, n, lanes);
+        bb[r] = fused_row_sum(scratch + n, n, lanes);
+        ab[r] = fused_row_sum(scratch + 2 * n, n, lanes);
+    }
+    return 0;
+}
 """
 
-# no contraction of a * b + c into one fused multiply-add (targets that have it): the kernels
-# reproduce torch's separately rounded steps
+# -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (compilers may
+# otherwise fuse it where the target has FMA); the fused_ kernels ask for fma explicitly.
+# -fno-trapping-math lets gcc vectorize the TIES kernels' selects (values unchanged).
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math")
 # below this many entries a scan runs on one thread (a thread pool costs ~50 us)
 PARALLEL_MIN = 1 << 20
@@ -463,6 +717,15 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.ties_consensus_f32.restype = None
     lib.ties_count_f32.argtypes = [ptr, ptr, i64, ctypes.c_float, u32]
     lib.ties_count_f32.restype = i64
+    i32 = ctypes.c_int32
+    lib.fused_blend.argtypes = [i32, i32, ptr, ptr, ptr, ptr, i32, ptr, i32, i64, i64, ptr]
+    lib.fused_blend.restype = i64
+    lib.fused_products.argtypes = [ptr, i32, ptr, i32, i64, i64, ptr, ptr, ptr]
+    lib.fused_products.restype = None
+    lib.fused_row_sums.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.fused_row_sums.restype = i64
+    lib.fused_product_row_sums.argtypes = [ptr, i32, ptr, i32, i64, i64, i64, i64] + [ptr] * 4
+    lib.fused_product_row_sums.restype = i64
     return lib
 
 
@@ -769,3 +1032,111 @@ def ties_consensus(
         )  # fmt: skip
 
     _run(part, ranges)
+
+
+# the fused_blend kernel's dtype codes and flags (see SOURCE)
+FUSED_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+FUSED_KINDS = {"linear": 0, "task_arithmetic": 1, "slerp": 2, "lerp": 3}
+FUSED_SHORTCUT, FUSED_DIVIDE, FUSED_SCALE = 1, 2, 4
+FUSED_FMA_ADD, FUSED_FMA_LERP, FUSED_RECIPROCAL = 8, 16, 32
+
+
+def fused_blend(
+    kind: str,
+    xs: Sequence[Tensor],
+    weights: Sequence[float],
+    params: Sequence[float],
+    flags: int,
+    out: Tensor,
+) -> tuple[list[bool], bool]:
+    """One pass of `blend.Elementwise`'s kernel over contiguous host tensors of one numel
+    (float32 or bfloat16 each, as stored) into out (float32 or bfloat16): params are
+    (divisor, lambda, s0, s1, t). Returns (input i holds Inf/NaN, per input; the output does).
+    Split into one range per torch thread when long; each range flags into its own row."""
+    lib = library()
+    assert lib is not None and all(x.numel() == out.numel() for x in xs)
+    assert all(x.is_contiguous() and x.device.type == "cpu" for x in [*xs, out])
+    n = len(xs)
+    ptrs = (ctypes.c_void_p * n)(*[x.data_ptr() for x in xs])
+    codes = (ctypes.c_int32 * n)(*[FUSED_DTYPES[x.dtype] for x in xs])
+    w = (ctypes.c_float * max(1, len(weights)))(*weights)
+    p = (ctypes.c_float * 5)(*params)
+    ranges = _ranges(out.numel())
+    bad = torch.zeros(len(ranges), n, dtype=torch.uint8)
+    row = {lo: i for i, (lo, _) in enumerate(ranges)}
+    kcode, ocode, optr = FUSED_KINDS[kind], FUSED_DTYPES[out.dtype], out.data_ptr()
+
+    def part(lo: int, hi: int) -> int:
+        flag_row = bad[row[lo]].data_ptr()
+        return lib.fused_blend(kcode, n, ptrs, codes, w, p, flags, optr, ocode, lo, hi, flag_row)
+
+    out_bad = any(_run(part, ranges))
+    return [bool(b) for b in bad.amax(0).tolist()], out_bad
+
+
+def fused_products(a: Tensor, b: Tensor, start: int, out: Tensor) -> None:
+    """out[0], out[1], out[2] <- a*a, b*b, a*b in float64 for entries [start, start + n) of
+    two contiguous host tensors of one numel stored as float32 or bfloat16, out a [3, n]
+    float64 host tensor with contiguous rows: the widening and the three products of torch's
+    ops, in one pass."""
+    lib = library()
+    assert lib is not None and a.numel() == b.numel() and out.dtype == torch.float64
+    assert a.is_contiguous() and b.is_contiguous() and out.stride(1) == 1
+    assert start + out.shape[1] <= a.numel() and out.device.type == "cpu"
+    da, db = FUSED_DTYPES[a.dtype], FUSED_DTYPES[b.dtype]
+    aa, bb, ab = (row.data_ptr() for row in out)
+
+    def part(lo: int, hi: int) -> None:
+        lib.fused_products(
+            a.data_ptr(),
+            da,
+            b.data_ptr(),
+            db,
+            start + lo,
+            start + hi,
+            aa + 8 * lo,
+            bb + 8 * lo,
+            ab + 8 * lo,
+        )
+
+    _run(part, _ranges(out.shape[1]))
+
+
+def fused_row_sums(rows: Tensor, lanes: int) -> Tensor:
+    """torch's rows.sum(dim=1) of a contiguous [R, n] float64 host tensor (n >= lanes), in
+    its summation order for `lanes`-wide vectors (which width torch uses is probed by the
+    caller): the [R] float64 sums."""
+    lib = library()
+    assert lib is not None and rows.dtype == torch.float64 and rows.dim() == 2
+    assert rows.is_contiguous() and rows.device.type == "cpu"
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    if lib.fused_row_sums(rows.data_ptr(), rows.shape[0], rows.shape[1], lanes, out.data_ptr()):
+        raise ValueError(f"fused_row_sums: {lanes} lanes for rows of {rows.shape[1]}")
+    return out
+
+
+def fused_product_row_sums(a: Tensor, b: Tensor, n: int, lanes: int) -> Tensor:
+    """[3, R] float64: the torch-order row sums (`fused_row_sums`) of the float64 products
+    a*a, b*b and a*b over the R = numel / n rows of n entries of two contiguous host tensors
+    stored as float32 or bfloat16, in one read and no product tensor; rows split across
+    torch's thread count when there are many."""
+    lib = library()
+    assert lib is not None and a.numel() == b.numel() and a.numel() % n == 0
+    assert a.is_contiguous() and b.is_contiguous() and a.device.type == b.device.type == "cpu"
+    rows = a.numel() // n
+    out = torch.empty(3, rows, dtype=torch.float64)
+    parts = max(1, min(torch.get_num_threads(), a.numel() // PARALLEL_MIN, rows))
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    scratch = torch.empty(parts, 3 * n, dtype=torch.float64)
+    da, db = FUSED_DTYPES[a.dtype], FUSED_DTYPES[b.dtype]
+    sums = [row.data_ptr() for row in out]
+    part_of = {lo: i for i, lo in enumerate(cuts[:-1])}
+
+    def part(r0: int, r1: int) -> int:
+        work = scratch[part_of[r0]].data_ptr()
+        args = (a.data_ptr(), da, b.data_ptr(), db, r0, r1, n, lanes, work, *sums)
+        return lib.fused_product_row_sums(*args)
+
+    if any(_run(part, list(zip(cuts[:-1], cuts[1:], strict=True)))):
+        raise ValueError(f"fused_product_row_sums: {lanes} lanes for rows of {n}")
+    return out

@@ -33,6 +33,7 @@ from ..engine import (
     BlockStream,
     Compute,
     OutputSpec,
+    Pieces,
     RunSummary,
     TensorJob,
     dtype_name,
@@ -46,7 +47,8 @@ from ..io.reader import Checkpoint
 from ..io.reference import ModelSource, resolve
 from ..io.safetensors_format import TensorInfo
 from ..io.writer import DEFAULT_MAX_SHARD, check_output_path, plan_shards
-from ..merge.blocks import merge_blocks
+from ..merge.blend import Elementwise
+from ..merge.blocks import elementwise_form, merge_blocks
 from ..merge.registry import TensorContext
 from ..merge.vocab import CHAT_TEMPLATES, remap_rows, tokenizer_files
 from ..ops import WriteOptions, output_spec
@@ -168,7 +170,16 @@ def make_compute(plan: StagePlan, seed: int) -> Compute:
         mps, gps = list(p.model_params), p.global_params
         return merge_blocks(method, ctx, job.shape, stream, p.has_base, mps, gps, n)
 
+    def fused(job: TensorJob, pieces: Pieces) -> list[Elementwise] | None:
+        if job.name in remaps:
+            return None
+        p = by_name[job.name]
+        mps, gps = list(p.model_params), p.global_params
+        spec = elementwise_form(method, p.has_base, mps, gps, pieces)
+        return None if spec is None else [spec]
+
     compute.blocked = blocked  # type: ignore[attr-defined]  # large tensors in row blocks
+    compute.fused = fused  # type: ignore[attr-defined]  # row-local blends in one pass
     return compute
 
 

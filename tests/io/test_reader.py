@@ -245,3 +245,23 @@ def test_tied_pair_from_config_metadata_or_names(tmp_path: Path) -> None:
     save_file({**wte, "lm_head.weight": torch.ones(4, 2)}, tmp_path / "untied.safetensors")
     with open_checkpoint(tmp_path / "untied.safetensors") as ckpt:
         assert not ckpt.tied_embeddings
+
+
+def test_reads_into_a_given_buffer_equal_fresh_reads(tmp_path: Path) -> None:
+    # the engine's pooled read buffers: read / read_rows fill `out` (returned) with the same
+    # bits as a fresh read; a buffer of another dtype or shape is refused, not overrun
+    x = torch.randn(7, 5).bfloat16()
+    save_file({"w": x, "s": torch.tensor(3.0)}, str(tmp_path / "m.safetensors"))
+    with open_checkpoint(tmp_path / "m.safetensors") as ckpt:
+        out = torch.full((7, 5), float("nan"), dtype=torch.bfloat16)
+        got = ckpt.read("w", out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, x)
+        rows = torch.empty(3, 5, dtype=torch.bfloat16)
+        got = ckpt.read_rows("w", 2, 5, out=rows)
+        assert got.data_ptr() == rows.data_ptr() and torch.equal(got, x[2:5])
+        scalar = torch.empty((), dtype=torch.float32)
+        assert ckpt.read("s", out=scalar).item() == 3.0 and scalar.item() == 3.0
+        with pytest.raises(ValueError, match="read buffer"):
+            ckpt.read("w", out=torch.empty(7, 5))
+        with pytest.raises(ValueError, match="read buffer"):
+            ckpt.read_rows("w", 0, 4, out=rows)

@@ -465,6 +465,30 @@ def test_slerp_sums_and_weights_are_the_same_in_row_blocks(monkeypatch) -> None:
     assert blend.slerp_weights(blend.slerp_sums([(a * 0, b)]), 0.3).lerp  # zero: lerp
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_slerp_sums_are_stable_sums_of_the_float64_products(dtype, kernel, monkeypatch) -> None:
+    # the pass widens into a reused scratch (with the C kernel, or torch ops): its sums are
+    # those of the whole float64 products, from the stored dtype as from float32 (bf16 widens
+    # exactly)
+    from mergekit_rl.merge import native
+
+    if kernel and native.library() is None:
+        pytest.skip("no C compiler here")
+    if not kernel:
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    g = torch.Generator().manual_seed(9)
+    a, b = (torch.randn(70_001, generator=g).to(dtype) for _ in range(2))
+    want = [blend.stable_sum(x.double() * y.double()) for x, y in ((a, a), (b, b), (a, b))]
+    monkeypatch.setattr(blend, "REDUCE_CHUNK", 20_000)  # a short last chunk too
+    for got in (blend.slerp_sums([(a, b)]), blend.slerp_sums([(a.float(), b.float())])):
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+    for step in (5000, 16384, 16385, 40_000):  # rows carried across pieces
+        pieces = [(a[i : i + step], b[i : i + step]) for i in range(0, a.numel(), step)]
+        got = blend.slerp_sums(pieces)
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True)), step
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_add_at_many_rounds_each_tensor_as_alone(dtype) -> None:
     # three tensors, one of them with repeats carrying 0 (OnDARE's draws past the end), their
