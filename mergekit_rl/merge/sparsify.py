@@ -10,6 +10,7 @@ Inputs are never modified; `values` is always a new tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ from . import blend, rng, selection
 class Kept:
     values: Tensor  # the delta with dropped entries zeroed (a new tensor)
     prob: float | Tensor  # keep probability: a number or a per-entry float tensor
+    # the stable sums of |delta| and |values| (0-dim float64), when the sparsifier made them
+    # on the way (`bernoulli_delta`): the L1 rescale's norms, without another pass
+    abs_sums: tuple[Tensor, Tensor] | None = None
 
 
 def magnitude_k(density: float, numel: int, min_keep: int = 1) -> int:
@@ -58,6 +62,78 @@ def bernoulli(
     delta's first entry in its tensor (row blocks get the entries' own bits)."""
     key = mask_key(seed, model_id, name)
     return Kept(rng.hash_keep(delta, density, key, offset=offset), density)
+
+
+def bernoulli_delta(
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    seed: int,
+    model_id: str,
+    name: str,
+    offset: int = 0,
+    l1: bool = False,
+) -> Kept:
+    """`bernoulli(x - base, ...)` with the delta made and dropped chunk by chunk in cache, so
+    no delta tensor is held: one new tensor (the kept values) instead of two. `l1`: also the
+    stable sums of |delta| and |kept| (`Kept.abs_sums`, for the L1 rescale). The same bits as
+    the two steps apart (the same subtraction, hash and products; StableSum's order does not
+    depend on the chunks)."""
+    out = torch.empty(x.shape, dtype=torch.result_type(x, base), device=x.device)
+    sums = (blend.StableSum(), blend.StableSum()) if l1 else None
+    scratch = None
+    for delta, kept in _bernoulli_chunks(
+        x, base, density, mask_key(seed, model_id, name), offset, out
+    ):
+        if sums is not None:
+            scratch = scratch if scratch is not None else torch.empty_like(delta)
+            sums[0].add_abs(delta, scratch)
+            sums[1].add_abs(kept, scratch)
+    totals = None if sums is None else (sums[0].total(), sums[1].total())
+    return Kept(out, density, totals)
+
+
+def bernoulli_abs_sums(
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    seed: int,
+    model_id: str,
+    name: str,
+    offset: int,
+    sums: tuple[blend.StableSum, blend.StableSum],
+) -> None:
+    """Add |delta| and |kept| of `bernoulli_delta` to sums, holding neither (the L1 pass over
+    the row blocks of a large tensor: only the norms are needed there)."""
+    key = mask_key(seed, model_id, name)
+    scratch = None
+    for delta, kept in _bernoulli_chunks(x, base, density, key, offset, None):
+        scratch = scratch if scratch is not None else torch.empty_like(delta)
+        sums[0].add_abs(delta, scratch)
+        sums[1].add_abs(kept, scratch)
+
+
+def _bernoulli_chunks(
+    x: Tensor, base: Tensor, density: float, key: int, offset: int, out: Tensor | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(delta, kept) of DARE on x - base, FUSED_CHUNK entries at a time (flat): delta in one
+    reused buffer, kept written into out (x's shape) when given, else into another."""
+    fx, fb = x.reshape(-1), base.reshape(-1)
+    n = fx.numel()
+    size = min(n, FUSED_CHUNK)
+    dtype = torch.result_type(x, base)
+    dbuf = torch.empty(size, dtype=dtype, device=x.device)
+    flat_out = out.view(-1) if out is not None else torch.empty_like(dbuf)
+    for start in range(0, n, FUSED_CHUNK):
+        stop = min(n, start + FUSED_CHUNK)
+        delta = torch.sub(fx[start:stop], fb[start:stop], out=dbuf[: stop - start])
+        dest = flat_out[start:stop] if out is not None else flat_out[: stop - start]
+        yield delta, rng.hash_keep(delta, density, key, offset=offset + start, out=dest)
+
+
+# entries per chunk of `bernoulli_delta`: the StableSum's abs buffer size (1 MiB of float32),
+# small enough that the delta, its abs and its kept values stay in cache between their ops
+FUSED_CHUNK = blend.ABS_CHUNK
 
 
 def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Kept:
@@ -134,17 +210,24 @@ def della(
     return Kept(delta * keep, probs)
 
 
-def rescale(delta: Tensor, kept: Kept, mode: str, l1: float | None | Unset = UNSET) -> Tensor:
-    """The kept values, rescaled to make up for what was dropped (a new tensor).
+def rescale(
+    delta: Tensor | None, kept: Kept, mode: str, l1: float | None | Unset = UNSET
+) -> Tensor:
+    """The kept values, rescaled to make up for what was dropped (a new tensor, or
+    kept.values itself rescaled in place: `Kept.values` is always the caller's own).
 
     "l1": match the L1 norm of the unpruned delta (mergekit); `l1`: the whole tensor's factor
     (`blend.l1_factor`) when delta is one row block of it. "inverse_density": divide every kept
     entry by its keep probability (DARE paper, PEFT, DELLA paper): unbiased in expectation.
     """
-    if mode == "l1":
+    if mode == "l1":  # in place: the same products as kept.values * factor, no fresh tensor
         if not isinstance(l1, Unset):
-            return blend.scale_by(kept.values, l1)
-        return blend.l1_rescale(delta, kept.values)
+            return blend.scale_by_(kept.values, l1)
+        if kept.abs_sums is not None:  # summed as the values were made
+            return blend.scale_by_(kept.values, blend.l1_factor(*kept.abs_sums))
+        if delta is None:
+            raise ValueError("an L1 rescale needs the delta or the kept entries' abs_sums")
+        return blend.l1_rescale_(delta, kept.values)
     if mode == "inverse_density":
         if isinstance(kept.prob, Tensor):
             # dropped entries are 0 and may have prob 0: 0 / tiny stays 0
