@@ -1,5 +1,6 @@
 """Host kernels in C for loops torch has no single op for, behind primitives in
 `selection`, `rng` and `rounding` (`indices_at_least`, `top_magnitude_indices`, `hash_bits`, `hash_keep`,
+`hash_keep_diff`,
 `stochastic_add_at_`, `sorted_positions`), each with a pure-torch path that gives the same
 result (tests run both).
 
@@ -10,7 +11,9 @@ result (tests run both).
   tie rule in one pass) where torch needs kthvalue, a compare, nonzero and a tie fix-up.
 - `hash_u32`: the counter-based hash of `rng.hash_bits` in one loop (about 25 torch passes).
 - `hash_keep_f32`: DARE's drop (`rng.hash_keep`): the hash, the keep test and the product in
-  one loop, where torch needs the words, a compare into a keep buffer and a multiply.
+  one loop, where torch needs the words, a compare into a keep buffer and a multiply;
+  `hash_keep_diff_f32` (`rng.hash_keep_diff`) the same on x - base, with |delta| and |kept| for
+  the L1 rescale's sums, where torch adds a subtraction and two abs.
 - `add_at_bf16_rounded_`: a sparse add into bfloat16 weights with stochastic rounding
   (`rounding.stochastic_round`'s rule and bits) in one loop instead of a gather, the hash, the
   rounding ops and a scatter.
@@ -172,6 +175,35 @@ WIDE void hash_keep_f32(const float *x, float *out, int64_t n, uint32_t a, uint3
     }
 }
 
+/* hash_keep_f32 on the delta x[j] - base[j] (one float32 subtraction, as torch's), in one
+   loop: kept[j] = delta * keep, and where abs_delta is not NULL also abs_delta[j] = |delta|
+   and abs_kept[j] = |kept[j]| (the sign bit cleared, as torch.abs), for the L1 rescale's
+   sums. Two loops, so that neither tests the pointer per entry. */
+WIDE void hash_keep_diff_f32(const float *x, const float *base, int64_t n, uint32_t a,
+                             uint32_t b, uint32_t d, uint32_t lo, int32_t cut, float *kept,
+                             float *abs_delta, float *abs_kept) {
+    if (abs_delta == 0) {
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t h = mix32(mix32(a * (lo + (uint32_t)j) + b) ^ d);
+            uint32_t one = (uint32_t)-((int32_t)(h ^ 0x80000000u) < cut) & 0x3F800000u;
+            float keep;
+            memcpy(&keep, &one, sizeof keep);
+            kept[j] = (x[j] - base[j]) * keep;
+        }
+        return;
+    }
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t h = mix32(mix32(a * (lo + (uint32_t)j) + b) ^ d);
+        uint32_t one = (uint32_t)-((int32_t)(h ^ 0x80000000u) < cut) & 0x3F800000u;
+        float keep, delta = x[j] - base[j];
+        memcpy(&keep, &one, sizeof keep);
+        float k = delta * keep;
+        kept[j] = k;
+        abs_delta[j] = fabsf(delta);
+        abs_kept[j] = fabsf(k);
+    }
+}
+
 /* flat[idx[j]] += val[j] for a bfloat16 flat (raw uint16) of size entries, rounded
    stochastically with the hash word of element j (words a, b, d of block 0), exactly as
    rounding.stochastic_round: the float32 sum plus the hash's low 16 bits, truncated to the top 16.
@@ -294,6 +326,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.hash_u32.restype = None
     lib.hash_keep_f32.argtypes = [ptr, ptr, i64, u32, u32, u32, u32, ctypes.c_int32]
     lib.hash_keep_f32.restype = None
+    lib.hash_keep_diff_f32.argtypes = [ptr, ptr, i64, u32, u32, u32, u32, ctypes.c_int32]
+    lib.hash_keep_diff_f32.argtypes += [ptr, ptr, ptr]
+    lib.hash_keep_diff_f32.restype = None
     lib.add_at_bf16_rounded.argtypes = [ptr, i64, ptr, ptr, i64, u32, u32, u32]
     lib.add_at_bf16_rounded.restype = i64
     lib.delta_hist_f32.argtypes = [ptr, ptr, i64, ptr]
@@ -355,6 +390,29 @@ def hash_keep(x: Tensor, out: Tensor, a: int, b: int, d: int, lo: int, cut: int)
         lib.hash_keep_f32(src + 4 * start, dst + 4 * start, stop - start, a, b, d, lo + start, cut)
 
     _run(part, _ranges(x.numel()))
+
+
+def hash_keep_diff(
+    x: Tensor,
+    base: Tensor,
+    kept: Tensor,
+    abs_out: tuple[Tensor, Tensor] | None,
+    words: tuple[int, int, int],
+    lo: int,
+    cut: int,
+) -> None:
+    """kept <- (x - base) * keep as `hash_keep` (one 2**32 block, element lo + j), and with
+    abs_out = (ad, ak): ad <- |x - base|, ak <- |kept|; contiguous float32 host tensors of
+    one size, one loop on the calling thread (callers pass cache-sized chunks)."""
+    lib = library()
+    tensors = (x, base, kept, *(abs_out or ()))
+    assert lib is not None and all(t.dtype == torch.float32 for t in tensors)
+    assert all(t.is_contiguous() and t.numel() == x.numel() for t in tensors)
+    assert lo + x.numel() <= 1 << 32
+    ad, ak = (abs_out[0].data_ptr(), abs_out[1].data_ptr()) if abs_out is not None else (0, 0)
+    lib.hash_keep_diff_f32(
+        x.data_ptr(), base.data_ptr(), x.numel(), *words, lo, cut, kept.data_ptr(), ad, ak
+    )
 
 
 def at_least(x: Tensor, bound: float, cap: int) -> tuple[Tensor, Tensor] | None:

@@ -218,6 +218,38 @@ def hash_keep(
     return out.view(x.shape)
 
 
+def hash_keep_diff(
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    key: int,
+    *,
+    offset: int = 0,
+    out: Tensor,
+    abs_out: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """out <- hash_keep(x - base, density, key, offset=offset), and with abs_out = (ad, ak):
+    ad <- |x - base|, ak <- |out|. All flat, contiguous, one size (callers pass cache-sized
+    chunks of a tensor: DARE's delta made, dropped and measured for the L1 rescale without
+    holding it whole). On the host with the C kernels, float32 is one loop; else torch ops,
+    with the same bits."""
+    fast = density < 1.0 and x.dtype == base.dtype == torch.float32
+    if fast and native.usable(x, base, out, *(abs_out or ())):
+        for pos, stop in _block_spans(x.numel(), offset):
+            first = offset + pos
+            part = (x[pos:stop], base[pos:stop], out[pos:stop])
+            abs_part = None if abs_out is None else tuple(a[pos:stop] for a in abs_out)
+            words = _chunk_words(key, first >> 32)
+            cut = 2 * keep_threshold(density) - (1 << 31)  # as in hash_keep_mask
+            native.hash_keep_diff(*part, abs_part, words, first & _M32, cut)  # type: ignore[arg-type]
+        return
+    delta = x - base if abs_out is None else torch.sub(x, base, out=abs_out[0])
+    hash_keep(delta, density, key, offset=offset, out=out)
+    if abs_out is not None:
+        delta.abs_()  # in abs_out[0]
+        torch.abs(out, out=abs_out[1])
+
+
 def hash_uniform(
     n: int, key: int, *, offset: int = 0, device: torch.device | str = "cpu"
 ) -> Tensor:

@@ -10,7 +10,6 @@ Inputs are never modified; `values` is always a new tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -81,14 +80,7 @@ def bernoulli_delta(
     depend on the chunks)."""
     out = torch.empty(x.shape, dtype=torch.result_type(x, base), device=x.device)
     sums = (blend.StableSum(), blend.StableSum()) if l1 else None
-    scratch = None
-    for delta, kept in _bernoulli_chunks(
-        x, base, density, mask_key(seed, model_id, name), offset, out
-    ):
-        if sums is not None:
-            scratch = scratch if scratch is not None else torch.empty_like(delta)
-            sums[0].add_abs(delta, scratch)
-            sums[1].add_abs(kept, scratch)
+    _bernoulli_chunks(x, base, density, mask_key(seed, model_id, name), offset, out, sums)
     totals = None if sums is None else (sums[0].total(), sums[1].total())
     return Kept(out, density, totals)
 
@@ -105,34 +97,42 @@ def bernoulli_abs_sums(
 ) -> None:
     """Add |delta| and |kept| of `bernoulli_delta` to sums, holding neither (the L1 pass over
     the row blocks of a large tensor: only the norms are needed there)."""
-    key = mask_key(seed, model_id, name)
-    scratch = None
-    for delta, kept in _bernoulli_chunks(x, base, density, key, offset, None):
-        scratch = scratch if scratch is not None else torch.empty_like(delta)
-        sums[0].add_abs(delta, scratch)
-        sums[1].add_abs(kept, scratch)
+    _bernoulli_chunks(x, base, density, mask_key(seed, model_id, name), offset, None, sums)
 
 
 def _bernoulli_chunks(
-    x: Tensor, base: Tensor, density: float, key: int, offset: int, out: Tensor | None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """(delta, kept) of DARE on x - base, FUSED_CHUNK entries at a time (flat): delta in one
-    reused buffer, kept written into out (x's shape) when given, else into another."""
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    key: int,
+    offset: int,
+    out: Tensor | None,
+    sums: tuple[blend.StableSum, blend.StableSum] | None,
+) -> None:
+    """DARE on x - base, FUSED_CHUNK entries at a time (flat): the kept values written into out
+    (x's shape) when given, else into a reused buffer; with sums, |delta| and |kept| of each
+    chunk (two more reused buffers) added to them."""
     fx, fb = x.reshape(-1), base.reshape(-1)
     n = fx.numel()
     size = min(n, FUSED_CHUNK)
-    dtype = torch.result_type(x, base)
-    dbuf = torch.empty(size, dtype=dtype, device=x.device)
-    flat_out = out.view(-1) if out is not None else torch.empty_like(dbuf)
+    scratch = torch.empty(
+        size * (3 if sums else 1), dtype=torch.result_type(x, base), device=x.device
+    )
+    flat_out = out.view(-1) if out is not None else scratch[:size]
     for start in range(0, n, FUSED_CHUNK):
         stop = min(n, start + FUSED_CHUNK)
-        delta = torch.sub(fx[start:stop], fb[start:stop], out=dbuf[: stop - start])
-        dest = flat_out[start:stop] if out is not None else flat_out[: stop - start]
-        yield delta, rng.hash_keep(delta, density, key, offset=offset + start, out=dest)
+        m = stop - start
+        dest = flat_out[start:stop] if out is not None else flat_out[:m]
+        abs_out = (scratch[size : size + m], scratch[2 * size : 2 * size + m]) if sums else None
+        part = (fx[start:stop], fb[start:stop])
+        rng.hash_keep_diff(*part, density, key, offset=offset + start, out=dest, abs_out=abs_out)
+        if sums is not None and abs_out is not None:
+            sums[0].add(abs_out[0])
+            sums[1].add(abs_out[1])
 
 
 # entries per chunk of `bernoulli_delta`: the StableSum's abs buffer size (1 MiB of float32),
-# small enough that the delta, its abs and its kept values stay in cache between their ops
+# small enough that the delta's chunk, its abs and its kept values stay in cache
 FUSED_CHUNK = blend.ABS_CHUNK
 
 
