@@ -116,9 +116,10 @@ def _cuts(
 
 # random sparsifiers whose keep decisions the L1 pass records (bit-packed, 1 bit per entry and
 # model) so the merge pass does not draw them again: DELLA's per-row sort. DARE's drop is drawn
-# again instead: one C loop (`rng.hash_keep`, ~1 ns per entry) costs less than recording the
-# mask, unpacking it and multiplying by a bool tensor (a 32000 x 1024 dare_ties embedding in 2
-# blocks: 1.17 against 1.40 s, min of 7, shared 2-core VM; the same bits)
+# again instead (on the host its first pass only sums norms, `task_vectors.add_l1_sums`): its
+# hash is a C loop of ~1 ns per entry, less than recording the mask, unpacking it and
+# multiplying by a bool tensor (a 32000 x 1024 dare_ties embedding in 2 blocks: 1.17 against
+# 1.40 s, min of 7, shared 2-core VM; the same bits)
 RECORDED_MASKS = {"della", "della_linear"}
 
 
@@ -133,9 +134,8 @@ def _l1_factors(
     n = len(model_params)
     sums = [(blend.StableSum(), blend.StableSum()) for _ in range(n)]
     cuts = None if ctx.cuts is None else tuple(copy.copy(c) for c in ctx.cuts)
-    masks: list[list[np.ndarray]] | None = [[] for _ in range(n)]
-    if method.name not in RECORDED_MASKS:
-        masks = None
+    record = method.name in RECORDED_MASKS
+    masks: list[list[np.ndarray]] | None = [[] for _ in range(n)] if record else None
     for blk, xs in stream():
         bctx = replace(ctx, offset=blk.offset, cuts=cuts)
         if task_vectors.add_l1_sums(method, bctx, xs[1:], xs[0], model_params, sums):
