@@ -52,7 +52,7 @@ from .errors import RunError, UsageError
 from .io.card import write_aux_files
 from .io.reader import Checkpoint, all_finite, warn_non_finite
 from .io.safetensors_format import DTYPE_NAMES
-from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Entry
+from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Deferred, Entry
 from .merge import blend
 from .progress import make_reporter
 
@@ -153,7 +153,7 @@ class OutputSpec:
     card: str | None = None  # README.md model card
     extra_files: dict[str, str] = field(default_factory=dict)
     tokenizer_files: dict[str, bytes] | None = None  # written instead of aux_from's tokenizer
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str | Deferred] = field(default_factory=dict)  # Deferred: at commit
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .io.adapter import PEFT_PREFIX
 from .io.card import hub_name, model_card, provenance
 from .io.reader import Checkpoint, check_compatible, open_checkpoint
 from .io.reference import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .io.writer import AtomicDir, check_output_path
+from .io.writer import AtomicDir, Metadata, check_output_path, resolved
 
 
 def low_rank(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
@@ -234,7 +234,7 @@ def _card_notes(dropped: list[str]) -> str:
 def _write_adapter(
     out: Path,
     tensors: dict[str, Tensor],
-    metadata: dict[str, str],
+    metadata: Metadata,
     config: dict[str, object],
     card: str,
     force: bool,
@@ -243,6 +243,6 @@ def _write_adapter(
     temporary folder, then one rename (an atomic exchange over an existing output or symbolic
     link with --force, whose target is left alone)."""
     with AtomicDir(out, force) as d, d.io():
-        save_file(tensors, str(d.tmp / ADAPTER_WEIGHTS), metadata=metadata)
+        save_file(tensors, str(d.tmp / ADAPTER_WEIGHTS), metadata=resolved(metadata))
         (d.tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (d.tmp / "README.md").write_text(card)

@@ -286,7 +286,7 @@ def reproduce(output: str | Path, new: Path | None = None, force: bool = False) 
 
 def _run(argv: list[str], cwd: Path | None) -> None:
     run_in = cwd if cwd is not None else Path.cwd()
-    cmd = [sys.executable, "-m", "mergekit_rl.cli.app", *argv]
+    cmd = [sys.executable, "-m", "mergekit_rl.cli.entry", *argv]  # as `rlmerge` runs
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     res = subprocess.run(cmd, cwd=run_in, env=env, capture_output=True, text=True)
     if res.returncode != 0:

@@ -7,6 +7,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,11 @@ import torch
 import yaml
 
 from .. import __version__
+from ..errors import RunError
 from .reader import Checkpoint
-from .reference import fingerprint
+from .reference import start_fingerprints
 from .safetensors_format import DTYPE_NAMES
-from .writer import CheckpointWriter
+from .writer import CheckpointWriter, Deferred
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -104,24 +106,58 @@ def front_matter(text: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def provenance(command: str, inputs: Sequence[Checkpoint]) -> dict[str, str]:
-    """String map stored in every output shard's safetensors __metadata__."""
+def provenance(command: str, inputs: Sequence[Checkpoint]) -> dict[str, str | Deferred]:
+    """String map stored in every output shard's safetensors __metadata__.
+
+    The inputs' fingerprints start hashing here, in the background; `rlmerge_inputs` is a
+    Deferred value that the writer fills in when it commits (its placeholder has the same
+    length), so the hashing overlaps the merge instead of preceding it.
+    """
+    futures = start_fingerprints([c.source for c in inputs])
+    blank = [FINGERPRINT_PLACEHOLDER] * len(inputs)
     return {
         "format": "pt",
         "rlmerge_version": __version__,
         "rlmerge_command": command,
-        "rlmerge_inputs": json.dumps([_input_record(c) for c in inputs]),
+        "rlmerge_inputs": Deferred(
+            _inputs_json(inputs, blank), lambda: _inputs_json(inputs, _wait(inputs, futures))
+        ),
         "rlmerge_cwd": os.getcwd(),  # relative paths in the command resolve from here (reproduce)
     }
 
 
-def _input_record(c: Checkpoint) -> dict[str, str | None]:
-    return {
-        "ref": c.source.ref,
-        "resolved": c.source.identity,
-        "revision": c.source.revision,
-        "fingerprint": fingerprint(c.source),  # reproduce checks the input is unchanged
-    }
+# what a fingerprint looks like until it is known: "sha256:" and 64 hex digits, as long
+FINGERPRINT_PLACEHOLDER = "sha256:" + "0" * 64
+
+
+def _inputs_json(inputs: Sequence[Checkpoint], fingerprints: Sequence[str]) -> str:
+    """The `rlmerge_inputs` record: what reproduce resolves and checks each input against."""
+    return json.dumps(
+        [
+            {
+                "ref": c.source.ref,
+                "resolved": c.source.identity,
+                "revision": c.source.revision,
+                "fingerprint": f,  # reproduce checks the input is unchanged
+            }
+            for c, f in zip(inputs, fingerprints, strict=True)
+        ]
+    )
+
+
+def _wait(inputs: Sequence[Checkpoint], futures: Sequence[Future[str]]) -> list[str]:
+    """Each input's fingerprint; a failed hash is a RunError naming the input."""
+    out = []
+    for c, future in zip(inputs, futures, strict=True):
+        try:
+            out.append(future.result())
+        except Exception as e:
+            raise RunError(
+                f"hashing the input '{c.source.ref}' ({c.source.identity}) for the output's "
+                f"record failed: {e}. Nothing was written; check that the input's files are "
+                "readable and were not changed or removed during the run."
+            ) from e
+    return out
 
 
 def hub_name(c: Checkpoint) -> str:

@@ -16,9 +16,12 @@ import hashlib
 import importlib
 import json
 import re
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import InputNotFoundError, PickleRefusedError, UsageError
 
@@ -309,10 +312,56 @@ FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 2**20  # larger ones: 64 evenly spac
 
 
 def fingerprint(source: ModelSource) -> str:
-    """See _fingerprint; cached per file state, since every output of a command records it."""
-    files = _fingerprint_files(source)
-    stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    return _fingerprint(tuple(files), stats)
+    """See _hash_files; cached per file state, since every output of a command records it."""
+    return start_fingerprints([source])[0].result()
+
+
+def start_fingerprints(sources: Sequence[ModelSource]) -> list[Future[str]]:
+    """Each source's fingerprint as a future, hashed in one background thread (in order).
+
+    A run starts this before its first tensor and waits only when its writer commits, so the
+    ~64 MiB of reads and SHA-256 per input overlap the merge (file reads and hashlib's large
+    updates release the GIL). One thread, not one per input: on a small machine the merge's
+    own threads need the cores. A file state already hashed or in flight is not hashed again;
+    a failed one is retried by the next call.
+    """
+    futures, todo = [], []
+    for source in sources:
+        files = tuple(_fingerprint_files(source))
+        stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        future = _fingerprint_future(files, stats)
+        if future.done() and future.exception() is not None:
+            future = Future()  # retry, uncached
+        with _CLAIM:  # two callers must not both take a pending future
+            claimed = _pending(future) and future.set_running_or_notify_cancel()
+        if claimed:
+            todo.append((files, future))
+        futures.append(future)
+    if todo:
+        threading.Thread(target=_hash_into, args=(todo,), daemon=True).start()
+    return futures
+
+
+_CLAIM = threading.Lock()
+
+
+def _pending(future: Future[str]) -> bool:
+    return not future.running() and not future.done()
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_future(files: tuple[Path, ...], stats: tuple[tuple[int, int], ...]) -> Future[str]:
+    """One future per file state (`stats`: each file's size and mtime), for start_fingerprints."""
+    return Future()
+
+
+def _hash_into(todo: list[tuple[tuple[Path, ...], Future[str]]]) -> None:
+    """Background thread body: hash each file list into its future, errors included."""
+    for files, future in todo:
+        try:
+            future.set_result(_hash_files(files))
+        except BaseException as e:  # handed to whoever waits for the future
+            future.set_exception(e)
 
 
 def _fingerprint_files(source: ModelSource) -> list[Path]:
@@ -323,8 +372,7 @@ def _fingerprint_files(source: ModelSource) -> list[Path]:
     return files
 
 
-@functools.lru_cache(maxsize=64)
-def _fingerprint(files: tuple[Path, ...], stats: tuple[tuple[int, int], ...]) -> str:
+def _hash_files(files: Sequence[Path]) -> str:
     """A content hash of a model's weight files (and adapter), recorded in every output so that
     `rlmerge reproduce` can tell whether an input changed.
 
@@ -332,18 +380,31 @@ def _fingerprint(files: tuple[Path, ...], stats: tuple[tuple[int, int], ...]) ->
     1 MiB blocks (the first holds the safetensors header: every name, shape and offset). That
     costs ~64 MiB of reads per file, not a second pass over the model, and catches any retrained
     or replaced checkpoint; an edit of a few bytes between blocks is caught by reproduce's
-    bit-for-bit comparison of the output instead.
+    bit-for-bit comparison of the output instead. Reads go through one reused 1 MiB buffer, so
+    hashing beside a merge adds 1 MiB to its memory, not a whole file.
     """
     h = hashlib.sha256()
+    buf = memoryview(bytearray(FINGERPRINT_BLOCK))
     for path in files:
         size = path.stat().st_size
         h.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             if size <= FINGERPRINT_WHOLE:
-                h.update(f.read())
+                _hash_range(f, 0, size, h, buf)
                 continue
             step = (size - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1)
             for i in range(FINGERPRINT_BLOCKS):
-                f.seek(i * step)
-                h.update(f.read(FINGERPRINT_BLOCK))
+                _hash_range(f, i * step, FINGERPRINT_BLOCK, h, buf)
     return "sha256:" + h.hexdigest()
+
+
+def _hash_range(f: BinaryIO, start: int, nbytes: int, h: Any, buf: memoryview) -> None:
+    """Feed bytes start .. start + nbytes - 1 of f to h (fewer at the end of the file), through
+    buf. Equal to h.update(f.read(nbytes)) after a seek: the digest does not change."""
+    f.seek(start)
+    while nbytes > 0:
+        got = f.readinto(buf[: min(nbytes, len(buf))])
+        if not got:
+            return
+        h.update(buf[:got])
+        nbytes -= got

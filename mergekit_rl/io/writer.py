@@ -17,6 +17,11 @@ What a crash can leave (kill -9 at any moment, disk full, two writers):
   the link itself and leaves its target alone.
 - A write error (disk full, file-size limit, permissions) is a RunError (exit 1) naming the
   path; the temp directory is removed.
+
+A metadata value may be `Deferred` (the inputs' fingerprints, hashed while the tensors are
+written): shard headers hold its same-length placeholder until the commit, which waits for the
+value and writes it over the placeholder in place, before the rename. A failed value fails the
+commit like a write error: nothing appears at the output.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +57,29 @@ TMP_MARK = ".rlmerge-tmp-"
 LOCK_MARK = ".rlmerge-lock"
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A metadata value known only at commit: shard headers hold `placeholder` (as long as
+    the value will be, so no data offset moves) until the writer commits and writes `value()`
+    over it. `value` may block (it waits for a background hash) and may raise to fail the run."""
+
+    placeholder: str
+    value: Callable[[], str]
+
+
+Metadata = Mapping[str, str | Deferred]  # a shard header's __metadata__, some values late
+
+
+def placeholders(metadata: Metadata) -> dict[str, str]:
+    """The metadata as first written: each Deferred value's placeholder."""
+    return {k: v.placeholder if isinstance(v, Deferred) else v for k, v in metadata.items()}
+
+
+def resolved(metadata: Metadata) -> dict[str, str]:
+    """The final metadata: each Deferred value computed (waiting for it if need be)."""
+    return {k: v.value() if isinstance(v, Deferred) else v for k, v in metadata.items()}
 
 
 def parse_size(value: int | str) -> int:
@@ -369,7 +397,7 @@ class CheckpointWriter:
 
     out: Path
     entries: Sequence[Entry]
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: Metadata = field(default_factory=dict)
     max_shard_size: int = DEFAULT_MAX_SHARD
     single_file: bool = False
     force: bool = False
@@ -453,7 +481,7 @@ class CheckpointWriter:
         with self._dir.io(path):
             handle = open(path, "wb")  # noqa: SIM115 - closed by _close_shard/abort
             self._open = _OpenShard(shard, handle)
-            handle.write(build_header(list(shard.entries), self.metadata))
+            handle.write(build_header(list(shard.entries), placeholders(self.metadata)))
 
     def _close_shard(self) -> None:
         if self._open is not None and not self._open.handle.closed:
@@ -470,13 +498,15 @@ class CheckpointWriter:
         with self._dir.io(dest):
             shutil.copy2(src, dest)
 
-    def _finish(self) -> None:
+    def _finish(self, metadata: dict[str, str]) -> None:
         if self._next != len(self._order):
             missing = self._order[self._next][0]
             raise RunError(f"internal: output incomplete, tensor '{missing}' was never written.")
         self._close_shard()
         if not self._order:  # a model with no tensors still gets its (empty) file
-            self.add_file(self.shards[0].filename, build_header([], self.metadata))
+            self.add_file(self.shards[0].filename, build_header([], metadata))
+        else:
+            self._rewrite_headers(metadata)
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
@@ -495,6 +525,25 @@ class CheckpointWriter:
     ) -> None:
         commit_or_abort(exc is not None, self._commit, self.abort)
 
+    def _rewrite_headers(self, metadata: dict[str, str]) -> None:
+        """Write each shard's final header over its placeholder header, in place.
+
+        The two have the same length (a Deferred's placeholder is as long as its value), so
+        no tensor moves; a length that differs is a bug, refused before anything is renamed."""
+        if metadata == placeholders(self.metadata):
+            return  # nothing was deferred
+        for shard in self.shards:
+            first = build_header(list(shard.entries), placeholders(self.metadata))
+            final = build_header(list(shard.entries), metadata)
+            if len(final) != len(first):
+                raise RunError(
+                    f"internal: the final header of '{shard.filename}' has {len(final)} bytes, "
+                    f"its placeholder {len(first)}."
+                )
+            path = self.tmp / shard.filename
+            with self._dir.io(path), open(path, "r+b") as f:
+                f.write(final)
+
     def _commit(self) -> None:
-        self._finish()
+        self._finish(resolved(self.metadata))  # waits for deferred values (input hashes)
         self._dir.commit(self.tmp / self.out.name if self.single_file else self.tmp)

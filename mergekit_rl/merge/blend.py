@@ -486,6 +486,10 @@ def _equal_bits(a: Tensor, b: Tensor) -> bool:
 
 # Rows of this many entries are each summed by one thread (below torch's parallel grain size).
 _SUM_BLOCK = 1 << 14
+# |x| is summed through a buffer of this many entries (`StableSum.add_abs`): 16 rows, 1 MiB of
+# float32, which stays in cache between the abs and the row sums instead of faulting in a fresh
+# copy of the whole tensor
+ABS_CHUNK = 16 * _SUM_BLOCK
 
 
 def stable_sum(x: Tensor) -> Tensor:
@@ -537,6 +541,20 @@ class StableSum:
         assert self._carry is None, "add_row_sums continues a carried row"
         self._rows.append(row_sums)
 
+    def add_abs(self, piece: Tensor, scratch: Tensor | None = None) -> None:
+        """`add(piece.abs())` without the whole |piece| copy: |piece| goes through one reused
+        buffer of ABS_CHUNK entries (cache-sized, a whole number of rows; `scratch`, of
+        piece's dtype, when given), and the sum is the same bit for bit, since a StableSum
+        does not depend on how its input is cut."""
+        flat = piece.reshape(-1)
+        size = min(flat.numel(), ABS_CHUNK)
+        buf = scratch if scratch is not None and scratch.numel() >= size else None
+        if buf is None:
+            buf = torch.empty(size, dtype=flat.dtype, device=flat.device)
+        for start in range(0, flat.numel(), ABS_CHUNK):
+            part = flat[start : start + ABS_CHUNK]
+            self.add(torch.abs(part, out=buf[: part.numel()]))
+
     def total(self) -> Tensor:
         """The sum of every entry added, as a 0-dim float64 tensor."""
         tail = self._carry if self._carry is not None else torch.zeros(0)
@@ -585,11 +603,27 @@ def scale_by(masked: Tensor, factor: float | None) -> Tensor:
     return masked if factor is None else masked * factor
 
 
+def scale_by_(masked: Tensor, factor: float | None) -> Tensor:
+    """`scale_by` in place: masked *= factor (the same products), or masked as it is."""
+    return masked if factor is None else masked.mul_(factor)
+
+
+def abs_sum(x: Tensor) -> Tensor:
+    """stable_sum(|x|), without a copy of |x| (`StableSum.add_abs`)."""
+    acc = StableSum()
+    acc.add_abs(x)
+    return acc.total()
+
+
 def l1_rescale(original: Tensor, masked: Tensor) -> Tensor:
     """Scale masked so its L1 norm matches original's (mergekit-style rescale); 0 stays 0.
     The norms are stable sums, so a merge is bit-identical whatever the thread count."""
-    factor = l1_factor(stable_sum(original.abs()), stable_sum(masked.abs()))
-    return scale_by(masked, factor)
+    return scale_by(masked, l1_factor(abs_sum(original), abs_sum(masked)))
+
+
+def l1_rescale_(original: Tensor, masked: Tensor) -> Tensor:
+    """`l1_rescale` in place on masked (a tensor the caller owns): no new tensor."""
+    return scale_by_(masked, l1_factor(abs_sum(original), abs_sum(masked)))
 
 
 def ema_update_many_(emas: Sequence[Tensor], xs: Sequence[Tensor], decay: float) -> None:

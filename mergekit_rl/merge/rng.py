@@ -147,6 +147,16 @@ def _hash_chunks(
         pos = stop
 
 
+def _block_spans(n: int, offset: int) -> Iterator[tuple[int, int]]:
+    """[pos, stop) spans of elements offset .. offset + n - 1 that never straddle a 2**32
+    block (each span hashes with one set of `_chunk_words`)."""
+    pos = 0
+    while pos < n:
+        stop = min(n, ((((offset + pos) >> 32) + 1) << 32) - offset)
+        yield pos, stop
+        pos = stop
+
+
 def keep_threshold(density: float) -> int:
     """The cut on the top 31 bits for Bernoulli(density < 1): kept with probability density."""
     return min((1 << 31) - 1, max(0, round(float(density) * (1 << 31))))
@@ -177,18 +187,28 @@ def hash_keep_mask(
     return mask.view(tuple(shape))
 
 
-def hash_keep(x: Tensor, density: float, key: int, *, offset: int = 0) -> Tensor:
-    """x * hash_keep_mask(x.shape, density, key, offset=offset) (DARE's drop), a new tensor.
+def hash_keep(
+    x: Tensor, density: float, key: int, *, offset: int = 0, out: Tensor | None = None
+) -> Tensor:
+    """x * hash_keep_mask(x.shape, density, key, offset=offset) (DARE's drop), a new tensor
+    (or written into `out`, contiguous, of x's size and dtype, and returned shaped like x).
 
     The keep decisions are written as 1.0 / 0.0 in x's dtype chunk by chunk and multiplied in
     while in cache: the same products as x * mask (bool promotes to exactly these), without the
-    bool tensor, whose compare and mixed-type multiply cost 2.5x and 5.5x more on the CPU.
+    bool tensor, whose compare and mixed-type multiply cost 2.5x and 5.5x more on the CPU. On
+    the host with the C kernels, float32 is one loop (hash, test, product).
     """
-    if density >= 1.0:
-        return x.clone()
     flat = x.reshape(-1)
-    out = torch.empty_like(flat)
+    out = torch.empty_like(flat) if out is None else out.view(-1)
+    if density >= 1.0:
+        return out.copy_(flat).view(x.shape)
     cut = 2 * keep_threshold(density) - (1 << 31)  # as in hash_keep_mask
+    if x.dtype == torch.float32 and native.usable(flat):  # one C loop per 2**32 block
+        for pos, stop in _block_spans(flat.numel(), offset):
+            first = offset + pos
+            words = _chunk_words(key, first >> 32)
+            native.hash_keep(flat[pos:stop], out[pos:stop], *words, first & _M32, cut)
+        return out.view(x.shape)
     keep = None
     for pos, stop, words in _hash_chunks(flat.numel(), key, offset, x.device):
         if keep is None:  # one chunk-sized buffer, reused
@@ -196,6 +216,38 @@ def hash_keep(x: Tensor, density: float, key: int, *, offset: int = 0) -> Tensor
         k = torch.lt(words.bitwise_xor_(-(1 << 31)), cut, out=keep[: stop - pos])
         torch.mul(flat[pos:stop], k, out=out[pos:stop])
     return out.view(x.shape)
+
+
+def hash_keep_diff(
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    key: int,
+    *,
+    offset: int = 0,
+    out: Tensor,
+    abs_out: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    """out <- hash_keep(x - base, density, key, offset=offset), and with abs_out = (ad, ak):
+    ad <- |x - base|, ak <- |out|. All flat, contiguous, one size (callers pass cache-sized
+    chunks of a tensor: DARE's delta made, dropped and measured for the L1 rescale without
+    holding it whole). On the host with the C kernels, float32 is one loop; else torch ops,
+    with the same bits."""
+    fast = density < 1.0 and x.dtype == base.dtype == torch.float32
+    if fast and native.usable(x, base, out, *(abs_out or ())):
+        for pos, stop in _block_spans(x.numel(), offset):
+            first = offset + pos
+            part = (x[pos:stop], base[pos:stop], out[pos:stop])
+            abs_part = None if abs_out is None else tuple(a[pos:stop] for a in abs_out)
+            words = _chunk_words(key, first >> 32)
+            cut = 2 * keep_threshold(density) - (1 << 31)  # as in hash_keep_mask
+            native.hash_keep_diff(*part, abs_part, words, first & _M32, cut)  # type: ignore[arg-type]
+        return
+    delta = x - base if abs_out is None else torch.sub(x, base, out=abs_out[0])
+    hash_keep(delta, density, key, offset=offset, out=out)
+    if abs_out is not None:
+        delta.abs_()  # in abs_out[0]
+        torch.abs(out, out=abs_out[1])
 
 
 def hash_uniform(

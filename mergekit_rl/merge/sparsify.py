@@ -22,6 +22,9 @@ from . import blend, native, rng, selection
 class Kept:
     values: Tensor  # the delta with dropped entries zeroed (a new tensor)
     prob: float | Tensor  # keep probability: a number or a per-entry float tensor
+    # the stable sums of |delta| and |values| (0-dim float64), when the sparsifier made them
+    # on the way (`bernoulli_delta`): the L1 rescale's norms, without another pass
+    abs_sums: tuple[Tensor, Tensor] | None = None
 
 
 def magnitude_k(density: float, numel: int, min_keep: int = 1) -> int:
@@ -75,6 +78,79 @@ def bernoulli(
     delta's first entry in its tensor (row blocks get the entries' own bits)."""
     key = mask_key(seed, model_id, name)
     return Kept(rng.hash_keep(delta, density, key, offset=offset), density)
+
+
+def bernoulli_delta(
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    seed: int,
+    model_id: str,
+    name: str,
+    offset: int = 0,
+    l1: bool = False,
+) -> Kept:
+    """`bernoulli(x - base, ...)` with the delta made and dropped chunk by chunk in cache, so
+    no delta tensor is held: one new tensor (the kept values) instead of two. `l1`: also the
+    stable sums of |delta| and |kept| (`Kept.abs_sums`, for the L1 rescale). The same bits as
+    the two steps apart (the same subtraction, hash and products; StableSum's order does not
+    depend on the chunks)."""
+    out = torch.empty(x.shape, dtype=torch.result_type(x, base), device=x.device)
+    sums = (blend.StableSum(), blend.StableSum()) if l1 else None
+    _bernoulli_chunks(x, base, density, mask_key(seed, model_id, name), offset, out, sums)
+    totals = None if sums is None else (sums[0].total(), sums[1].total())
+    return Kept(out, density, totals)
+
+
+def bernoulli_abs_sums(
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    seed: int,
+    model_id: str,
+    name: str,
+    offset: int,
+    sums: tuple[blend.StableSum, blend.StableSum],
+) -> None:
+    """Add |delta| and |kept| of `bernoulli_delta` to sums, holding neither (the L1 pass over
+    the row blocks of a large tensor: only the norms are needed there)."""
+    _bernoulli_chunks(x, base, density, mask_key(seed, model_id, name), offset, None, sums)
+
+
+def _bernoulli_chunks(
+    x: Tensor,
+    base: Tensor,
+    density: float,
+    key: int,
+    offset: int,
+    out: Tensor | None,
+    sums: tuple[blend.StableSum, blend.StableSum] | None,
+) -> None:
+    """DARE on x - base, FUSED_CHUNK entries at a time (flat): the kept values written into out
+    (x's shape) when given, else into a reused buffer; with sums, |delta| and |kept| of each
+    chunk (two more reused buffers) added to them."""
+    fx, fb = x.reshape(-1), base.reshape(-1)
+    n = fx.numel()
+    size = min(n, FUSED_CHUNK)
+    scratch = torch.empty(
+        size * (3 if sums else 1), dtype=torch.result_type(x, base), device=x.device
+    )
+    flat_out = out.view(-1) if out is not None else scratch[:size]
+    for start in range(0, n, FUSED_CHUNK):
+        stop = min(n, start + FUSED_CHUNK)
+        m = stop - start
+        dest = flat_out[start:stop] if out is not None else flat_out[:m]
+        abs_out = (scratch[size : size + m], scratch[2 * size : 2 * size + m]) if sums else None
+        part = (fx[start:stop], fb[start:stop])
+        rng.hash_keep_diff(*part, density, key, offset=offset + start, out=dest, abs_out=abs_out)
+        if sums is not None and abs_out is not None:
+            sums[0].add(abs_out[0])
+            sums[1].add(abs_out[1])
+
+
+# entries per chunk of `bernoulli_delta`: the StableSum's abs buffer size (1 MiB of float32),
+# small enough that the delta's chunk, its abs and its kept values stay in cache
+FUSED_CHUNK = blend.ABS_CHUNK
 
 
 def breadcrumbs_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
@@ -169,17 +245,24 @@ def della(
     return Kept(delta * keep, probs)
 
 
-def rescale(delta: Tensor, kept: Kept, mode: str, l1: float | None | Unset = UNSET) -> Tensor:
-    """The kept values, rescaled to make up for what was dropped (a new tensor).
+def rescale(
+    delta: Tensor | None, kept: Kept, mode: str, l1: float | None | Unset = UNSET
+) -> Tensor:
+    """The kept values, rescaled to make up for what was dropped (a new tensor, or
+    kept.values itself rescaled in place: `Kept.values` is always the caller's own).
 
     "l1": match the L1 norm of the unpruned delta (mergekit); `l1`: the whole tensor's factor
     (`blend.l1_factor`) when delta is one row block of it. "inverse_density": divide every kept
     entry by its keep probability (DARE paper, PEFT, DELLA paper): unbiased in expectation.
     """
-    if mode == "l1":
+    if mode == "l1":  # in place: the same products as kept.values * factor, no fresh tensor
         if not isinstance(l1, Unset):
-            return blend.scale_by(kept.values, l1)
-        return blend.l1_rescale(delta, kept.values)
+            return blend.scale_by_(kept.values, l1)
+        if kept.abs_sums is not None:  # summed as the values were made
+            return blend.scale_by_(kept.values, blend.l1_factor(*kept.abs_sums))
+        if delta is None:
+            raise ValueError("an L1 rescale needs the delta or the kept entries' abs_sums")
+        return blend.l1_rescale_(delta, kept.values)
     if mode == "inverse_density":
         if isinstance(kept.prob, Tensor):
             # dropped entries are 0 and may have prob 0: 0 / tiny stays 0

@@ -133,11 +133,15 @@ def task_vector_merge(
     if sparsifier is _magnitude and elect and not rescale and blend.ties_native(base, *tensors):
         return _ties(ctx, tensors, base, model_params, global_params)  # type: ignore[arg-type]
 
+    # the L1 norms of each whole delta and its kept entries are made here (not given by a
+    # first pass over row blocks): a fused sparsifier sums them as it goes
+    l1 = rescale and mode == "l1" and ctx.l1_factors is None
     weighted = []  # w_i * (sparsified, rescaled) delta_i: new tensors, ours to modify in place
     for i, (x, p) in enumerate(zip(tensors, model_params, strict=True)):
-        delta, kept = _sparsified(ctx, x, base, p, i, sparsifier)  # 1-2
+        delta, kept = _sparsified(ctx, x, base, p, i, sparsifier, l1)  # 1-2
         if kept is not None:
             delta = _rescaled(ctx, delta, kept, mode, i) if rescale else kept.values  # 3
+        assert delta is not None  # only a sparsifier's fused path leaves no delta tensor
         weighted.append(delta.mul_(p.weight))  # 4
 
     normalize, lam = global_params.normalize, global_params.lambda_
@@ -185,10 +189,18 @@ def _sparsified(
     p: WeightParams,
     i: int,
     sparsifier: Sparsifier | None,
-) -> tuple[Tensor, sparsify.Kept | None]:
+    l1: bool = False,
+) -> tuple[Tensor | None, sparsify.Kept | None]:
     """Steps 1-2 for model i: (delta_i, its kept entries, or None without a sparsifier). A
     keep mask in the context (recorded by the L1 pass over row blocks) replaces the drawing:
-    delta * mask are the products the random sparsifiers make (their keep is 1.0 / 0.0)."""
+    delta * mask are the products the random sparsifiers make (their keep is 1.0 / 0.0).
+    DARE on the host makes and drops the delta chunk by chunk (`sparsify.bernoulli_delta`):
+    then delta is None, and with `l1` the kept entries carry the L1 norms."""
+    if _fused_dare(sparsifier, ctx, x):
+        assert isinstance(p, DensityParams)
+        mid = _model_id(ctx, i)
+        kept = sparsify.bernoulli_delta(x, base, p.density, ctx.seed, mid, ctx.name, ctx.offset, l1)
+        return None, kept
     delta = x - base
     if sparsifier is None:
         return delta, None
@@ -197,30 +209,61 @@ def _sparsified(
     return delta, sparsifier(delta, p, ctx, i)
 
 
-def _rescaled(ctx: TensorContext, delta: Tensor, kept: sparsify.Kept, mode: str, i: int) -> Tensor:
+def _fused_dare(sparsifier: Sparsifier | None, ctx: TensorContext, x: Tensor) -> bool:
+    """DARE's drop fused with the delta: on the host (on an accelerator, chunks would be
+    many small kernels), when no recorded mask replaces the drawing."""
+    return sparsifier is _random and ctx.keep_masks is None and x.device.type == "cpu"
+
+
+def add_l1_sums(
+    method: MergeMethod,
+    ctx: TensorContext,
+    tensors: list[Tensor],
+    base: Tensor,
+    model_params: list[dict[str, Any]],
+    sums: list[tuple[blend.StableSum, blend.StableSum]],
+) -> bool:
+    """Add each model's |delta| and |kept| to its pair of sums without holding either (DARE
+    on the host: the L1 pass over row blocks needs only the norms); False, adding nothing,
+    for the other sparsifiers (`l1_terms` makes their tensors)."""
+    sparsifier = _SPARSIFIERS[method.name]
+    if not tensors or not _fused_dare(sparsifier, ctx, tensors[0]):
+        return False
+    for i, (x, raw) in enumerate(zip(tensors, model_params, strict=True)):
+        p = method.model_params.model_validate(raw)
+        mid = _model_id(ctx, i)
+        sparsify.bernoulli_abs_sums(
+            x, base, p.density, ctx.seed, mid, ctx.name, ctx.offset, sums[i]
+        )
+    return True
+
+
+def _rescaled(
+    ctx: TensorContext, delta: Tensor | None, kept: sparsify.Kept, mode: str, i: int
+) -> Tensor:
     """Step 3; a row block uses the whole tensor's L1 factor when the context carries it."""
     if ctx.l1_factors is None:
         return sparsify.rescale(delta, kept, mode)
     return sparsify.rescale(delta, kept, mode, ctx.l1_factors[i])
 
 
-def l1_magnitudes(
+def l1_terms(
     method: MergeMethod,
     ctx: TensorContext,
     tensors: list[Tensor],
     base: Tensor,
     model_params: list[dict[str, Any]],
 ) -> list[tuple[Tensor, Tensor]]:
-    """(|delta_i|, |kept_i|) for each model of a task-vector method, made as its merge makes
-    them (steps 1-2): what the L1 rescale sums over the whole tensor. A first pass over the row
-    blocks of a large tensor feeds them to `blend.StableSum`s (`merge.blocks`)."""
+    """(delta_i, kept_i) for each model of a task-vector method, made as its merge makes them
+    (steps 1-2): the L1 rescale sums their magnitudes over the whole tensor. A first pass over
+    the row blocks of a large tensor feeds them to `blend.StableSum.add_abs` (`merge.blocks`)."""
     sparsifier = _SPARSIFIERS[method.name]
     out = []
     for i, (x, raw) in enumerate(zip(tensors, model_params, strict=True)):
         p = method.model_params.model_validate(raw)
         delta, kept = _sparsified(ctx, x, base, p, i, sparsifier)
         assert kept is not None  # an L1 rescale implies a sparsifier
-        out.append((delta.abs_(), kept.values.abs()))
+        out.append((x - base if delta is None else delta, kept.values))
     return out
 
 

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from mergekit_rl.errors import OutputExistsError, RunError
 from mergekit_rl.io.reference import resolve
-from mergekit_rl.io.writer import CheckpointWriter, check_output_path, plan_shards
+from mergekit_rl.io.writer import CheckpointWriter, Deferred, check_output_path, plan_shards
 from tests.conftest import load_state
 
 TENSORS = {
@@ -110,3 +110,40 @@ def test_bfloat16_and_empty_tensors(tmp_path: Path) -> None:
             w.add(k, v)
     got = load_state(tmp_path / "o")
     assert all(torch.equal(got[k], v) for k, v in t.items())
+
+
+def _deferred_write(out: Path, value, **kw) -> None:  # noqa: ANN001 - a callable or str
+    late = Deferred("x" * 12, value if callable(value) else lambda: value)
+    with CheckpointWriter(out, ENTRIES, metadata={"format": "pt", "late": late}, **kw) as w:
+        for k, v in TENSORS.items():
+            w.add(k, v)
+
+
+@pytest.mark.parametrize("kw", [{"max_shard_size": 900}, {"single_file": True}])
+def test_deferred_metadata_is_written_over_its_placeholder(tmp_path: Path, kw: dict) -> None:
+    """Headers go out with the placeholder; the commit writes the value in place (same length),
+    so every shard parses with the reference library and holds the final value."""
+    out = tmp_path / ("out.safetensors" if kw.get("single_file") else "out")
+    _deferred_write(out, "sha256:abcde", **kw)
+    files = [out] if out.is_file() else sorted(out.glob("*.safetensors"))
+    assert len(files) == (1 if out.is_file() else 3)
+    for f in files:
+        with safe_open(f, "pt") as g:
+            assert g.metadata() == {"format": "pt", "late": "sha256:abcde"}
+    got = load_state(out)
+    assert all(torch.equal(got[k], v) for k, v in TENSORS.items())
+
+
+def test_failing_deferred_value_leaves_nothing(tmp_path: Path) -> None:
+    def fail() -> str:
+        raise RunError("hashing the input 'x' failed")
+
+    with pytest.raises(RunError, match="hashing the input 'x' failed"):
+        _deferred_write(tmp_path / "out", fail, max_shard_size=900)
+    assert list(tmp_path.iterdir()) == []  # no output, no temp dir, no lock
+
+
+def test_deferred_value_of_another_length_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="internal: the final header"):
+        _deferred_write(tmp_path / "out", "sha256:" + "a" * 20)  # 15 bytes longer
+    assert list(tmp_path.iterdir()) == []

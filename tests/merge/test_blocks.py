@@ -167,9 +167,10 @@ def test_merges_that_need_the_whole_tensor_are_not_blocked(name: str, gp: dict, 
 
 
 @pytest.mark.parametrize("name", ["dare_ties", "della"])
-def test_the_l1_pass_records_the_masks_so_the_merge_pass_draws_none(name, monkeypatch) -> None:
-    # DARE's hash and DELLA's per-row sort run once per block (in the L1 pass), not twice;
-    # the merge is still the whole-tensor one bit for bit
+def test_the_l1_pass_records_della_masks_and_dare_draws_again(name, monkeypatch) -> None:
+    # DELLA's per-row sort runs once per block (the L1 pass records its masks); DARE's hash is
+    # cheaper than a recorded mask, so its pass sums the norms chunk by chunk and the merge
+    # pass draws again; the merge is still the whole-tensor one bit for bit
     from mergekit_rl.merge import sparsify
 
     base, xs = _inputs((40, 24), 2, seed=4)
@@ -180,11 +181,15 @@ def test_the_l1_pass_records_the_masks_so_the_merge_pass_draws_none(name, monkey
     method, ctx = get_method(name), TensorContext("w", ("m0", "m1"), 5)
     whole = method.run(ctx, xs, base, mps, gp)
     draws = []
-    real = sparsify.della if name == "della" else sparsify.bernoulli
-    monkeypatch.setattr(sparsify, real.__name__, lambda *a, **k: draws.append(1) or real(*a, **k))
+    for real in (sparsify.della, sparsify.bernoulli_delta, sparsify.bernoulli_abs_sums):
+        spy = (lambda f: lambda *a, **k: draws.append(f.__name__) or f(*a, **k))(real)
+        monkeypatch.setattr(sparsify, real.__name__, spy)
     stream = _stream([base, *xs], 8)
     parts = blocks.merge_blocks(method, ctx, (40, 24), stream, True, mps, gp, 5)
     assert parts is not None
     got = torch.cat([p[0] for p in parts])
-    assert len(draws) == 5 * 2  # 5 blocks x 2 models, in the first pass only
+    if name == "della":  # 5 blocks x 2 models, in the first pass only
+        assert draws == ["della"] * 10
+    else:  # the first pass sums, the merge pass draws: 5 blocks x 2 models each
+        assert draws == ["bernoulli_abs_sums"] * 10 + ["bernoulli_delta"] * 10
     assert torch.equal(got, whole)

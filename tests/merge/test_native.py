@@ -675,3 +675,23 @@ def test_ties_recipes_write_the_same_bytes_with_and_without_the_kernels(
         assert blocks(tmp_path / "select", 1 << 30) == want
     finally:
         native.library.cache_clear()
+
+
+def test_native_hash_keep_is_bitwise_the_torch_path(monkeypatch) -> None:
+    """The one-loop drop equals the torch path's words, compare and multiply bit for bit: -0.0,
+    NaN and inf entries, several thread ranges, and spans across a 2**32 block."""
+    monkeypatch.setattr(native, "PARALLEL_MIN", 1000)
+    x = torch.randn(300, 1001, generator=torch.Generator().manual_seed(3))
+    x.view(-1)[:6] = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf"), -1.0])
+    key = rng.tensor_seed(4, "m", "t")
+    cases = [(0.3, 0), (0.9, 2**32 - 150_000), (0.0, 5), (0.5, 2 * 2**32 + 3)]
+    torch.set_num_threads(3)
+    try:
+        fast = [rng.hash_keep(x, d, key, offset=off) for d, off in cases]
+    finally:
+        torch.set_num_threads(1)
+    fallback(monkeypatch)
+    for (d, off), got in zip(cases, fast, strict=True):
+        want = rng.hash_keep(x, d, key, offset=off)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (d, off)
+    assert int(fast[0].view(-1)[0].view(torch.int32)) == int(torch.tensor(-0.0).view(torch.int32))

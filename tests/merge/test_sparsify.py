@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_rl.merge import native, rng, sparsify
+from mergekit_rl.merge import blend, native, rng, sparsify
 
 
 def _bf16_delta(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -104,3 +104,43 @@ def test_della_ranks_from_the_integer_sort_equal_the_float_sort(
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(300).expand(37, 300))
     want = ((0.5 - 0.2) + 0.4 * (ranks.float() / 299)).clamp(0.0, 1.0)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def _two_steps_dare(x, base, density, key, offset):  # noqa: ANN001, ANN202
+    """DARE written out unfused: the whole delta, the reference mask, the whole-tensor sums."""
+    delta = x - base
+    kept = delta * rng.hash_keep_mask(x.shape, density, key, offset=offset)
+    sums = []
+    for t in (delta, kept):
+        acc = blend.StableSum()
+        acc.add(t.abs())
+        sums.append(acc.total())
+    return kept, sums
+
+
+@pytest.mark.parametrize("chunks", [None, (1000, 777)])  # default sizes; small, uneven ones
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_fused_dare_equals_the_two_steps(chunks, path, monkeypatch) -> None:
+    """bernoulli_delta (the delta made and dropped chunk by chunk, norms summed on the way) and
+    bernoulli_abs_sums give the unfused tensors and sums bit for bit, over several chunks,
+    with -0.0, huge and zero-delta entries and a row-block offset."""
+    if chunks is not None:
+        monkeypatch.setattr(sparsify, "FUSED_CHUNK", chunks[0])
+        monkeypatch.setattr(blend, "ABS_CHUNK", chunks[1])
+    if path == "torch":
+        monkeypatch.setattr(native, "usable", lambda *t: False)
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(300, 1001, generator=g)  # 300,300 entries: two default chunks
+    x = base + 0.01 * torch.randn(300, 1001, generator=g)
+    x.view(-1)[:3] = torch.tensor([-0.0, 3e38, 1.0])
+    base.view(-1)[:3] = torch.tensor([0.0, 1.0, 1.0])
+    key = sparsify.mask_key(3, "m1", "w")
+    for density, offset in ((0.3, 0), (0.9, 123 * 1001)):
+        want, sums = _two_steps_dare(x, base, density, key, offset)
+        got = sparsify.bernoulli_delta(x, base, density, 3, "m1", "w", offset, l1=True)
+        assert torch.equal(got.values.view(torch.int32), want.view(torch.int32))
+        assert got.abs_sums is not None
+        assert [float(s) for s in got.abs_sums] == [float(s) for s in sums]
+        pair = (blend.StableSum(), blend.StableSum())
+        sparsify.bernoulli_abs_sums(x, base, density, 3, "m1", "w", offset, pair)
+        assert [float(s.total()) for s in pair] == [float(s) for s in sums]
