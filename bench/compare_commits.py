@@ -62,8 +62,12 @@ BOOT = (
     "submodule_search_locations=[t + '/cli']); m = u.module_from_spec(s); "
     "sys.modules['mergekit_rl.cli'] = mergekit_rl.cli = m; s.loader.exec_module(m); "
 )
+# as the `rlmerge` executable runs it: through cli/entry.py (it sets OpenMP's wait policy before
+# torch loads) where the tree has one, else the app itself (older trees)
 RUN_APP = (
-    "import runpy; runpy.run_module('mergekit_rl.cli.app', run_name='__main__', alter_sys=True)"
+    "import os, runpy; e = os.path.exists(t + '/cli/entry.py'); "
+    "runpy.run_module('mergekit_rl.cli.' + ('entry' if e else 'app'), run_name='__main__', "
+    "alter_sys=True)"
 )
 PROBE = "import mergekit_rl.cli.app as a; print(mergekit_rl.__file__); print(a.__file__)"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 WORK = Path(os.environ.get("RLMERGE_BENCH_WORK", BENCH_DIR / "_work"))  # models + logs
-RLMERGE = [sys.executable, "-m", "mergekit_rl.cli.app"]  # the console script's code, no shim
+RLMERGE = [sys.executable, "-m", "mergekit_rl.cli.entry"]  # the console script's code, no shim
 FLOOR = [sys.executable, str(BENCH_DIR / "floor.py")]
 IDLE_TORCH = [sys.executable, "-c", "import torch"]
 
