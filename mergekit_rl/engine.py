@@ -51,7 +51,7 @@ from torch import Tensor
 from .errors import RunError, UsageError
 from .io.card import write_aux_files
 from .io.reader import Checkpoint, all_finite, warn_non_finite
-from .io.safetensors_format import DTYPE_NAMES
+from .io.safetensors_format import DTYPE_NAMES, TensorInfo
 from .io.writer import DEFAULT_MAX_SHARD, CheckpointWriter, Deferred, Entry
 from .merge import blend
 from .progress import make_reporter
@@ -265,8 +265,7 @@ def run_jobs(
                 # read then compute, in one thread: a read-ahead thread was measured slower on
                 # 2 cores (contention with torch's own threads) and raised the peak RSS
                 rows = device_reads(device, options)
-                raw = _read_raw(inputs, job, device, rows, pool, kept_only=True)
-                tensors, nbytes = _to_compute(inputs, job, raw, device, pool)
+                tensors, nbytes = _read_compute(inputs, job, device, rows, pool)
                 bytes_read += nbytes
                 results = _compute(job, tensors, compute, len(outputs))
                 for k, (spec, writer, result) in enumerate(
@@ -324,37 +323,77 @@ def _read_raw(
     device: torch.device,
     rows: bool,
     pool: BufferPool | None = None,
-    kept_only: bool = False,
 ) -> list[Tensor]:
     """The job's inputs as stored (adapter merged in), each in its pooled slot ("raw", k):
-    all are alive together; `rows`: as one row range, straight into pinned buffers on CUDA.
-    `kept_only`: only reads that stay the compute tensor (float32 in a float32 job) take a
-    slot, which replaces their "in" one; the others are converted at once and freed (a
-    slot kept for them would add to the peak of the merge's temporaries)."""
-    pin = pinned_reads(device)
+    all are alive together; `rows`: as one row range, straight into pinned buffers on CUDA."""
+    return [
+        _read_one(inputs, job, k, device, rows, _raw_buffer(pool, k, inputs[i].info(n), device))
+        for k, (i, n) in enumerate(job.sources)
+    ]
+
+
+def _read_one(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    k: int,
+    device: torch.device,
+    rows: bool,
+    out: Tensor | None,
+) -> Tensor:
+    """Input k of a job as stored, into out when given; `rows`: as one row range (pinned on
+    CUDA), else a whole read."""
+    i, n = job.sources[k]
+    if rows and _rows_readable(inputs[i], n):
+        return inputs[i].read_rows(
+            n, 0, inputs[i].info(n).shape[0], pin=pinned_reads(device), out=out
+        )
+    return inputs[i].read(n, out=out)
+
+
+def _read_compute(
+    inputs: Sequence[Checkpoint],
+    job: TensorJob,
+    device: torch.device,
+    rows: bool,
+    pool: BufferPool | None = None,
+) -> tuple[list[Tensor], int]:
+    """The job's inputs as compute tensors (`to_device`), read and converted one at a time,
+    and the bytes read. A read that stays the compute tensor (float32 in a float32 job,
+    integers) takes its slot ("raw", k); one converted (bf16) is read into the one staging slot
+    ("stage", 0) and converted into its slot ("in", k) before the next read: no fresh pages
+    for either, and only one stored copy alive beside the compute tensors, as before."""
     compute_dtype = _compute_dtype(inputs, job)
-    raws = []
-    for k, (i, n) in enumerate(job.sources):
-        info = inputs[i].info(n)
+    tensors, nbytes = [], 0
+    for k, (i, name) in enumerate(job.sources):
+        info = inputs[i].info(name)
         kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
-        out = _raw_buffer(pool, k, info.shape, info.dtype, pin) if kept or not kept_only else None
-        if rows and _rows_readable(inputs[i], n):
-            raws.append(inputs[i].read_rows(n, 0, info.shape[0], pin=pin, out=out))
-        else:
-            raws.append(inputs[i].read(n, out=out))
-    return raws
+        out = _raw_buffer(pool, k, info, device, role="raw" if kept else "stage")
+        t = _read_one(inputs, job, k, device, rows, out)
+        nbytes += t.numel() * t.element_size()
+        if t.is_floating_point():
+            warn_non_finite(t, name, inputs[i].source.ref)
+        tensors.append(to_device(t, device, compute_dtype, _slot(pool, k, device)))
+        del t
+    return tensors, nbytes
 
 
 def _raw_buffer(
-    pool: BufferPool | None, k: int, shape: Sequence[int], dtype: torch.dtype, pin: bool
+    pool: BufferPool | None,
+    k: int,
+    info: TensorInfo,
+    device: torch.device,
+    rows: tuple[int, int] | None = None,
+    role: str = "raw",
 ) -> Tensor | None:
-    """Host slot ("raw", k) for input k's read, or None for a new tensor: no pool, or a
-    pinned read (CUDA keeps its own page-locked buffers). A float32 read is its own compute
-    tensor (`to_device` returns it), so its slot is not taken again before the job (or
-    block) is done."""
-    if pool is None or pin:
+    """Host slot (role, k) for input k's read (of `rows` only, when given), or None for a new
+    tensor: no pool, or a pinned read (CUDA keeps its own page-locked buffers). A float32 read
+    is its own compute tensor (`to_device` returns it), so its "raw" slot is not taken again
+    before the job (or block) is done; the "stage" slot holds a read until it is converted."""
+    if pool is None or pinned_reads(device):
         return None
-    return pool.take("raw", k, shape, dtype, torch.device("cpu"))
+    shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+    stage = 0 if role == "stage" else k  # one staging slot: each read is converted at once
+    return pool.take(role, stage, shape, info.dtype, torch.device("cpu"))
 
 
 def _compute_dtype(inputs: Sequence[Checkpoint], job: TensorJob) -> torch.dtype:
@@ -378,32 +417,6 @@ def to_device(
     if out is None:
         return moved.to(compute_dtype)
     return out(moved.shape, compute_dtype).copy_(moved)
-
-
-def _to_compute(
-    inputs: Sequence[Checkpoint],
-    job: TensorJob,
-    raw: list[Tensor],
-    device: torch.device,
-    pool: BufferPool | None = None,
-) -> tuple[list[Tensor], int]:
-    """Raw input tensors -> float32 on `device` (integers keep their dtype), and their bytes.
-
-    A job with a float64 input computes in float64: such inputs are stored that wide on purpose
-    (a lossless task vector of float32 models), and float32 would round them. Empties `raw` as
-    it goes, so that only one raw tensor is alive beside the float32 copies.
-    """
-    wide = any(t.dtype == torch.float64 for t in raw)
-    compute_dtype = torch.float64 if wide else torch.float32
-    tensors, nbytes = [], 0
-    for k, (i, name) in enumerate(job.sources):
-        t = raw.pop(0)
-        nbytes += t.numel() * t.element_size()
-        if t.is_floating_point():
-            warn_non_finite(t, name, inputs[i].source.ref)
-        tensors.append(to_device(t, device, compute_dtype, _slot(pool, k, device)))
-        del t
-    return tensors, nbytes
 
 
 def _slot(
@@ -435,9 +448,11 @@ def _blocked(
     row = numel // job.shape[0]
     step = max(1, block_elems // row)
     pin = pinned_reads(device)
-    warned: set[tuple[int, str]] = set()
-    # as _to_compute: a float64 input (a lossless task vector) makes the job compute in float64
+    # as _read_compute: a float64 input (a lossless task vector) makes the job compute in float64
     compute_dtype = _compute_dtype(inputs, job)
+
+    checked: set[tuple[int, int]] = set()  # (input position, first row): blocks checked
+    warned: set[int] = set()  # input positions warned about
 
     def stream() -> Iterator[tuple[Block, list[Tensor]]]:
         for start in range(0, job.shape[0], step):
@@ -445,15 +460,18 @@ def _blocked(
             xs = []
             for k, (i, name) in enumerate(job.sources):
                 info = inputs[i].info(name)
-                # a block kept as the compute tensor takes slot k (for its "in" one); one
-                # converted at once is read fresh and freed, as in `_read_raw`
+                # as in `_read_compute`: a block kept as the compute tensor takes slot
+                # ("raw", k); one converted at once, the staging slot
                 kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
-                shape = (stop - start, *info.shape[1:])
-                out = _raw_buffer(pool, k, shape, info.dtype, pin) if kept else None
+                role = "raw" if kept else "stage"
+                out = _raw_buffer(pool, k, info, device, (start, stop), role)
                 raw = inputs[i].read_rows(name, start, stop, pin=pin, out=out)
-                if raw.is_floating_point() and (i, name) not in warned and not all_finite(raw):
-                    warned.add((i, name))
-                    warn_non_finite(raw, name, inputs[i].source.ref)
+                # each block checked once, though a merge may stream the blocks several times
+                if raw.is_floating_point() and (k, start) not in checked:
+                    checked.add((k, start))
+                    if k not in warned and not all_finite(raw):
+                        warned.add(k)  # one warning per input tensor
+                        warn_non_finite(raw, name, inputs[i].source.ref)
                 xs.append(to_device(raw, device, compute_dtype, _slot(pool, k, device)))
                 del raw
             yield Block(start, stop, start * row), xs
@@ -564,8 +582,7 @@ def _read_rows_pooled(
     raws = []
     for k, (i, name) in enumerate(job.sources):
         info = inputs[i].info(name)
-        shape = (rows[1] - rows[0], *info.shape[1:])
-        out = _raw_buffer(pool, k, shape, info.dtype, pin=False)
+        out = _raw_buffer(pool, k, info, torch.device("cpu"), rows)
         raws.append(inputs[i].read_rows(name, rows[0], rows[1], out=out))
     return raws
 

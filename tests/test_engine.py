@@ -222,7 +222,8 @@ def test_the_engine_converts_and_casts_into_reused_buffers(
     # every job's float32 inputs and output land in the same few buffers (one per input and
     # output), not in new tensors: the fused pass (the C kernel) reads the stored inputs into
     # pooled buffers and makes no float32 copies; otherwise a float32 read is pooled (it is
-    # the compute tensor) and a bf16 one is converted into its pooled float32 copy and freed;
+    # the compute tensor) and a bf16 one is read into one staging buffer and converted into
+    # its pooled float32 copy;
     # the soup is still exactly the independent reference
     import mergekit_rl.engine as engine
     from mergekit_rl.merge import native
@@ -254,6 +255,9 @@ def test_the_engine_converts_and_casts_into_reused_buffers(
     reads = "raw" if fused or stored == "family" else "in"  # the pooled compute tensors
     assert takes.count(reads) >= 3 * n_tensors
     assert takes.count("in" if reads == "raw" else "raw") == 0
+    # a bf16 read converted by torch goes through the one staging slot, not a new tensor
+    assert takes.count("stage") == (0 if reads == "raw" else takes.count("in"))
+    assert {k for role, k in slots if role == "stage"} <= {0}
     assert len(storages) <= 2 * len(slots)  # one per slot, and a regrowth at most per slot
     got = load_state(tmp_path / "out")
     states = [load_state(p) for p in fam]
@@ -323,3 +327,35 @@ def test_empty_tensors_on_every_read_path(tmp_path: Path, device_reads: bool) ->
     got = load_state(tmp_path / "o")
     assert got["e0"].shape == (0, 4) and got["e1"].shape == (3, 0)
     assert got["w"].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+
+
+def test_a_merge_that_streams_the_blocks_thrice_checks_each_input_block_once(
+    tied_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TIES, L1 rescales and slerp read the blocks in first passes, then merge them: every
+    # block of every input is checked for NaN/Inf once (its first read), not once per pass
+    import mergekit_rl.engine as engine
+
+    name = "model.embed_tokens.weight"
+    ckpts = [open_checkpoint(tied_family[m]) for m in ("sft1", "sft2", "rlhf")]
+    (job,) = engine.identity_jobs(ckpts[0], [name], 3)
+    checked: list[tuple[int, ...]] = []
+    real = engine.all_finite
+    monkeypatch.setattr(engine, "all_finite", lambda t: checked.append(t.shape) or real(t))
+
+    def compute(job, xs):  # noqa: ANN001, ANN202
+        raise AssertionError("the blocked path must be taken")
+
+    def blocked(job, stream, n_blocks):  # noqa: ANN001, ANN202
+        for _ in range(2):  # two first passes
+            assert sum(1 for _ in stream()) == n_blocks
+        return ([xs[0].clone()] for _, xs in stream())  # (the pooled block is reused)
+
+    compute.blocked = blocked  # type: ignore[attr-defined]
+    pool = engine.BufferPool()
+    parts = engine._blocked(ckpts, job, compute, torch.device("cpu"), 1000, pool)
+    assert parts is not None
+    merged = torch.cat([p[0] for p in parts])
+    n_blocks = -(-job.shape[0] // max(1, 1000 // job.shape[1]))
+    assert n_blocks > 2 and len(checked) == 3 * n_blocks  # not 3 x 3 passes x n_blocks
+    assert torch.equal(merged, ckpts[0].read(name).float())
