@@ -89,16 +89,25 @@ def gram_sums(pieces: Iterable[Sequence[Tensor]]) -> Tensor:
     """G[i, j] = sum of v_i * v_j over every entry, in float64, for n same-shape tensors given
     as matching pieces in index order (whole tensors, or row blocks: a list of one piece of
     each tensor per step). Each entry is a `StableSum`, so G is the same whatever the pieces
-    (and the thread count). Each piece is widened REDUCE_CHUNK entries at a time. [n, n]."""
+    (and the thread count). Each piece is widened REDUCE_CHUNK entries at a time into one
+    [n + 1, REDUCE_CHUNK] float64 scratch reused for the whole pass (n widened chunks and a
+    product): new 8 MB temporaries per chunk left the allocator holding a GB. [n, n]."""
     sums: dict[tuple[int, int], StableSum] = {}
+    scratch: Tensor | None = None
     n = 0
     for vs in pieces:
         flats, n = [v.reshape(-1) for v in vs], len(vs)
         for start in range(0, flats[0].numel(), REDUCE_CHUNK):
-            wide = [f[start : start + REDUCE_CHUNK].double() for f in flats]  # (no copy: f64)
+            m = min(REDUCE_CHUNK, flats[0].numel() - start)
+            if scratch is None or scratch.shape[0] < n + 1 or scratch.shape[1] < m:
+                scratch = torch.empty(n + 1, m, dtype=torch.float64, device=flats[0].device)
+            wide = [scratch[i, :m].copy_(f[start : start + m]) for i, f in enumerate(flats)]
+            product = scratch[n, :m]
             for i in range(n):
                 for j in range(i, n):
-                    sums.setdefault((i, j), StableSum()).add(wide[i] * wide[j])
+                    sums.setdefault((i, j), StableSum()).add(
+                        torch.mul(wide[i], wide[j], out=product)
+                    )
     gram = torch.zeros(n, n, dtype=torch.float64)
     for (i, j), acc in sums.items():
         gram[i, j] = gram[j, i] = acc.total()
@@ -139,11 +148,14 @@ def weighted_sum_f64(tensors: Sequence[Tensor], coefficients: Sequence[float]) -
     float64 arithmetic (karcher), which a float32 accumulation would round a second time."""
     flats = [x.reshape(-1) for x in tensors]
     out = torch.empty_like(flats[0])
+    # [2, chunk] float64: the sum and one widened input, reused for every chunk
+    scratch = torch.empty(2, min(REDUCE_CHUNK, out.numel()), dtype=torch.float64)
     for start in range(0, out.numel(), REDUCE_CHUNK):
-        stop = start + REDUCE_CHUNK
-        acc = flats[0][start:stop].double() * float(coefficients[0])
+        stop = min(out.numel(), start + REDUCE_CHUNK)
+        acc, wide = scratch[0, : stop - start], scratch[1, : stop - start]
+        torch.mul(wide.copy_(flats[0][start:stop]), float(coefficients[0]), out=acc)
         for x, c in zip(flats[1:], coefficients[1:], strict=True):
-            acc.add_(x[start:stop].double(), alpha=float(c))
+            acc.add_(wide.copy_(x[start:stop]), alpha=float(c))
         out[start:stop] = acc
     return out.view(tensors[0].shape)
 

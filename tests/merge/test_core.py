@@ -465,6 +465,24 @@ def test_slerp_sums_and_weights_are_the_same_in_row_blocks(monkeypatch) -> None:
     assert blend.slerp_weights(blend.slerp_sums([(a * 0, b)]), 0.3).lerp  # zero: lerp
 
 
+def test_gram_sums_are_the_stable_sums_of_the_products_whatever_the_pieces(monkeypatch) -> None:
+    # karcher's and model_stock's whole-tensor quantities: G[i, j] = sum of x_i * x_j in
+    # float64, the same bits in row blocks and chunks (through the reused scratch) as whole
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(97, 300, generator=g) for _ in range(3)]
+    want = torch.tensor(
+        [[float(blend.stable_sum(x.double() * y.double())) for y in xs] for x in xs],
+        dtype=torch.float64,
+    )
+    assert torch.equal(blend.gram_sums([xs]), want)
+    monkeypatch.setattr(blend, "REDUCE_CHUNK", 1000)  # several chunks, a short last one
+    for rows in (1, 7, 50):
+        pieces = [[x[i : i + rows] for x in xs] for i in range(0, 97, rows)]
+        assert torch.equal(blend.gram_sums(pieces), want)
+    naive = torch.stack([torch.stack([(x.double() * y.double()).sum() for y in xs]) for x in xs])
+    torch.testing.assert_close(want, naive, rtol=1e-12, atol=1e-9)
+
+
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_slerp_sums_are_stable_sums_of_the_float64_products(dtype, kernel, monkeypatch) -> None:
