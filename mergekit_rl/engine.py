@@ -365,9 +365,7 @@ def _read_compute(
     compute_dtype = _compute_dtype(inputs, job)
     tensors, nbytes = [], 0
     for k, (i, name) in enumerate(job.sources):
-        info = inputs[i].info(name)
-        kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
-        out = _raw_buffer(pool, k, info, device, role="raw" if kept else "stage")
+        out = _read_slot(pool, k, inputs[i].info(name), device, compute_dtype)
         t = _read_one(inputs, job, k, device, rows, out)
         nbytes += t.numel() * t.element_size()
         if t.is_floating_point():
@@ -394,6 +392,21 @@ def _raw_buffer(
     shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
     stage = 0 if role == "stage" else k  # one staging slot: each read is converted at once
     return pool.take(role, stage, shape, info.dtype, torch.device("cpu"))
+
+
+def _read_slot(
+    pool: BufferPool | None,
+    k: int,
+    info: TensorInfo,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    rows: tuple[int, int] | None = None,
+) -> Tensor | None:
+    """Where input k's read goes when it is converted at once (`_read_compute`, `_blocked`):
+    its slot ("raw", k) when the read stays the compute tensor (float32 in a float32 job,
+    integers), else the one staging slot, free again once the read is converted."""
+    kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
+    return _raw_buffer(pool, k, info, device, rows, "raw" if kept else "stage")
 
 
 def _compute_dtype(inputs: Sequence[Checkpoint], job: TensorJob) -> torch.dtype:
@@ -438,15 +451,12 @@ def _blocked(
 ) -> Iterator[list[Tensor]] | None:
     """The compute's per-block results for a large job, or None to compute it whole."""
     blocked_fn: Blocked | None = getattr(compute, "blocked", None)
-    numel = math.prod(job.shape)
-    if blocked_fn is None or numel <= block_elems or not job.dtype.is_floating_point:
+    if blocked_fn is None or not job.dtype.is_floating_point:
         return None
-    if len(job.shape) < 1 or job.shape[0] < 2:
+    parts = [p for p in _row_parts(inputs, job, block_elems) if p is not None]
+    if not parts:  # read whole
         return None
-    if not all(_rows_readable(inputs[i], name) for i, name in job.sources):
-        return None
-    row = numel // job.shape[0]
-    step = max(1, block_elems // row)
+    row = math.prod(job.shape) // job.shape[0]
     pin = pinned_reads(device)
     # as _read_compute: a float64 input (a lossless task vector) makes the job compute in float64
     compute_dtype = _compute_dtype(inputs, job)
@@ -455,16 +465,11 @@ def _blocked(
     warned: set[int] = set()  # input positions warned about
 
     def stream() -> Iterator[tuple[Block, list[Tensor]]]:
-        for start in range(0, job.shape[0], step):
-            stop = min(job.shape[0], start + step)
+        for start, stop in parts:
             xs = []
             for k, (i, name) in enumerate(job.sources):
                 info = inputs[i].info(name)
-                # as in `_read_compute`: a block kept as the compute tensor takes slot
-                # ("raw", k); one converted at once, the staging slot
-                kept = info.dtype == compute_dtype or not info.dtype.is_floating_point
-                role = "raw" if kept else "stage"
-                out = _raw_buffer(pool, k, info, device, (start, stop), role)
+                out = _read_slot(pool, k, info, device, compute_dtype, (start, stop))
                 raw = inputs[i].read_rows(name, start, stop, pin=pin, out=out)
                 # each block checked once, though a merge may stream the blocks several times
                 if raw.is_floating_point() and (k, start) not in checked:
@@ -476,7 +481,7 @@ def _blocked(
                 del raw
             yield Block(start, stop, start * row), xs
 
-    return blocked_fn(job, stream, -(-job.shape[0] // step))
+    return blocked_fn(job, stream, len(parts))
 
 
 def _fused(
@@ -564,8 +569,8 @@ def _fusable(inputs: Sequence[Checkpoint], job: TensorJob, outputs: Sequence[Out
 def _row_parts(
     inputs: Sequence[Checkpoint], job: TensorJob, block_elems: int
 ) -> list[tuple[int, int] | None]:
-    """A job's row ranges as `_blocked` cuts them (blocks of about block_elems entries), or
-    [None]: read whole (small, one row, or not readable in rows)."""
+    """A job's row ranges for the blocked and fused paths (blocks of about block_elems
+    entries), or [None]: read whole (small, one row, or not readable in rows)."""
     numel = math.prod(job.shape)
     if numel <= block_elems or len(job.shape) < 1 or job.shape[0] < 2:
         return [None]
