@@ -688,10 +688,19 @@ def task_arithmetic_sum(
     sparsifier or sign election, step for step (each delta weighted in place, summed, divided,
     scaled, added to base)."""
     weighted = [(x - base).mul_(w) for x, w in zip(xs, weights, strict=True)]
+    return mix_weighted(base, weighted, divisor, lam)
+
+
+def mix_weighted(
+    base: Tensor, weighted: Sequence[Tensor], divisor: float | None, lam: float
+) -> Tensor:
+    """base + lam * (sum of the weighted task vectors) [/ divisor] (a new tensor): the last
+    step of a task-vector merge without sign election (task_arithmetic, and DARE, breadcrumbs
+    and DELLA linear), and of `task_arithmetic_sum`."""
     mixed = weighted_sum(weighted, [1.0] * len(weighted))
     if divisor is not None:
         mixed /= divisor
-    if lam != 1.0:
+    if lam != 1.0:  # x * 1 is x: skip the pass
         mixed.mul_(lam)
     return base + mixed
 

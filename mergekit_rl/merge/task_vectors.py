@@ -149,18 +149,13 @@ def task_vector_merge(
         # 5-6: sum of the entries agreeing with the elected sign; per-entry divisor is the sum
         # of the weights of the models that contributed there (0 -> 1), needed to normalize
         return blend.ties_consensus_(weighted, weights, base, normalize=normalize, lam=lam)
-    mixed = blend.weighted_sum(weighted, [1.0] * len(weighted))  # 6
     divisor = sum(weights)
     if normalize and abs(divisor) < 1e-8:
         raise UsageError(
             f"tensor '{ctx.name}': the model weights sum to {divisor:g}, so `normalize: "
             "true` would divide by zero; set normalize: false or change the weights."
         )
-    if normalize:
-        mixed /= divisor
-    if lam != 1.0:  # x * 1 is x: skip the pass
-        mixed.mul_(lam)
-    return base + mixed
+    return blend.mix_weighted(base, weighted, divisor if normalize else None, lam)  # 6
 
 
 def _ties(
