@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -43,7 +43,7 @@ NEEDS_ANGLE = {"slerp", "nuslerp"}
 # the Gram matrix of these vectors (inputs, base) over the whole tensor, from a first pass
 GRAM_VECTORS: dict[str, Callable[[list[Tensor], Tensor | None], list[Tensor]]] = {
     "karcher": lambda models, base: models,
-    "model_stock": lambda models, base: methods.model_stock_vectors(models, base),  # type: ignore[arg-type]
+    "model_stock": methods.model_stock_vectors,  # type: ignore[dict-item]  # base: never None
 }
 
 # (block with .offset, float32 inputs: base first when the method has one) per block, in order
@@ -54,7 +54,8 @@ def block_mode(
     method: MergeMethod, shape: tuple[int, ...], global_params: dict[str, Any]
 ) -> str | None:
     """ "rows" (each block on its own), "cuts" (global magnitude cuts first), "angle" (the
-    slerp angle first), "gram" (the Gram matrix first) or None (whole). An L1 rescale adds a pass to any of them
+    slerp angle first), "gram" (the Gram matrix first) or None (whole). An L1 rescale adds a
+    pass to any of them
     (`needs_l1`)."""
     try:
         gp = method.global_params.model_validate(global_params)
@@ -143,7 +144,7 @@ def _angle(
     nuslerp between its two models (or their task vectors over the base). One read."""
     if method.name == "slerp":
         t = method.global_params.model_validate(global_params).t  # type: ignore[attr-defined]
-        return blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for _, xs in stream()), t)
+        return _slerp_angle((xs for _, xs in stream()), t)
     t = methods.nuslerp_t(ctx, [method.model_params.model_validate(p) for p in model_params])
 
     def pairs() -> Iterator[tuple[Tensor, Tensor]]:
@@ -162,6 +163,12 @@ def _cuts(
     numel = math.prod(shape)
     ks = [sparsify.magnitude_k(float(p.get("density", 1.0)), numel, min_keep) for p in model_params]
     return tuple(selection.delta_magnitude_cuts(lambda: (xs for _, xs in stream()), numel, ks))
+
+
+def _slerp_angle(pieces: Iterable[list[Tensor]], t: float) -> blend.SlerpWeights:
+    """slerp's weights from the base (pieces' first tensor) to the model (their second), over
+    the whole tensor given as pieces in order: one read."""
+    return blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for xs in pieces), t)
 
 
 def _breadcrumbs_cuts(
@@ -242,7 +249,7 @@ def elementwise_form(
     except ValueError:
         return None
     if method.name == "slerp" and has_base and len(mps) == 1:
-        angle = blend.slerp_weights(blend.slerp_sums((xs[0], xs[1]) for xs in pieces()), gp.t)
+        angle = _slerp_angle(pieces(), gp.t)
         return blend.Elementwise("slerp", t=gp.t, angle=angle)
     weights = [p.weight for p in mps]
     divisor = sum(weights) if getattr(gp, "normalize", False) else None
