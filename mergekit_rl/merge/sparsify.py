@@ -212,7 +212,9 @@ def della_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
     as_int = _SAME_WIDTH_INT.get(mag.dtype)
     keys = mag if as_int is None else mag.view(as_int)
     if keys.dtype == torch.int32 and native.usable(keys):
-        ranks = native.rank_rows(keys.contiguous())  # a radix sort per row: ~10x the sort's speed
+        # a radix sort per row (della_keep_prob of 5632 x 2048: 0.54 s against 1.21 s with
+        # the sort, one run on the loaded 2-core VM)
+        ranks = native.rank_rows(keys.contiguous())
     else:
         order = torch.sort(keys, dim=-1, stable=True).indices  # [R, D] ascending |delta|
         ranks = torch.empty_like(order)
